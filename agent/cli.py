@@ -1,0 +1,93 @@
+"""The ``sidewatch`` command: serve, model-server, demo."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from agent.config import ConfigError, load_config
+
+
+def _add_serve(commands) -> None:
+    serve = commands.add_parser("serve", help="run the sidecar in front of a model server")
+    serve.add_argument("--config", type=Path, help="YAML configuration file")
+    serve.add_argument("--listen", help="HOST:PORT for clients (default 0.0.0.0:9000)")
+    serve.add_argument("--upstream", help="HOST:PORT of the model server (default 127.0.0.1:8001)")
+    serve.add_argument("--metrics-listen", help="HOST:PORT for /metrics (default 0.0.0.0:9102)")
+    serve.add_argument("--max-message-bytes", type=int, help="largest message accepted, both ways")
+    serve.add_argument("--check-config", action="store_true", help="validate the configuration and exit")
+    serve.set_defaults(run=_run_serve)
+
+
+def _run_serve(args) -> int:
+    from agent.proxy.server import run_event_loop, serve
+
+    config = load_config(args.config, {
+        "listen": args.listen,
+        "upstream.address": args.upstream,
+        "metrics.listen": args.metrics_listen,
+        "max_message_bytes": args.max_message_bytes,
+    })
+    if args.check_config:
+        print("sidewatch: configuration is valid")
+        return 0
+    run_event_loop(serve(config))
+    return 0
+
+
+def _add_model_server(commands) -> None:
+    model_server = commands.add_parser("model-server", help="run the bundled Open Inference Protocol model server")
+    model_server.add_argument("--model-repository", type=Path,
+                              help="DIR laid out as DIR/<model>/<version>/model.onnx (default: the bundled one)")
+    model_server.add_argument("--listen", default="127.0.0.1:8001", help="HOST:PORT (default 127.0.0.1:8001)")
+    model_server.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                              help="ONNX Runtime execution provider (auto: CUDA when present)")
+    model_server.set_defaults(run=_run_model_server)
+
+
+def _run_model_server(args) -> int:
+    from agent.modelserver.server import run_model_server
+
+    run_model_server(args.model_repository, args.listen, args.device)
+    return 0
+
+
+def _add_demo(commands) -> None:
+    demo = commands.add_parser("demo", help="model server + sidecar + a client streaming MNIST, with a live display")
+    demo.add_argument("--duration", type=float, default=60.0, help="seconds to run (default 60)")
+    demo.add_argument("--rate", type=float, default=50.0, help="requests per second (default 50)")
+    demo.set_defaults(run=_run_demo)
+
+
+def _run_demo(args) -> int:
+    from agent.demo.run import run_demo
+
+    return run_demo(duration=args.duration, rate=args.rate)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sidewatch", description=__doc__)
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    commands = parser.add_subparsers(dest="command", required=True)
+    _add_serve(commands)
+    _add_model_server(commands)
+    _add_demo(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.run(args)
+    except ConfigError as err:
+        print(err, file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""The typed configuration of ``sidewatch serve``: a YAML file, overridden by flags.
+
+Defaults make the demo work. A bad file fails at start with a message naming the key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class ConfigError(ValueError):
+    """A configuration that sidewatch refuses to start with."""
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """Split ``HOST:PORT`` (``[::1]:PORT`` for IPv6) and check the port."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected HOST:PORT, got {address!r}")
+    return host.strip("[]"), int(port)
+
+
+def _check_address(value: str) -> str:
+    split_address(value)
+    return value
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ListenerTLS(_Strict):
+    """TLS on the listener; with ``client_ca_file`` and ``require_client_cert``, mutual TLS."""
+
+    cert_file: Path
+    key_file: Path
+    client_ca_file: Path | None = None
+    require_client_cert: bool = False
+
+
+class UpstreamTLS(_Strict):
+    """TLS toward the model server; with ``cert_file`` and ``key_file``, mutual TLS."""
+
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    # Name to verify in the upstream's certificate when it differs from the address's host.
+    server_name: str | None = None
+
+
+class Upstream(_Strict):
+    address: str = "127.0.0.1:8001"
+    tls: UpstreamTLS | None = None
+
+    _address = field_validator("address")(_check_address)
+
+
+class Tap(_Strict):
+    # Copies of calls waiting for the detectors; beyond it copies are dropped, never waited for.
+    queue_size: int = Field(1024, ge=1)
+    # Streamed requests waiting for their response, per stream, before the oldest is dropped.
+    max_pending_stream_requests: int = Field(256, ge=1)
+
+
+class Metrics(_Strict):
+    listen: str = "0.0.0.0:9102"
+    # Distinct model names given their own label value; the rest are counted as "_other".
+    max_models: int = Field(64, ge=1)
+
+    _listen = field_validator("listen")(_check_address)
+
+
+class ServeConfig(_Strict):
+    listen: str = "0.0.0.0:9000"
+    upstream: Upstream = Upstream()
+    metrics: Metrics = Metrics()
+    tls: ListenerTLS | None = None
+    tap: Tap = Tap()
+    # Largest message accepted from clients and from the upstream, both ways.
+    max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    # In-flight calls get this long to finish on SIGTERM before they are cancelled.
+    shutdown_grace_seconds: float = Field(10.0, ge=0)
+    # How often the health service asks the upstream whether it is ready.
+    upstream_health_interval_seconds: float = Field(2.0, gt=0)
+
+    _listen = field_validator("listen")(_check_address)
+
+
+def _format_validation_error(error: ValidationError, source: str) -> str:
+    lines = [f"sidewatch: invalid configuration in {source}:"]
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        lines.append(f"  {key}: {item['msg']}")
+    return "\n".join(lines)
+
+
+def load_config(path: Path | None = None, overrides: dict | None = None) -> ServeConfig:
+    """Read the YAML file (if any), apply flag overrides given as dotted keys, and validate."""
+    data: dict = {}
+    source = "flags"
+    if path is not None:
+        source = str(path)
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except OSError as err:
+            raise ConfigError(f"sidewatch: cannot read config {path}: {err.strerror}") from err
+        except yaml.YAMLError as err:
+            raise ConfigError(f"sidewatch: config {path} is not valid YAML: {err}") from err
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"sidewatch: config {path} must be a mapping at the top level")
+        data = loaded
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        node = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    try:
+        return ServeConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from err

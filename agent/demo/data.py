@@ -1,0 +1,19 @@
+"""The MNIST images shipped with the package: a test sample for the demo and a reference set for calibration."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+DATA_DIR = Path(__file__).resolve().parent / "data"
+TEST_SAMPLE = DATA_DIR / "mnist_test_sample.npz"
+REFERENCE = DATA_DIR / "mnist_reference.npz"
+
+
+def load_images(path: Path = TEST_SAMPLE) -> tuple[np.ndarray, np.ndarray]:
+    """Images as the model takes them (FP32 in [0, 1], shape [N, 1, 28, 28]) and their labels."""
+    with np.load(path) as data:
+        images = data["x"].astype(np.float32)[:, None, :, :] / 255.0
+        labels = data["y"].astype(np.int64)
+    return images, labels

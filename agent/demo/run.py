@@ -1,0 +1,155 @@
+"""``sidewatch demo``: the bundled model server, the sidecar in front of it, and a client streaming MNIST.
+
+Everything runs on loopback as separate processes, exactly as it would be deployed: the client
+talks gRPC to the sidecar, the sidecar forwards to the model server. The display shows what
+passes: requests, latency, and the tap's activity read from the sidecar's own /metrics.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from agent.client import InferenceClient
+from agent.demo.data import load_images
+from agent.demo.display import LiveDisplay, bar
+
+MODEL = "mnist_cnn"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _scrape(url: str) -> dict[str, float]:
+    """Sum each sidewatch metric over its labels: enough for a display."""
+    totals: dict[str, float] = {}
+    try:
+        with urllib.request.urlopen(url, timeout=1) as reply:
+            text = reply.read().decode()
+    except OSError:
+        return totals
+    for line in text.splitlines():
+        if line.startswith("sidewatch_"):
+            name = line.split("{", 1)[0].split(" ", 1)[0]
+            totals[name] = totals.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    return totals
+
+
+class _Processes:
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.children: list[tuple[str, subprocess.Popen]] = []
+
+    def start(self, name: str, *args: str) -> subprocess.Popen:
+        log = open(self.log_dir / f"{name}.log", "wb")
+        child = subprocess.Popen([sys.executable, "-m", "agent.cli", *args], stdout=log, stderr=subprocess.STDOUT)
+        self.children.append((name, child))
+        return child
+
+    def check(self) -> None:
+        for name, child in self.children:
+            if child.poll() is not None:
+                raise RuntimeError(f"sidewatch demo: {name} exited ({child.returncode}); see {self.log_dir}/{name}.log")
+
+    def stop(self) -> None:
+        for _, child in reversed(self.children):
+            child.terminate()
+        for _, child in self.children:
+            try:
+                child.wait(10)
+            except subprocess.TimeoutExpired:
+                child.kill()
+
+
+def run_demo(duration: float = 60.0, rate: float = 50.0) -> int:
+    images, labels = load_images()
+    model_port, sidecar_port, metrics_port = _free_port(), _free_port(), _free_port()
+    log_dir = Path(tempfile.mkdtemp(prefix="sidewatch-demo-"))
+    processes = _Processes(log_dir)
+    display = LiveDisplay()
+    print(f"sidewatch demo: model server on 127.0.0.1:{model_port}, sidecar on 127.0.0.1:{sidecar_port}, "
+          f"metrics on http://127.0.0.1:{metrics_port}/metrics, logs in {log_dir}")
+    try:
+        processes.start("model-server", "model-server", "--listen", f"127.0.0.1:{model_port}")
+        processes.start("sidecar", "serve", "--listen", f"127.0.0.1:{sidecar_port}",
+                        "--upstream", f"127.0.0.1:{model_port}", "--metrics-listen", f"127.0.0.1:{metrics_port}")
+        client = InferenceClient(f"127.0.0.1:{sidecar_port}")
+        deadline = time.monotonic() + 60
+        while True:
+            processes.check()
+            try:
+                client.wait_ready(timeout=1)
+                break
+            except (grpc.RpcError, grpc.FutureTimeoutError):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("sidewatch demo: the sidecar did not become ready in 60 s")
+        _stream(client, images, labels, duration, rate, display, f"http://127.0.0.1:{metrics_port}/metrics",
+                processes)
+        client.close()
+    except KeyboardInterrupt:
+        pass
+    except RuntimeError as err:
+        print(err, file=sys.stderr)
+        return 1
+    finally:
+        processes.stop()
+    return 0
+
+
+def _stream(client: InferenceClient, images: np.ndarray, labels: np.ndarray, duration: float, rate: float,
+            display: LiveDisplay, metrics_url: str, processes: _Processes) -> None:
+    sent = correct = errors = 0
+    latencies: list[float] = []
+    started = time.monotonic()
+    next_send = started
+    next_draw = started
+    interval = 1.0 / rate
+    while (now := time.monotonic()) - started < duration:
+        if now < next_send:
+            time.sleep(min(next_send - now, 0.01))
+            continue
+        next_send += interval
+        index = sent % len(images)
+        call_started = time.perf_counter()
+        try:
+            outputs, _, _ = client.infer(MODEL, {"input": images[index:index + 1]}, timeout=5)
+            latencies.append(time.perf_counter() - call_started)
+            correct += int(np.argmax(outputs["probabilities"][0]) == labels[index])
+        except grpc.RpcError:
+            errors += 1
+        sent += 1
+        if now >= next_draw:
+            next_draw = now + 0.5
+            processes.check()
+            display.draw(_frame(now - started, duration, sent, correct, errors, latencies, _scrape(metrics_url)))
+    display.draw(_frame(time.monotonic() - started, duration, sent, correct, errors, latencies, _scrape(metrics_url)))
+
+
+def _frame(elapsed: float, duration: float, sent: int, correct: int, errors: int, latencies: list[float],
+           metrics: dict[str, float]) -> list[str]:
+    recent = np.array(latencies[-500:]) * 1000 if latencies else np.zeros(1)
+    answered = sent - errors
+    return [
+        f"  time      [{bar(elapsed / duration)}] {elapsed:5.1f} / {duration:.0f} s",
+        f"  client    sent {sent:6d}   errors {errors:4d}   accuracy {correct / max(answered, 1):6.1%}   "
+        f"latency p50 {np.percentile(recent, 50):6.2f} ms  p99 {np.percentile(recent, 99):6.2f} ms",
+        f"  sidecar   forwarded {metrics.get('sidewatch_requests_total', 0):6.0f}   "
+        f"in flight {metrics.get('sidewatch_requests_in_flight', 0):3.0f}   "
+        f"upstream errors {metrics.get('sidewatch_upstream_errors_total', 0):4.0f}",
+        f"  tap       enqueued {metrics.get('sidewatch_tap_enqueued_total', 0):6.0f}   "
+        f"decoded {metrics.get('sidewatch_tap_processed_total', 0):6.0f}   "
+        f"dropped {metrics.get('sidewatch_tap_dropped_total', 0):4.0f}   "
+        f"queue {metrics.get('sidewatch_tap_queue_depth', 0):4.0f}   "
+        f"decode errors {metrics.get('sidewatch_decode_errors_total', 0):3.0f}",
+    ]

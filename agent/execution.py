@@ -1,0 +1,37 @@
+"""Which ONNX Runtime execution provider runs a graph: CUDA when present, else CPU; chosen at run time."""
+
+from __future__ import annotations
+
+import logging
+
+import onnxruntime as ort
+
+log = logging.getLogger(__name__)
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def providers_for(device: str = "auto") -> list[str]:
+    """Providers for ``device``: ``auto`` takes CUDA when this onnxruntime build has it, ``cuda`` requires it."""
+    if device not in DEVICES:
+        raise ValueError(f"sidewatch: device must be one of {', '.join(DEVICES)}, got {device!r}")
+    available = ort.get_available_providers()
+    has_cuda = "CUDAExecutionProvider" in available
+    if device == "cuda" and not has_cuda:
+        raise RuntimeError(
+            "sidewatch: device 'cuda' asked for, but this onnxruntime has no CUDAExecutionProvider "
+            f"(available: {', '.join(available)}); install onnxruntime-gpu or use device 'cpu'"
+        )
+    if device == "cpu" or not has_cuda:
+        return ["CPUExecutionProvider"]
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+def open_session(path, device: str = "auto", intra_op_threads: int = 0) -> ort.InferenceSession:
+    """An InferenceSession on the chosen provider; the CPU provider stays as the fallback for unsupported ops."""
+    options = ort.SessionOptions()
+    if intra_op_threads:
+        options.intra_op_num_threads = intra_op_threads
+    session = ort.InferenceSession(str(path), sess_options=options, providers=providers_for(device))
+    log.debug("sidewatch: %s runs on %s", path, session.get_providers()[0])
+    return session

@@ -1,0 +1,112 @@
+"""Every metric sidewatch exports, declared once.
+
+Conventions: prefix ``sidewatch_``, units in the name, labels ``model`` and ``version``.
+Label values that a client controls (model names, method names) are bounded by
+:class:`BoundedLabel` so that a hostile or buggy client cannot blow up the series count.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Latency buckets from 100 microseconds to 10 seconds: a proxy hop is sub-millisecond,
+# a model call can take seconds.
+LATENCY_BUCKETS_SECONDS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)
+
+OTHER = "_other"
+
+
+class BoundedLabel:
+    """Maps client-supplied label values onto at most ``limit`` distinct values; the rest become ``_other``."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, value: str) -> str:
+        if value in self._seen:
+            return value
+        with self._lock:
+            if len(self._seen) < self._limit:
+                self._seen.add(value)
+                return value
+        return OTHER
+
+
+class ProxyMetrics:
+    """The data plane's metrics: traffic, latency, errors and the tap."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "sidewatch_requests_total",
+            "Calls forwarded, by model, version, method and final gRPC status code.",
+            ["model", "version", "method", "code"],
+            registry=registry,
+        )
+        self.latency = Histogram(
+            "sidewatch_request_duration_seconds",
+            "Time from receiving a call to sending its response, upstream time included.",
+            ["model", "version", "method"],
+            buckets=LATENCY_BUCKETS_SECONDS,
+            registry=registry,
+        )
+        self.in_flight = Gauge(
+            "sidewatch_requests_in_flight",
+            "Calls received and not yet answered.",
+            registry=registry,
+        )
+        self.upstream_errors = Counter(
+            "sidewatch_upstream_errors_total",
+            "Calls that the upstream answered with a non-OK status (or that failed to reach it), by status code.",
+            ["model", "version", "method", "code"],
+            registry=registry,
+        )
+        self.stream_messages = Counter(
+            "sidewatch_stream_messages_total",
+            "Messages relayed on streaming calls, by direction (request or response).",
+            ["method", "direction"],
+            registry=registry,
+        )
+        self.tap_queue_depth = Gauge(
+            "sidewatch_tap_queue_depth",
+            "Copies of calls waiting in the tap queue for the detectors.",
+            registry=registry,
+        )
+        self.tap_queue_capacity = Gauge(
+            "sidewatch_tap_queue_capacity",
+            "Size of the tap queue; when it is full, copies are dropped.",
+            registry=registry,
+        )
+        self.tap_enqueued = Counter(
+            "sidewatch_tap_enqueued_total",
+            "Copies of inference calls put on the tap queue.",
+            registry=registry,
+        )
+        self.tap_dropped = Counter(
+            "sidewatch_tap_dropped_total",
+            "Copies of inference calls dropped because the tap queue was full (the call itself was forwarded).",
+            registry=registry,
+        )
+        self.tap_processed = Counter(
+            "sidewatch_tap_processed_total",
+            "Copies of inference calls decoded by the tap consumer, by model and version.",
+            ["model", "version"],
+            registry=registry,
+        )
+        self.decode_errors = Counter(
+            "sidewatch_decode_errors_total",
+            "Tapped calls whose tensors could not be decoded, by model, version and part (request or response).",
+            ["model", "version", "part"],
+            registry=registry,
+        )
+        self.sink_errors = Counter(
+            "sidewatch_tap_sink_errors_total",
+            "Exceptions raised by a consumer of tapped calls (a detector), by sink.",
+            ["sink"],
+            registry=registry,
+        )

@@ -1,0 +1,109 @@
+"""A model repository laid out as ``DIR/<model>/<version>/model.onnx``, loaded into ONNX Runtime."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from agent.execution import open_session
+
+log = logging.getLogger(__name__)
+
+BUNDLED_REPOSITORY = Path(__file__).resolve().parent.parent / "demo" / "models"
+
+# ONNX Runtime's type strings and the protocol's datatype names.
+_ORT_TO_DATATYPE = {
+    "tensor(bool)": "BOOL",
+    "tensor(uint8)": "UINT8", "tensor(uint16)": "UINT16", "tensor(uint32)": "UINT32", "tensor(uint64)": "UINT64",
+    "tensor(int8)": "INT8", "tensor(int16)": "INT16", "tensor(int32)": "INT32", "tensor(int64)": "INT64",
+    "tensor(float16)": "FP16", "tensor(float)": "FP32", "tensor(double)": "FP64",
+    "tensor(string)": "BYTES", "tensor(bfloat16)": "BF16",
+}
+
+
+class ModelNotFound(LookupError):
+    pass
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    datatype: str
+    # -1 for a dimension of any size.
+    shape: tuple[int, ...]
+
+    def accepts_shape(self, shape: tuple[int, ...]) -> bool:
+        return len(shape) == len(self.shape) and all(want in (-1, got) for want, got in zip(self.shape, shape))
+
+
+def _spec(node: ort.NodeArg) -> TensorSpec:
+    datatype = _ORT_TO_DATATYPE.get(node.type)
+    if datatype is None:
+        raise ValueError(f"unsupported ONNX type {node.type} for tensor {node.name}")
+    shape = tuple(dim if isinstance(dim, int) and dim >= 0 else -1 for dim in node.shape)
+    return TensorSpec(node.name, datatype, shape)
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    version: str
+    path: Path
+    session: ort.InferenceSession
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    def run(self, feeds: dict[str, np.ndarray], output_names: list[str]) -> list[np.ndarray]:
+        return self.session.run(output_names, feeds)
+
+
+def _version_key(version: str) -> tuple[int, int | str]:
+    return (0, int(version)) if version.isdigit() else (1, version)
+
+
+class ModelRepository:
+    """Every version of every model in the repository, loaded at start."""
+
+    def __init__(self, root: Path, device: str = "auto") -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"sidewatch: model repository {self.root} is not a directory")
+        self._models: dict[str, dict[str, LoadedModel]] = {}
+        for model_file in sorted(self.root.glob("*/*/model.onnx")):
+            version_dir = model_file.parent
+            name, version = version_dir.parent.name, version_dir.name
+            session = open_session(model_file, device)
+            model = LoadedModel(
+                name=name,
+                version=version,
+                path=model_file,
+                session=session,
+                inputs=tuple(_spec(node) for node in session.get_inputs()),
+                outputs=tuple(_spec(node) for node in session.get_outputs()),
+            )
+            self._models.setdefault(name, {})[version] = model
+            log.info("sidewatch: loaded model %s version %s from %s", name, version, model_file)
+        if not self._models:
+            raise FileNotFoundError(f"sidewatch: no DIR/<model>/<version>/model.onnx found under {self.root}")
+
+    def names(self) -> list[str]:
+        return sorted(self._models)
+
+    def versions(self, name: str) -> list[str]:
+        return sorted(self._models.get(name, {}), key=_version_key)
+
+    def get(self, name: str, version: str = "") -> LoadedModel:
+        """The model's given version, or its latest version when ``version`` is empty."""
+        versions = self._models.get(name)
+        if not versions:
+            raise ModelNotFound(f"model '{name}' is not in the repository")
+        if not version:
+            return versions[max(versions, key=_version_key)]
+        model = versions.get(version)
+        if model is None:
+            raise ModelNotFound(f"model '{name}' has no version '{version}' (versions: {', '.join(self.versions(name))})")
+        return model

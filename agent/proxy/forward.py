@@ -1,0 +1,179 @@
+"""The data plane: forward every gRPC call to the upstream as bytes.
+
+Methods of the Open Inference Protocol that are known to be unary are relayed with unary
+calls; everything else (ModelStreamInfer, other services, methods we have never heard of) is
+relayed as a bidirectional stream, which carries any call shape on the wire. Messages are never
+deserialized here: the only look inside is :func:`peek_model` on inference requests, for labels.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+
+import grpc
+from grpc import aio
+
+from agent.metrics import BoundedLabel, ProxyMetrics
+from agent.protocol import paths
+from agent.protocol.peek import peek_model
+from agent.proxy.tap import Tap, TapRecord
+
+# Metadata that belongs to the hop, not to the call: gRPC sets these itself on the next hop.
+_HOP_HEADERS = frozenset({"user-agent", "content-type", "te", "host", "grpc-timeout", "grpc-encoding", "grpc-accept-encoding"})
+
+_UNARY_METHODS = frozenset(paths.UNARY_METHODS)
+_METHOD_LABELS = {path: path.rsplit("/", 1)[-1] for path in paths.ALL_METHODS}
+OTHER_METHOD = "other"
+
+
+def forwardable_metadata(metadata) -> tuple[tuple[str, str | bytes], ...]:
+    """The caller's metadata minus the hop-by-hop headers that gRPC sets itself."""
+    if not metadata:
+        return ()
+    return tuple((key, value) for key, value in metadata if key not in _HOP_HEADERS and not key.startswith(":"))
+
+
+class Forwarder(grpc.GenericRpcHandler):
+    """A generic handler that relays each call to one upstream channel."""
+
+    def __init__(self, channel: aio.Channel, metrics: ProxyMetrics, tap: Tap | None, model_label: BoundedLabel,
+                 max_pending_stream_requests: int = 256) -> None:
+        self._channel = channel
+        self._metrics = metrics
+        self._tap = tap
+        self._model_label = model_label
+        self._max_pending = max_pending_stream_requests
+        self._unary_stubs: dict[str, aio.UnaryUnaryMultiCallable] = {}
+        self._known_handlers: dict[str, grpc.RpcMethodHandler] = {}
+        for method in _UNARY_METHODS:
+            self._unary_stubs[method] = channel.unary_unary(method)
+            self._known_handlers[method] = grpc.unary_unary_rpc_method_handler(self._unary_relay(method))
+        for method in paths.STREAM_METHODS:
+            self._known_handlers[method] = grpc.stream_stream_rpc_method_handler(self._stream_relay(method))
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        method = handler_call_details.method
+        handler = self._known_handlers.get(method)
+        if handler is None:
+            # Not cached: method names come from clients and are unbounded.
+            handler = grpc.stream_stream_rpc_method_handler(self._stream_relay(method))
+        return handler
+
+    # --- unary -----------------------------------------------------------------------------
+
+    def _unary_relay(self, method: str):
+        stub = self._unary_stubs[method]
+        method_label = _METHOD_LABELS[method]
+        carries_model = method in paths.MODEL_SCOPED_METHODS
+        taps_inference = method == paths.MODEL_INFER
+        metrics = self._metrics
+
+        async def relay(request: bytes, context: aio.ServicerContext) -> bytes:
+            received_at = time.time()
+            started = time.perf_counter()
+            model, version = peek_model(request) if carries_model else ("", "")
+            model_label = self._model_label(model)
+            metrics.in_flight.inc()
+            code = grpc.StatusCode.OK
+            try:
+                call = stub(
+                    request,
+                    metadata=forwardable_metadata(context.invocation_metadata()),
+                    timeout=context.time_remaining(),
+                )
+                try:
+                    response = await call
+                except aio.AioRpcError as err:
+                    code = err.code()
+                    metrics.upstream_errors.labels(model_label, version, method_label, code.name).inc()
+                    await _send_initial_metadata(context, err.initial_metadata())
+                    await context.abort(code, err.details() or "", forwardable_metadata(err.trailing_metadata()))
+                await _send_initial_metadata(context, await call.initial_metadata())
+                context.set_trailing_metadata(forwardable_metadata(await call.trailing_metadata()))
+                if taps_inference and self._tap is not None:
+                    self._tap.offer(TapRecord(method_label, model, version, request, response, received_at,
+                                              time.perf_counter() - started))
+                return response
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            finally:
+                metrics.in_flight.dec()
+                metrics.requests.labels(model_label, version, method_label, code.name).inc()
+                metrics.latency.labels(model_label, version, method_label).observe(time.perf_counter() - started)
+
+        return relay
+
+    # --- streaming ---------------------------------------------------------------------------
+
+    def _stream_relay(self, method: str):
+        stub = self._channel.stream_stream(method)
+        method_label = _METHOD_LABELS.get(method, OTHER_METHOD)
+        taps_inference = method == paths.MODEL_STREAM_INFER
+        metrics = self._metrics
+        requests_relayed = metrics.stream_messages.labels(method_label, "request")
+        responses_relayed = metrics.stream_messages.labels(method_label, "response")
+
+        async def relay(request_iterator, context: aio.ServicerContext):
+            received_at = time.time()
+            started = time.perf_counter()
+            # Streamed responses are paired with requests in order; the first request names the model.
+            pending: collections.deque[tuple[bytes, float, float]] = collections.deque(maxlen=self._max_pending)
+            first_model = ["", ""]
+
+            async def upstream_requests():
+                async for message in request_iterator:
+                    requests_relayed.inc()
+                    if taps_inference:
+                        if not first_model[0]:
+                            first_model[0], first_model[1] = peek_model(message)
+                        if self._tap is not None:
+                            pending.append((message, time.time(), time.perf_counter()))
+                    yield message
+
+            metrics.in_flight.inc()
+            code = grpc.StatusCode.OK
+            try:
+                call = stub(
+                    upstream_requests(),
+                    metadata=forwardable_metadata(context.invocation_metadata()),
+                    timeout=context.time_remaining(),
+                )
+                headers_sent = False
+                try:
+                    await _send_initial_metadata(context, await call.initial_metadata())
+                    headers_sent = True
+                    async for response in call:
+                        responses_relayed.inc()
+                        if pending:
+                            request, arrived, request_started = pending.popleft()
+                            model, version = peek_model(request)
+                            self._tap.offer(TapRecord(method_label, model, version, request, response, arrived,
+                                                      time.perf_counter() - request_started))
+                        yield response
+                    trailing = await call.trailing_metadata()
+                except aio.AioRpcError as err:
+                    code = err.code()
+                    metrics.upstream_errors.labels(
+                        self._model_label(first_model[0]), first_model[1], method_label, code.name).inc()
+                    if not headers_sent:
+                        await _send_initial_metadata(context, err.initial_metadata())
+                    await context.abort(code, err.details() or "", forwardable_metadata(err.trailing_metadata()))
+                context.set_trailing_metadata(forwardable_metadata(trailing))
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            finally:
+                metrics.in_flight.dec()
+                model_label = self._model_label(first_model[0])
+                metrics.requests.labels(model_label, first_model[1], method_label, code.name).inc()
+                metrics.latency.labels(model_label, first_model[1], method_label).observe(time.perf_counter() - started)
+
+        return relay
+
+
+async def _send_initial_metadata(context: aio.ServicerContext, metadata) -> None:
+    if metadata:
+        await context.send_initial_metadata(forwardable_metadata(metadata))

@@ -1,0 +1,114 @@
+"""``sidewatch serve``: the listener, the upstream channel, the tap, metrics and shutdown, wired together."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import grpc
+from grpc import aio
+from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
+
+from agent.config import ServeConfig, split_address
+from agent.metrics import BoundedLabel, ProxyMetrics
+from agent.proxy import tls
+from agent.proxy.forward import Forwarder
+from agent.proxy.health import UpstreamHealth
+from agent.proxy.tap import Tap
+
+log = logging.getLogger(__name__)
+
+
+def _message_size_options(config: ServeConfig) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+    ]
+
+
+def open_upstream_channel(config: ServeConfig) -> aio.Channel:
+    options = _message_size_options(config)
+    upstream = config.upstream
+    if upstream.tls is None:
+        return aio.insecure_channel(upstream.address, options=options)
+    if upstream.tls.server_name:
+        options.append(("grpc.ssl_target_name_override", upstream.tls.server_name))
+    return aio.secure_channel(upstream.address, tls.channel_credentials(upstream.tls), options=options)
+
+
+class Sidecar:
+    """One running data plane. ``start`` binds; ``stop`` drains in-flight calls, then closes."""
+
+    def __init__(self, config: ServeConfig, registry: CollectorRegistry = REGISTRY) -> None:
+        self.config = config
+        self.registry = registry
+        self.metrics = ProxyMetrics(registry)
+        self.model_label = BoundedLabel(config.metrics.max_models)
+        self.tap = Tap(self.metrics, config.tap.queue_size, self.model_label)
+        self.server: aio.Server | None = None
+        self.channel: aio.Channel | None = None
+        self.health: UpstreamHealth | None = None
+        self.port: int | None = None
+        self._metrics_server = None
+
+    async def start(self) -> None:
+        config = self.config
+        self.channel = open_upstream_channel(config)
+        self.server = aio.server(options=_message_size_options(config))
+        # The health service is registered first so that it answers before the catch-all forwarder.
+        self.health = UpstreamHealth(self.server, self.channel, config.upstream_health_interval_seconds)
+        self.server.add_generic_rpc_handlers([
+            Forwarder(self.channel, self.metrics, self.tap, self.model_label, config.tap.max_pending_stream_requests)
+        ])
+        if config.tls is None:
+            self.port = self.server.add_insecure_port(config.listen)
+        else:
+            self.port = self.server.add_secure_port(config.listen, tls.server_credentials(config.tls))
+        if self.port == 0:
+            raise OSError(f"sidewatch: cannot listen on {config.listen}")
+        self.tap.start()
+        await self.server.start()
+        await self.health.start()
+        if config.metrics.listen:
+            host, port = split_address(config.metrics.listen)
+            self._metrics_server, _ = start_http_server(port, addr=host, registry=self.registry)
+        log.info("sidewatch: listening on %s, forwarding to %s, metrics on %s",
+                 config.listen, config.upstream.address, config.metrics.listen)
+
+    async def stop(self) -> None:
+        """Graceful shutdown: stop taking calls, let in-flight calls finish within the grace period."""
+        if self.health is not None:
+            await self.health.shutting_down()
+        if self.server is not None:
+            await self.server.stop(self.config.shutdown_grace_seconds)
+        if self.channel is not None:
+            await self.channel.close()
+        self.tap.stop()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server = None
+        log.info("sidewatch: stopped")
+
+
+async def serve(config: ServeConfig) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    sidecar = Sidecar(config)
+    await sidecar.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("sidewatch: shutting down, draining in-flight calls for up to %.1f s", config.shutdown_grace_seconds)
+    await sidecar.stop()
+
+
+def run_event_loop(main) -> None:
+    """Run a coroutine on uvloop when it is installed (faster), else on asyncio's default loop."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+        return
+    uvloop.run(main)

@@ -1,0 +1,100 @@
+"""TLS and mutual TLS on the listener and toward the upstream, with certificates made here."""
+
+from __future__ import annotations
+
+import json
+
+import grpc
+import pytest
+
+from tests.certs import CertificateAuthority
+from tests.harness import start_sidecar
+from tests.upstream import ECHO_UNARY, RecordingUpstream
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("pki")
+    ca = CertificateAuthority(directory)
+    return {
+        "ca": ca,
+        "sidecar": ca.issue("sidecar", server=True),
+        "upstream": ca.issue("upstream", server=True),
+        "client": ca.issue("client", server=False),
+        "sidecar-client": ca.issue("sidecar-client", server=False),
+        "stranger": CertificateAuthority(directory, "stranger CA").issue("stranger", server=False),
+    }
+
+
+def _config(tmp_path, **sections) -> object:
+    path = tmp_path / "sidewatch.yaml"
+    path.write_text(json.dumps(sections, default=str))
+    return path
+
+
+def _credentials(pki, client: str | None = "client") -> grpc.ChannelCredentials:
+    if client is None:
+        return grpc.ssl_channel_credentials(root_certificates=pki["ca"].cert_file.read_bytes())
+    return grpc.ssl_channel_credentials(root_certificates=pki["ca"].cert_file.read_bytes(),
+                                        private_key=pki[client].key.read_bytes(),
+                                        certificate_chain=pki[client].cert.read_bytes())
+
+
+def _echo(port: int, credentials: grpc.ChannelCredentials | None) -> bytes:
+    address = f"localhost:{port}"
+    channel = grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
+    with channel:
+        return channel.unary_unary(ECHO_UNARY)(b"secret", timeout=5)
+
+
+def test_tls_listener(pki, tmp_path):
+    with RecordingUpstream() as upstream:
+        config = _config(tmp_path, tls={"cert_file": pki["sidecar"].cert, "key_file": pki["sidecar"].key})
+        process, port, _ = start_sidecar(tmp_path, upstream.port, config=config)
+        try:
+            assert _echo(port, _credentials(pki, client=None)) == b"terces"
+            with pytest.raises(grpc.RpcError) as raised:
+                _echo(port, None)
+            assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+        finally:
+            process.stop()
+
+
+def test_mutual_tls_listener_requires_a_client_certificate_from_the_ca(pki, tmp_path):
+    with RecordingUpstream() as upstream:
+        config = _config(tmp_path, tls={"cert_file": pki["sidecar"].cert, "key_file": pki["sidecar"].key,
+                                        "client_ca_file": pki["ca"].cert_file, "require_client_cert": True})
+        process, port, _ = start_sidecar(tmp_path, upstream.port, config=config)
+        try:
+            assert _echo(port, _credentials(pki, "client")) == b"terces"
+            for credentials in (_credentials(pki, client=None), _credentials(pki, "stranger")):
+                with pytest.raises(grpc.RpcError) as raised:
+                    _echo(port, credentials)
+                assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+        finally:
+            process.stop()
+
+
+def test_mutual_tls_toward_the_upstream(pki, tmp_path):
+    upstream_credentials = grpc.ssl_server_credentials(
+        [(pki["upstream"].key.read_bytes(), pki["upstream"].cert.read_bytes())],
+        root_certificates=pki["ca"].cert_file.read_bytes(), require_client_auth=True)
+    with RecordingUpstream(credentials=upstream_credentials) as upstream:
+        config = _config(tmp_path, upstream={"tls": {
+            "ca_file": pki["ca"].cert_file, "cert_file": pki["sidecar-client"].cert,
+            "key_file": pki["sidecar-client"].key, "server_name": "localhost"}})
+        process, port, _ = start_sidecar(tmp_path, upstream.port, config=config, upstream_host="localhost")
+        try:
+            assert _echo(port, None) == b"terces"
+        finally:
+            process.stop()
+
+        # Without a client certificate the upstream refuses the sidecar, and the client sees UNAVAILABLE.
+        config = _config(tmp_path, upstream={"tls": {"ca_file": pki["ca"].cert_file}})
+        process, port, _ = start_sidecar(tmp_path, upstream.port, config=config, upstream_host="localhost")
+        try:
+            with pytest.raises(grpc.RpcError) as raised:
+                _echo(port, None)
+            assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+        finally:
+            process.stop()
