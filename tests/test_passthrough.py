@@ -56,7 +56,8 @@ def test_unknown_streaming_method_passes_through(channel, upstream):
 def test_client_deadline_reaches_upstream(channel, upstream):
     channel.unary_unary(ECHO_UNARY)(b"x", timeout=5.0)
     remaining = upstream.last(ECHO_UNARY).time_remaining
-    assert remaining is not None and 4.0 < remaining <= 5.0
+    # grpc-timeout travels in coarse units, rounded up: allow a little over.
+    assert remaining is not None and 4.0 < remaining <= 5.1
 
 
 def test_call_without_deadline_gets_none_upstream(channel, upstream):

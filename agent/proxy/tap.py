@@ -3,12 +3,16 @@
 The hot path calls :meth:`Tap.offer`, which never waits: when the bounded queue is full the
 copy is dropped and counted. A single consumer thread decodes the tensors and hands a
 :class:`TappedInference` to every registered sink (the detectors of later issues).
+
+The queue is a deque that the consumer drains in batches every few milliseconds, rather than a
+queue.Queue whose every put wakes the consumer: a wake-up per call costs the event loop a GIL
+hand-over per call, which measured as a quarter of the proxy's throughput.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
-import queue
 import threading
 import time
 from dataclasses import dataclass, field
@@ -55,33 +59,45 @@ class Sink(Protocol):
     def __call__(self, inference: TappedInference) -> None: ...
 
 
-_STOP = object()
+def _parse_response(record: TapRecord) -> oip_pb2.ModelInferResponse | None:
+    """The inference response of a record; None for a streamed error (Triton reports those in-band)."""
+    if record.method != "ModelStreamInfer":
+        return oip_pb2.ModelInferResponse.FromString(record.response)
+    streamed = oip_pb2.ModelStreamInferResponse.FromString(record.response)
+    if streamed.error_message or not streamed.HasField("infer_response"):
+        return None
+    return streamed.infer_response
 
 
 class Tap:
-    def __init__(self, metrics: ProxyMetrics, queue_size: int, model_label: BoundedLabel) -> None:
-        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
+    def __init__(self, metrics: ProxyMetrics, queue_size: int, model_label: BoundedLabel,
+                 poll_seconds: float = 0.005) -> None:
+        # Only the event loop appends and only the consumer pops, so the length check in offer is exact.
+        self._queue: collections.deque[TapRecord] = collections.deque()
+        self._capacity = queue_size
+        self._poll_seconds = poll_seconds
         self._metrics = metrics
         self._model_label = model_label
         self._sinks: list[tuple[str, Sink]] = []
         self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
         metrics.tap_queue_capacity.set(queue_size)
-        metrics.tap_queue_depth.set_function(self._queue.qsize)
+        metrics.tap_queue_depth.set_function(self._queue.__len__)
 
     def add_sink(self, name: str, sink: Callable[[TappedInference], None]) -> None:
         self._sinks.append((name, sink))
 
     def offer(self, record: TapRecord) -> bool:
         """Enqueue a copy without waiting; False (and counted) when the queue is full."""
-        try:
-            self._queue.put_nowait(record)
-        except queue.Full:
+        if len(self._queue) >= self._capacity:
             self._metrics.tap_dropped.inc()
             return False
+        self._queue.append(record)
         self._metrics.tap_enqueued.inc()
         return True
 
     def start(self) -> None:
+        self._stopping.clear()
         self._thread = threading.Thread(target=self._run, name="sidewatch-tap", daemon=True)
         self._thread.start()
 
@@ -89,24 +105,24 @@ class Tap:
         """Let the consumer finish what is queued (up to ``timeout``), then stop it."""
         if self._thread is None:
             return
-        deadline = time.monotonic() + timeout
-        while not self._queue.empty() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        try:
-            self._queue.put(_STOP, timeout=max(0.0, deadline - time.monotonic()))
-        except queue.Full:
-            log.warning("sidewatch: tap queue still full at shutdown; %d copies not processed", self._queue.qsize())
-        self._thread.join(timeout=max(0.1, deadline - time.monotonic()))
+        self._stopping.set()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.warning("sidewatch: tap consumer still busy at shutdown; %d copies not processed", len(self._queue))
         self._thread = None
 
     def _run(self) -> None:
+        queued = self._queue
         while True:
-            record = self._queue.get()
-            if record is _STOP:
-                return
-            inference = self.decode(record)
-            if inference is not None:
-                self._deliver(inference)
+            if not queued:
+                if self._stopping.is_set():
+                    return
+                self._stopping.wait(self._poll_seconds)
+                continue
+            for _ in range(len(queued)):
+                inference = self.decode(queued.popleft())
+                if inference is not None:
+                    self._deliver(inference)
 
     def decode(self, record: TapRecord) -> TappedInference | None:
         """Parse and decode one copy; a failure is counted, never raised."""
@@ -119,8 +135,9 @@ class Tap:
             outputs: dict[str, np.ndarray] = {}
             if record.response is not None:
                 part = "response"
-                response = oip_pb2.ModelInferResponse.FromString(record.response)
-                outputs = codec.decode_response(response)
+                response = _parse_response(record)
+                if response is not None:
+                    outputs = codec.decode_response(response)
         except Exception as err:  # noqa: BLE001 - any malformed copy is counted and skipped
             self._metrics.decode_errors.labels(model, record.version, part).inc()
             log.debug("sidewatch: cannot decode tapped %s of model %r: %s", part, record.model, err)
