@@ -162,6 +162,7 @@ def start_prometheus(tmp_path: Path, targets: list[str], rule_files: list[Path] 
     if binary is None:
         raise RuntimeError("prometheus is not installed: `make test` installs Debian's package")
     port = free_port()
+    tmp_path.mkdir(parents=True, exist_ok=True)
     config = tmp_path / "prometheus.yml"
     config.write_text(json.dumps({  # JSON is YAML
         "global": {"scrape_interval": interval, "evaluation_interval": interval},
