@@ -32,7 +32,7 @@ def _free_port() -> int:
 
 
 def _scrape(url: str) -> dict[str, float]:
-    """Sum each sidewatch metric over its labels: enough for a display."""
+    """Sum each sidewatch metric over its labels (inference calls only, where a method is named)."""
     totals: dict[str, float] = {}
     try:
         with urllib.request.urlopen(url, timeout=1) as reply:
@@ -40,10 +40,24 @@ def _scrape(url: str) -> dict[str, float]:
     except OSError:
         return totals
     for line in text.splitlines():
-        if line.startswith("sidewatch_"):
-            name = line.split("{", 1)[0].split(" ", 1)[0]
-            totals[name] = totals.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+        if not line.startswith("sidewatch_") or ("method=" in line and 'method="ModelInfer"' not in line):
+            continue
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        totals[name] = totals.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
     return totals
+
+
+def _wait_ready(client: InferenceClient, processes: "_Processes", what: str) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        processes.check()
+        try:
+            client.wait_ready(timeout=1)
+            return
+        except (grpc.RpcError, grpc.FutureTimeoutError):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"sidewatch demo: the {what} did not become ready in 60 s")
+            time.sleep(0.2)
 
 
 class _Processes:
@@ -82,18 +96,13 @@ def run_demo(duration: float = 60.0, rate: float = 50.0) -> int:
           f"metrics on http://127.0.0.1:{metrics_port}/metrics, logs in {log_dir}")
     try:
         processes.start("model-server", "model-server", "--listen", f"127.0.0.1:{model_port}")
+        model_client = InferenceClient(f"127.0.0.1:{model_port}")
+        _wait_ready(model_client, processes, "model server")
+        model_client.close()
         processes.start("sidecar", "serve", "--listen", f"127.0.0.1:{sidecar_port}",
                         "--upstream", f"127.0.0.1:{model_port}", "--metrics-listen", f"127.0.0.1:{metrics_port}")
         client = InferenceClient(f"127.0.0.1:{sidecar_port}")
-        deadline = time.monotonic() + 60
-        while True:
-            processes.check()
-            try:
-                client.wait_ready(timeout=1)
-                break
-            except (grpc.RpcError, grpc.FutureTimeoutError):
-                if time.monotonic() > deadline:
-                    raise RuntimeError("sidewatch demo: the sidecar did not become ready in 60 s")
+        _wait_ready(client, processes, "sidecar")
         _stream(client, images, labels, duration, rate, display, f"http://127.0.0.1:{metrics_port}/metrics",
                 processes)
         client.close()
@@ -144,7 +153,7 @@ def _frame(elapsed: float, duration: float, sent: int, correct: int, errors: int
         f"  time      [{bar(elapsed / duration)}] {elapsed:5.1f} / {duration:.0f} s",
         f"  client    sent {sent:6d}   errors {errors:4d}   accuracy {correct / max(answered, 1):6.1%}   "
         f"latency p50 {np.percentile(recent, 50):6.2f} ms  p99 {np.percentile(recent, 99):6.2f} ms",
-        f"  sidecar   forwarded {metrics.get('sidewatch_requests_total', 0):6.0f}   "
+        f"  sidecar   ModelInfer forwarded {metrics.get('sidewatch_requests_total', 0):6.0f}   "
         f"in flight {metrics.get('sidewatch_requests_in_flight', 0):3.0f}   "
         f"upstream errors {metrics.get('sidewatch_upstream_errors_total', 0):4.0f}",
         f"  tap       enqueued {metrics.get('sidewatch_tap_enqueued_total', 0):6.0f}   "
