@@ -2,7 +2,7 @@
 
 Conventions: prefix ``sidewatch_``, units in the name, labels ``model`` and ``version``.
 Label values that a client controls (model names, method names) are bounded by
-:class:`BoundedLabel` so that a hostile or buggy client cannot blow up the series count.
+:class:`BoundedModels` so that a hostile or buggy client cannot blow up the series count.
 """
 
 from __future__ import annotations
@@ -20,28 +20,46 @@ LATENCY_BUCKETS_SECONDS = (
 OTHER = "_other"
 
 
-class BoundedLabel:
-    """Maps client-supplied label values onto at most ``limit`` distinct values; the rest become ``_other``."""
+class BoundedModels:
+    """Maps client-supplied (model, version) pairs onto at most ``limit`` distinct label pairs.
+
+    Model names and versions come from requests, so a hostile or buggy client could otherwise
+    create series without end; pairs beyond the limit are counted as ("_other", "_other").
+    """
 
     def __init__(self, limit: int) -> None:
         self._limit = limit
-        self._seen: set[str] = set()
+        self._seen: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
 
-    def __call__(self, value: str) -> str:
-        if value in self._seen:
-            return value
+    def __call__(self, model: str, version: str) -> tuple[str, str]:
+        pair = (model, version)
+        if pair in self._seen:
+            return pair
         with self._lock:
             if len(self._seen) < self._limit:
-                self._seen.add(value)
-                return value
-        return OTHER
+                self._seen.add(pair)
+                return pair
+        return OTHER, OTHER
+
+
+class CallSeries:
+    """The series one (model, version, method) touches on every call, resolved once."""
+
+    __slots__ = ("labels", "ok", "latency")
+
+    def __init__(self, metrics: "ProxyMetrics", model: str, version: str, method: str) -> None:
+        self.labels = (model, version, method)
+        self.ok = metrics.requests.labels(model, version, method, "OK")
+        self.latency = metrics.latency.labels(model, version, method)
 
 
 class ProxyMetrics:
     """The data plane's metrics: traffic, latency, errors and the tap."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, max_models: int = 64) -> None:
+        self.bounded = BoundedModels(max_models)
+        self._series: dict[tuple[str, str, str], CallSeries] = {}
         self.requests = Counter(
             "sidewatch_requests_total",
             "Calls forwarded, by model, version, method and final gRPC status code.",
@@ -110,3 +128,14 @@ class ProxyMetrics:
             ["sink"],
             registry=registry,
         )
+
+    def call_series(self, model: str, version: str, method: str) -> CallSeries:
+        """The cached series of a call; label lookups cost more than the increments themselves."""
+        key = (model, version, method)
+        series = self._series.get(key)
+        if series is None:
+            series = CallSeries(self, *self.bounded(model, version), method)
+            # Keys are client-supplied too: cache only while the label set is still bounded.
+            if series.labels[0] != OTHER:
+                self._series[key] = series
+        return series

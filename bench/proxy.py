@@ -61,7 +61,7 @@ MODEL_INFER = f"/{SERVICE}/ModelInfer"
 # Answered by the echo model too, so that the sidecar's upstream health check sees a ready server.
 READY_METHODS = (f"/{SERVICE}/ServerLive", f"/{SERVICE}/ServerReady", f"/{SERVICE}/ModelReady")
 READY_TRUE = b"\x08\x01"  # field 1 (live/ready) = true
-PATHS = ("direct", "sidewatch", "nginx", "aio-floor")
+PATHS = ("direct", "sidewatch", "nginx", "aio-floor", "sync-floor")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -363,6 +363,40 @@ def aio_floor_main(listen: str, upstream: str) -> None:
     run_event_loop(serve_until_signalled(start, stop))
 
 
+def sync_floor_main(listen: str, upstream: str) -> None:
+    """The least a sync grpc proxy can do: grpc's thread-pool server and one sync channel, bytes in and
+    out, nothing else. It answers the question "grpc.aio or sync?" for the data plane."""
+    import signal as signals
+    import threading
+    from concurrent import futures
+
+    options = [("grpc.max_receive_message_length", 64 << 20)]
+    channel = grpc.insecure_channel(upstream, options=options)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=64), options=options)
+    stubs: dict[str, grpc.RpcMethodHandler] = {}
+
+    def handler(method: str) -> grpc.RpcMethodHandler:
+        stub = channel.unary_unary(method)
+        return grpc.unary_unary_rpc_method_handler(lambda request, context: stub(request))
+
+    class Relay(grpc.GenericRpcHandler):
+        def service(self, details):
+            if details.method not in stubs:
+                stubs[details.method] = handler(details.method)
+            return stubs[details.method]
+
+    server.add_generic_rpc_handlers([Relay()])
+    if server.add_insecure_port(listen) == 0:
+        raise SystemExit(f"sync-floor: cannot listen on {listen}")
+    server.start()
+    stopped = threading.Event()
+    for sig in (signals.SIGTERM, signals.SIGINT):
+        signals.signal(sig, lambda *_: stopped.set())
+    stopped.wait()
+    server.stop(0)
+    channel.close()
+
+
 # --- child processes ----------------------------------------------------------------------------
 
 @dataclass
@@ -458,12 +492,13 @@ def start_sidewatch(children: Children, tmp: Path, upstream: str, request: bytes
     return address, proc
 
 
-def start_aio_floor(children: Children, tmp: Path, upstream: str, request: bytes,
-                    response: bytes) -> tuple[str, subprocess.Popen]:
+def start_floor(kind: str, children: Children, tmp: Path, upstream: str, request: bytes,
+                response: bytes) -> tuple[str, subprocess.Popen]:
+    """A minimal relay of ``kind`` "aio-floor" or "sync-floor", in its own process."""
     address = f"127.0.0.1:{free_port()}"
-    log = tmp / "aio-floor.log"
-    proc = children.start("aio-floor", [sys.executable, str(Path(__file__).resolve()), "_aio_floor", address,
-                                        upstream], log)
+    log = tmp / f"{kind}.log"
+    mode = "_" + kind.replace("-", "_")
+    proc = children.start(kind, [sys.executable, str(Path(__file__).resolve()), mode, address, upstream], log)
     wait_until_answers(address, request, response, proc, log)
     return address, proc
 
@@ -885,9 +920,10 @@ def run(args: argparse.Namespace) -> dict:
             addresses["nginx"], proc = start_nginx(children, tmp, echo_address, request, response,
                                                    args.nginx_workers, args.nginx)
             proxies["nginx"] = process_tree(proc.pid)
-        if "aio-floor" in args.paths:
-            addresses["aio-floor"], proc = start_aio_floor(children, tmp, echo_address, request, response)
-            proxies["aio-floor"] = [proc.pid]
+        for floor in ("aio-floor", "sync-floor"):
+            if floor in args.paths:
+                addresses[floor], proc = start_floor(floor, children, tmp, echo_address, request, response)
+                proxies[floor] = [proc.pid]
         paths = [p for p in PATHS if p in args.paths]
         results = {p: {"address": addresses[p], "latency_rounds": [], "throughput_rounds": {}} for p in paths}
         for rnd in range(args.rounds):
@@ -956,6 +992,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["_echo"]:
         echo_main(argv[1], argv[2], argv[3])
+        return 0
+    if argv[:1] == ["_sync_floor"]:
+        sync_floor_main(argv[1], argv[2])
         return 0
     if argv[:1] == ["_aio_floor"]:
         aio_floor_main(argv[1], argv[2])

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from agent.metrics import BoundedLabel, ProxyMetrics
+from agent.metrics import ProxyMetrics
 from agent.protocol import codec, oip_pb2
 from agent.proxy.tap import Tap, TapRecord
 
@@ -19,7 +19,7 @@ def registry():
 
 
 def _tap(registry, size=4) -> Tap:
-    return Tap(ProxyMetrics(registry), size, BoundedLabel(8), poll_seconds=0.001)
+    return Tap(ProxyMetrics(registry, max_models=8), size, poll_seconds=0.001)
 
 
 def _record(method="ModelInfer", request=None, response=None) -> TapRecord:

@@ -15,7 +15,7 @@ import time
 import grpc
 from grpc import aio
 
-from agent.metrics import BoundedLabel, ProxyMetrics
+from agent.metrics import ProxyMetrics
 from agent.protocol import paths
 from agent.protocol.peek import peek_model
 from agent.proxy.tap import Tap, TapRecord
@@ -38,12 +38,11 @@ def forwardable_metadata(metadata) -> tuple[tuple[str, str | bytes], ...]:
 class Forwarder(grpc.GenericRpcHandler):
     """A generic handler that relays each call to one upstream channel."""
 
-    def __init__(self, channel: aio.Channel, metrics: ProxyMetrics, tap: Tap | None, model_label: BoundedLabel,
+    def __init__(self, channel: aio.Channel, metrics: ProxyMetrics, tap: Tap | None,
                  max_pending_stream_requests: int = 256) -> None:
         self._channel = channel
         self._metrics = metrics
         self._tap = tap
-        self._model_label = model_label
         self._max_pending = max_pending_stream_requests
         self._unary_stubs: dict[str, aio.UnaryUnaryMultiCallable] = {}
         self._known_handlers: dict[str, grpc.RpcMethodHandler] = {}
@@ -74,7 +73,7 @@ class Forwarder(grpc.GenericRpcHandler):
             received_at = time.time()
             started = time.perf_counter()
             model, version = peek_model(request) if carries_model else ("", "")
-            model_label = self._model_label(model)
+            series = metrics.call_series(model, version, method_label)
             metrics.in_flight.inc()
             code = grpc.StatusCode.OK
             try:
@@ -87,7 +86,7 @@ class Forwarder(grpc.GenericRpcHandler):
                     response = await call
                 except aio.AioRpcError as err:
                     code = err.code()
-                    metrics.upstream_errors.labels(model_label, version, method_label, code.name).inc()
+                    metrics.upstream_errors.labels(*series.labels, code.name).inc()
                     await _send_initial_metadata(context, err.initial_metadata())
                     await context.abort(code, err.details() or "", forwardable_metadata(err.trailing_metadata()))
                 await _send_initial_metadata(context, await call.initial_metadata())
@@ -101,8 +100,11 @@ class Forwarder(grpc.GenericRpcHandler):
                 raise
             finally:
                 metrics.in_flight.dec()
-                metrics.requests.labels(model_label, version, method_label, code.name).inc()
-                metrics.latency.labels(model_label, version, method_label).observe(time.perf_counter() - started)
+                if code is grpc.StatusCode.OK:
+                    series.ok.inc()
+                else:
+                    metrics.requests.labels(*series.labels, code.name).inc()
+                series.latency.observe(time.perf_counter() - started)
 
         return relay
 
@@ -157,7 +159,7 @@ class Forwarder(grpc.GenericRpcHandler):
                 except aio.AioRpcError as err:
                     code = err.code()
                     metrics.upstream_errors.labels(
-                        self._model_label(first_model[0]), first_model[1], method_label, code.name).inc()
+                        *metrics.bounded(first_model[0], first_model[1]), method_label, code.name).inc()
                     if not headers_sent:
                         await _send_initial_metadata(context, err.initial_metadata())
                     await context.abort(code, err.details() or "", forwardable_metadata(err.trailing_metadata()))
@@ -167,9 +169,9 @@ class Forwarder(grpc.GenericRpcHandler):
                 raise
             finally:
                 metrics.in_flight.dec()
-                model_label = self._model_label(first_model[0])
-                metrics.requests.labels(model_label, first_model[1], method_label, code.name).inc()
-                metrics.latency.labels(model_label, first_model[1], method_label).observe(time.perf_counter() - started)
+                labels = (*metrics.bounded(first_model[0], first_model[1]), method_label)
+                metrics.requests.labels(*labels, code.name).inc()
+                metrics.latency.labels(*labels).observe(time.perf_counter() - started)
 
         return relay
 

@@ -11,7 +11,7 @@ from grpc import aio
 from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
 
 from agent.config import ServeConfig, split_address
-from agent.metrics import BoundedLabel, ProxyMetrics
+from agent.metrics import ProxyMetrics
 from agent.proxy import tls
 from agent.proxy.forward import Forwarder
 from agent.proxy.health import UpstreamHealth
@@ -43,9 +43,8 @@ class Sidecar:
     def __init__(self, config: ServeConfig, registry: CollectorRegistry = REGISTRY) -> None:
         self.config = config
         self.registry = registry
-        self.metrics = ProxyMetrics(registry)
-        self.model_label = BoundedLabel(config.metrics.max_models)
-        self.tap = Tap(self.metrics, config.tap.queue_size, self.model_label)
+        self.metrics = ProxyMetrics(registry, config.metrics.max_models)
+        self.tap = Tap(self.metrics, config.tap.queue_size)
         self.server: aio.Server | None = None
         self.channel: aio.Channel | None = None
         self.health: UpstreamHealth | None = None
@@ -59,7 +58,7 @@ class Sidecar:
         # The health service is registered first so that it answers before the catch-all forwarder.
         self.health = UpstreamHealth(self.server, self.channel, config.upstream_health_interval_seconds)
         self.server.add_generic_rpc_handlers([
-            Forwarder(self.channel, self.metrics, self.tap, self.model_label, config.tap.max_pending_stream_requests)
+            Forwarder(self.channel, self.metrics, self.tap, config.tap.max_pending_stream_requests)
         ])
         if config.tls is None:
             self.port = self.server.add_insecure_port(config.listen)

@@ -20,7 +20,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from agent.metrics import BoundedLabel, ProxyMetrics
+from agent.metrics import ProxyMetrics
 from agent.protocol import codec, oip_pb2
 
 log = logging.getLogger(__name__)
@@ -70,14 +70,12 @@ def _parse_response(record: TapRecord) -> oip_pb2.ModelInferResponse | None:
 
 
 class Tap:
-    def __init__(self, metrics: ProxyMetrics, queue_size: int, model_label: BoundedLabel,
-                 poll_seconds: float = 0.005) -> None:
+    def __init__(self, metrics: ProxyMetrics, queue_size: int, poll_seconds: float = 0.005) -> None:
         # Only the event loop appends and only the consumer pops, so the length check in offer is exact.
         self._queue: collections.deque[TapRecord] = collections.deque()
         self._capacity = queue_size
         self._poll_seconds = poll_seconds
         self._metrics = metrics
-        self._model_label = model_label
         self._sinks: list[tuple[str, Sink]] = []
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -126,7 +124,7 @@ class Tap:
 
     def decode(self, record: TapRecord) -> TappedInference | None:
         """Parse and decode one copy; a failure is counted, never raised."""
-        model = self._model_label(record.model)
+        labels = self._metrics.bounded(record.model, record.version)
         part = "request"
         try:
             request = oip_pb2.ModelInferRequest.FromString(record.request)
@@ -139,10 +137,10 @@ class Tap:
                 if response is not None:
                     outputs = codec.decode_response(response)
         except Exception as err:  # noqa: BLE001 - any malformed copy is counted and skipped
-            self._metrics.decode_errors.labels(model, record.version, part).inc()
+            self._metrics.decode_errors.labels(*labels, part).inc()
             log.debug("sidewatch: cannot decode tapped %s of model %r: %s", part, record.model, err)
             return None
-        self._metrics.tap_processed.labels(model, record.version).inc()
+        self._metrics.tap_processed.labels(*labels).inc()
         return TappedInference(
             model=record.model,
             version=record.version,
