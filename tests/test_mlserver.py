@@ -153,3 +153,11 @@ def test_unknown_model_error_is_unchanged(clients):
         messages.append((raised.value.status(), raised.value.message()))
     assert messages[0] == messages[1]
     assert messages[0][0] == "StatusCode.NOT_FOUND"
+
+
+def test_method_unknown_to_sidewatch_passes_through(clients):
+    # RepositoryIndex is a Triton/MLServer extension the sidecar has no handler for: it is relayed as a stream.
+    through, direct, _ = clients
+    index = through.get_model_repository_index(as_json=True)
+    assert index == direct.get_model_repository_index(as_json=True)
+    assert {model["name"] for model in index["models"]} == {MODEL, STREAM_MODEL}

@@ -14,9 +14,19 @@ from tests.harness import http_get, metric_value, start_sidecar
 from tests.upstream import ECHO_STREAM, ECHO_UNARY, MODEL_INFER, RecordingUpstream
 
 
+def _canned_response() -> bytes:
+    import numpy as np
+
+    from agent.protocol import codec, oip_pb2
+
+    response = oip_pb2.ModelInferResponse(model_name="echo", model_version="1")
+    codec.add_output(response, "out", np.array([[0.5, 0.5]], np.float32))
+    return response.SerializeToString()
+
+
 @pytest.fixture(scope="module")
 def upstream():
-    with RecordingUpstream(response=b"\x0a\x03abc") as server:
+    with RecordingUpstream(response=_canned_response()) as server:
         yield server
 
 
@@ -157,3 +167,41 @@ def test_graceful_shutdown_drains_in_flight_calls(upstream, tmp_path):
         assert results.get("reply") == b"niard", results.get("error")
         assert process.popen.wait(10) == 0
     process.stop()
+
+
+# --- the same, from tritonclient's gRPC client -----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def triton_client(sidecar):
+    import tritonclient.grpc as triton
+
+    client = triton.InferenceServerClient(f"127.0.0.1:{sidecar[0]}")
+    yield client
+    client.close()
+
+
+def _triton_input():
+    import numpy as np
+    import tritonclient.grpc as triton
+
+    tensor = triton.InferInput("input", [1, 4], "FP32")
+    tensor.set_data_from_numpy(np.ones((1, 4), np.float32))
+    return [tensor]
+
+
+def test_tritonclient_headers_arrive_upstream(triton_client, upstream):
+    result = triton_client.infer("echo", _triton_input(), headers={"x-caller": "triton", "x-tenant": "blue"})
+    assert result.as_numpy("out").tolist() == [[0.5, 0.5]]
+    seen = upstream.last(MODEL_INFER)
+    assert (seen.metadata["x-caller"], seen.metadata["x-tenant"]) == ("triton", "blue")
+
+
+def test_tritonclient_deadline_expiring_upstream(triton_client, upstream):
+    from tritonclient.utils import InferenceServerException
+
+    with pytest.raises(InferenceServerException) as raised:
+        triton_client.infer("echo", _triton_input(), headers={"x-test-sleep": "3"}, client_timeout=0.5)
+    assert raised.value.status() == "StatusCode.DEADLINE_EXCEEDED"
+    seen = upstream.last(MODEL_INFER)
+    assert seen.time_remaining is not None and seen.time_remaining <= 0.51  # grpc-timeout rounds up
+    assert seen.cancelled.wait(2.0)

@@ -131,3 +131,14 @@ def test_metrics_count_requests_and_tap_decodes_them(servers, via_sidecar, image
         assert time.monotonic() < deadline, "the tap did not decode the calls"
         time.sleep(0.05)
     assert metric_value(http_get(url), "sidewatch_tap_dropped_total") == 0
+
+
+def test_method_the_upstream_lacks_comes_back_unimplemented(via_sidecar, direct):
+    # ModelStatistics is unknown to sidewatch (relayed as a stream) and to the bundled server.
+    errors = []
+    for client in (via_sidecar, direct):
+        with pytest.raises(InferenceServerException) as raised:
+            client.get_inference_statistics(MODEL)
+        errors.append((raised.value.status(), raised.value.message()))
+    assert errors[0] == errors[1]
+    assert errors[0][0] == "StatusCode.UNIMPLEMENTED"

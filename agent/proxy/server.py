@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 
 import grpc
@@ -104,10 +105,16 @@ async def serve(config: ServeConfig) -> None:
 
 
 def run_event_loop(main) -> None:
-    """Run a coroutine on uvloop when it is installed (faster), else on asyncio's default loop."""
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(main)
-        return
-    uvloop.run(main)
+    """Run a coroutine on uvloop when it is installed, else on asyncio's default loop.
+
+    SIDEWATCH_EVENT_LOOP=asyncio forces the default loop (the benchmark compares the two).
+    """
+    if os.environ.get("SIDEWATCH_EVENT_LOOP", "uvloop") != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            uvloop.run(main)
+            return
+    asyncio.run(main)
