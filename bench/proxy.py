@@ -323,6 +323,19 @@ def echo_main(kind: str, address: str, response_file: str) -> None:
 
 # --- the grpc.aio floor (runs in its own process) ----------------------------------------------
 
+class CachingRelay(grpc.GenericRpcHandler):
+    """A generic handler that builds one relay handler per method path, on first use."""
+
+    def __init__(self, make_handler) -> None:
+        self._make_handler = make_handler
+        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    def service(self, details):
+        if details.method not in self._handlers:
+            self._handlers[details.method] = self._make_handler(details.method)
+        return self._handlers[details.method]
+
+
 def aio_floor_main(listen: str, upstream: str) -> None:
     """The least a grpc.aio proxy can do: the sidecar's shape (aio server, one aio channel, generic
     bytes handler, uvloop) with nothing else: no metrics, no tap, no metadata copy, no peek."""
@@ -334,7 +347,6 @@ def aio_floor_main(listen: str, upstream: str) -> None:
         server = aio.server(options=[("grpc.max_receive_message_length", 64 << 20)])
         channel = aio.insecure_channel(upstream, options=[("grpc.max_receive_message_length", 64 << 20)])
         opened.extend((server, channel))
-        stubs: dict[str, grpc.RpcMethodHandler] = {}
 
         def handler(method: str) -> grpc.RpcMethodHandler:
             stub = channel.unary_unary(method)
@@ -344,13 +356,7 @@ def aio_floor_main(listen: str, upstream: str) -> None:
 
             return grpc.unary_unary_rpc_method_handler(relay)
 
-        class Relay(grpc.GenericRpcHandler):
-            def service(self, details):
-                if details.method not in stubs:
-                    stubs[details.method] = handler(details.method)
-                return stubs[details.method]
-
-        server.add_generic_rpc_handlers([Relay()])
+        server.add_generic_rpc_handlers([CachingRelay(handler)])
         if server.add_insecure_port(listen) == 0:
             raise SystemExit(f"aio-floor: cannot listen on {listen}")
         await server.start()
@@ -373,19 +379,11 @@ def sync_floor_main(listen: str, upstream: str) -> None:
     options = [("grpc.max_receive_message_length", 64 << 20)]
     channel = grpc.insecure_channel(upstream, options=options)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=64), options=options)
-    stubs: dict[str, grpc.RpcMethodHandler] = {}
-
     def handler(method: str) -> grpc.RpcMethodHandler:
         stub = channel.unary_unary(method)
         return grpc.unary_unary_rpc_method_handler(lambda request, context: stub(request))
 
-    class Relay(grpc.GenericRpcHandler):
-        def service(self, details):
-            if details.method not in stubs:
-                stubs[details.method] = handler(details.method)
-            return stubs[details.method]
-
-    server.add_generic_rpc_handlers([Relay()])
+    server.add_generic_rpc_handlers([CachingRelay(handler)])
     if server.add_insecure_port(listen) == 0:
         raise SystemExit(f"sync-floor: cannot listen on {listen}")
     server.start()

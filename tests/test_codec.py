@@ -100,7 +100,11 @@ def test_methods_and_paths_match_triton():
         assert method.input_type.name == real.input_type.name
         assert method.output_type.name == real.output_type.name
         assert (method.client_streaming, method.server_streaming) == (real.client_streaming, real.server_streaming)
-    expected = {f"/{theirs.full_name}/{m.name}" for m in ours.methods}
+    # The extensions sidewatch relays as unary must be unary methods of Triton's service.
+    for path in paths.EXTENSION_UNARY_METHODS:
+        real = theirs.methods_by_name[path.rsplit("/", 1)[1]]
+        assert not real.client_streaming and not real.server_streaming
+    expected = {f"/{theirs.full_name}/{m.name}" for m in ours.methods} | paths.EXTENSION_UNARY_METHODS
     assert paths.ALL_METHODS == expected
     streams = {f"/{theirs.full_name}/{m.name}" for m in ours.methods if m.client_streaming}
     assert paths.STREAM_METHODS == streams

@@ -49,3 +49,11 @@ def test_check_config_command(tmp_path):
     refused = subprocess.run(sidewatch("serve", "--config", str(bad), "--check-config"), capture_output=True, text=True)
     assert refused.returncode == 2
     assert "max_message_bytes" in refused.stderr
+
+
+def test_shipped_config_is_accepted():
+    from tests.harness import REPO
+
+    done = subprocess.run(sidewatch("serve", "--config", str(REPO / "deploy" / "sidewatch.yaml"), "--check-config"),
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

@@ -155,8 +155,8 @@ def test_unknown_model_error_is_unchanged(clients):
     assert messages[0][0] == "StatusCode.NOT_FOUND"
 
 
-def test_method_unknown_to_sidewatch_passes_through(clients):
-    # RepositoryIndex is a Triton/MLServer extension the sidecar has no handler for: it is relayed as a stream.
+def test_extension_method_passes_through(clients):
+    # RepositoryIndex is a Triton/MLServer extension that sidewatch has no messages for: relayed as bytes.
     through, direct, _ = clients
     index = through.get_model_repository_index(as_json=True)
     assert index == direct.get_model_repository_index(as_json=True)

@@ -134,7 +134,7 @@ def test_metrics_count_requests_and_tap_decodes_them(servers, via_sidecar, image
 
 
 def test_method_the_upstream_lacks_comes_back_unimplemented(via_sidecar, direct):
-    # ModelStatistics is unknown to sidewatch (relayed as a stream) and to the bundled server.
+    # ModelStatistics is a Triton extension: sidewatch relays it as bytes, the bundled server lacks it.
     errors = []
     for client in (via_sidecar, direct):
         with pytest.raises(InferenceServerException) as raised:

@@ -356,17 +356,8 @@ def add_input(
     (integers only if every value fits; floats round). All tensors of one message must be either
     raw or typed, so mixing is an error.
     """
-    label = f"input {name!r}"
-    _check_layout(label, len(request.inputs), len(request.raw_input_contents), raw, "raw_input_contents")
-    array = np.asarray(array)
-    datatype, wire = _to_wire(label, array, datatype)
-    payload = _raw_payload(datatype, wire) if raw else None
-    tensor = request.inputs.add(name=name, datatype=datatype, shape=array.shape)
-    if payload is None:
-        _fill_contents(tensor.contents, datatype, wire)
-    else:
-        request.raw_input_contents.append(payload)
-    return tensor
+    return _add_tensor(f"input {name!r}", request.inputs, request.raw_input_contents, "raw_input_contents",
+                       name, array, datatype, raw)
 
 
 def add_output(
@@ -380,16 +371,22 @@ def add_output(
 
     Same rules as ``add_input``.
     """
-    label = f"output {name!r}"
-    _check_layout(label, len(response.outputs), len(response.raw_output_contents), raw, "raw_output_contents")
+    return _add_tensor(f"output {name!r}", response.outputs, response.raw_output_contents, "raw_output_contents",
+                       name, array, datatype, raw)
+
+
+def _add_tensor(label: str, tensors, raw_contents, raw_field: str, name: str, array: np.ndarray,
+                datatype: str | None, raw: bool):
+    """What add_input and add_output share: requests and responses lay tensors out the same way."""
+    _check_layout(label, len(tensors), len(raw_contents), raw, raw_field)
     array = np.asarray(array)
     datatype, wire = _to_wire(label, array, datatype)
     payload = _raw_payload(datatype, wire) if raw else None
-    tensor = response.outputs.add(name=name, datatype=datatype, shape=array.shape)
+    tensor = tensors.add(name=name, datatype=datatype, shape=array.shape)
     if payload is None:
         _fill_contents(tensor.contents, datatype, wire)
     else:
-        response.raw_output_contents.append(payload)
+        raw_contents.append(payload)
     return tensor
 
 

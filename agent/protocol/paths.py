@@ -18,15 +18,25 @@ MODEL_INFER = f"/{SERVICE}/ModelInfer"
 # Triton's bidirectional streaming variant of ModelInfer.
 MODEL_STREAM_INFER = f"/{SERVICE}/ModelStreamInfer"
 
+# Unary extensions of Triton and MLServer that sidewatch has no messages for; it relays them as bytes.
+# Knowing that they are unary matters: relayed as streams, an early upstream error can reach the
+# client as INTERNAL because of a grpc.aio bug (grpc/grpc#36066), and unary relays are cheaper.
+EXTENSION_UNARY_METHODS: frozenset[str] = frozenset(f"/{SERVICE}/{name}" for name in (
+    "ModelConfig", "ModelStatistics", "RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload",
+    "SystemSharedMemoryStatus", "SystemSharedMemoryRegister", "SystemSharedMemoryUnregister",
+    "CudaSharedMemoryStatus", "CudaSharedMemoryRegister", "CudaSharedMemoryUnregister",
+    "TraceSetting", "LogSettings",
+))
+
 # Called with one request and answered with one response.
 UNARY_METHODS: frozenset[str] = frozenset(
     {SERVER_LIVE, SERVER_READY, MODEL_READY, SERVER_METADATA, MODEL_METADATA, MODEL_INFER}
-)
+) | EXTENSION_UNARY_METHODS
 
 # Bidirectional streams.
 STREAM_METHODS: frozenset[str] = frozenset({MODEL_STREAM_INFER})
 
-# Every method this package has messages for.
+# Every method the sidecar knows by name.
 ALL_METHODS: frozenset[str] = UNARY_METHODS | STREAM_METHODS
 
 # Methods whose request names a model in fields 1 (name) and 2 (version): ModelReadyRequest,
