@@ -67,6 +67,37 @@ def _run_demo(args) -> int:
     return run_demo(duration=args.duration, rate=args.rate)
 
 
+def _add_calibrate(commands) -> None:
+    calibrate = commands.add_parser(
+        "calibrate", help="set the feature-squeezing threshold on benign data and write a calibration artifact",
+        description="Score benign reference inputs with feature squeezing, set the threshold at the target "
+                    "false-positive rate and write a JSON artifact (default: sidewatch-calibration.json beside "
+                    "the model). Reference data: .npz (key 'x', or its only array) or .npy; uint8 values are "
+                    "divided by 255, floats taken as they are; [N, H, W] gets a channel axis when the model "
+                    "takes [N, 1, H, W].")
+    calibrate.add_argument("--model", type=Path, required=True, help="the served model.onnx")
+    calibrate.add_argument("--reference", type=Path, required=True, help="benign inputs, DATA.npz or DATA.npy")
+    calibrate.add_argument("--squeezers", default="bit_depth:1,median:2",
+                           help="comma-separated: bit_depth:BITS, median:SIZE, nl_means:SEARCH-PATCH-H "
+                                "(default bit_depth:1,median:2)")
+    calibrate.add_argument("--target-fpr", type=float, default=0.05,
+                           help="false-positive rate on benign inputs (default 0.05)")
+    calibrate.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                           help="ONNX Runtime execution provider (auto: CUDA when present)")
+    calibrate.add_argument("--output-kind", choices=["auto", "probabilities", "logits"], default="auto",
+                           help="what the model outputs (auto: probabilities when it ends in a Softmax)")
+    calibrate.add_argument("--input-name", help="the image input, when the model has several inputs")
+    calibrate.add_argument("--output-name", help="the class-score output, when the model has several outputs")
+    calibrate.add_argument("--out", type=Path, help="artifact path (default: sidewatch-calibration.json beside the model)")
+
+    def run(args) -> int:
+        from agent.detect.calibration import run_calibrate
+
+        return run_calibrate(args)
+
+    calibrate.set_defaults(run=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sidewatch", description=__doc__)
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
@@ -74,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(commands)
     _add_model_server(commands)
     _add_demo(commands)
+    _add_calibrate(commands)
     return parser
 
 

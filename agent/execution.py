@@ -28,10 +28,16 @@ def providers_for(device: str = "auto") -> list[str]:
 
 
 def open_session(path, device: str = "auto", intra_op_threads: int = 0) -> ort.InferenceSession:
-    """An InferenceSession on the chosen provider; the CPU provider stays as the fallback for unsupported ops."""
+    """An InferenceSession on the chosen provider; the CPU provider stays as the fallback for unsupported ops.
+
+    ``path`` is a model file, or a serialized model as bytes (a graph built in memory, such as the
+    fused feature-squeezing graph).
+    """
     options = ort.SessionOptions()
     if intra_op_threads:
         options.intra_op_num_threads = intra_op_threads
-    session = ort.InferenceSession(str(path), sess_options=options, providers=providers_for(device))
-    log.debug("sidewatch: %s runs on %s", path, session.get_providers()[0])
+    source = bytes(path) if isinstance(path, (bytes, bytearray, memoryview)) else str(path)
+    session = ort.InferenceSession(source, sess_options=options, providers=providers_for(device))
+    log.debug("sidewatch: %s runs on %s", "<model bytes>" if isinstance(source, bytes) else source,
+              session.get_providers()[0])
     return session
