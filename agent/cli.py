@@ -17,6 +17,11 @@ def _add_serve(commands) -> None:
     serve.add_argument("--upstream", help="HOST:PORT of the model server (default 127.0.0.1:8001)")
     serve.add_argument("--metrics-listen", help="HOST:PORT for /metrics (default 0.0.0.0:9102)")
     serve.add_argument("--max-message-bytes", type=int, help="largest message accepted, both ways")
+    serve.add_argument("--model-repository", type=Path,
+                       help="DIR/<model>/<version>/model.onnx with sidewatch-calibration.json: turns detection on")
+    serve.add_argument("--adversarial-mode", choices=["shadow", "flag", "enforce"],
+                       help="adversarial detection mode for every model (overrides the config's per-model modes)")
+    serve.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where the detectors run (default auto)")
     serve.add_argument("--check-config", action="store_true", help="validate the configuration and exit")
     serve.set_defaults(run=_run_serve)
 
@@ -29,8 +34,20 @@ def _run_serve(args) -> int:
         "upstream.address": args.upstream,
         "metrics.listen": args.metrics_listen,
         "max_message_bytes": args.max_message_bytes,
+        "detection.model_repository": str(args.model_repository) if args.model_repository else None,
+        "detection.adversarial_mode": args.adversarial_mode,
+        "detection.device": args.device,
     })
+    if args.adversarial_mode:
+        # The flag sets the mode for every model, so per-model modes from the file give way.
+        for settings in config.models.values():
+            settings.adversarial_mode = None
     if args.check_config:
+        if config.detection.model_repository is not None:
+            from agent.detect.registry import DetectorRegistry
+
+            # Loads every model and artifact: a hash mismatch or a broken model fails here, not in production.
+            DetectorRegistry(config.detection.model_repository, config.detection.device)
         print("sidewatch: configuration is valid")
         return 0
     run_event_loop(serve(config))
@@ -115,6 +132,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except ConfigError as err:
+        print(err, file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as err:
+        # sidewatch's own refusals (a model whose hash does not match its calibration, a missing
+        # repository) are worded for the operator; anything else keeps its traceback.
+        if not str(err).startswith("sidewatch:"):
+            raise
         print(err, file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -6,6 +6,7 @@ Defaults make the demo work. A bad file fails at start with a message naming the
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -73,6 +74,32 @@ class Metrics(_Strict):
     _listen = field_validator("listen")(_check_address)
 
 
+AdversarialMode = Literal["shadow", "flag", "enforce"]
+
+
+class Detection(_Strict):
+    """The detectors: where the models and their calibration artifacts are, and how they run."""
+
+    # DIR/<model>/<version>/model.onnx and, beside it, sidewatch-calibration.json (see `sidewatch calibrate`).
+    # The same files the model server serves; without it, nothing is detected.
+    model_repository: Path | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # shadow: off the hot path, metrics only; flag: inline, verdict in trailing metadata;
+    # enforce: as flag, and inputs over the threshold are rejected.
+    adversarial_mode: AdversarialMode = "shadow"
+    # Micro-batching of tapped inputs in shadow mode: a batch closes at this many rows or this age.
+    max_batch_size: int = Field(64, ge=1)
+    max_wait_seconds: float = Field(0.005, ge=0)
+    # Threads scoring inline (flag/enforce) requests; ONNX Runtime releases the GIL while it runs.
+    inline_threads: int = Field(2, ge=1)
+
+
+class ModelSettings(_Strict):
+    """Per-model settings, keyed by model name; unset values come from ``detection``."""
+
+    adversarial_mode: AdversarialMode | None = None
+
+
 class ServeConfig(_Strict):
     listen: str = "0.0.0.0:9000"
     upstream: Upstream = Upstream()
@@ -85,8 +112,16 @@ class ServeConfig(_Strict):
     shutdown_grace_seconds: float = Field(10.0, ge=0)
     # How often the health service asks the upstream whether it is ready.
     upstream_health_interval_seconds: float = Field(2.0, gt=0)
+    detection: Detection = Detection()
+    models: dict[str, ModelSettings] = {}
 
     _listen = field_validator("listen")(_check_address)
+
+    def adversarial_mode(self, model: str) -> str:
+        settings = self.models.get(model)
+        if settings is not None and settings.adversarial_mode is not None:
+            return settings.adversarial_mode
+        return self.detection.adversarial_mode
 
 
 def _format_validation_error(error: ValidationError, source: str) -> str:

@@ -139,3 +139,62 @@ class ProxyMetrics:
             if series.labels[0] != OTHER:
                 self._series[key] = series
         return series
+
+
+# The squeeze score is an L1 distance between two probability vectors: it lies in [0, 2].
+SCORE_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.2, 1.5, 2.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+DETECTOR_LATENCY_BUCKETS_SECONDS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+class DetectionMetrics:
+    """The adversarial detector's metrics, by model and version (bounded like the proxy's)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.score = Histogram(
+            "sidewatch_adversarial_score",
+            "Feature-squeezing score per input: the largest L1 distance between the softmax on the input "
+            "and on a squeezed copy.",
+            ["model", "version"], buckets=SCORE_BUCKETS, registry=registry,
+        )
+        self.inputs = Counter(
+            "sidewatch_adversarial_inputs_total",
+            "Inputs (rows) scored by the adversarial detector.",
+            ["model", "version", "mode"], registry=registry,
+        )
+        self.detections = Counter(
+            "sidewatch_adversarial_detections_total",
+            "Inputs whose score was over the calibrated threshold.",
+            ["model", "version", "mode"], registry=registry,
+        )
+        self.rejected = Counter(
+            "sidewatch_adversarial_rejected_total",
+            "Requests answered INVALID_ARGUMENT in enforce mode without reaching the model server.",
+            ["model", "version"], registry=registry,
+        )
+        self.threshold = Gauge(
+            "sidewatch_adversarial_threshold",
+            "The calibrated score threshold in force.",
+            ["model", "version"], registry=registry,
+        )
+        self.target_fpr = Gauge(
+            "sidewatch_adversarial_target_false_positive_ratio",
+            "The false-positive rate on benign data that the threshold was calibrated for.",
+            ["model", "version"], registry=registry,
+        )
+        self.batch_size = Histogram(
+            "sidewatch_detector_batch_size",
+            "Inputs per detector call (micro-batches in shadow mode, one request inline).",
+            ["model", "version", "detector"], buckets=BATCH_BUCKETS, registry=registry,
+        )
+        self.duration = Histogram(
+            "sidewatch_detector_duration_seconds",
+            "Time of one detector call.",
+            ["model", "version", "detector"], buckets=DETECTOR_LATENCY_BUCKETS_SECONDS, registry=registry,
+        )
+        self.errors = Counter(
+            "sidewatch_detector_errors_total",
+            "Detector failures and inputs the detector could not take, by reason; the calls themselves were "
+            "forwarded.",
+            ["model", "version", "detector", "reason"], registry=registry,
+        )

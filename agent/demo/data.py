@@ -9,6 +9,8 @@ import numpy as np
 DATA_DIR = Path(__file__).resolve().parent / "data"
 TEST_SAMPLE = DATA_DIR / "mnist_test_sample.npz"
 REFERENCE = DATA_DIR / "mnist_reference.npz"
+# Adversarial examples against version 2 of the bundled model (bench/make_adversarial_testdata.py).
+ADVERSARIAL = DATA_DIR / "mnist_adversarial.npz"
 
 
 def load_images(path: Path = TEST_SAMPLE) -> tuple[np.ndarray, np.ndarray]:
@@ -17,3 +19,9 @@ def load_images(path: Path = TEST_SAMPLE) -> tuple[np.ndarray, np.ndarray]:
         images = data["x"].astype(np.float32)[:, None, :, :] / 255.0
         labels = data["y"].astype(np.int64)
     return images, labels
+
+
+def load_adversarial(path: Path = ADVERSARIAL) -> tuple[np.ndarray, np.ndarray, str]:
+    """Adversarial images (FP32 [N, 1, 28, 28]), their true labels, and how they were made."""
+    with np.load(path) as data:
+        return data["x"].astype(np.float32), data["y"].astype(np.int64), str(data["attack"])

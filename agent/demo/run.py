@@ -19,7 +19,8 @@ import grpc
 import numpy as np
 
 from agent.client import InferenceClient
-from agent.demo.data import load_images
+from agent.demo.data import load_adversarial, load_images
+from agent.modelserver.repository import BUNDLED_REPOSITORY
 from agent.demo.display import LiveDisplay, bar
 
 MODEL = "mnist_cnn"
@@ -86,8 +87,13 @@ class _Processes:
                 child.kill()
 
 
+# The attack starts after this share of the demo: benign traffic first, so the display shows a baseline.
+BENIGN_SHARE = 0.6
+
+
 def run_demo(duration: float = 60.0, rate: float = 50.0) -> int:
     images, labels = load_images()
+    attack = load_adversarial()
     model_port, sidecar_port, metrics_port = _free_port(), _free_port(), _free_port()
     log_dir = Path(tempfile.mkdtemp(prefix="sidewatch-demo-"))
     processes = _Processes(log_dir)
@@ -100,11 +106,12 @@ def run_demo(duration: float = 60.0, rate: float = 50.0) -> int:
         _wait_ready(model_client, processes, "model server")
         model_client.close()
         processes.start("sidecar", "serve", "--listen", f"127.0.0.1:{sidecar_port}",
-                        "--upstream", f"127.0.0.1:{model_port}", "--metrics-listen", f"127.0.0.1:{metrics_port}")
+                        "--upstream", f"127.0.0.1:{model_port}", "--metrics-listen", f"127.0.0.1:{metrics_port}",
+                        "--model-repository", str(BUNDLED_REPOSITORY))
         client = InferenceClient(f"127.0.0.1:{sidecar_port}")
         _wait_ready(client, processes, "sidecar")
-        _stream(client, images, labels, duration, rate, display, f"http://127.0.0.1:{metrics_port}/metrics",
-                processes)
+        _stream(client, (images, labels), attack, duration, rate, display,
+                f"http://127.0.0.1:{metrics_port}/metrics", processes)
         client.close()
     except KeyboardInterrupt:
         pass
@@ -116,10 +123,28 @@ def run_demo(duration: float = 60.0, rate: float = 50.0) -> int:
     return 0
 
 
-def _stream(client: InferenceClient, images: np.ndarray, labels: np.ndarray, duration: float, rate: float,
-            display: LiveDisplay, metrics_url: str, processes: _Processes) -> None:
-    sent = correct = errors = 0
+class _Detections:
+    """Detections per scored input since the previous frame: the display's "now" rate."""
+
+    def __init__(self) -> None:
+        self.last = (0.0, 0.0)
+        self.rate = 0.0
+
+    def update(self, metrics: dict[str, float]) -> float:
+        scored = metrics.get("sidewatch_adversarial_inputs_total", 0.0)
+        detected = metrics.get("sidewatch_adversarial_detections_total", 0.0)
+        if scored > self.last[0]:
+            self.rate = (detected - self.last[1]) / (scored - self.last[0])
+        self.last = (scored, detected)
+        return self.rate
+
+
+def _stream(client: InferenceClient, benign: tuple[np.ndarray, np.ndarray],
+            attack: tuple[np.ndarray, np.ndarray, str], duration: float, rate: float, display: LiveDisplay,
+            metrics_url: str, processes: _Processes) -> None:
+    sent = correct = errors = benign_answered = 0
     latencies: list[float] = []
+    detections = _Detections()
     started = time.monotonic()
     next_send = started
     next_draw = started
@@ -129,29 +154,37 @@ def _stream(client: InferenceClient, images: np.ndarray, labels: np.ndarray, dur
             time.sleep(min(next_send - now, 0.01))
             continue
         next_send += interval
+        attacking = now - started >= BENIGN_SHARE * duration
+        images, labels = attack[:2] if attacking else benign
         index = sent % len(images)
         call_started = time.perf_counter()
         try:
             outputs, _, _ = client.infer(MODEL, {"input": images[index:index + 1]}, timeout=5)
             latencies.append(time.perf_counter() - call_started)
-            correct += int(np.argmax(outputs["probabilities"][0]) == labels[index])
+            if not attacking:
+                benign_answered += 1
+                correct += int(np.argmax(outputs["probabilities"][0]) == labels[index])
         except grpc.RpcError:
             errors += 1
         sent += 1
         if now >= next_draw:
             next_draw = now + 0.5
             processes.check()
-            display.draw(_frame(now - started, duration, sent, correct, errors, latencies, _scrape(metrics_url)))
-    display.draw(_frame(time.monotonic() - started, duration, sent, correct, errors, latencies, _scrape(metrics_url)))
+            metrics = _scrape(metrics_url)
+            display.draw(_frame(now - started, duration, attack[2] if attacking else "", sent, correct,
+                                benign_answered, errors, latencies, metrics, detections.update(metrics)))
+    metrics = _scrape(metrics_url)
+    display.draw(_frame(time.monotonic() - started, duration, attack[2], sent, correct, benign_answered, errors,
+                        latencies, metrics, detections.update(metrics)))
 
 
-def _frame(elapsed: float, duration: float, sent: int, correct: int, errors: int, latencies: list[float],
-           metrics: dict[str, float]) -> list[str]:
+def _frame(elapsed: float, duration: float, attack: str, sent: int, correct: int, benign_answered: int, errors: int,
+           latencies: list[float], metrics: dict[str, float], detection_rate: float) -> list[str]:
     recent = np.array(latencies[-500:]) * 1000 if latencies else np.zeros(1)
-    answered = sent - errors
+    phase = f"ATTACK: {attack}" if attack else "benign MNIST test images"
     return [
-        f"  time      [{bar(elapsed / duration)}] {elapsed:5.1f} / {duration:.0f} s",
-        f"  client    sent {sent:6d}   errors {errors:4d}   accuracy {correct / max(answered, 1):6.1%}   "
+        f"  time      [{bar(elapsed / duration)}] {elapsed:5.1f} / {duration:.0f} s   traffic: {phase}",
+        f"  client    sent {sent:6d}   errors {errors:4d}   benign accuracy {correct / max(benign_answered, 1):6.1%}   "
         f"latency p50 {np.percentile(recent, 50):6.2f} ms  p99 {np.percentile(recent, 99):6.2f} ms",
         f"  sidecar   ModelInfer forwarded {metrics.get('sidewatch_requests_total', 0):6.0f}   "
         f"in flight {metrics.get('sidewatch_requests_in_flight', 0):3.0f}   "
@@ -161,4 +194,7 @@ def _frame(elapsed: float, duration: float, sent: int, correct: int, errors: int
         f"dropped {metrics.get('sidewatch_tap_dropped_total', 0):4.0f}   "
         f"queue {metrics.get('sidewatch_tap_queue_depth', 0):4.0f}   "
         f"decode errors {metrics.get('sidewatch_decode_errors_total', 0):3.0f}",
+        f"  squeeze   scored {metrics.get('sidewatch_adversarial_inputs_total', 0):6.0f}   "
+        f"adversarial detections {metrics.get('sidewatch_adversarial_detections_total', 0):6.0f}   "
+        f"now [{bar(detection_rate, 20)}] {detection_rate:6.1%} of inputs flagged",
     ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc import aio
@@ -19,6 +20,9 @@ from agent.metrics import ProxyMetrics
 from agent.protocol import paths
 from agent.protocol.peek import peek_model
 from agent.proxy.tap import Tap, TapRecord
+
+if TYPE_CHECKING:
+    from agent.detect.adversarial import AdversarialWatch
 
 # Metadata that belongs to the hop, not to the call: gRPC sets these itself on the next hop.
 _HOP_HEADERS = frozenset({"user-agent", "content-type", "te", "host", "grpc-timeout", "grpc-encoding", "grpc-accept-encoding"})
@@ -39,10 +43,12 @@ class Forwarder(grpc.GenericRpcHandler):
     """A generic handler that relays each call to one upstream channel."""
 
     def __init__(self, channel: aio.Channel, metrics: ProxyMetrics, tap: Tap | None,
-                 max_pending_stream_requests: int = 256) -> None:
+                 max_pending_stream_requests: int = 256, watch: "AdversarialWatch | None" = None) -> None:
         self._channel = channel
         self._metrics = metrics
         self._tap = tap
+        # Flag and enforce modes put the adversarial verdict on the hot path of unary ModelInfer.
+        self._watch = watch
         self._max_pending = max_pending_stream_requests
         self._unary_stubs: dict[str, aio.UnaryUnaryMultiCallable] = {}
         self._known_handlers: dict[str, grpc.RpcMethodHandler] = {}
@@ -76,7 +82,13 @@ class Forwarder(grpc.GenericRpcHandler):
             series = metrics.call_series(model, version, method_label)
             metrics.in_flight.inc()
             code = grpc.StatusCode.OK
+            verdict = None
             try:
+                if taps_inference and self._watch is not None and self._watch.mode(model) != "shadow":
+                    verdict, rejected = await self._inline_verdict(model, version, request)
+                    if rejected is not None:
+                        code = grpc.StatusCode.INVALID_ARGUMENT
+                        await context.abort(code, rejected.rejection(), rejected.metadata())
                 call = stub(
                     request,
                     metadata=forwardable_metadata(context.invocation_metadata()),
@@ -88,9 +100,11 @@ class Forwarder(grpc.GenericRpcHandler):
                     code = err.code()
                     metrics.upstream_errors.labels(*series.labels, code.name).inc()
                     await _send_initial_metadata(context, err.initial_metadata())
-                    await context.abort(code, err.details() or "", forwardable_metadata(err.trailing_metadata()))
+                    await context.abort(code, err.details() or "",
+                                        forwardable_metadata(err.trailing_metadata()) + await _verdict_metadata(verdict))
                 await _send_initial_metadata(context, await call.initial_metadata())
-                context.set_trailing_metadata(forwardable_metadata(await call.trailing_metadata()))
+                context.set_trailing_metadata(
+                    forwardable_metadata(await call.trailing_metadata()) + await _verdict_metadata(verdict))
                 if taps_inference and self._tap is not None:
                     self._tap.offer(TapRecord(method_label, model, version, request, response, received_at,
                                               time.perf_counter() - started))
@@ -107,6 +121,23 @@ class Forwarder(grpc.GenericRpcHandler):
                 series.latency.observe(time.perf_counter() - started)
 
         return relay
+
+    async def _inline_verdict(self, model: str, version: str, request: bytes):
+        """(scoring, rejected verdict or None). Flag mode starts scoring beside the upstream call;
+        enforce mode scores first and rejects an input over the threshold."""
+        scoring = asyncio.ensure_future(self._watch.score_request(model, version, request))
+        if self._watch.mode(model) != "enforce":
+            return scoring, None
+        from agent.detect.adversarial import DetectionFailed
+
+        try:
+            verdict = await scoring
+        except DetectionFailed:
+            return scoring, None  # fail open: the call is forwarded and the error is in the trailers
+        if verdict.adversarial:
+            self._watch.count_rejection(model, version)
+            return scoring, verdict
+        return scoring, None
 
     # --- streaming ---------------------------------------------------------------------------
 
@@ -174,6 +205,18 @@ class Forwarder(grpc.GenericRpcHandler):
                 metrics.latency.labels(*labels).observe(time.perf_counter() - started)
 
         return relay
+
+
+async def _verdict_metadata(scoring: asyncio.Future | None) -> tuple:
+    """The adversarial verdict as trailing metadata (flag and enforce modes), or why there is none."""
+    if scoring is None:
+        return ()
+    from agent.detect.adversarial import ERROR_KEY, DetectionFailed
+
+    try:
+        return (await scoring).metadata()
+    except DetectionFailed as failure:
+        return ((ERROR_KEY, failure.reason),)
 
 
 async def _send_initial_metadata(context: aio.ServicerContext, metadata) -> None:

@@ -12,7 +12,7 @@ from grpc import aio
 from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
 
 from agent.config import ServeConfig, split_address
-from agent.metrics import ProxyMetrics
+from agent.metrics import DetectionMetrics, ProxyMetrics
 from agent.proxy import tls
 from agent.proxy.forward import Forwarder
 from agent.proxy.health import UpstreamHealth
@@ -46,6 +46,16 @@ class Sidecar:
         self.registry = registry
         self.metrics = ProxyMetrics(registry, config.metrics.max_models)
         self.tap = Tap(self.metrics, config.tap.queue_size)
+        self.watch = None
+        if config.detection.model_repository is not None:
+            # Imported here: without a repository the sidecar needs neither onnx nor the detectors.
+            from agent.detect.adversarial import AdversarialWatch
+            from agent.detect.registry import DetectorRegistry
+
+            detectors = DetectorRegistry(config.detection.model_repository, config.detection.device)
+            self.watch = AdversarialWatch(detectors, config, DetectionMetrics(self.registry),
+                                          self.metrics.bounded)
+            self.tap.add_sink("adversarial", self.watch)
         self.server: aio.Server | None = None
         self.channel: aio.Channel | None = None
         self.health: UpstreamHealth | None = None
@@ -59,7 +69,7 @@ class Sidecar:
         # The health service is registered first so that it answers before the catch-all forwarder.
         self.health = UpstreamHealth(self.server, self.channel, config.upstream_health_interval_seconds)
         self.server.add_generic_rpc_handlers([
-            Forwarder(self.channel, self.metrics, self.tap, config.tap.max_pending_stream_requests)
+            Forwarder(self.channel, self.metrics, self.tap, config.tap.max_pending_stream_requests, self.watch)
         ])
         if config.tls is None:
             self.port = self.server.add_insecure_port(config.listen)
@@ -85,6 +95,8 @@ class Sidecar:
         if self.channel is not None:
             await self.channel.close()
         self.tap.stop()
+        if self.watch is not None:
+            self.watch.close()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server = None

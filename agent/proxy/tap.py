@@ -77,13 +77,19 @@ class Tap:
         self._poll_seconds = poll_seconds
         self._metrics = metrics
         self._sinks: list[tuple[str, Sink]] = []
+        self._tickers: list = []
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         metrics.tap_queue_capacity.set(queue_size)
         metrics.tap_queue_depth.set_function(self._queue.__len__)
 
     def add_sink(self, name: str, sink: Callable[[TappedInference], None]) -> None:
+        """A consumer of decoded copies; one with a ``tick()`` method is also called between copies
+        and on every idle poll (to close micro-batches that waited long enough)."""
         self._sinks.append((name, sink))
+        tick = getattr(sink, "tick", None)
+        if tick is not None:
+            self._tickers.append((name, tick))
 
     def offer(self, record: TapRecord) -> bool:
         """Enqueue a copy without waiting; False (and counted) when the queue is full."""
@@ -113,6 +119,7 @@ class Tap:
         queued = self._queue
         while True:
             if not queued:
+                self._tick()
                 if self._stopping.is_set():
                     return
                 self._stopping.wait(self._poll_seconds)
@@ -121,6 +128,15 @@ class Tap:
                 inference = self.decode(queued.popleft())
                 if inference is not None:
                     self._deliver(inference)
+            self._tick()
+
+    def _tick(self) -> None:
+        for name, tick in self._tickers:
+            try:
+                tick()
+            except Exception:  # noqa: BLE001 - same isolation as the sinks
+                self._metrics.sink_errors.labels(name).inc()
+                log.exception("sidewatch: tap sink %s failed", name)
 
     def decode(self, record: TapRecord) -> TappedInference | None:
         """Parse and decode one copy; a failure is counted, never raised."""

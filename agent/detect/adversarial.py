@@ -1,0 +1,183 @@
+"""Adversarial-input detection on live traffic: micro-batched from the tap, or inline per request.
+
+Shadow mode (the default) scores copies of the traffic from the tap, gathered into micro-batches
+(bounded by rows and by age) so that one fused ONNX Runtime call scores many requests. Flag and
+enforce modes score each request on the hot path, in a small thread pool (ONNX Runtime releases
+the GIL), and hand the verdict back to the data plane.
+
+A detector that fails never affects the forwarded call: the failure is counted and the call goes on
+(in enforce mode too: sidewatch fails open, so a broken detector cannot take the service down).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from agent.config import ServeConfig
+from agent.detect.registry import CalibratedDetector, DetectorRegistry
+from agent.metrics import BoundedModels, DetectionMetrics
+from agent.protocol import codec, oip_pb2
+from agent.proxy.tap import TappedInference
+
+log = logging.getLogger(__name__)
+
+DETECTOR = "feature_squeezing"
+SCORE_KEY = "sidewatch-adversarial-score"
+VERDICT_KEY = "sidewatch-adversarial"
+ERROR_KEY = "sidewatch-adversarial-error"
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """One request's verdict: its highest row score against the threshold."""
+
+    score: float
+    threshold: float
+    adversarial: bool
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return ((SCORE_KEY, f"{self.score:.6f}"), (VERDICT_KEY, "true" if self.adversarial else "false"))
+
+    def rejection(self) -> str:
+        return (f"sidewatch: input rejected as adversarial (score={self.score:.6f}, "
+                f"threshold={self.threshold:.6f})")
+
+
+class DetectionFailed(Exception):
+    """Why a request could not be scored; the reason is a metric label and a metadata value."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class AdversarialWatch:
+    def __init__(self, registry: DetectorRegistry, config: ServeConfig, metrics: DetectionMetrics,
+                 bounded: BoundedModels) -> None:
+        self.registry = registry
+        self._config = config
+        self._metrics = metrics
+        self._bounded = bounded
+        self._max_batch = config.detection.max_batch_size
+        self._max_wait = config.detection.max_wait_seconds
+        self._executor = ThreadPoolExecutor(config.detection.inline_threads, thread_name_prefix="sidewatch-detect")
+        # Shadow-mode micro-batches, per calibrated detector: rows waiting and when the oldest arrived.
+        self._pending: dict[tuple[str, str], tuple[list[np.ndarray], int, float]] = {}
+        for calibrated in registry:
+            labels = bounded(calibrated.model, calibrated.version)
+            metrics.threshold.labels(*labels).set(calibrated.threshold)
+            metrics.target_fpr.labels(*labels).set(calibrated.artifact.target_fpr)
+
+    def mode(self, model: str) -> str:
+        return self._config.adversarial_mode(model)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # --- scoring, shared by both paths ---------------------------------------------------------
+
+    def _score(self, calibrated: CalibratedDetector, rows: np.ndarray, mode: str) -> np.ndarray:
+        labels = self._bounded(calibrated.model, calibrated.version)
+        started = time.perf_counter()
+        try:
+            scores = calibrated.detector.score(rows).scores
+        except Exception as err:
+            self._metrics.errors.labels(*labels, DETECTOR, "detector_failed").inc()
+            log.warning("sidewatch: adversarial detector for %s version %s failed: %s",
+                        calibrated.model, calibrated.version, err)
+            raise DetectionFailed("detector_failed") from err
+        metrics = self._metrics
+        metrics.duration.labels(*labels, DETECTOR).observe(time.perf_counter() - started)
+        metrics.batch_size.labels(*labels, DETECTOR).observe(len(rows))
+        metrics.inputs.labels(*labels, mode).inc(len(rows))
+        detected = int(np.count_nonzero(scores > calibrated.threshold))
+        if detected:
+            metrics.detections.labels(*labels, mode).inc(detected)
+        histogram = metrics.score.labels(*labels)
+        for score in scores.tolist():
+            histogram.observe(score)
+        return scores
+
+    def _rows(self, calibrated: CalibratedDetector, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        rows = inputs.get(calibrated.input_name)
+        if rows is None:
+            self._metrics.errors.labels(*self._bounded(calibrated.model, calibrated.version), DETECTOR,
+                                        "missing_input").inc()
+            raise DetectionFailed("missing_input")
+        return rows
+
+    # --- inline: flag and enforce ----------------------------------------------------------------
+
+    def _score_request(self, model: str, version: str, request: bytes) -> Verdict:
+        calibrated = self.registry.get(model, version)
+        if calibrated is None:
+            self._metrics.errors.labels(*self._bounded(model, version), DETECTOR, "not_calibrated").inc()
+            raise DetectionFailed("not_calibrated")
+        try:
+            inputs = codec.decode_request(oip_pb2.ModelInferRequest.FromString(request))
+        except Exception as err:  # noqa: BLE001 - a malformed request is the model server's to refuse
+            self._metrics.errors.labels(*self._bounded(model, version), DETECTOR, "undecodable").inc()
+            raise DetectionFailed("undecodable") from err
+        scores = self._score(calibrated, self._rows(calibrated, inputs), self.mode(model))
+        top = float(scores.max()) if len(scores) else 0.0
+        return Verdict(top, calibrated.threshold, top > calibrated.threshold)
+
+    def count_rejection(self, model: str, version: str) -> None:
+        calibrated = self.registry.get(model, version)
+        self._metrics.rejected.labels(*self._bounded(model, calibrated.version if calibrated else version)).inc()
+
+    async def score_request(self, model: str, version: str, request: bytes) -> Verdict:
+        """Score a request off the event loop; raises DetectionFailed when it cannot be scored."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._score_request, model, version, request)
+
+    # --- shadow: a tap sink with micro-batches ---------------------------------------------------
+
+    def __call__(self, inference: TappedInference) -> None:
+        if self.mode(inference.model) != "shadow":
+            return  # scored inline on the hot path already
+        calibrated = self.registry.get(inference.model, inference.version)
+        if calibrated is None:
+            return
+        try:
+            rows = self._rows(calibrated, inference.inputs)
+        except DetectionFailed:
+            return
+        if len(rows) >= self._max_batch:
+            self._run_batch(calibrated, [rows])  # a big request is a batch of its own
+            return
+        key = (calibrated.model, calibrated.version)
+        waiting, count, since = self._pending.get(key, ([], 0, time.monotonic()))
+        waiting.append(rows)
+        count += len(rows)
+        if count >= self._max_batch:
+            self._pending.pop(key, None)
+            self._run_batch(calibrated, waiting)
+        else:
+            self._pending[key] = (waiting, count, since)
+
+    def tick(self) -> None:
+        """Close the micro-batches that have waited long enough (the tap calls this between copies)."""
+        now = time.monotonic()
+        for key in [key for key, (_, _, since) in self._pending.items() if now - since >= self._max_wait]:
+            waiting, _, _ = self._pending.pop(key)
+            self._run_batch(self.registry.get(*key), waiting)
+
+    def _run_batch(self, calibrated: CalibratedDetector, parts: list[np.ndarray]) -> None:
+        try:
+            self._score(calibrated, parts[0] if len(parts) == 1 else np.concatenate(parts), "shadow")
+        except DetectionFailed:
+            pass
+        except ValueError:
+            # Rows of different shapes cannot share a batch: score each request alone.
+            for rows in parts:
+                try:
+                    self._score(calibrated, rows, "shadow")
+                except (DetectionFailed, ValueError):
+                    pass

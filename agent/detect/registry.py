@@ -1,0 +1,79 @@
+"""The calibrated adversarial detectors of every model in a repository, loaded at start.
+
+The repository is laid out as the model server's: ``DIR/<model>/<version>/model.onnx``, with the
+calibration artifact ``sidewatch-calibration.json`` beside each model file. A model file whose hash
+does not match its artifact is refused at start: a threshold calibrated for one model means nothing
+for another.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.detect.calibration import CalibrationArtifact, load_artifact
+from agent.detect.fused import FeatureSqueezingDetector
+
+log = logging.getLogger(__name__)
+
+ARTIFACT_NAME = "sidewatch-calibration.json"
+
+
+@dataclass
+class CalibratedDetector:
+    model: str
+    version: str
+    detector: FeatureSqueezingDetector
+    artifact: CalibrationArtifact
+
+    @property
+    def threshold(self) -> float:
+        return self.artifact.threshold
+
+    @property
+    def input_name(self) -> str:
+        return self.artifact.model["input"]
+
+
+def _version_key(version: str) -> tuple[int, int | str]:
+    return (0, int(version)) if version.isdigit() else (1, version)
+
+
+class DetectorRegistry:
+    """(model, version) -> CalibratedDetector; an empty version means the latest, as model servers do."""
+
+    def __init__(self, repository: Path, device: str = "auto") -> None:
+        self.repository = Path(repository)
+        if not self.repository.is_dir():
+            raise FileNotFoundError(f"sidewatch: detection.model_repository {self.repository} is not a directory")
+        self._detectors: dict[tuple[str, str], CalibratedDetector] = {}
+        self._latest: dict[str, str] = {}
+        for model_file in sorted(self.repository.glob("*/*/model.onnx")):
+            version_dir = model_file.parent
+            model, version = version_dir.parent.name, version_dir.name
+            artifact_file = version_dir / ARTIFACT_NAME
+            if not artifact_file.exists():
+                log.warning("sidewatch: %s has no %s; model %s version %s is not watched for adversarial inputs "
+                            "(run sidewatch calibrate)", model_file, ARTIFACT_NAME, model, version)
+                continue
+            artifact = load_artifact(artifact_file, model_file)
+            detector = artifact.make_detector(model_file, device=device)
+            # Build the fused graph and open its session now: failures belong to start-up, not to traffic.
+            detector.session  # noqa: B018
+            self._detectors[(model, version)] = CalibratedDetector(model, version, detector, artifact)
+            if model not in self._latest or _version_key(version) > _version_key(self._latest[model]):
+                self._latest[model] = version
+            log.info("sidewatch: adversarial detector for %s version %s (threshold %.4f, squeezers %s)",
+                     model, version, artifact.threshold, ",".join(artifact.squeezers))
+        if not self._detectors:
+            raise FileNotFoundError(f"sidewatch: no calibrated model (DIR/<model>/<version>/model.onnx with "
+                                    f"{ARTIFACT_NAME}) under {self.repository}")
+
+    def get(self, model: str, version: str) -> CalibratedDetector | None:
+        if not version:
+            version = self._latest.get(model, "")
+        return self._detectors.get((model, version))
+
+    def __iter__(self):
+        return iter(self._detectors.values())
