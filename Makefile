@@ -54,6 +54,7 @@ model: $(VENV)/.installed
 
 bench: $(VENV)/.installed system-deps
 	$(PY) bench/proxy.py --out bench-results/proxy.json
+	$(PY) bench/detector.py --out bench-results/detector.json
 
 clean:
 	rm -rf $(VENV) $(MLSERVER_VENV) .pytest_cache

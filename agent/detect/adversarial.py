@@ -162,12 +162,17 @@ class AdversarialWatch:
         else:
             self._pending[key] = (waiting, count, since)
 
-    def tick(self) -> None:
+    def tick(self, max_wait: float | None = None) -> None:
         """Close the micro-batches that have waited long enough (the tap calls this between copies)."""
+        max_wait = self._max_wait if max_wait is None else max_wait
         now = time.monotonic()
-        for key in [key for key, (_, _, since) in self._pending.items() if now - since >= self._max_wait]:
+        for key in [key for key, (_, _, since) in self._pending.items() if now - since >= max_wait]:
             waiting, _, _ = self._pending.pop(key)
             self._run_batch(self.registry.get(*key), waiting)
+
+    def flush(self) -> None:
+        """Score every waiting micro-batch now (at shutdown)."""
+        self.tick(max_wait=0.0)
 
     def _run_batch(self, calibrated: CalibratedDetector, parts: list[np.ndarray]) -> None:
         try:

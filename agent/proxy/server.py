@@ -96,6 +96,7 @@ class Sidecar:
             await self.channel.close()
         self.tap.stop()
         if self.watch is not None:
+            self.watch.flush()
             self.watch.close()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
