@@ -36,6 +36,10 @@ def open_session(path, device: str = "auto", intra_op_threads: int = 0) -> ort.I
     options = ort.SessionOptions()
     if intra_op_threads:
         options.intra_op_num_threads = intra_op_threads
+    # ONNX Runtime's worker threads spin between calls by default; beside a model server that
+    # burns the cores the server needs. Sleeping workers cost a wake-up per call instead.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     source = bytes(path) if isinstance(path, (bytes, bytearray, memoryview)) else str(path)
     session = ort.InferenceSession(source, sess_options=options, providers=providers_for(device))
     log.debug("sidewatch: %s runs on %s", "<model bytes>" if isinstance(source, bytes) else source,
