@@ -396,6 +396,23 @@ demo data. It takes about two minutes on two CPU cores. Seeds, the thread
 count ({NUM_THREADS}) and deterministic algorithms are fixed, so a rerun with the
 same torch version on the same kind of CPU gives byte-identical files;
 another torch version or CPU can differ in the last bits.
+
+## Calibration for feature squeezing
+
+`1/sidewatch-calibration.json` and `2/sidewatch-calibration.json` are the
+adversarial-input detector's calibration for each version (squeezers
+`bit_depth:1,median:2`, threshold at a 5% false-positive rate on the 5,000
+reference images, plus the reference summary statistics for the drift
+detectors). Each names its model's sha256, and sidewatch refuses one that
+does not match its model, so `make model` recalibrates both versions after
+training (and regenerates the demo's adversarial examples) with:
+
+    for v in 1 2; do
+      sidewatch calibrate --model agent/demo/models/mnist_cnn/$v/model.onnx \
+        --reference agent/demo/data/mnist_reference.npz \
+        --squeezers bit_depth:1,median:2 --target-fpr 0.05 --device cpu
+    done
+    python -m agent.demo.make_adversarial
 """
     (MODEL_DIR / "README.md").write_text(text)
 
