@@ -198,3 +198,52 @@ class DetectionMetrics:
             "forwarded.",
             ["model", "version", "detector", "reason"], registry=registry,
         )
+
+
+class DriftMetrics:
+    """The drift and anomaly detectors' metrics.
+
+    ``feature`` is "all" for a detector with one statistic; per-feature series exist only for a
+    bounded set (the top-k features by statistic, re-chosen as they change, and the configured
+    fleet features).
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        labels = ["model", "version", "detector", "feature"]
+        self.statistic = Gauge("sidewatch_drift_statistic", "The drift detector's latest statistic.", labels,
+                               registry=registry)
+        self.threshold = Gauge("sidewatch_drift_threshold",
+                               "The statistic's threshold, calibrated for the configured expected run time.",
+                               labels, registry=registry)
+        self.p_value = Gauge("sidewatch_drift_p_value", "The statistic's p-value, where the method has one.",
+                             labels, registry=registry)
+        self.drift = Gauge("sidewatch_drift_detected", "1 while the detector's statistic is over its threshold.",
+                           labels, registry=registry)
+        self.alarms = Counter("sidewatch_drift_alarms_total",
+                              "Times a detector went over its threshold (0 -> 1 transitions).",
+                              ["model", "version", "detector"], registry=registry)
+        self.expected_run_time = Gauge("sidewatch_drift_expected_run_time_samples",
+                                       "The configured mean number of samples between false alarms with no drift.",
+                                       ["model", "version", "detector"], registry=registry)
+        self.samples = Counter("sidewatch_drift_samples_total", "Samples fed to the drift detectors.",
+                               ["model", "version"], registry=registry)
+        self.skipped = Counter("sidewatch_drift_skipped_total",
+                               "Samples the drift detectors skipped, by reason (e.g. NaN or Inf).",
+                               ["model", "version", "reason"], registry=registry)
+        self.anomaly_score = Histogram("sidewatch_anomaly_score",
+                                       "Per-request anomaly score (higher is more anomalous).",
+                                       ["model", "version"],
+                                       buckets=(-0.2, -0.1, -0.05, 0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5),
+                                       registry=registry)
+        self.anomalies = Counter("sidewatch_anomalies_total", "Requests over the calibrated anomaly threshold.",
+                                 ["model", "version"], registry=registry)
+        self.anomaly_threshold = Gauge("sidewatch_anomaly_threshold", "The calibrated anomaly-score threshold.",
+                                       ["model", "version"], registry=registry)
+        # Fleet-wide drift: counters per reference-decile bin merge across replicas by sum, and a
+        # Prometheus recording rule turns them into a PSI (deploy/prometheus/).
+        self.bins = Counter("sidewatch_drift_bin_total",
+                            "Values of a watched feature, counted into bins cut at the feature's reference deciles.",
+                            ["model", "version", "feature", "bin"], registry=registry)
+        self.bin_reference = Gauge("sidewatch_drift_bin_reference_ratio",
+                                   "Share of the reference data in each bin of sidewatch_drift_bin_total.",
+                                   ["model", "version", "feature", "bin"], registry=registry)
