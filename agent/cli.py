@@ -106,6 +106,12 @@ def _add_calibrate(commands) -> None:
     calibrate.add_argument("--input-name", help="the image input, when the model has several inputs")
     calibrate.add_argument("--output-name", help="the class-score output, when the model has several outputs")
     calibrate.add_argument("--out", type=Path, help="artifact path (default: sidewatch-calibration.json beside the model)")
+    calibrate.add_argument("--ert", type=float, default=500.0,
+                           help="drift detectors: expected run time, the mean number of requests between false "
+                                "alarms with no drift (default 500)")
+    calibrate.add_argument("--drift-window", type=int, default=100,
+                           help="drift detectors: requests in each sliding window (default 100)")
+    calibrate.add_argument("--no-drift", action="store_true", help="calibrate the squeezing detector only")
 
     def run(args) -> int:
         from agent.detect.calibration import run_calibrate

@@ -94,6 +94,21 @@ class Detection(_Strict):
     inline_threads: int = Field(2, ge=1)
 
 
+class Drift(_Strict):
+    """The drift and anomaly detectors (calibrated by `sidewatch calibrate` with the squeezing detector)."""
+
+    enabled: bool = True
+    # Detector state is written here periodically and at shutdown, and read back at start.
+    checkpoint_dir: Path | None = None
+    checkpoint_interval_seconds: float = Field(30.0, gt=0)
+    # How often statistics are exported as metrics (the detectors themselves see every request).
+    export_interval_seconds: float = Field(1.0, gt=0)
+    # Per-feature series only for this many features per detector, the highest statistic first.
+    top_k_features: int = Field(5, ge=0)
+    # Features whose reference-decile bin counts are exported for the fleet-wide PSI.
+    fleet_features: list[str] = ["confidence", "entropy", "score"]
+
+
 class ModelSettings(_Strict):
     """Per-model settings, keyed by model name; unset values come from ``detection``."""
 
@@ -113,6 +128,7 @@ class ServeConfig(_Strict):
     # How often the health service asks the upstream whether it is ready.
     upstream_health_interval_seconds: float = Field(2.0, gt=0)
     detection: Detection = Detection()
+    drift: Drift = Drift()
     models: dict[str, ModelSettings] = {}
 
     _listen = field_validator("listen")(_check_address)

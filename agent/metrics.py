@@ -233,7 +233,7 @@ class DriftMetrics:
         self.anomaly_score = Histogram("sidewatch_anomaly_score",
                                        "Per-request anomaly score (higher is more anomalous).",
                                        ["model", "version"],
-                                       buckets=(-0.2, -0.1, -0.05, 0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5),
+                                       buckets=(0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.8, 1.0),
                                        registry=registry)
         self.anomalies = Counter("sidewatch_anomalies_total", "Requests over the calibrated anomaly threshold.",
                                  ["model", "version"], registry=registry)

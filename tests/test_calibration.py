@@ -159,13 +159,23 @@ def test_cli_calibrate_end_to_end(tmp_path):
     with np.load(REFERENCE) as data:
         np.savez(tmp_path / "ref.npz", x=data["x"][:300])
     done = subprocess.run([sys.executable, "-m", "agent.cli", "calibrate", "--model", str(model),
-                           "--reference", str(tmp_path / "ref.npz"), "--target-fpr", "0.1", "--device", "cpu"],
+                           "--reference", str(tmp_path / "ref.npz"), "--target-fpr", "0.1", "--device", "cpu",
+                           "--no-drift"],
                           capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
     assert "threshold" in done.stdout
     artifact = load_artifact(tmp_path / ARTIFACT_FILE, model)
     assert artifact.benign_scores["count"] == 300 and artifact.target_fpr == 0.1
     assert artifact.benign_scores["above_threshold"] <= 30
+
+
+def test_cli_calibrate_refuses_too_little_data_for_drift(tmp_path, capsys):
+    ref = tmp_path / "ref.npy"
+    np.save(ref, np.zeros((300, 28, 28), np.uint8))
+    assert cli_main(["calibrate", "--model", str(MNIST_V1), "--reference", str(ref), "--device", "cpu",
+                     "--out", str(tmp_path / "a.json")]) == 2
+    assert capsys.readouterr().err.startswith("sidewatch: the drift detectors need at least 500 reference inputs")
+    assert not (tmp_path / "a.json").exists()
 
 
 def test_cli_calibrate_errors(tmp_path, capsys):

@@ -39,24 +39,34 @@ def test_prometheus_computes_the_fleet_psi_across_replicas(tmp_path):
     prometheus, prometheus_port = start_prometheus(tmp_path, [f"127.0.0.1:{p}" for p in ports], [RULES],
                                                    interval="1s")
     try:
+        # Prometheus must hold every bin of both replicas at 0 before traffic, or rate() misses counts.
+        n_bins = len(spec["confidence"]["ratios"])
+        deadline = time.monotonic() + 30
+        while len(prometheus_query(prometheus_port, "sidewatch_drift_bin_total")) < 2 * n_bins:
+            assert time.monotonic() < deadline, "Prometheus did not scrape both replicas"
+            time.sleep(0.5)
+        time.sleep(1.5)
         # Replica 0 sees reference-like traffic, replica 1 a shifted stream: only the fleet sees both.
-        totals = np.zeros(len(spec["confidence"]["ratios"]))
-        deadline = time.monotonic() + 40
-        value = None
-        while time.monotonic() < deadline:
+        totals = np.zeros(n_bins)
+        for _ in range(5):
             for replica, shift in zip(replicas, (0.0, 1.0)):
-                values = rng.normal(loc=shift, size=200)
+                values = rng.normal(loc=shift, size=400)
                 replica.observe("confidence", values)
                 totals += np.bincount(np.searchsorted(spec["confidence"]["edges"], values, side="right"),
-                                      minlength=len(totals))
+                                      minlength=n_bins)
+            time.sleep(0.5)
+        # Then wait until the rule has seen the final counts of both replicas (it stops changing).
+        value, previous = None, None
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            time.sleep(2)
             result = prometheus_query(prometheus_port, 'sidewatch:drift_psi:rate5m{feature="confidence"}')
-            if result:
-                value = float(result[0]["value"][1])
-                if time.monotonic() > deadline - 30:  # let rates settle over several scrapes
-                    break
-            time.sleep(1)
+            value = float(result[0]["value"][1]) if result else None
+            if value is not None and previous is not None and abs(value - previous) < 1e-9:
+                break
+            previous = value
         assert value is not None, "the recording rule produced nothing"
-        # The rate over a window sees (almost) the same mixture as the totals: both replicas at equal rates.
+        # Over a window holding all the traffic, the fleet's bin shares are the totals' shares.
         expected = psi(totals, spec["confidence"]["ratios"])
         assert 0.15 < expected
         assert abs(value - expected) < 0.05 * expected + 0.02

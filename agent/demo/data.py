@@ -9,6 +9,8 @@ import numpy as np
 DATA_DIR = Path(__file__).resolve().parent / "data"
 TEST_SAMPLE = DATA_DIR / "mnist_test_sample.npz"
 REFERENCE = DATA_DIR / "mnist_reference.npz"
+# Validation images after the reference: the demo's benign traffic, unseen by calibration.
+BENIGN_STREAM = DATA_DIR / "mnist_benign_stream.npz"
 # Adversarial examples against version 2 of the bundled model (bench/make_adversarial_testdata.py).
 ADVERSARIAL = DATA_DIR / "mnist_adversarial.npz"
 

@@ -19,11 +19,13 @@ import grpc
 import numpy as np
 
 from agent.client import InferenceClient
-from agent.demo.data import load_adversarial, load_images
+from agent.demo.data import BENIGN_STREAM, load_adversarial, load_images
 from agent.modelserver.repository import BUNDLED_REPOSITORY
 from agent.demo.display import LiveDisplay, bar
 
 MODEL = "mnist_cnn"
+# Unversioned requests are answered by the latest version.
+DEMO_VERSION = "2"
 
 
 def _free_port() -> int:
@@ -32,8 +34,13 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+# The drift detectors the display follows, by their names in the calibration artifact.
+SHOWN_DETECTORS = ("inputs_mmd", "inputs_cvm", "confidence", "class_mix")
+
+
 def _scrape(url: str) -> dict[str, float]:
-    """Sum each sidewatch metric over its labels (inference calls only, where a method is named)."""
+    """Sum each sidewatch metric over its labels (inference calls only, where a method is named); and each
+    shown drift detector's statistic and threshold, as "statistic:NAME" and "threshold:NAME"."""
     totals: dict[str, float] = {}
     try:
         with urllib.request.urlopen(url, timeout=1) as reply:
@@ -41,6 +48,12 @@ def _scrape(url: str) -> dict[str, float]:
     except OSError:
         return totals
     for line in text.splitlines():
+        if line.startswith(("sidewatch_drift_statistic{", "sidewatch_drift_threshold{")) and 'feature="all"' in line:
+            detector = line.split('detector="', 1)[1].split('"', 1)[0]
+            if detector in SHOWN_DETECTORS and f'version="{DEMO_VERSION}"' in line:
+                kind = "statistic" if line.startswith("sidewatch_drift_statistic") else "threshold"
+                totals[f"{kind}:{detector}"] = float(line.rsplit(" ", 1)[1])
+            continue
         if not line.startswith("sidewatch_") or ("method=" in line and 'method="ModelInfer"' not in line):
             continue
         name = line.split("{", 1)[0].split(" ", 1)[0]
@@ -87,12 +100,17 @@ class _Processes:
                 child.kill()
 
 
-# The attack starts after this share of the demo: benign traffic first, so the display shows a baseline.
-BENIGN_SHARE = 0.6
+# Benign traffic first, so the display shows a baseline; then a drifted stream; then an attack.
+DRIFT_STARTS, ATTACK_STARTS = 0.4, 0.7
+
+
+def drifted(images: np.ndarray) -> np.ndarray:
+    """Brighter, thicker strokes: what a new camera or a changed preprocessing step might send."""
+    return np.clip(images * 1.6 + 0.25, 0.0, 1.0).astype(np.float32)
 
 
 def run_demo(duration: float = 60.0, rate: float = 50.0) -> int:
-    images, labels = load_images()
+    images, labels = load_images(BENIGN_STREAM)
     attack = load_adversarial()
     model_port, sidecar_port, metrics_port = _free_port(), _free_port(), _free_port()
     log_dir = Path(tempfile.mkdtemp(prefix="sidewatch-demo-"))
@@ -143,6 +161,7 @@ def _stream(client: InferenceClient, benign: tuple[np.ndarray, np.ndarray],
             attack: tuple[np.ndarray, np.ndarray, str], duration: float, rate: float, display: LiveDisplay,
             metrics_url: str, processes: _Processes) -> None:
     sent = correct = errors = benign_answered = 0
+    shifted = drifted(benign[0])
     latencies: list[float] = []
     detections = _Detections()
     started = time.monotonic()
@@ -154,14 +173,18 @@ def _stream(client: InferenceClient, benign: tuple[np.ndarray, np.ndarray],
             time.sleep(min(next_send - now, 0.01))
             continue
         next_send += interval
-        attacking = now - started >= BENIGN_SHARE * duration
+        phase = (now - started) / duration
+        attacking = phase >= ATTACK_STARTS
+        drifting = DRIFT_STARTS <= phase < ATTACK_STARTS
         images, labels = attack[:2] if attacking else benign
+        if drifting:
+            images = shifted
         index = sent % len(images)
         call_started = time.perf_counter()
         try:
             outputs, _, _ = client.infer(MODEL, {"input": images[index:index + 1]}, timeout=5)
             latencies.append(time.perf_counter() - call_started)
-            if not attacking:
+            if not attacking and not drifting:
                 benign_answered += 1
                 correct += int(np.argmax(outputs["probabilities"][0]) == labels[index])
         except grpc.RpcError:
@@ -171,17 +194,18 @@ def _stream(client: InferenceClient, benign: tuple[np.ndarray, np.ndarray],
             next_draw = now + 0.5
             processes.check()
             metrics = _scrape(metrics_url)
-            display.draw(_frame(now - started, duration, attack[2] if attacking else "", sent, correct,
+            traffic = f"ATTACK: {attack[2]}" if attacking else "DRIFT: brightened digits" if drifting else ""
+            display.draw(_frame(now - started, duration, traffic, sent, correct,
                                 benign_answered, errors, latencies, metrics, detections.update(metrics)))
     metrics = _scrape(metrics_url)
-    display.draw(_frame(time.monotonic() - started, duration, attack[2], sent, correct, benign_answered, errors,
+    display.draw(_frame(time.monotonic() - started, duration, f"ATTACK: {attack[2]}", sent, correct, benign_answered, errors,
                         latencies, metrics, detections.update(metrics)))
 
 
-def _frame(elapsed: float, duration: float, attack: str, sent: int, correct: int, benign_answered: int, errors: int,
+def _frame(elapsed: float, duration: float, traffic: str, sent: int, correct: int, benign_answered: int, errors: int,
            latencies: list[float], metrics: dict[str, float], detection_rate: float) -> list[str]:
     recent = np.array(latencies[-500:]) * 1000 if latencies else np.zeros(1)
-    phase = f"ATTACK: {attack}" if attack else "benign MNIST test images"
+    phase = traffic or "benign MNIST digits"
     return [
         f"  time      [{bar(elapsed / duration)}] {elapsed:5.1f} / {duration:.0f} s   traffic: {phase}",
         f"  client    sent {sent:6d}   errors {errors:4d}   benign accuracy {correct / max(benign_answered, 1):6.1%}   "
@@ -197,4 +221,14 @@ def _frame(elapsed: float, duration: float, attack: str, sent: int, correct: int
         f"  squeeze   scored {metrics.get('sidewatch_adversarial_inputs_total', 0):6.0f}   "
         f"adversarial detections {metrics.get('sidewatch_adversarial_detections_total', 0):6.0f}   "
         f"now [{bar(detection_rate, 20)}] {detection_rate:6.1%} of inputs flagged",
+        "  drift     " + "   ".join(_drift_cell(metrics, name) for name in SHOWN_DETECTORS)
+        + f"   anomalies {metrics.get('sidewatch_anomalies_total', 0):5.0f}",
     ]
+
+
+def _drift_cell(metrics: dict[str, float], name: str) -> str:
+    statistic, threshold = metrics.get(f"statistic:{name}"), metrics.get(f"threshold:{name}")
+    if statistic is None or threshold is None or statistic != statistic:  # NaN: window still filling
+        return f"{name} filling"
+    mark = "DRIFT" if statistic > threshold else "ok"
+    return f"{name} {statistic:.3g}/{threshold:.3g} {mark}"

@@ -85,6 +85,7 @@ V2_ACCURACY_RANGE = (0.93, 0.98)
 
 TEST_SAMPLE_SIZE = 2_000
 REFERENCE_SIZE = 5_000
+BENIGN_STREAM_SIZE = 2_000
 
 
 def log(message: str) -> None:
@@ -381,6 +382,8 @@ within half a grey level) and uint8 labels `y` [n]:
 - `mnist_test_sample.npz`: the first {TEST_SAMPLE_SIZE:,} test images, which the
   demo streams. Version 1 gets {100 * v1['demo_sample_accuracy']:.2f}% of them right, version 2
   {100 * v2['demo_sample_accuracy']:.2f}%.
+- `mnist_benign_stream.npz`: the next {BENIGN_STREAM_SIZE:,} validation images, the demo's benign
+  traffic (unseen by calibration, from the reference's distribution).
 - `mnist_reference.npz`: the first {REFERENCE_SIZE:,} validation images, benign
   data for calibrating detectors; never test data.
 
@@ -444,6 +447,11 @@ def main() -> None:
     save_npz(DATA_DIR / "mnist_test_sample.npz", x=sample_x, y=sample_y)
     save_npz(DATA_DIR / "mnist_reference.npz",
              x=to_uint8_images(x_valid[:REFERENCE_SIZE]), y=y_valid[:REFERENCE_SIZE].astype(np.uint8))
+    # The demo's benign stream: validation images calibration never saw, from the reference's own
+    # distribution (the MNIST test set differs from it enough for the drift detectors to notice).
+    benign = slice(REFERENCE_SIZE, REFERENCE_SIZE + BENIGN_STREAM_SIZE)
+    save_npz(DATA_DIR / "mnist_benign_stream.npz",
+             x=to_uint8_images(x_valid[benign]), y=y_valid[benign].astype(np.uint8))
 
     versions = {}
     parameters = None

@@ -69,6 +69,8 @@ class AdversarialWatch:
         self._executor = ThreadPoolExecutor(config.detection.inline_threads, thread_name_prefix="sidewatch-detect")
         # Shadow-mode micro-batches, per calibrated detector: rows waiting and when the oldest arrived.
         self._pending: dict[tuple[str, str], tuple[list[np.ndarray], int, float]] = {}
+        # Called with (model, version, scores) after each scoring, from the scoring thread.
+        self.score_listeners: list = []
         for calibrated in registry:
             labels = bounded(calibrated.model, calibrated.version)
             metrics.threshold.labels(*labels).set(calibrated.threshold)
@@ -102,6 +104,8 @@ class AdversarialWatch:
         histogram = metrics.score.labels(*labels)
         for score in scores.tolist():
             histogram.observe(score)
+        for listener in self.score_listeners:
+            listener(calibrated.model, calibrated.version, scores)
         return scores
 
     def _rows(self, calibrated: CalibratedDetector, inputs: dict[str, np.ndarray]) -> np.ndarray:

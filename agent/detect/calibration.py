@@ -200,11 +200,13 @@ class CalibrationArtifact:
     kind: str = ARTIFACT_KIND
     detector: str = "feature_squeezing"
     threshold_rule: str = THRESHOLD_RULE
+    # The drift and anomaly detectors' calibration (agent.detect.drift.calibrate); empty when skipped.
+    drift: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         data = asdict(self)
         order = ["format_version", "kind", "created_at", "created_by", "model", "detector", "squeezers",
-                 "threshold", "target_fpr", "threshold_rule", "benign_scores", "reference"]
+                 "threshold", "target_fpr", "threshold_rule", "benign_scores", "reference", "drift"]
         return {key: data[key] for key in order}
 
     @classmethod
@@ -284,8 +286,12 @@ def calibrate(model_path: str | Path | bytes, reference_x: np.ndarray,
               squeezers: str | Iterable[str | Squeezer] = DEFAULT_SQUEEZERS, target_fpr: float = DEFAULT_TARGET_FPR,
               *, output_kind: str = "auto", input_name: str | None = None, output_name: str | None = None,
               device: str = "auto", batch_size: int = 256, reference_source: str | None = None,
-              grid: int = REGION_GRID) -> CalibrationArtifact:
-    """Score benign ``reference_x`` with the fused detector and set the threshold at ``target_fpr``."""
+              grid: int = REGION_GRID, drift: dict | None = None) -> CalibrationArtifact:
+    """Score benign ``reference_x`` with the fused detector and set the threshold at ``target_fpr``.
+
+    ``drift``, when given, holds keyword arguments for agent.detect.drift.calibrate.calibrate_drift
+    (e.g. ``{"ert": 500, "window": 100}``): the drift detectors are calibrated on the same reference.
+    """
     if not 0.0 <= target_fpr < 1.0:
         raise CalibrationError(f"sidewatch: target false-positive rate must be in [0, 1), got {target_fpr}")
     reference_x = np.asarray(reference_x, dtype=np.float32)
@@ -324,7 +330,19 @@ def calibrate(model_path: str | Path | bytes, reference_x: np.ndarray,
                        "std": _r(scores.std()),
                        "quantiles": {str(q): _r(np.quantile(scores, q)) for q in SCORE_QUANTILES}},
         reference=reference_summary(reference_x, result.probabilities, scores, reference_source, grid),
+        drift=_calibrate_drift(reference_x, result.probabilities, scores, drift) if drift is not None else {},
     )
+
+
+def _calibrate_drift(x: np.ndarray, probabilities: np.ndarray, scores: np.ndarray, options: dict) -> dict:
+    from agent.detect.drift.calibrate import ReferenceFeatures, calibrate_drift, minimum_reference
+
+    needed = minimum_reference(options.get("window", 100))
+    if len(x) < needed:
+        raise CalibrationError(f"sidewatch: the drift detectors need at least {needed} reference inputs for a "
+                               f"window of {options.get('window', 100)}, got {len(x)}; give more reference data, "
+                               f"a smaller --drift-window, or --no-drift")
+    return calibrate_drift(ReferenceFeatures.of(x, probabilities, scores), **options)
 
 
 def load_reference(path: str | Path, input_shape: Iterable[int | str | None] | None = None) -> np.ndarray:
@@ -386,7 +404,8 @@ def run_calibrate(args) -> int:
         x = load_reference(args.reference, info.input_shape)
         artifact = calibrate(args.model, x, args.squeezers, args.target_fpr, output_kind=args.output_kind,
                              input_name=args.input_name, output_name=args.output_name, device=args.device,
-                             reference_source=Path(args.reference).name)
+                             reference_source=Path(args.reference).name,
+                             drift=None if args.no_drift else {"ert": args.ert, "window": args.drift_window})
         out = save_artifact(artifact, args.out or default_artifact_path(args.model))
     except (CalibrationError, FusedModelError, SqueezerSpecError, OSError) as err:
         print(err if str(err).startswith("sidewatch:") else f"sidewatch: {err}", file=sys.stderr)
