@@ -107,6 +107,10 @@ class Drift(_Strict):
     top_k_features: int = Field(5, ge=0)
     # Features whose reference-decile bin counts are exported for the fleet-wide PSI.
     fleet_features: list[str] = ["confidence", "entropy", "score"]
+    # A window in time besides the windows in requests: PSI of the last T seconds of each fleet
+    # feature against its reference (detector "psi_time_window"); unset, there is none.
+    window_seconds: float | None = Field(None, gt=0)
+    psi_threshold: float = Field(0.2, gt=0)
 
 
 class ModelSettings(_Strict):

@@ -22,6 +22,7 @@ from agent.config import ServeConfig
 from agent.detect.drift.calibrate import build_anomaly, build_detectors
 from agent.detect.drift.features import input_features, output_features
 from agent.detect.drift.fleet import FleetBins
+from agent.detect.drift.window import TimeWindowPSI
 from agent.detect.registry import CalibratedDetector, DetectorRegistry
 from agent.metrics import BoundedModels, DriftMetrics
 from agent.proxy.tap import TappedInference
@@ -39,7 +40,8 @@ class ModelDrift:
     """The drift detectors of one calibrated model version, and their metrics."""
 
     def __init__(self, calibrated: CalibratedDetector, metrics: DriftMetrics, labels: tuple[str, str],
-                 top_k: int, fleet_features: list[str]) -> None:
+                 top_k: int, fleet_features: list[str], window_seconds: float | None = None,
+                 psi_threshold: float = 0.2) -> None:
         section = calibrated.artifact.drift
         self.calibrated = calibrated
         self.labels = labels
@@ -50,6 +52,10 @@ class ModelDrift:
         self.region_names: list[str] = section["region_names"]
         fleet = {name: section["fleet_bins"][name] for name in fleet_features if name in section["fleet_bins"]}
         self.fleet = FleetBins(fleet, metrics, *labels)
+        # One PSI over the last T seconds per fleet feature, when a time window is configured.
+        self.time_windows = {} if window_seconds is None else {
+            name: TimeWindowPSI(bins["edges"], bins["ratios"], window_seconds, psi_threshold)
+            for name, bins in fleet.items()}
         self._was_drifting: dict[str, bool] = {}
         self.seen = 0
         self._exported_features: dict[str, set[str]] = {}
@@ -91,9 +97,9 @@ class ModelDrift:
             self.metrics.anomalies.labels(*self.labels).inc(flagged)
         for feature in self.fleet.features:
             if feature in ("confidence", "entropy"):
-                self.fleet.observe(feature, sources[feature])
+                self._observe_feature(feature, sources[feature])
             elif feature in self.region_names:
-                self.fleet.observe(feature, regions[:, self.region_names.index(feature)])
+                self._observe_feature(feature, regions[:, self.region_names.index(feature)])
         self.metrics.samples.labels(*self.labels).inc(len(x))
         self.seen += len(x)
 
@@ -102,7 +108,12 @@ class ModelDrift:
             if source == "score":
                 detector.update(scores)
         if "score" in self.fleet.features:
-            self.fleet.observe("score", scores)
+            self._observe_feature("score", scores)
+
+    def _observe_feature(self, feature: str, values: np.ndarray) -> None:
+        self.fleet.observe(feature, values)
+        if feature in self.time_windows:
+            self.time_windows[feature].update(values)
 
     def export(self) -> None:
         """Statistic, threshold, p-value and drift flag of every detector, as gauges."""
@@ -121,6 +132,10 @@ class ModelDrift:
                 self._set(name, "all", result.statistic, result.threshold, result.p_value, result.drift)
             else:
                 self._export_per_feature(name, result)
+        for feature, window in self.time_windows.items():
+            result = window.result
+            if result.statistic == result.statistic:  # NaN while the window is empty
+                self._set("psi_time_window", feature, result.statistic, result.threshold, None, result.drift)
 
     def _export_per_feature(self, name: str, result) -> None:
         statistic = np.asarray(result.statistic, dtype=np.float64)
@@ -155,7 +170,8 @@ class ModelDrift:
 
     def state(self) -> dict:
         return {"model_sha256": self.calibrated.artifact.model["sha256"],
-                "detectors": {name: detector.state_dict() for name, (_, detector) in self.detectors.items()}}
+                "detectors": {name: detector.state_dict() for name, (_, detector) in self.detectors.items()},
+                "time_windows": {name: window.state_dict() for name, window in self.time_windows.items()}}
 
     def restore(self, state: dict) -> bool:
         if state.get("model_sha256") != self.calibrated.artifact.model["sha256"]:
@@ -163,6 +179,9 @@ class ModelDrift:
         for name, detector_state in state.get("detectors", {}).items():
             if name in self.detectors:
                 self.detectors[name][1].load_state_dict(detector_state)
+        for name, window_state in state.get("time_windows", {}).items():
+            if name in self.time_windows:
+                self.time_windows[name].load_state_dict(window_state)
         return True
 
 
@@ -187,7 +206,8 @@ class DriftWatch:
                             "drift is not watched", calibrated.model, calibrated.version)
                 continue
             labels = bounded(calibrated.model, calibrated.version)
-            model = ModelDrift(calibrated, metrics, labels, settings.top_k_features, list(settings.fleet_features))
+            model = ModelDrift(calibrated, metrics, labels, settings.top_k_features, list(settings.fleet_features),
+                               settings.window_seconds, settings.psi_threshold)
             self.models[(calibrated.model, calibrated.version)] = model
             self._restore(model)
 
