@@ -51,6 +51,7 @@ def _feed(watch, images, probabilities, start, stop):
 
 
 def _results(watch) -> dict:
+    watch.tick()  # feed the rows still gathered for the next micro-batch
     return {name: detector.result.as_dict() for name, (_, detector) in watch.models[(MODEL, "1")].detectors.items()}
 
 
@@ -75,6 +76,7 @@ def test_non_finite_inputs_are_counted_and_skipped(registry, traffic):
     bad[0, 0, 5, 5] = np.nan
     bad[1, 0, 0, 0] = np.inf
     watch(TappedInference(MODEL, "1", {"input": bad}, {"probabilities": probabilities[:3]}, None, None, 0.0, 0.0))
+    watch.tick()
     labels = {"model": MODEL, "version": "1"}
     assert metrics.get_sample_value("sidewatch_drift_skipped_total", {**labels, "reason": "non_finite"}) == 2
     assert metrics.get_sample_value("sidewatch_drift_samples_total", labels) == 1
