@@ -55,11 +55,8 @@ import river
 from river import drift, stats
 
 from agent.detect.drift.ert import calibrate_ert
-from agent.detect.drift.prediction import (
-    _from_json_float,
-    _json_float,
-    _one_dimensional,
-)
+from agent.detect.drift.alarms import alarm_state, json_float as _json_float, load_alarm_state
+from agent.detect.drift.prediction import _one_dimensional
 from agent.detect.drift.result import DriftResult
 
 CALIBRATION_VERSION = 1
@@ -293,12 +290,7 @@ class PageHinkleyChange:
         ph = self._ph
         return {
             "kind": self.kind,
-            "n": int(self.n),
-            "n_skipped": int(self.n_skipped),
-            "n_detections": int(self.n_detections),
-            "drift": self._drift,
-            "alarm_positions": list(self.alarm_positions),
-            "last_statistic": _json_float(self._last_statistic),
+            **alarm_state(self),
             "page_hinkley": {
                 "mean_n": float(ph._x_mean.n),
                 "mean": float(ph._x_mean._mean),
@@ -325,12 +317,7 @@ class PageHinkleyChange:
         ph._max_decrease = float(s["max_decrease"])
         ph._drift_detected = bool(s["drift_detected"])
         self._ph = ph
-        self.n = int(state["n"])
-        self.n_skipped = int(state["n_skipped"])
-        self.n_detections = int(state["n_detections"])
-        self._drift = bool(state["drift"])
-        self.alarm_positions = [int(p) for p in state.get("alarm_positions", [])]
-        self._last_statistic = _from_json_float(state["last_statistic"])
+        load_alarm_state(self, state)
         return self
 
     def calibration_dict(self) -> dict[str, Any]:
@@ -506,12 +493,7 @@ class AdwinChange:
         return {
             "kind": self.kind,
             "river_version": river.__version__,
-            "n": int(self.n),
-            "n_skipped": int(self.n_skipped),
-            "n_detections": int(self.n_detections),
-            "drift": self._drift,
-            "alarm_positions": list(self.alarm_positions),
-            "last_statistic": _json_float(self._last_statistic),
+            **alarm_state(self),
             "adwin_drift_detected": bool(self._adwin.drift_detected),  # river resets at the next value
             "adwin_state": base64.b64encode(self._adwin._helper.__getstate__()).decode("ascii"),
         }
@@ -528,12 +510,7 @@ class AdwinChange:
         adwin._helper.__setstate__(base64.b64decode(state["adwin_state"]))
         adwin._drift_detected = bool(state["adwin_drift_detected"])
         self._adwin = adwin
-        self.n = int(state["n"])
-        self.n_skipped = int(state["n_skipped"])
-        self.n_detections = int(state["n_detections"])
-        self._drift = bool(state["drift"])
-        self.alarm_positions = [int(p) for p in state.get("alarm_positions", [])]
-        self._last_statistic = _from_json_float(state["last_statistic"])
+        load_alarm_state(self, state)
         return self
 
     def calibration_dict(self) -> dict[str, Any]:

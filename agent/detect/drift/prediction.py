@@ -62,6 +62,7 @@ from typing import Any, ClassVar
 import numpy as np
 from scipy import special
 
+from agent.detect.drift.alarms import alarm_state, load_alarm_state
 from agent.detect.drift.ert import calibrate_ert
 from agent.detect.drift.result import DriftResult
 
@@ -75,15 +76,6 @@ def _one_dimensional(values: Any, dtype: Any = None) -> np.ndarray:
     if arr.ndim > 1:
         raise ValueError(f"sidewatch: expected a 1-D batch of values, got shape {arr.shape}")
     return arr.reshape(-1)
-
-
-def _json_float(x: float) -> float | None:
-    """NaN and infinities are not JSON; they travel as null."""
-    return float(x) if math.isfinite(x) else None
-
-
-def _from_json_float(x: float | None) -> float:
-    return float("nan") if x is None else float(x)
 
 
 class _WindowChiSquare:
@@ -287,12 +279,7 @@ class _WindowChiSquare:
             "kind": self.kind,
             "window": self.window,
             "buffer": [int(v) for v in self._buffer],
-            "n": int(self.n),
-            "n_skipped": int(self.n_skipped),
-            "n_detections": int(self.n_detections),
-            "drift": self._drift,
-            "alarm_positions": list(self.alarm_positions),
-            "last_statistic": _json_float(self._last_statistic),
+            **alarm_state(self),
         }
 
     def load_state_dict(self, state: dict[str, Any]):
@@ -309,12 +296,7 @@ class _WindowChiSquare:
             raise ValueError("sidewatch: state buffer does not fit this detector")
         self._buffer = buffer
         self._counts = np.bincount(buffer, minlength=k).astype(np.int64)
-        self.n = int(state["n"])
-        self.n_skipped = int(state["n_skipped"])
-        self.n_detections = int(state["n_detections"])
-        self._drift = bool(state["drift"])
-        self.alarm_positions = [int(p) for p in state.get("alarm_positions", [])]
-        self._last_statistic = _from_json_float(state["last_statistic"])
+        load_alarm_state(self, state)
         return self
 
     def _calibration_common(self) -> dict[str, Any]:
