@@ -150,7 +150,6 @@ class Forwarder(grpc.GenericRpcHandler):
         responses_relayed = metrics.stream_messages.labels(method_label, "response")
 
         async def relay(request_iterator, context: aio.ServicerContext):
-            received_at = time.time()
             started = time.perf_counter()
             # Streamed responses are paired with requests in order; the first request names the model.
             pending: collections.deque[tuple[bytes, float, float]] = collections.deque(maxlen=self._max_pending)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import grpc
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 

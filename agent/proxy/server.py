@@ -7,7 +7,6 @@ import logging
 import os
 import signal
 
-import grpc
 from grpc import aio
 from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
 

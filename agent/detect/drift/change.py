@@ -54,8 +54,9 @@ import numpy as np
 import river
 from river import drift, stats
 
+from agent.detect.drift.alarms import alarm_state, load_alarm_state
+from agent.detect.drift.alarms import json_float as _json_float
 from agent.detect.drift.ert import calibrate_ert
-from agent.detect.drift.alarms import alarm_state, json_float as _json_float, load_alarm_state
 from agent.detect.drift.prediction import _one_dimensional
 from agent.detect.drift.result import DriftResult
 
