@@ -62,6 +62,7 @@ for path in (ROOT, ROOT / "bench"):
         sys.path.insert(0, str(path))
 
 import mnist_torch  # noqa: E402
+from proxy import stop_process  # noqa: E402  (bench/proxy.py: SIGTERM the group, then SIGKILL)
 
 MODEL = "mnist_cnn"
 MODEL_REPOSITORY = ROOT / "agent" / "demo" / "models"
@@ -256,20 +257,6 @@ def start(argv: list[str], log_file: Path) -> subprocess.Popen:
                                 start_new_session=True)
 
 
-def stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    """SIGTERM the child's process group, SIGKILL after ``grace`` seconds."""
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
 def wait_ready(address: str, proc: subprocess.Popen, log_file: Path, version: str, timeout: float = 60.0):
     """A client once a real ModelInfer through ``address`` answers."""
     import grpc
@@ -335,7 +322,7 @@ def end_to_end(groups: dict[str, np.ndarray], version: str, workdir: Path) -> tu
         return results, timing
     finally:
         for proc in reversed(procs):
-            stop(proc)
+            stop_process(proc)
 
 
 def in_process_scores(version: str, groups: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
