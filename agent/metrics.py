@@ -247,3 +247,38 @@ class DriftMetrics:
         self.bin_reference = Gauge("sidewatch_drift_bin_reference_ratio",
                                    "Share of the reference data in each bin of sidewatch_drift_bin_total.",
                                    ["model", "version", "feature", "bin"], registry=registry)
+
+
+class AlertMetrics:
+    """The alert engine's and the rollback hooks' metrics.
+
+    ``alert`` values are rule names from the config (bounded by the config), or Alertmanager alert
+    names that reached the receiver (bounded by the Alertmanager routes that point at it).
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.active = Gauge("sidewatch_alert_active", "1 while the alert is firing, else 0.",
+                            ["alert", "severity"], registry=registry)
+        self.pending = Gauge("sidewatch_alert_pending", "1 while the alert's condition holds but its `for` has not passed.",
+                             ["alert", "severity"], registry=registry)
+        self.transitions = Counter("sidewatch_alert_transitions_total",
+                                   "Alert state changes, by the state entered (pending, firing, resolved, inactive).",
+                                   ["alert", "state"], registry=registry)
+        self.value = Gauge("sidewatch_alert_value", "The value the alert's condition was last evaluated on.",
+                           ["alert"], registry=registry)
+        self.hook_runs = Counter("sidewatch_rollback_hook_runs_total",
+                                 "Rollback hook outcomes (success, failure, dry_run, skipped), one per incident and hook.",
+                                 ["alert", "hook", "result"], registry=registry)
+        self.hook_attempts = Counter("sidewatch_rollback_hook_attempts_total",
+                                     "Rollback hook attempts, retries included.", ["alert", "hook"], registry=registry)
+        self.hook_last_timestamp = Gauge("sidewatch_rollback_last_timestamp_seconds",
+                                         "Unix time of the hook's last successful rollback.", ["alert", "hook"],
+                                         registry=registry)
+        self.route_pinned = Gauge("sidewatch_route_pinned",
+                                  "1 while ModelInfer requests for the model are pinned to this version by a route hook.",
+                                  ["model", "version"], registry=registry)
+        self.incidents = Counter("sidewatch_incidents_total", "Incidents opened, by where the alert came from.",
+                                 ["alert", "source"], registry=registry)
+        self.receiver_requests = Counter("sidewatch_alertmanager_requests_total",
+                                         "Alertmanager webhook deliveries to the receiver, by result.",
+                                         ["result"], registry=registry)
