@@ -282,3 +282,7 @@ class AlertMetrics:
         self.receiver_requests = Counter("sidewatch_alertmanager_requests_total",
                                          "Alertmanager webhook deliveries to the receiver, by result.",
                                          ["result"], registry=registry)
+        self.admin_requests = Counter("sidewatch_admin_requests_total",
+                                      "Requests to the admin API, by endpoint (status, routes_undo, alertmanager, "
+                                      "other) and HTTP status code.",
+                                      ["endpoint", "code"], registry=registry)
