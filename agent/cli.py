@@ -1,4 +1,4 @@
-"""The ``sidewatch`` command: serve, model-server, demo."""
+"""The ``sidewatch`` command: serve, model-server, demo, calibrate, alerts status, route undo."""
 
 from __future__ import annotations
 
@@ -48,6 +48,9 @@ def _run_serve(args) -> int:
 
             # Loads every model and artifact: a hash mismatch or a broken model fails here, not in production.
             DetectorRegistry(config.detection.model_repository, config.detection.device)
+        from agent.alerts.admin import admin_token
+
+        admin_token(config.admin)  # a token file that cannot be read, or one too short, fails here
         print("sidewatch: configuration is valid")
         return 0
     run_event_loop(serve(config))
@@ -121,6 +124,84 @@ def _add_calibrate(commands) -> None:
     calibrate.set_defaults(run=run)
 
 
+def _admin_options(parser) -> None:
+    parser.add_argument("--config", type=Path, help="the sidecar's YAML configuration: its admin.listen, admin.tls "
+                                                     "and admin.token_file are used unless given below")
+    parser.add_argument("--admin-url", help="the admin API (default http://127.0.0.1:9103)")
+    parser.add_argument("--token-file", type=Path, help="file holding the admin token (default: SIDEWATCH_ADMIN_TOKEN, "
+                                                        "then the config's admin.token_file)")
+    parser.add_argument("--ca-file", type=Path, help="CA certificate to verify an https:// admin API with")
+
+
+def _admin_client(args):
+    import os
+
+    from agent.alerts.admin import TOKEN_ENV
+    from agent.alerts.admin_client import DEFAULT_URL, AdminClient, read_token
+    from agent.config import split_address
+
+    url, token_file = args.admin_url, args.token_file
+    if args.config is not None:
+        admin = load_config(args.config).admin
+        if url is None:
+            host, port = split_address(admin.listen)
+            host = "127.0.0.1" if host in ("0.0.0.0", "") else "::1" if host == "::" else host
+            url = f"{'https' if admin.tls else 'http'}://{f'[{host}]' if ':' in host else host}:{port}"
+        if token_file is None and not os.environ.get(TOKEN_ENV):
+            token_file = admin.token_file
+    return AdminClient(url or DEFAULT_URL, read_token(token_file), args.ca_file)
+
+
+def _run_admin(action):
+    """Run an admin API call; its refusals and connection errors are printed, not raised."""
+
+    def run(args) -> int:
+        from agent.alerts.admin_client import AdminError
+
+        try:
+            return action(_admin_client(args), args)
+        except AdminError as err:
+            print(err, file=sys.stderr)
+            return 1 if err.status == 404 else 2
+
+    return run
+
+
+def _add_alerts(commands) -> None:
+    alerts = commands.add_parser("alerts", help="the sidecar's alerts and rollbacks, through its admin API")
+    actions = alerts.add_subparsers(dest="action", required=True)
+    status = actions.add_parser("status", help="alert states, incidents, hook results and route pins")
+    _admin_options(status)
+    status.add_argument("--json", action="store_true", help="print the API's JSON as it is")
+
+    def show(client, args) -> int:
+        import json
+
+        from agent.alerts.status_text import format_status
+
+        reply = client.status()
+        print(json.dumps(reply, indent=1, sort_keys=True) if args.json else format_status(reply))
+        return 0
+
+    status.set_defaults(run=_run_admin(show))
+
+
+def _add_route(commands) -> None:
+    route = commands.add_parser("route", help="route pins set by rollback hooks, through the sidecar's admin API")
+    actions = route.add_subparsers(dest="action", required=True)
+    undo = actions.add_parser("undo", help="remove a model's route pin: its traffic goes where the request says again")
+    _admin_options(undo)
+    undo.add_argument("--model", required=True, help="the pinned model")
+    undo.add_argument("--actor", help="who undoes it, for the audit log (default user@host)")
+
+    def run_undo(client, args) -> int:
+        client.undo_route(args.model, args.actor)
+        print(f"sidewatch: route pin of {args.model} undone")
+        return 0
+
+    undo.set_defaults(run=_run_admin(run_undo))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sidewatch", description=__doc__)
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
@@ -129,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_server(commands)
     _add_demo(commands)
     _add_calibrate(commands)
+    _add_alerts(commands)
+    _add_route(commands)
     return parser
 
 

@@ -9,7 +9,10 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from agent.alerts.hook_config import RollbackConfig
+from agent.alerts.rules import AlertsConfig
 
 
 class ConfigError(ValueError):
@@ -119,6 +122,32 @@ class ModelSettings(_Strict):
     adversarial_mode: AdversarialMode | None = None
 
 
+class AdminTLS(_Strict):
+    cert_file: Path
+    key_file: Path
+
+
+class Admin(_Strict):
+    """The admin HTTP API: GET /status, POST /routes/undo, POST /alertmanager (Alertmanager's webhook).
+
+    Every endpoint needs ``Authorization: Bearer <token>``; the token comes from ``token_file`` or the
+    environment variable SIDEWATCH_ADMIN_TOKEN. Without a token the API does not start (and a config
+    that maps Alertmanager alerts to hooks is refused). It listens on loopback unless told otherwise.
+    """
+
+    enabled: bool = True
+    listen: str = "127.0.0.1:9103"
+    token_file: Path | None = None
+    # Optional TLS, for a listener that is not on loopback.
+    tls: AdminTLS | None = None
+    # Larger request bodies are refused (413).
+    max_body_bytes: int = Field(1024 * 1024, ge=1024)
+    # Alertmanager alert name -> hooks (names under rollback.hooks) run when it fires.
+    alertmanager_hooks: dict[str, list[str]] = {}
+
+    _listen = field_validator("listen")(_check_address)
+
+
 class ServeConfig(_Strict):
     listen: str = "0.0.0.0:9000"
     upstream: Upstream = Upstream()
@@ -134,8 +163,20 @@ class ServeConfig(_Strict):
     detection: Detection = Detection()
     drift: Drift = Drift()
     models: dict[str, ModelSettings] = {}
+    alerts: AlertsConfig = AlertsConfig()
+    rollback: RollbackConfig = RollbackConfig()
+    admin: Admin = Admin()
 
     _listen = field_validator("listen")(_check_address)
+
+    @model_validator(mode="after")
+    def _hooks_exist(self) -> "ServeConfig":
+        # Rules and the Alertmanager mapping name hooks; a typo must fail at start, not at the incident.
+        for index, rule in enumerate(self.alerts.rules):
+            self.rollback.check_hook_names(rule.hooks, f"alerts.rules.{index}.hooks")
+        for name, hooks in self.admin.alertmanager_hooks.items():
+            self.rollback.check_hook_names(hooks, f"admin.alertmanager_hooks.{name}")
+        return self
 
     def adversarial_mode(self, model: str) -> str:
         settings = self.models.get(model)

@@ -1,0 +1,307 @@
+"""The admin HTTP API: alert and rollback status, route undo, and the Alertmanager receiver.
+
+    GET  /status          alerts (state, since, value, labels) and the dispatcher's incidents and pins
+    POST /routes/undo     {"model": "mnist_cnn", "actor": "alice"}: remove the model's route pin
+    POST /alertmanager    Alertmanager's webhook payload (version 4)
+
+Every request needs ``Authorization: Bearer <token>`` (compared in constant time); without it the
+answer is 401 with ``WWW-Authenticate``. Bodies are bounded (``admin.max_body_bytes``), connections
+too, and each socket has a timeout, so a slow or hostile client cannot pin the server. It is a
+stdlib ThreadingHTTPServer on a thread of its own, listening on loopback unless configured otherwise.
+The metrics endpoint is separate and read-only.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import os
+import socket
+import ssl
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING
+
+from agent.config import Admin, split_address
+
+if TYPE_CHECKING:
+    from agent.alerts.engine import AlertEngine
+    from agent.alerts.receiver import AlertmanagerReceiver
+    from agent.alerts.rollback import RollbackDispatcher
+    from agent.metrics import AlertMetrics
+
+log = logging.getLogger(__name__)
+
+TOKEN_ENV = "SIDEWATCH_ADMIN_TOKEN"
+MIN_TOKEN_CHARS = 16
+# Seconds a client gets for each read or write on its connection (TLS handshake included).
+SOCKET_TIMEOUT_SECONDS = 10.0
+MAX_CONNECTIONS = 32
+
+_ENDPOINTS = {"/status": ("status", "GET"), "/routes/undo": ("routes_undo", "POST"),
+              "/alertmanager": ("alertmanager", "POST")}
+
+
+def load_token(config: Admin) -> str | None:
+    """The admin token from ``admin.token_file``, else from SIDEWATCH_ADMIN_TOKEN; None when neither is set."""
+    if config.token_file is not None:
+        try:
+            token = config.token_file.read_text().strip()
+        except (OSError, UnicodeDecodeError) as err:
+            raise ValueError(f"sidewatch: cannot read admin.token_file {config.token_file}: {err}") from None
+        source = f"admin.token_file {config.token_file}"
+    else:
+        token = os.environ.get(TOKEN_ENV, "").strip()
+        if not token:
+            return None
+        source = TOKEN_ENV
+    if len(token) < MIN_TOKEN_CHARS:
+        raise ValueError(f"sidewatch: the admin token in {source} is shorter than {MIN_TOKEN_CHARS} characters")
+    return token
+
+
+def admin_token(config: Admin) -> str | None:
+    """The token the admin API starts with; None: it stays off. Raises ValueError for a config that
+    needs the API (Alertmanager alerts mapped to hooks) but gives it no token."""
+    if not config.enabled:
+        return None
+    token = load_token(config)
+    if token is None and config.alertmanager_hooks:
+        raise ValueError("sidewatch: admin.alertmanager_hooks needs the admin API, and the admin API needs a "
+                         f"token: set admin.token_file or {TOKEN_ENV}")
+    return token
+
+
+def is_loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    # The admin API is small: a bound on connections keeps a flood from starting threads without end.
+    request_queue_size = MAX_CONNECTIONS
+
+    def __init__(self, address, handler, admin: "AdminServer", tls: ssl.SSLContext | None) -> None:
+        self.admin = admin
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, handler)
+        if tls is not None:
+            # The handshake happens in the connection's own thread (finish_request), not in accept().
+            self.socket = tls.wrap_socket(self.socket, server_side=True, do_handshake_on_connect=False)
+
+    def process_request(self, request, client_address) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)  # too many open connections: drop this one
+            return
+        try:
+            super().process_request(request, client_address)
+        except Exception:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def finish_request(self, request, client_address) -> None:
+        request.settimeout(SOCKET_TIMEOUT_SECONDS)
+        if isinstance(request, ssl.SSLSocket):
+            try:
+                request.do_handshake()
+            except (OSError, ssl.SSLError) as err:
+                log.info("sidewatch: admin API: TLS handshake with %s failed: %s", client_address[0], err)
+                return
+        super().finish_request(request, client_address)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "sidewatch-admin"
+    sys_version = ""
+    timeout = SOCKET_TIMEOUT_SECONDS
+    server: _Server
+
+    def log_message(self, format, *args) -> None:  # noqa: A002 - the stdlib's signature
+        log.debug("sidewatch: admin API %s: " + format, self.client_address[0], *args)
+
+    def do_GET(self) -> None:  # noqa: N802 - the stdlib's naming
+        self._dispatch("GET")
+
+    def do_POST(self) -> None:  # noqa: N802
+        self._dispatch("POST")
+
+    def do_PUT(self) -> None:  # noqa: N802
+        self._dispatch("PUT")
+
+    def do_DELETE(self) -> None:  # noqa: N802
+        self._dispatch("DELETE")
+
+    def _dispatch(self, method: str) -> None:
+        admin = self.server.admin
+        path = self.path.split("?", 1)[0]
+        endpoint, allowed = _ENDPOINTS.get(path, ("other", None))
+        if not admin.authorized(self.headers.get("Authorization", "")):
+            if endpoint == "alertmanager":
+                admin.receiver.count("unauthorized")
+            log.warning("sidewatch: admin API: refused %s %s from %s: missing or wrong bearer token",
+                        method, path, self.client_address[0])
+            self._reply(endpoint, 401, {"error": "sidewatch: a valid bearer token is required"},
+                        {"WWW-Authenticate": 'Bearer realm="sidewatch"'}, close=True)
+            return
+        if allowed is None:
+            self._reply(endpoint, 404, {"error": f"sidewatch: no such endpoint {path}"}, close=True)
+            return
+        if method != allowed:
+            self._reply(endpoint, 405, {"error": f"sidewatch: {path} takes {allowed}"}, {"Allow": allowed}, close=True)
+            return
+        body = b""
+        if method == "POST":
+            body = self._read_body(endpoint)
+            if body is None:
+                return
+        try:
+            status, reply = getattr(self, f"_{endpoint}")(admin, body)
+        except Exception:
+            log.exception("sidewatch: admin API: %s %s failed", method, path)
+            status, reply = 500, {"error": "sidewatch: internal error (see the sidecar's log)"}
+        self._reply(endpoint, status, reply)
+
+    def _read_body(self, endpoint: str) -> bytes | None:
+        """The request body, or None after answering why it was refused."""
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            self._reply(endpoint, 411, {"error": "sidewatch: send a Content-Length, not a chunked body"}, close=True)
+            return None
+        length_text = self.headers.get("Content-Length")
+        if length_text is None:
+            self._reply(endpoint, 411, {"error": "sidewatch: Content-Length required"}, close=True)
+            return None
+        if not length_text.isdigit():
+            self._bad_input(endpoint, 400, "malformed", f"sidewatch: bad Content-Length {length_text!r}")
+            return None
+        length = int(length_text)
+        limit = self.server.admin.config.max_body_bytes
+        if length > limit:
+            self._bad_input(endpoint, 413, "too_large", f"sidewatch: body of {length} bytes is over the {limit}-byte limit")
+            return None
+        try:
+            body = self.rfile.read(length)
+        except OSError:
+            self.close_connection = True
+            return None
+        if len(body) != length:
+            self.close_connection = True  # the client went away mid-body
+            return None
+        return body
+
+    def _bad_input(self, endpoint: str, status: int, result: str, message: str) -> None:
+        if endpoint == "alertmanager":
+            self.server.admin.receiver.count(result)
+        self._reply(endpoint, status, {"error": message}, close=True)
+
+    # --- endpoints ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _status(admin: "AdminServer", body: bytes) -> tuple[int, dict]:
+        return 200, admin.status()
+
+    def _routes_undo(self, admin: "AdminServer", body: bytes) -> tuple[int, dict]:
+        try:
+            request = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            return 400, {"error": "sidewatch: the body must be JSON: {\"model\": \"...\"}"}
+        model = request.get("model") if isinstance(request, dict) else None
+        actor = request.get("actor") if isinstance(request, dict) else None
+        if not isinstance(model, str) or not model:
+            return 400, {"error": "sidewatch: the body must name a model: {\"model\": \"...\"}"}
+        if actor is not None and not isinstance(actor, str):
+            return 400, {"error": "sidewatch: actor must be a string"}
+        # Who asked, as far as the API can tell: the name the client gave and where it came from.
+        who = f"{actor or 'admin-api'}@{self.client_address[0]}"
+        if admin.dispatcher.undo_route(model, who):
+            log.warning("sidewatch: route pin of %s undone by %s", model, who)
+            return 200, {"model": model, "undone": True}
+        return 404, {"model": model, "undone": False, "error": f"sidewatch: model {model} has no route pin"}
+
+    @staticmethod
+    def _alertmanager(admin: "AdminServer", body: bytes) -> tuple[int, dict]:
+        return admin.receiver.handle(body)
+
+    def _reply(self, endpoint: str, status: int, payload: dict, headers: dict | None = None,
+               close: bool = False) -> None:
+        self.server.admin.metrics.admin_requests.labels(endpoint, str(status)).inc()
+        data = (json.dumps(payload, indent=1, sort_keys=True) + "\n").encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Cache-Control", "no-store")
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        if close:
+            # The body may not have been read: the connection cannot be reused.
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        self.wfile.write(data)
+
+
+class AdminServer:
+    """The admin API on its own thread. ``start`` binds; ``stop`` closes the listener and waits for it."""
+
+    def __init__(self, config: Admin, token: str, dispatcher: "RollbackDispatcher", engine: "AlertEngine | None",
+                 receiver: "AlertmanagerReceiver", metrics: "AlertMetrics") -> None:
+        if len(token) < MIN_TOKEN_CHARS:
+            raise ValueError(f"sidewatch: the admin token must have at least {MIN_TOKEN_CHARS} characters")
+        self.config = config
+        self._token = token.encode()
+        self.dispatcher = dispatcher
+        self.engine = engine
+        self.receiver = receiver
+        self.metrics = metrics
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+        self.port: int | None = None
+        for endpoint in ("status", "routes_undo", "alertmanager"):
+            metrics.admin_requests.labels(endpoint, "401")
+
+    def authorized(self, header: str) -> bool:
+        scheme, _, credentials = header.partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        return hmac.compare_digest(credentials.strip().encode(), self._token)
+
+    def status(self) -> dict:
+        return {
+            "alerts": self.engine.status() if self.engine is not None else [],
+            "rollback": self.dispatcher.status(),
+        }
+
+    def start(self) -> None:
+        host, port = split_address(self.config.listen)
+        tls = None
+        if self.config.tls is not None:
+            tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            tls.load_cert_chain(self.config.tls.cert_file, self.config.tls.key_file)
+        elif not is_loopback(host):
+            log.warning("sidewatch: the admin API listens on %s without TLS: its bearer token crosses the network "
+                        "in the clear (set admin.tls)", self.config.listen)
+        self._server = _Server((host, port), _Handler, self, tls)
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
+                                        name="sidewatch-admin", daemon=True)
+        self._thread.start()
+        log.info("sidewatch: admin API on %s%s", self.config.listen, " (TLS)" if tls else "")
+
+    def stop(self) -> None:
+        if self._server is None:
+            return
+        self._server.shutdown()
+        self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self._server = None
+        self._thread = None

@@ -1,0 +1,153 @@
+"""The Alertmanager receiver: Alertmanager's webhook payload (version 4) -> alerts for the rollback hooks.
+
+Fleet-wide alerts computed by Prometheus reach the same hooks as the sidecar's own: a firing alert
+whose name is mapped in ``admin.alertmanager_hooks``, or that carries a ``sidewatch_hooks`` label
+("pin-v1,notify"), goes to the dispatcher as an :class:`Alert` (source "alertmanager"); a resolved one
+closes its incident. The alert's key is its name and labels, Alertmanager's own identity of an alert,
+so a notification repeated every ``repeat_interval`` maps to the incident already open.
+
+The payload is checked whole before anything is dispatched: a malformed one changes nothing.
+Payload: https://prometheus.io/docs/alerting/latest/configuration/#webhook_config
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+from agent.alerts.incident import Alert, alert_key
+
+if TYPE_CHECKING:
+    from agent.alerts.rollback import RollbackDispatcher
+    from agent.metrics import AlertMetrics
+
+log = logging.getLogger(__name__)
+
+# An alert label naming hooks (comma-separated), for Prometheus rules that choose their own hooks.
+HOOKS_LABEL = "sidewatch_hooks"
+
+
+class MalformedPayload(ValueError):
+    """The body is not an Alertmanager webhook payload of version 4."""
+
+
+@dataclass
+class Delivery:
+    """What one webhook payload asks for."""
+
+    firing: list[Alert] = field(default_factory=list)
+    resolved: list[str] = field(default_factory=list)   # alert keys
+    ignored: int = 0                                   # alerts with no hooks: not ours to act on
+
+
+def _string_map(value, where: str) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise MalformedPayload(f"{where} must be an object of strings")
+    return value
+
+
+def _timestamp(value, where: str) -> float:
+    if not isinstance(value, str):
+        raise MalformedPayload(f"{where} must be an RFC 3339 time")
+    try:
+        return datetime.fromisoformat(value).timestamp()
+    except ValueError:
+        raise MalformedPayload(f"{where}: {value!r} is not an RFC 3339 time") from None
+
+
+def parse_payload(body: bytes, mapping: dict[str, list[str]], known_hooks) -> Delivery:
+    """Check a webhook body and sort its alerts into firing and resolved; raises MalformedPayload."""
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise MalformedPayload(f"not JSON: {err}") from None
+    if not isinstance(payload, dict):
+        raise MalformedPayload("the payload must be a JSON object")
+    if payload.get("version") != "4":
+        raise MalformedPayload(f"version must be \"4\", got {payload.get('version')!r}")
+    alerts = payload.get("alerts")
+    if not isinstance(alerts, list):
+        raise MalformedPayload("alerts must be a list")
+    delivery = Delivery()
+    for index, item in enumerate(alerts):
+        where = f"alerts[{index}]"
+        if not isinstance(item, dict):
+            raise MalformedPayload(f"{where} must be an object")
+        status = item.get("status")
+        if status not in ("firing", "resolved"):
+            raise MalformedPayload(f"{where}.status must be firing or resolved, got {status!r}")
+        labels = dict(_string_map(item.get("labels"), f"{where}.labels"))
+        annotations = _string_map(item.get("annotations"), f"{where}.annotations")
+        name = labels.pop("alertname", "")
+        if not name:
+            raise MalformedPayload(f"{where}.labels has no alertname")
+        started_at = _timestamp(item.get("startsAt"), f"{where}.startsAt")
+        hooks = _hooks(name, labels, mapping, known_hooks)
+        if not hooks:
+            delivery.ignored += 1
+            continue
+        key = alert_key(name, labels)
+        if status == "resolved":
+            delivery.resolved.append(key)
+            continue
+        delivery.firing.append(Alert(
+            name=name, key=key, severity=labels.get("severity", ""), labels=labels, annotations=dict(annotations),
+            source="alertmanager", started_at=started_at if started_at > 0 else time.time(), value=None,
+            hooks=hooks))
+    return delivery
+
+
+def _hooks(name: str, labels: dict[str, str], mapping: dict[str, list[str]], known_hooks) -> tuple[str, ...]:
+    hooks = list(mapping.get(name, ()))
+    for hook in (part.strip() for part in labels.get(HOOKS_LABEL, "").split(",")):
+        if not hook or hook in hooks:
+            continue
+        if hook not in known_hooks:
+            # A rule's label can name anything; only configured hooks ever run.
+            log.warning("sidewatch: Alertmanager alert %s names hook %r, which is not configured", name, hook)
+            continue
+        hooks.append(hook)
+    return tuple(hooks)
+
+
+class AlertmanagerReceiver:
+    """Hands the alerts of each delivery to the dispatcher and counts deliveries by result."""
+
+    def __init__(self, mapping: dict[str, list[str]], known_hooks, dispatcher: "RollbackDispatcher",
+                 metrics: "AlertMetrics") -> None:
+        self.mapping = mapping
+        self.known_hooks = frozenset(known_hooks)
+        self.dispatcher = dispatcher
+        self.metrics = metrics
+        for result in ("ok", "malformed", "unauthorized", "too_large", "error"):
+            metrics.receiver_requests.labels(result)
+
+    def count(self, result: str) -> None:
+        self.metrics.receiver_requests.labels(result).inc()
+
+    def handle(self, body: bytes) -> tuple[int, dict]:
+        """(HTTP status, JSON reply) for one webhook delivery."""
+        try:
+            delivery = parse_payload(body, self.mapping, self.known_hooks)
+        except MalformedPayload as err:
+            self.count("malformed")
+            log.warning("sidewatch: malformed Alertmanager payload: %s", err)
+            return 400, {"error": f"sidewatch: malformed Alertmanager payload: {err}"}
+        incidents = {}
+        try:
+            for alert in delivery.firing:
+                incidents[alert.key] = self.dispatcher.firing(alert)
+            for key in delivery.resolved:
+                self.dispatcher.resolved(key)
+        except Exception as err:  # answered 500: Alertmanager retries the delivery
+            self.count("error")
+            log.exception("sidewatch: the rollback dispatcher failed on an Alertmanager delivery")
+            return 500, {"error": f"sidewatch: dispatcher failed: {err}"}
+        self.count("ok")
+        return 200, {"incidents": incidents, "resolved": delivery.resolved, "ignored": delivery.ignored}
