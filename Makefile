@@ -7,10 +7,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 MLSERVER_VENV := .venv-mlserver
+# alibi-detect (a benchmark peer) pins numpy<2, so it gets its own environment too; bench-only.
+ALIBI_VENV := .venv-alibi
 # Debian packages the tests and benchmarks start as real peers.
 DEBIAN_PACKAGES := prometheus prometheus-alertmanager nginx nghttp2-client
 
-.PHONY: demo test venv system-deps mlserver-venv proto model bench clean
+.PHONY: demo test venv system-deps mlserver-venv alibi-venv proto model bench clean
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/sidewatch demo
@@ -33,6 +35,14 @@ $(MLSERVER_VENV)/.installed: tests/requirements-mlserver.txt
 	test -x $(MLSERVER_VENV)/bin/python || $(PYTHON) -m venv $(MLSERVER_VENV)
 	$(MLSERVER_VENV)/bin/python -m pip install -q --upgrade pip
 	$(MLSERVER_VENV)/bin/python -m pip install -q -r tests/requirements-mlserver.txt
+	touch $@
+
+alibi-venv: $(ALIBI_VENV)/.installed
+
+$(ALIBI_VENV)/.installed:
+	test -x $(ALIBI_VENV)/bin/python || $(PYTHON) -m venv $(ALIBI_VENV)
+	$(ALIBI_VENV)/bin/python -m pip install -q --upgrade pip
+	$(ALIBI_VENV)/bin/python -m pip install -q 'alibi-detect[torch]==0.13.0'
 	touch $@
 
 system-deps:
@@ -58,9 +68,10 @@ model: $(VENV)/.installed
 	done
 	$(PY) -m agent.demo.make_adversarial
 
-bench: $(VENV)/.installed system-deps
+bench: $(VENV)/.installed $(ALIBI_VENV)/.installed system-deps
 	$(PY) bench/proxy.py --out bench-results/proxy.json
 	$(PY) bench/detector.py --out bench-results/detector.json
+	$(PY) bench/drift.py --out bench-results/drift.json
 
 clean:
-	rm -rf $(VENV) $(MLSERVER_VENV) .pytest_cache
+	rm -rf $(VENV) $(MLSERVER_VENV) $(ALIBI_VENV) .pytest_cache

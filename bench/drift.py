@@ -79,7 +79,7 @@ FAMILIES = ("synthetic", "mnist")
 SCENARIOS = {"synthetic": ("shift_0.5", "shift_1.0", "correlation_0.9"),
              "mnist": ("class_mix", "benign_stream", "test_sample")}
 SYNTHETIC_DIM = 20
-SYNTHETIC_REFERENCE_ROWS = 2000
+SYNTHETIC_REFERENCE_ROWS = 5000
 CORRELATION = 0.9
 CLASS_DIGIT = 0
 CLASS_SHARE = 0.3
@@ -115,6 +115,10 @@ class Params:
     alibi_cvm_reference: int = 500  # alibi's CVM threshold simulation is O(B (N + 2W)^2)
     alibi_mmd_bootstrap_factor: float = 10.0  # n_bootstraps = factor * ERT (alibi's docs: >= 10x)
     horizon_factor: float = 5.0  # no-drift runs are censored at this many ERTs
+    # sidewatch's detectors are refitted on this many reference samples in all (the first is the
+    # main run's) for the run length: the ERT a calibration promises is an average over them.
+    reference_draws: int = 5
+    run_length_per_draw: Budget = field(default_factory=lambda: Budget(60, 300, 8.0))
     cost_updates: int = 1000
     memory_updates: int = 100
     run_length_fast: Budget = field(default_factory=lambda: Budget(100, 1000, 20.0))
@@ -146,7 +150,8 @@ def make_params(args: argparse.Namespace) -> Params:
         return Params(ert=args.ert or 200.0, window=window, seed=args.seed, quick=True,
                       alibi_mmd_bootstrap_factor=3.0, cost_updates=300, memory_updates=50,
                       run_length_fast=Budget(50, 200, 3.0), run_length_slow=Budget(5, 40, 2.5),
-                      delay_fast=Budget(20, 60, 1.0), delay_slow=Budget(4, 15, 1.0))
+                      delay_fast=Budget(20, 60, 1.0), delay_slow=Budget(4, 15, 1.0),
+                      reference_draws=2, run_length_per_draw=Budget(20, 60, 1.5))
     return Params(ert=args.ert or 500.0, window=window, seed=args.seed, quick=False)
 
 
@@ -264,7 +269,8 @@ class MnistFamily:
         self.seed = params.seed
         self.pools = {name: np.flatnonzero(data["traffic_source"] == k) for k, name in enumerate(TRAFFIC_SOURCES)}
         self.labels = data["traffic_label"]
-        self.max_length = len(self.pools["held_out"])
+        self.window = params.window
+        self.max_length = None  # no-drift streams draw with replacement (never twice within a window)
 
     def reference(self, view: str) -> np.ndarray:
         return self.data[f"ref_{view}"]
@@ -273,9 +279,8 @@ class MnistFamily:
         return self.data[f"traffic_{view}"][items]
 
     def no_drift(self, run: int, length: int) -> np.ndarray:
-        # Without replacement: a repeated image in a window is a tie no real traffic would show
-        # that often (and an MMD pair with kernel value 1).
-        return stream_rng(self.seed, self.name, "no_drift", run).permutation(self.pools["held_out"])[:length]
+        return draw_without_repeats(self.pools["held_out"], length, self.window,
+                                    stream_rng(self.seed, self.name, "no_drift", run))
 
     def drifted(self, scenario: str, run: int, warm: int, post: int) -> np.ndarray:
         rng = stream_rng(self.seed, self.name, scenario, run)
@@ -297,6 +302,31 @@ class MnistFamily:
             where = np.flatnonzero(digits == k)
             after[where] = cycle(pool, where.size)
         return np.concatenate([warm_items, after])
+
+
+def draw_without_repeats(pool: np.ndarray, length: int, window: int, rng: np.random.Generator) -> np.ndarray:
+    """``length`` items drawn uniformly from ``pool``, except that none repeats within ``window`` draws.
+
+    Why not a permutation of the pool: a run as long as the pool would then be the pool itself, its
+    running mean pinned to the pool's mean at the end (a bridge, not a random walk), which makes
+    cumulative detectors (Page-Hinkley) alarm far less than on real traffic. Why not plain draws with
+    replacement: a repeated image in a window is a tie no real traffic shows (and an MMD pair with
+    kernel value 1). Candidates are drawn in bulk; one inside the current window is redrawn.
+    """
+    out = np.empty(length, dtype=pool.dtype)
+    recent: dict[int, int] = {}  # item -> last position drawn
+    candidates = iter(())
+    for t in range(length):
+        while True:
+            item = next(candidates, None)
+            if item is None:
+                candidates = iter(pool[rng.integers(len(pool), size=max(64, length - t))].tolist())
+                continue
+            if t - recent.get(item, -window) >= window:
+                break
+        recent[item] = t
+        out[t] = item
+    return out
 
 
 def cycle(items: np.ndarray, n: int) -> np.ndarray:
@@ -877,6 +907,44 @@ def merge(into: dict[str, Any], part: dict[str, Any]) -> dict[str, Any]:
     return into
 
 
+def measure_reference_draws(specs: list[tuple[str, str, str]], results: dict[str, Any],
+                            params: Params) -> dict[str, Any]:
+    """Run length of sidewatch's detectors over ``reference_draws`` reference samples.
+
+    A calibration sets the threshold so that the run length, averaged over the reference samples
+    the data could have given, is the ERT; for one given reference it varies (for a heavy-tailed
+    scalar such as the top-1 confidence, by a factor of 2 or more between samples of 3,000). So
+    each detector is refitted on other reference samples (synthetic: fresh reference rows; MNIST:
+    other random 3,000/2,000 splits of the reference images), the runs of every draw are pooled
+    (with the main run's, which is draw 0) and the per-draw means are kept to show the spread.
+    """
+    out: dict[str, Any] = {}
+    wanted = [spec for spec in specs if not is_peer(spec[1])]
+    if params.reference_draws < 2 or not wanted:
+        return out
+    for draw in range(1, params.reference_draws):
+        draw_params = Params(**{**asdict(params), "seed": params.seed + 1000 * draw,
+                                "run_length_fast": params.run_length_per_draw})
+        families = make_families(build_data(draw_params), draw_params)
+        for family_name, name, view in wanted:
+            adapter = ADAPTERS[name](name, family_name, view, draw_params)
+            adapter.fit(families[family_name].reference(view))
+            rl = measure_run_length(adapter, families[family_name], draw_params)
+            out.setdefault(family_name, {}).setdefault(name, []).append(rl)
+            log(f"{family_name}/{name}: reference draw {draw}: run length {fmt(rl['mean'])} over {rl['runs']} runs")
+    pooled: dict[str, Any] = {}
+    for family_name, by_name in out.items():
+        for name, draws in by_name.items():
+            main = results["run_length"][family_name][name]
+            every = [main] + draws
+            lengths = [x for rl in every for x in rl["lengths"]]
+            pooled.setdefault(family_name, {})[name] = {
+                **summarise_run_lengths(lengths, every[0]["horizon"], params.ert),
+                "draws": len(every), "per_draw_mean": [rl["mean"] for rl in every],
+                "per_draw_runs": [rl["runs"] for rl in every]}
+    return pooled
+
+
 # --- the peer worker (alibi-detect in its own environment) ----------------------------------------
 
 
@@ -974,11 +1042,22 @@ def machine_info() -> dict[str, Any]:
 def run_length_goals(results: dict[str, Any]) -> dict[str, Any]:
     """Each ERT-calibrated sidewatch detector's measured mean run length against the ERT."""
     out = {}
+    pooled = results.get("run_length_over_references", {})
     for family, by_detector in results["run_length"].items():
         for name, rl in by_detector.items():
             if not is_peer(name):
-                out[f"{family}/{name}"] = {"ratio_to_ert": rl["ratio_to_ert"], "se_ratio": ratio_se(rl),
-                                           "met": rl["within_goal"]}
+                over = pooled.get(family, {}).get(name)
+                goal = {"ratio_to_ert": rl["ratio_to_ert"], "se_ratio": ratio_se(rl), "met": rl["within_goal"],
+                        "reference_draws": 1}
+                if over is not None:
+                    # The goal is judged on the average over reference samples (what the calibration
+                    # promises); the main reference alone is kept beside it.
+                    goal = {"ratio_to_ert": over["ratio_to_ert"], "se_ratio": ratio_se(over),
+                            "met": over["within_goal"], "reference_draws": over["draws"],
+                            "per_draw_ratio": [None if m is None else m / rl["mean"] * rl["ratio_to_ert"]
+                                               for m in over["per_draw_mean"]],
+                            "main_reference_ratio": rl["ratio_to_ert"]}
+                out[f"{family}/{name}"] = goal
     return out
 
 
@@ -1102,7 +1181,11 @@ def print_report(report: dict[str, Any]) -> None:
 def print_goals(goals: dict[str, Any]) -> None:
     print("\ngoals")
     for key, g in goals["run_length"].items():
-        print(f"  run length {key:28} {fmt(g['ratio_to_ert'], 2)} x ERT (±{fmt(g['se_ratio'], 2)}): "
+        spread = ""
+        if g["reference_draws"] > 1:
+            spread = (f", {g['reference_draws']} references: "
+                      + " ".join(fmt(r, 2) for r in g["per_draw_ratio"]))
+        print(f"  run length {key:28} {fmt(g['ratio_to_ert'], 2)} x ERT (±{fmt(g['se_ratio'], 2)}{spread}): "
               f"{'met' if g['met'] else 'NOT met'}")
     for key, g in goals["delay"].items():
         ours, peer = g["sidewatch_best"], g["alibi_best"]
@@ -1175,6 +1258,7 @@ def main() -> None:
     machine["peer"] = peer.pop("environment", {}).get("peer")
     machine["max_rss_bytes_peer"] = peer.pop("max_rss_bytes_peer", None)
     merge(results, peer)
+    results["run_length_over_references"] = measure_reference_draws(local, results, params)
     results["detectors"] = in_table_order(results["detectors"])
     machine.update(load_average_end=os.getloadavg(), max_rss_bytes_main=max_rss_bytes())
     report = {

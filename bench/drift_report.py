@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Figures for the prediction-drift, change and anomaly detectors, on this machine's CPU.
 
-    .venv/bin/python bench/drift_report.py --out bench-results/drift.json [--quick]
+    .venv/bin/python bench/drift_report.py --out bench-results/drift_report.json [--quick]
 
 * cost: microseconds per value (per row for the anomaly scorer) of ``update`` at batch sizes 1,
   64 and 1024 (best of 3 runs; the machine is shared).
