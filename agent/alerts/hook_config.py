@@ -115,7 +115,7 @@ class CommandHook(_Hook):
     timeout_seconds: float = Field(30.0, gt=0)
 
 
-class _KubernetesAccess(_Strict):
+class KubernetesAccess(_Strict):
     """How to reach the API server: in-cluster (the default) or a kubeconfig file."""
 
     namespace: str | None = None    # default: the kubeconfig context's, the service account's, or "default"
@@ -126,7 +126,7 @@ class _KubernetesAccess(_Strict):
     service_account_dir: Path = _DEFAULT_SERVICE_ACCOUNT
 
 
-class KubernetesHook(_Hook, _KubernetesAccess):
+class KubernetesHook(_Hook, KubernetesAccess):
     """Roll a Deployment back to its previous revision, as ``kubectl rollout undo`` does."""
 
     type: Literal["kubernetes"]
@@ -135,7 +135,7 @@ class KubernetesHook(_Hook, _KubernetesAccess):
     to_revision: int | None = Field(None, ge=1)
 
 
-class ArgoRolloutsHook(_Hook, _KubernetesAccess):
+class ArgoRolloutsHook(_Hook, KubernetesAccess):
     """Abort an Argo Rollout, as ``kubectl argo rollouts abort`` does."""
 
     type: Literal["argo-rollouts"]

@@ -55,6 +55,8 @@ class HookState:
     finished_at: float | None = None
     # An attempt was started and has no result yet (in the log: between attempt_started and attempt_result).
     in_flight: bool = False
+    # Attempts cut short by a restart before they took effect (route hooks): run again, not counted.
+    interrupted: int = 0
 
     def to_dict(self) -> dict:
         return {"result": self.result or "pending", "attempts": self.attempts, "message": self.message,

@@ -1,0 +1,141 @@
+"""The ``kubernetes`` hook: roll a Deployment back to its previous revision, as ``kubectl rollout undo`` does.
+
+The steps follow kubectl's DeploymentRollbacker (k8s.io/kubectl/pkg/polymorphichelpers/rollback.go):
+
+1. GET the Deployment (apps/v1).
+2. List ReplicaSets in its namespace with its label selector and keep those it controls (an
+   ownerReference with ``controller: true`` and the Deployment's uid).
+3. Read each one's ``deployment.kubernetes.io/revision``; the target is the second-highest revision
+   (``to_revision``: that revision exactly). None: "no rollout history".
+4. Refuse a paused Deployment. If the target's pod template already equals the Deployment's (ignoring
+   the ``pod-template-hash`` label), there is nothing to do: success, "skipped".
+5. PATCH the Deployment with a JSON patch (application/json-patch+json) that replaces
+   ``/spec/template`` with the target's template minus the ``pod-template-hash`` label, and
+   ``/metadata/annotations`` with the Deployment's own revision bookkeeping annotations plus every
+   other annotation of the target ReplicaSet.
+
+The Deployment controller then rolls the pods to that template, as after kubectl.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from agent.alerts.hook_config import KubernetesHook
+from agent.alerts.hooks import HookCall, HookFailed
+from agent.alerts.hooks.kubeclient import KubeError, connect
+
+REVISION = "deployment.kubernetes.io/revision"
+HASH_LABEL = "pod-template-hash"
+# Kept from the Deployment, never copied from the ReplicaSet (kubectl's annotationsToSkip).
+ANNOTATIONS_TO_SKIP = frozenset({
+    "kubectl.kubernetes.io/last-applied-configuration",
+    REVISION,
+    "deployment.kubernetes.io/revision-history",
+    "deployment.kubernetes.io/desired-replicas",
+    "deployment.kubernetes.io/max-replicas",
+    "deprecated.deployment.rollback.to",
+})
+
+
+def label_selector(selector: dict) -> str:
+    """A LabelSelector as the ``labelSelector`` query string (metav1.LabelSelectorAsSelector)."""
+    parts = [f"{key}={value}" for key, value in sorted((selector.get("matchLabels") or {}).items())]
+    for expression in selector.get("matchExpressions") or []:
+        key, operator, values = expression["key"], expression["operator"], sorted(expression.get("values") or [])
+        if operator == "In":
+            parts.append(f"{key} in ({','.join(values)})")
+        elif operator == "NotIn":
+            parts.append(f"{key} notin ({','.join(values)})")
+        elif operator == "Exists":
+            parts.append(key)
+        elif operator == "DoesNotExist":
+            parts.append(f"!{key}")
+        else:
+            raise HookFailed(f"unsupported label selector operator {operator!r}")
+    if not parts:
+        raise HookFailed("the Deployment's selector is empty")
+    return ",".join(parts)
+
+
+def revision(replica_set: dict) -> int | None:
+    """The ReplicaSet's revision; 0 without the annotation, None when it is not a number (as kubectl)."""
+    value = (replica_set.get("metadata", {}).get("annotations") or {}).get(REVISION)
+    if value is None:
+        return 0
+    try:
+        return int(value)
+    except ValueError:
+        return None
+
+
+def controlled_by(obj: dict, uid: str) -> bool:
+    return any(ref.get("controller") and ref.get("uid") == uid
+               for ref in obj.get("metadata", {}).get("ownerReferences") or [])
+
+
+def pick_revision(replica_sets: list[dict], to_revision: int | None, deployment: str) -> tuple[dict, int]:
+    """The ReplicaSet to roll back to: ``to_revision``, or the second-highest revision."""
+    numbered = [(rev, rs) for rs in replica_sets if (rev := revision(rs)) is not None]
+    if to_revision is not None:
+        for rev, rs in numbered:
+            if rev == to_revision:
+                return rs, rev
+        raise HookFailed(f"unable to find the specified revision {to_revision} of deployment {deployment!r}")
+    numbered.sort(key=lambda item: item[0], reverse=True)
+    if len(numbered) < 2:
+        raise HookFailed(f"no rollout history found for deployment {deployment!r}")
+    rev, rs = numbered[1]
+    return rs, rev
+
+
+def _without_hash(template: dict) -> dict:
+    template = copy.deepcopy(template)
+    labels = template.get("metadata", {}).get("labels")
+    if labels is not None:
+        labels.pop(HASH_LABEL, None)
+    return template
+
+
+def rollback_annotations(deployment: dict, replica_set: dict) -> dict[str, str]:
+    current = deployment["metadata"].get("annotations") or {}
+    annotations = {key: current[key] for key in ANNOTATIONS_TO_SKIP if key in current}
+    for key, value in (replica_set["metadata"].get("annotations") or {}).items():
+        if key not in ANNOTATIONS_TO_SKIP:
+            annotations[key] = value
+    return annotations
+
+
+def describe(hook: KubernetesHook, call: HookCall) -> str:
+    target = f"revision {hook.to_revision}" if hook.to_revision else "its previous revision"
+    return f"roll deployment {hook.namespace or '(default namespace)'}/{hook.deployment} back to {target}"
+
+
+def run(hook: KubernetesHook, call: HookCall) -> str:
+    try:
+        return _rollback(hook)
+    except KubeError as err:
+        raise HookFailed(f"deployment {hook.deployment}: {err}") from None
+
+
+def _rollback(hook: KubernetesHook) -> str:
+    client = connect(hook, hook.timeout_seconds)
+    namespace, name = client.namespace, hook.deployment
+    path = f"/apis/apps/v1/namespaces/{namespace}/deployments/{name}"
+    deployment = client.get(path)
+    selector = label_selector(deployment["spec"].get("selector") or {})
+    listed = client.get(f"/apis/apps/v1/namespaces/{namespace}/replicasets", query={"labelSelector": selector})
+    owned = [rs for rs in listed.get("items") or [] if controlled_by(rs, deployment["metadata"]["uid"])]
+    target, rev = pick_revision(owned, hook.to_revision, name)
+    if deployment["spec"].get("paused"):
+        raise HookFailed(f"deployment {namespace}/{name} is paused: kubectl refuses to roll back a paused "
+                         "deployment (resume it first)")
+    template = _without_hash(target["spec"]["template"])
+    if template == _without_hash(deployment["spec"]["template"]):
+        return f"skipped: deployment {namespace}/{name} already matches revision {rev}"
+    patch = [
+        {"op": "replace", "path": "/spec/template", "value": template},
+        {"op": "replace", "path": "/metadata/annotations", "value": rollback_annotations(deployment, target)},
+    ]
+    client.patch(path, patch, "application/json-patch+json")
+    return f"deployment {namespace}/{name} rolled back to revision {rev} (replicaset {target['metadata']['name']})"

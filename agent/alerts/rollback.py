@@ -1,0 +1,438 @@
+"""The rollback dispatcher: incidents, the safety rules, and the hooks run on a worker thread.
+
+What it guarantees:
+
+* **One rollback per incident.** An alert key with an open incident maps to that incident; firing
+  again (the engine, Alertmanager's repeats, a restart) starts nothing new. A hook that succeeded for
+  an incident never runs again for it; a failed one is retried with exponential backoff up to its
+  ``retries``, each attempt audit-logged.
+* **Cooldown and max per hour.** The decision is taken once, when the incident opens: ``run``,
+  ``skipped`` (cooldown or max_per_hour, with the reason) or ``dry_run``. A skipped incident stays
+  skipped until it resolves and fires again. A rollback is an incident whose hooks were run, however
+  they ended; in dry-run mode the dry runs are counted instead, so a dry run shows what would happen.
+* **Record first.** Every decision, attempt and result is written to the audit log and fsync'd before
+  the next step: "attempt_started" before a hook runs, "route_pinned" before a pin takes effect,
+  "route_undone" before it is removed.
+* **Replay.** At start the log is read back: open incidents, hook results, route pins and the
+  rollbacks of the last hour are restored. A hook that had not finished resumes: pending retries run
+  (at their backoff), an interrupted route hook runs again (nothing took effect without its record),
+  and any other hook whose attempt had started but has no result is recorded ``unknown`` and not
+  repeated: it may have run, and running a webhook, a script or a cluster rollback twice is worse
+  than once.
+* **Dry run** decides and records, runs nothing.
+"""
+
+from __future__ import annotations
+
+import collections
+import heapq
+import itertools
+import logging
+import threading
+import time
+
+from agent.alerts.audit import AuditLog
+from agent.alerts.hook_config import RollbackConfig, RouteHook
+from agent.alerts.hooks import HookCall, HookFailed, argo_rollouts, command, kubernetes, route, webhook
+from agent.alerts.incident import Alert, HookState, Incident, alert_from_dict, alert_to_dict, new_incident_id
+from agent.metrics import AlertMetrics
+from agent.proxy.route import Pin, RouteTable
+
+log = logging.getLogger(__name__)
+
+_RUNNERS = {"webhook": webhook, "command": command, "kubernetes": kubernetes, "argo-rollouts": argo_rollouts}
+_HOUR = 3600.0
+# Incidents kept in memory (and listed by status) beyond the open or unfinished ones.
+_KEEP_FINISHED = 500
+
+
+class RollbackDispatcher:
+    def __init__(self, config: RollbackConfig, metrics: AlertMetrics, routes: RouteTable) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.routes = routes
+        self.audit = AuditLog(config.audit_log)
+        self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)
+        self._incidents: dict[str, Incident] = {}
+        self._open: dict[str, str] = {}                 # alert key -> open incident id
+        self._rollbacks: collections.deque[float] = collections.deque()   # decision times, last hour
+        self._last_rollback: float | None = None
+        # Hook attempts due: (unix time, sequence, incident id, hook name).
+        self._queue: list[tuple[float, int, str, str]] = []
+        self._sequence = itertools.count()
+        self._running = 0
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # --- the interface -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Replay the audit log (open incidents, results, route pins), then start the worker thread."""
+        records = self.audit.open()
+        with self._lock:
+            self._replay(records)
+            self._record("started", instance=self.config.instance, dry_run=self.config.dry_run,
+                         replayed_records=len(records), open_incidents=len(self._open),
+                         pins=sorted(self.routes.pins))
+            self._stopping = False
+        self._thread = threading.Thread(target=self._work, name="sidewatch-rollback", daemon=True)
+        self._thread.start()
+
+    def firing(self, alert: Alert) -> str:
+        """The incident id for a firing alert; a new incident (and its hooks, queued) only when none is open."""
+        with self._lock:
+            existing = self._open.get(alert.key)
+            if existing is not None:
+                return existing
+            now = time.time()
+            decision, reason = self._decide(alert, now)
+            incident = Incident(new_incident_id(now), alert, now, decision, reason,
+                                hooks={name: HookState() for name in alert.hooks})
+            try:
+                self.audit.append("incident_opened", incident=incident.id, alert=alert_to_dict(alert),
+                                  decision=decision, reason=reason)
+            except OSError as err:
+                # Never act on a decision the log does not hold.
+                log.error("sidewatch: cannot write the audit log (%s): incident for %s not acted on", err, alert.key)
+                incident.decision, incident.reason = "skipped", f"audit log not writable: {err}"
+                decision = "skipped"
+            self._incidents[incident.id] = incident
+            self._open[alert.key] = incident.id
+            self.metrics.incidents.labels(alert.name, alert.source).inc()
+            log.warning("sidewatch: incident %s opened for %s: %s%s", incident.id, alert.key, decision,
+                        f" ({incident.reason})" if incident.reason else "")
+            if decision in ("run", "dry_run"):
+                self._count_rollback(now)
+            for name in alert.hooks:
+                if decision == "run":
+                    self._schedule(now, incident.id, name)
+                elif decision == "dry_run":
+                    self._finish(incident, name, "dry_run", "dry run: would " + self._describe(incident, name))
+                else:
+                    self._finish(incident, name, "skipped", incident.reason)
+            self._prune()
+            return incident.id
+
+    def resolved(self, key: str) -> None:
+        """The alert cleared: close its open incident. Hooks still retrying for it carry on."""
+        with self._lock:
+            incident_id = self._open.pop(key, None)
+            if incident_id is None:
+                return
+            self._record("incident_resolved", incident=incident_id, key=key)
+            self._incidents[incident_id].closed_at = time.time()
+
+    def undo_route(self, model: str, actor: str) -> bool:
+        """Remove the model's route pin (recorded first, with who asked); False when there is none."""
+        with self._lock:
+            pin = self.routes.get(model)
+            if pin is None:
+                return False
+            # Raises when the log cannot be written: the pin then stays, as the log says.
+            self.audit.append("route_undone", model=model, actor=actor, version=pin.version,
+                              upstream=pin.upstream, incident=pin.incident)
+            self.routes.unpin(model)
+            self.metrics.route_pinned.labels(model, pin.target).set(0)
+            log.warning("sidewatch: route pin of %s to %s undone by %s", model, pin.target, actor)
+            return True
+
+    def status(self) -> dict:
+        with self._lock:
+            now = time.time()
+            self._expire(now)
+            cooldown_until = None
+            if self._last_rollback is not None and self._last_rollback + self.config.cooldown_seconds > now:
+                cooldown_until = self._last_rollback + self.config.cooldown_seconds
+            incidents = sorted(self._incidents.values(), key=lambda inc: inc.opened_at, reverse=True)
+            return {
+                "dry_run": self.config.dry_run,
+                "instance": self.config.instance,
+                "audit_log": str(self.config.audit_log) if self.config.audit_log else None,
+                "cooldown_seconds": self.config.cooldown_seconds,
+                "cooldown_until": cooldown_until,
+                "max_per_hour": self.config.max_per_hour,
+                "rollbacks_last_hour": len(self._rollbacks),
+                "open_incidents": len(self._open),
+                "incidents": [incident.to_dict() for incident in incidents],
+                "routes": {model: pin.to_dict() for model, pin in self.routes.pins.items()},
+                "hooks": {name: hook.type for name, hook in self.config.hooks.items()},
+            }
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until no hook attempt is queued or running (retries waiting for their backoff count as
+        queued); False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            while self._queue or self._running:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._changed.wait(remaining)
+            return True
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop the worker after the attempt it is running (queued retries resume at the next start)."""
+        with self._lock:
+            self._stopping = True
+            self._changed.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.warning("sidewatch: a rollback hook was still running at shutdown")
+            self._thread = None
+        self.audit.close()
+
+    # --- decisions -----------------------------------------------------------------------------
+
+    def _decide(self, alert: Alert, now: float) -> tuple[str, str]:
+        if not alert.hooks:
+            return "none", "no hooks configured for this alert"
+        self._expire(now)
+        cooldown = self.config.cooldown_seconds
+        if self._last_rollback is not None and now - self._last_rollback < cooldown:
+            return "skipped", (f"cooldown: the last rollback was {now - self._last_rollback:.0f} s ago "
+                               f"(cooldown_seconds {cooldown:g})")
+        if len(self._rollbacks) >= self.config.max_per_hour:
+            return "skipped", (f"max_per_hour: {len(self._rollbacks)} rollbacks in the last hour "
+                               f"(limit {self.config.max_per_hour})")
+        return ("dry_run" if self.config.dry_run else "run"), ""
+
+    def _count_rollback(self, at: float) -> None:
+        self._rollbacks.append(at)
+        self._last_rollback = at if self._last_rollback is None else max(self._last_rollback, at)
+
+    def _expire(self, now: float) -> None:
+        while self._rollbacks and self._rollbacks[0] <= now - _HOUR:
+            self._rollbacks.popleft()
+
+    def _describe(self, incident: Incident, name: str) -> str:
+        hook = self.config.hooks.get(name)
+        if hook is None:
+            return f"fail: no hook named {name!r} is configured"
+        call = HookCall(incident, name, 0, self.config.instance)
+        if isinstance(hook, RouteHook):
+            return route.describe(hook, call, self.routes)
+        return _RUNNERS[hook.type].describe(hook, call)
+
+    # --- the worker ----------------------------------------------------------------------------
+
+    def _schedule(self, due: float, incident_id: str, name: str) -> None:
+        heapq.heappush(self._queue, (due, next(self._sequence), incident_id, name))
+        self._changed.notify_all()
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stopping:
+                    now = time.time()
+                    if self._queue and self._queue[0][0] <= now:
+                        break
+                    self._changed.wait(self._queue[0][0] - now if self._queue else None)
+                if self._stopping:
+                    return
+                _, _, incident_id, name = heapq.heappop(self._queue)
+                self._running += 1
+            try:
+                self._attempt(incident_id, name)
+            except Exception:  # noqa: BLE001 - a bug in one hook must not stop the worker
+                log.exception("sidewatch: rollback hook %s for incident %s failed unexpectedly", name, incident_id)
+            finally:
+                with self._lock:
+                    self._running -= 1
+                    self._changed.notify_all()
+
+    def _attempt(self, incident_id: str, name: str) -> None:
+        with self._lock:
+            incident = self._incidents[incident_id]
+            state = incident.hooks[name]
+            if state.result is not None:
+                return  # finished already: a success is never repeated
+            hook = self.config.hooks.get(name)
+            if hook is None:
+                self._finish(incident, name, "failure", f"no hook named {name!r} is configured")
+                return
+            attempt = state.attempts + 1
+            try:
+                self.audit.append("attempt_started", incident=incident_id, hook=name, attempt=attempt)
+            except OSError as err:
+                log.error("sidewatch: cannot write the audit log (%s): hook %s not run", err, name)
+                state.result, state.message = "failure", f"audit log not writable: {err}; not run"
+                self.metrics.hook_runs.labels(incident.alert.name, name, "failure").inc()
+                return
+            state.attempts, state.in_flight = attempt, True
+            self.metrics.hook_attempts.labels(incident.alert.name, name).inc()
+        call = HookCall(incident, name, attempt, self.config.instance)
+        started = time.monotonic()
+        try:
+            if isinstance(hook, RouteHook):
+                message, ok = self._pin(hook, call), True
+            else:
+                message, ok = _RUNNERS[hook.type].run(hook, call), True
+        except HookFailed as err:
+            message, ok = str(err), False
+        except Exception as err:  # noqa: BLE001 - recorded as a failure like any other
+            log.exception("sidewatch: rollback hook %s raised", name)
+            message, ok = f"sidewatch: hook {name} raised {err!r}", False
+        seconds = round(time.monotonic() - started, 3)
+        with self._lock:
+            self._record("attempt_result", incident=incident_id, hook=name, attempt=attempt, ok=ok,
+                         message=message, seconds=seconds)
+            state.in_flight, state.message = False, message
+            if ok:
+                self._finish(incident, name, "success", message)
+            elif attempt - state.interrupted <= hook.retries:
+                delay = hook.backoff(attempt - state.interrupted)
+                state.message = f"{message}; attempt {attempt + 1} in {delay:g} s"
+                self._schedule(time.time() + delay, incident_id, name)
+            else:
+                self._finish(incident, name, "failure", message)
+
+    def _pin(self, hook: RouteHook, call: HookCall) -> str:
+        pin = route.plan(hook, call, self.routes)
+        with self._lock:
+            # Recorded before it takes effect: replay restores exactly the pins the log holds.
+            self.audit.append("route_pinned", **pin.to_dict())
+            previous = self._apply_pin(pin)
+        replaced = f" (was {previous.target})" if previous is not None and previous.target != pin.target else ""
+        return f"{pin.model} pinned to {pin.target}{replaced}"
+
+    def _apply_pin(self, pin: Pin) -> Pin | None:
+        previous = self.routes.pin(pin)
+        if previous is not None:
+            self.metrics.route_pinned.labels(previous.model, previous.target).set(0)
+        self.metrics.route_pinned.labels(pin.model, pin.target).set(1)
+        return previous
+
+    def _finish(self, incident: Incident, name: str, result: str, message: str) -> None:
+        state = incident.hooks[name]
+        self._record("hook_result", incident=incident.id, hook=name, result=result, message=message,
+                     attempts=state.attempts)
+        state.result, state.message, state.finished_at, state.in_flight = result, message, time.time(), False
+        self.metrics.hook_runs.labels(incident.alert.name, name, result).inc()
+        if result == "success":
+            self.metrics.hook_last_timestamp.labels(incident.alert.name, name).set(state.finished_at)
+        (log.warning if result in ("success", "dry_run") else log.error)(
+            "sidewatch: hook %s for incident %s: %s: %s", name, incident.id, result, message)
+
+    def _record(self, record_type: str, **fields) -> None:
+        """Append a record whose loss is survivable (results, notes): an unwritable log is logged, not raised."""
+        try:
+            self.audit.append(record_type, **fields)
+        except OSError as err:
+            log.error("sidewatch: cannot write %s to the audit log: %s", record_type, err)
+
+    def _prune(self) -> None:
+        finished = [incident for incident in self._incidents.values()
+                    if not incident.open and all(state.result is not None for state in incident.hooks.values())]
+        if len(finished) > _KEEP_FINISHED:
+            finished.sort(key=lambda incident: incident.opened_at)
+            for incident in finished[:len(finished) - _KEEP_FINISHED]:
+                del self._incidents[incident.id]
+
+    # --- replay --------------------------------------------------------------------------------
+
+    def _replay(self, records: list[dict]) -> None:
+        counted = "dry_run" if self.config.dry_run else "run"
+        pins: dict[str, Pin] = {}
+        pinned_by: set[tuple[str, str]] = set()
+        last_result_at: dict[tuple[str, str], float] = {}
+        for record in records:
+            try:
+                self._replay_record(record, counted, pins, pinned_by, last_result_at)
+            except (KeyError, TypeError, ValueError) as err:
+                log.warning("sidewatch: audit log record %r not understood (%s); skipped", record, err)
+        for pin in pins.values():
+            try:
+                self._apply_pin(pin)
+            except ValueError as err:
+                log.error("sidewatch: route pin of %s to %s not restored: %s", pin.model, pin.target, err)
+        now = time.time()
+        self._expire(now)
+        for incident in list(self._incidents.values()):
+            if incident.decision != "run":
+                continue
+            for name, state in incident.hooks.items():
+                if state.result is None:
+                    self._resume(incident, name, state, (incident.id, name) in pinned_by,
+                                 last_result_at.get((incident.id, name)), now)
+        self._prune()
+        if records:
+            log.warning("sidewatch: audit log %s replayed: %d records, %d open incidents, %d route pins",
+                        self.config.audit_log, len(records), len(self._open), len(pins))
+
+    def _replay_record(self, record: dict, counted: str, pins: dict[str, Pin], pinned_by: set,
+                       last_result_at: dict) -> None:
+        kind = record["type"]
+        at = float(record.get("ts") or 0.0)
+        if kind == "incident_opened":
+            alert = alert_from_dict(record["alert"])
+            incident = Incident(record["incident"], alert, at, record.get("decision", "run"), record.get("reason", ""),
+                                hooks={name: HookState() for name in alert.hooks})
+            self._incidents[incident.id] = incident
+            self._open[alert.key] = incident.id
+            if incident.decision == counted:
+                self._count_rollback(at)
+            return
+        if kind in ("route_pinned", "route_undone"):
+            if kind == "route_pinned":
+                pin = Pin(record["model"], record.get("version"), record.get("upstream"), record.get("incident", ""),
+                          record.get("hook", ""), float(record.get("pinned_at") or at))
+                pins[pin.model] = pin
+                pinned_by.add((pin.incident, pin.hook))
+            else:
+                pins.pop(record["model"], None)
+            return
+        incident = self._incidents.get(record.get("incident", ""))
+        if incident is None:
+            return  # "started" notes, or an incident pruned from memory
+        if kind == "incident_resolved":
+            incident.closed_at = at
+            if self._open.get(incident.alert.key) == incident.id:
+                del self._open[incident.alert.key]
+            return
+        state = incident.hooks.get(record.get("hook", ""))
+        if state is None:
+            return
+        if kind == "attempt_started":
+            state.attempts, state.in_flight = int(record["attempt"]), True
+        elif kind == "attempt_result":
+            state.in_flight, state.message = False, str(record.get("message", ""))
+            state.interrupted += bool(record.get("interrupted"))
+            last_result_at[(incident.id, record["hook"])] = at
+        elif kind == "hook_result":
+            state.result, state.message, state.finished_at = record["result"], str(record.get("message", "")), at
+            state.in_flight = False
+
+    def _resume(self, incident: Incident, name: str, state: HookState, pinned: bool,
+                last_result_at: float | None, now: float) -> None:
+        """A hook left unfinished by the previous run of the sidecar."""
+        hook = self.config.hooks.get(name)
+        if hook is None:
+            self._finish(incident, name, "failure", f"no hook named {name!r} is configured any more")
+            return
+        if state.in_flight:
+            if not isinstance(hook, RouteHook):
+                self._finish(incident, name, "unknown",
+                             f"attempt {state.attempts} started before sidewatch stopped and has no recorded "
+                             "result: it may have run; not repeated")
+                return
+            if pinned:
+                self._record("attempt_result", incident=incident.id, hook=name, attempt=state.attempts, ok=True,
+                             message="pinned before a restart; restored from the audit log", seconds=0)
+                self._finish(incident, name, "success", "pinned before a restart; restored from the audit log")
+                return
+            # The pin was never recorded, so it never took effect: run the attempt again, uncounted.
+            self._record("attempt_result", incident=incident.id, hook=name, attempt=state.attempts, ok=False,
+                         interrupted=True, message="interrupted by a restart before it took effect; run again")
+            state.in_flight, state.interrupted = False, state.interrupted + 1
+            self._schedule(now, incident.id, name)
+            return
+        counted_attempts = state.attempts - state.interrupted
+        if counted_attempts > hook.retries:
+            self._finish(incident, name, "failure", state.message or "no attempts left")
+            return
+        due = now
+        if counted_attempts and last_result_at is not None:
+            due = max(now, last_result_at + hook.backoff(counted_attempts))
+        self._schedule(due, incident.id, name)
