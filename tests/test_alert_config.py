@@ -82,3 +82,21 @@ def test_check_config_reads_the_token_file(tmp_path):
     done = subprocess.run(sidewatch("serve", "--config", str(path), "--check-config"), capture_output=True, text=True)
     assert done.returncode == 2
     assert "admin.token_file" in done.stderr and "missing" in done.stderr
+
+
+def test_commented_examples_in_the_shipped_config_are_valid():
+    import yaml
+
+    from agent.config import ServeConfig
+    from tests.harness import REPO
+
+    text = (REPO / "deploy" / "sidewatch.yaml").read_text()
+    start = text.index("# --- Alerts and rollback")
+    # Commented configuration starts with "# "; prose in that part of the file with "## ".
+    uncommented = "\n".join(line[2:] for line in text[start:].splitlines() if line.startswith("# ") and "---" not in line)
+    config = ServeConfig.model_validate(yaml.safe_load(text[:start]) | yaml.safe_load(uncommented))
+    assert [rule.name for rule in config.alerts.rules] == [
+        "AdversarialRateHigh", "InputDrift", "DriftStatisticOverThreshold", "AnomalyRateHigh"]
+    assert set(config.rollback.hooks) >= {"pin-last-good", "notify", "script", "undo-deployment", "abort-canary"}
+    assert config.admin.alertmanager_hooks["SidewatchAdversarialRateHigh"] == ["pin-last-good"]
+    assert config.admin.token_file is not None
