@@ -38,31 +38,28 @@ def format_status(status: dict) -> str:
 
     rollback = status.get("rollback", {})
     incidents = rollback.get("incidents", [])
-    if isinstance(incidents, dict):
-        incidents = list(incidents.values())
     lines += ["", "INCIDENTS"]
     if incidents:
         rows = []
         for incident in incidents:
-            hooks = ", ".join(f"{name}:{hook.get('result', '?')}" for name, hook in incident.get("hooks", {}).items())
-            rows.append([incident.get("id", "?"), incident.get("key", incident.get("alert", "?")),
-                         incident.get("source", "-"), incident.get("state", "-"), incident.get("decision", "-"),
-                         _when(incident.get("opened_at")), hooks or "-"])
+            hooks = ", ".join(f"{name}:{hook['result']}" for name, hook in incident["hooks"].items())
+            rows.append([incident["id"], incident["key"], incident["source"], incident["state"], incident["decision"],
+                         _when(incident["opened_at"]), hooks or "-"])
         lines += _table(["ID", "ALERT", "SOURCE", "STATE", "DECISION", "OPENED", "HOOKS"], rows)
     else:
         lines.append("  (none)")
 
-    pins = rollback.get("pins", rollback.get("routes", {}).get("pins", {}) if isinstance(rollback.get("routes"), dict) else {})
-    if isinstance(pins, dict):
-        pins = list(pins.values())
+    pins = list(rollback.get("routes", {}).values())
     lines += ["", "ROUTE PINS"]
     if pins:
-        rows = [[pin.get("model", "?"), pin.get("version") or f"upstream {pin.get('upstream')}", pin.get("incident") or "-",
-                 _when(pin.get("pinned_at"))] for pin in pins]
+        rows = [[pin["model"], pin["version"] or f"upstream {pin['upstream']}", pin["incident"] or "-",
+                 _when(pin["pinned_at"])] for pin in pins]
         lines += _table(["MODEL", "PINNED TO", "INCIDENT", "SINCE"], rows)
     else:
         lines.append("  (none)")
-    extra = [f"{key}: {rollback[key]}" for key in ("dry_run", "cooldown", "rollbacks_last_hour") if key in rollback]
-    if extra:
-        lines += ["", *extra]
+    if rollback:
+        cooldown = f"until {_when(rollback['cooldown_until'])}" if rollback.get("cooldown_until") else "no"
+        lines += ["", f"dry run: {'yes' if rollback.get('dry_run') else 'no'}   cooldown: {cooldown}   "
+                      f"rollbacks in the last hour: {rollback.get('rollbacks_last_hour', 0)} "
+                      f"(limit {rollback.get('max_per_hour', '?')})   audit log: {rollback.get('audit_log') or 'memory only'}"]
     return "\n".join(lines)

@@ -10,11 +10,16 @@ import signal
 from grpc import aio
 from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
 
+from agent.alerts.admin import AdminServer, admin_token
+from agent.alerts.engine import AlertEngine
+from agent.alerts.receiver import AlertmanagerReceiver
+from agent.alerts.rollback import RollbackDispatcher
 from agent.config import ServeConfig, split_address
-from agent.metrics import DetectionMetrics, DriftMetrics, ProxyMetrics
+from agent.metrics import AlertMetrics, DetectionMetrics, DriftMetrics, ProxyMetrics
 from agent.proxy import tls
 from agent.proxy.forward import Forwarder
 from agent.proxy.health import UpstreamHealth
+from agent.proxy.route import RouteTable, channel_opener
 from agent.proxy.tap import Tap
 
 log = logging.getLogger(__name__)
@@ -68,14 +73,39 @@ class Sidecar:
                 self.drift = DriftWatch(detectors, config, DriftMetrics(self.registry), self.metrics.bounded)
                 self.tap.add_sink("drift", self.drift)
                 self.watch.score_listeners.append(self.drift.observe_scores)
+        self._init_alerts()
         self.server: aio.Server | None = None
         self.channel: aio.Channel | None = None
         self.health: UpstreamHealth | None = None
         self.port: int | None = None
         self._metrics_server = None
 
+    def _init_alerts(self) -> None:
+        """The alert engine, the rollback dispatcher and its route table, and the admin API."""
+        config = self.config
+        self.alert_metrics = AlertMetrics(self.registry)
+        self.routes = RouteTable(channel_opener(config), max_models=config.metrics.max_models)
+        if any(hook.type == "route" for hook in config.rollback.hooks.values()):
+            # Route hooks without a version pin the last version seen serving: the tap tells which.
+            self.tap.add_sink("routes", self.routes.observe_inference)
+        self.dispatcher = RollbackDispatcher(config.rollback, self.alert_metrics, self.routes)
+        self.engine = AlertEngine(config.alerts, self.registry, self.alert_metrics, self.dispatcher)
+        self.admin: AdminServer | None = None
+        token = admin_token(config.admin)
+        if token is not None:
+            receiver = AlertmanagerReceiver(config.admin.alertmanager_hooks, config.rollback.hooks, self.dispatcher,
+                                            self.alert_metrics)
+            self.admin = AdminServer(config.admin, token, self.dispatcher, self.engine, receiver, self.alert_metrics)
+        elif config.admin.enabled:
+            log.warning("sidewatch: admin API off: no token (set admin.token_file or SIDEWATCH_ADMIN_TOKEN)")
+
     async def start(self) -> None:
         config = self.config
+        rollback = config.rollback
+        if rollback.hooks or rollback.audit_log is not None or config.alerts.rules:
+            # Replays the audit log first: route pins are in force before the first call is forwarded.
+            # (Without any alerting configured there is nothing to replay or run.)
+            self.dispatcher.start()
         self.channel = open_upstream_channel(config)
         self.server = aio.server(options=_message_size_options(config))
         # The health service is registered first so that it answers before the catch-all forwarder.
@@ -95,6 +125,9 @@ class Sidecar:
         if config.metrics.listen:
             host, port = split_address(config.metrics.listen)
             self._metrics_server, _ = start_http_server(port, addr=host, registry=self.registry)
+        self.engine.start()
+        if self.admin is not None:
+            self.admin.start()
         log.info("sidewatch: listening on %s, forwarding to %s, metrics on %s",
                  config.listen, config.upstream.address, config.metrics.listen)
 
@@ -102,6 +135,10 @@ class Sidecar:
         """Graceful shutdown: stop taking calls, let in-flight calls finish within the grace period."""
         if self.health is not None:
             await self.health.shutting_down()
+        # No new alerts and no admin requests while the rest shuts down.
+        self.engine.stop()
+        if self.admin is not None:
+            self.admin.stop()
         if self.server is not None:
             await self.server.stop(self.config.shutdown_grace_seconds)
         if self.channel is not None:
@@ -113,6 +150,8 @@ class Sidecar:
         if self.drift is not None:
             self.drift.tick()  # the last scores
             self.drift.close()
+        # Lets a hook that is running finish (or stop at its timeout) and flushes the audit log.
+        self.dispatcher.close()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server = None
