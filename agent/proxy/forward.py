@@ -4,6 +4,10 @@ Methods of the Open Inference Protocol that are known to be unary are relayed wi
 calls; everything else (ModelStreamInfer, other services, methods we have never heard of) is
 relayed as a bidirectional stream, which carries any call shape on the wire. Messages are never
 deserialized here: the only look inside is :func:`peek_model` on inference requests, for labels.
+
+The exception is routing (agent/proxy/route.py): while a route hook pins a model, its ModelInfer
+requests (unary, and each message of ModelStreamInfer) are parsed to rewrite ``model_version``, or
+the model's calls go to a fallback upstream. With nothing pinned the cost is one attribute read.
 """
 
 from __future__ import annotations
@@ -19,10 +23,12 @@ from grpc import aio
 from agent.metrics import ProxyMetrics
 from agent.protocol import paths
 from agent.protocol.peek import peek_model
+from agent.proxy.route import rewrite_version
 from agent.proxy.tap import Tap, TapRecord
 
 if TYPE_CHECKING:
     from agent.detect.adversarial import AdversarialWatch
+    from agent.proxy.route import RouteTable
 
 # Metadata that belongs to the hop, not to the call: gRPC sets these itself on the next hop.
 _HOP_HEADERS = frozenset({"user-agent", "content-type", "te", "host", "grpc-timeout", "grpc-encoding", "grpc-accept-encoding"})
@@ -43,10 +49,20 @@ class Forwarder(grpc.GenericRpcHandler):
     """A generic handler that relays each call to one upstream channel."""
 
     def __init__(self, channel: aio.Channel, metrics: ProxyMetrics, tap: Tap | None,
-                 max_pending_stream_requests: int = 256, watch: "AdversarialWatch | None" = None) -> None:
+                 max_pending_stream_requests: int = 256, watch: "AdversarialWatch | None" = None,
+                 routes: "RouteTable | None" = None) -> None:
         self._channel = channel
         self._metrics = metrics
         self._tap = tap
+        # Pins set by route hooks; None: no routing at all.
+        self._routes = routes
+        # Stubs on fallback upstreams' channels, by (address, method).
+        self._fallback_unary: dict[tuple[str, str], aio.UnaryUnaryMultiCallable] = {}
+        self._fallback_stream: dict[tuple[str, str], aio.StreamStreamMultiCallable] = {}
+        if routes is not None and tap is not None:
+            # The versions that served traffic, for pins to the last known-good version: read from
+            # the tap's decoded copies, off the hot path.
+            tap.add_sink("routes", routes.observe_inference)
         # Flag and enforce modes put the adversarial verdict on the hot path of unary ModelInfer.
         self._watch = watch
         self._max_pending = max_pending_stream_requests
@@ -74,11 +90,20 @@ class Forwarder(grpc.GenericRpcHandler):
         carries_model = method in paths.MODEL_SCOPED_METHODS
         taps_inference = method == paths.MODEL_INFER
         metrics = self._metrics
+        routes = self._routes
 
         async def relay(request: bytes, context: aio.ServicerContext) -> bytes:
             received_at = time.time()
             started = time.perf_counter()
             model, version = peek_model(request) if carries_model else ("", "")
+            upstream = stub
+            pin = routes.pins.get(model) if routes is not None and routes.active and carries_model else None
+            if pin is not None:
+                if pin.upstream is not None:
+                    upstream = self._fallback_unary_stub(pin.upstream, method)
+                elif taps_inference:
+                    request = rewrite_version(request, pin.version)
+                    version = pin.version
             series = metrics.call_series(model, version, method_label)
             metrics.in_flight.inc()
             code = grpc.StatusCode.OK
@@ -89,7 +114,7 @@ class Forwarder(grpc.GenericRpcHandler):
                     if rejected is not None:
                         code = grpc.StatusCode.INVALID_ARGUMENT
                         await context.abort(code, rejected.rejection(), rejected.metadata())
-                call = stub(
+                call = upstream(
                     request,
                     metadata=forwardable_metadata(context.invocation_metadata()),
                     timeout=context.time_remaining(),
@@ -122,6 +147,18 @@ class Forwarder(grpc.GenericRpcHandler):
 
         return relay
 
+    def _fallback_unary_stub(self, address: str, method: str) -> aio.UnaryUnaryMultiCallable:
+        stub = self._fallback_unary.get((address, method))
+        if stub is None:
+            stub = self._fallback_unary[(address, method)] = self._routes.channel(address).unary_unary(method)
+        return stub
+
+    def _fallback_stream_stub(self, address: str, method: str) -> aio.StreamStreamMultiCallable:
+        stub = self._fallback_stream.get((address, method))
+        if stub is None:
+            stub = self._fallback_stream[(address, method)] = self._routes.channel(address).stream_stream(method)
+        return stub
+
     async def _inline_verdict(self, model: str, version: str, request: bytes):
         """(scoring, rejected verdict or None). Flag mode starts scoring beside the upstream call;
         enforce mode scores first and rejects an input over the threshold."""
@@ -148,17 +185,27 @@ class Forwarder(grpc.GenericRpcHandler):
         metrics = self._metrics
         requests_relayed = metrics.stream_messages.labels(method_label, "request")
         responses_relayed = metrics.stream_messages.labels(method_label, "response")
+        routes = self._routes
 
         async def relay(request_iterator, context: aio.ServicerContext):
             started = time.perf_counter()
             # Streamed responses are paired with requests in order; the first request names the model.
             pending: collections.deque[tuple[bytes, float, float]] = collections.deque(maxlen=self._max_pending)
             first_model = ["", ""]
+            upstream = stub
+            if taps_inference and routes is not None and routes.upstream_pins:
+                # A stream goes to one upstream: the one its first message's model is pinned to, if any.
+                # That message is read before the upstream call starts.
+                request_iterator, fallback = await self._stream_fallback(request_iterator)
+                if fallback is not None:
+                    upstream = self._fallback_stream_stub(fallback, method)
 
             async def upstream_requests():
                 async for message in request_iterator:
                     requests_relayed.inc()
                     if taps_inference:
+                        if routes is not None and routes.active:
+                            message = routes.rewrite_request(message)
                         if not first_model[0]:
                             first_model[0], first_model[1] = peek_model(message)
                         if self._tap is not None:
@@ -168,7 +215,7 @@ class Forwarder(grpc.GenericRpcHandler):
             metrics.in_flight.inc()
             code = grpc.StatusCode.OK
             try:
-                call = stub(
+                call = upstream(
                     upstream_requests(),
                     metadata=forwardable_metadata(context.invocation_metadata()),
                     timeout=context.time_remaining(),
@@ -204,6 +251,21 @@ class Forwarder(grpc.GenericRpcHandler):
                 metrics.latency.labels(*labels).observe(time.perf_counter() - started)
 
         return relay
+
+    async def _stream_fallback(self, request_iterator):
+        """(the requests with the first one put back, the fallback upstream its model is pinned to or None)."""
+        requests = aiter(request_iterator)
+        first = await anext(requests, None)
+        if first is None:
+            return requests, None
+        pin = self._routes.pins.get(peek_model(first)[0])
+        return _prepend(first, requests), (pin.upstream if pin is not None else None)
+
+
+async def _prepend(first: bytes, rest):
+    yield first
+    async for message in rest:
+        yield message
 
 
 async def _verdict_metadata(scoring: asyncio.Future | None) -> tuple:

@@ -17,6 +17,11 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
+from google.protobuf.message import DecodeError
+
+from agent.protocol import oip_pb2
+from agent.protocol.peek import peek_model
+
 if TYPE_CHECKING:
     from grpc import aio
 
@@ -57,6 +62,8 @@ class RouteTable:
         # Opens a channel to a fallback upstream with the main upstream's options and TLS (see
         # channel_opener); without it, pins to an upstream are refused.
         self.open_channel = open_channel
+        # Fallback channels, opened on the event loop by the first call that needs one.
+        self._channels: dict[str, aio.Channel] = {}
         self._lock = threading.Lock()
         # model -> {version: unix time last seen serving}; bounded, since names come from traffic.
         self._served: dict[str, dict[str, float]] = {}
@@ -84,6 +91,26 @@ class RouteTable:
 
     def get(self, model: str) -> Pin | None:
         return self.pins.get(model)
+
+    def rewrite_request(self, message: bytes) -> bytes:
+        """A streamed ModelInferRequest with its version rewritten when its model is pinned to a version."""
+        pin = self.pins.get(peek_model(message)[0])
+        if pin is None or pin.version is None:
+            return message
+        return rewrite_version(message, pin.version)
+
+    def channel(self, address: str) -> "aio.Channel":
+        """The channel to a fallback upstream (called on the event loop)."""
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = self._channels[address] = self.open_channel(address)
+        return channel
+
+    async def close(self) -> None:
+        """Close the fallback channels (at shutdown, after the server has stopped)."""
+        channels, self._channels = self._channels, {}
+        for channel in channels.values():
+            await channel.close()
 
     def _publish(self, pins: dict[str, Pin]) -> None:
         # The new dict is complete before it is visible; the flags follow it.
@@ -127,6 +154,21 @@ class RouteTable:
 
     def status(self) -> dict:
         return {"pins": {model: pin.to_dict() for model, pin in self.pins.items()}}
+
+
+def rewrite_version(request: bytes, version: str) -> bytes:
+    """A serialized ModelInferRequest with ``model_version`` set to ``version``.
+
+    A message that does not parse goes on unchanged: the upstream rejects it with its own error,
+    as it would without the pin.
+    """
+    message = oip_pb2.ModelInferRequest()
+    try:
+        message.ParseFromString(request)
+    except DecodeError:
+        return request
+    message.model_version = version
+    return message.SerializeToString()
 
 
 def channel_opener(config: "ServeConfig") -> "Callable[[str], aio.Channel]":
