@@ -90,10 +90,8 @@ class Sidecar:
         """The alert engine, the rollback dispatcher and its route table, and the admin API."""
         config = self.config
         self.alert_metrics = AlertMetrics(self.registry)
+        # Consulted by the forwarder (which also feeds it the versions seen serving, from the tap).
         self.routes = RouteTable(channel_opener(config), max_models=config.metrics.max_models)
-        if any(hook.type == "route" for hook in config.rollback.hooks.values()):
-            # Route hooks without a version pin the last version seen serving: the tap tells which.
-            self.tap.add_sink("routes", self.routes.observe_inference)
         self.dispatcher = RollbackDispatcher(config.rollback, self.alert_metrics, self.routes)
         self.engine = AlertEngine(config.alerts, self.registry, self.alert_metrics, self.dispatcher)
         self.admin: AdminServer | None = None
@@ -117,7 +115,8 @@ class Sidecar:
         # The health service is registered first so that it answers before the catch-all forwarder.
         self.health = UpstreamHealth(self.server, self.channel, config.upstream_health_interval_seconds)
         self.server.add_generic_rpc_handlers([
-            Forwarder(self.channel, self.metrics, self.tap, config.tap.max_pending_stream_requests, self.watch)
+            Forwarder(self.channel, self.metrics, self.tap, config.tap.max_pending_stream_requests, self.watch,
+                      routes=self.routes)
         ])
         if config.tls is None:
             self.port = self.server.add_insecure_port(config.listen)
@@ -149,6 +148,7 @@ class Sidecar:
             await self.server.stop(self.config.shutdown_grace_seconds)
         if self.channel is not None:
             await self.channel.close()
+        await self.routes.close()  # fallback upstreams' channels
         self.tap.stop()
         if self.watch is not None:
             self.watch.flush()
