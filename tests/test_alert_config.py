@@ -100,3 +100,15 @@ def test_commented_examples_in_the_shipped_config_are_valid():
     assert set(config.rollback.hooks) >= {"pin-last-good", "notify", "script", "undo-deployment", "abort-canary"}
     assert config.admin.alertmanager_hooks["SidewatchAdversarialRateHigh"] == ["pin-last-good"]
     assert config.admin.token_file is not None
+
+
+def test_demo_alerting_config_is_valid():
+    from tests.harness import REPO
+
+    config = load_config(REPO / "deploy" / "sidewatch-demo.yaml")
+    [rule] = config.alerts.rules
+    # Rolls back within 5 s of the first adversarial request: an attack outweighs benign traffic in the
+    # window at once; then the rule is pending for for_seconds, seen at evaluation granularity.
+    assert rule.for_seconds + 2 * config.alerts.evaluation_interval_seconds <= 5
+    assert rule.window_seconds <= 5
+    assert config.rollback.hooks[rule.hooks[0]].type == "route"
