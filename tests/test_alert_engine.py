@@ -164,6 +164,25 @@ def test_minimum_denominator_stops_one_of_one_from_firing_and_groups_are_separat
     assert [alert.key for alert in f.dispatcher.fired] == [KEY]
 
 
+def test_ratio_of_one_counter_with_numerator_matchers():
+    f = Fixture([{"name": "ErrorRatioHigh", "kind": "ratio", "numerator": "sidewatch_requests_total",
+                  "denominator": "sidewatch_requests_total", "numerator_matchers": {"code": "UNAVAILABLE"},
+                  "matchers": {"method": "ModelInfer"}, "window_seconds": 10, "above": 0.1, "min_denominator": 1}])
+    requests = Counter("sidewatch_requests_total", "", ["model", "version", "method", "code"], registry=f.registry)
+    requests.labels("m", "1", "ModelInfer", "OK").inc(0)
+    requests.labels("m", "1", "ServerReady", "UNAVAILABLE").inc(0)
+    f.tick()
+    requests.labels("m", "1", "ModelInfer", "OK").inc(90)
+    requests.labels("m", "1", "ServerReady", "UNAVAILABLE").inc(50)  # another method: not matched
+    requests.labels("m", "1", "ModelInfer", "UNAVAILABLE").inc(10)
+    f.tick()
+    assert f.value("sidewatch_alert_value", alert="ErrorRatioHigh") == pytest.approx(0.1)  # 10 of 100
+    assert f.state("ErrorRatioHigh") == {"ErrorRatioHigh{model=m,version=1}": "inactive"}
+    requests.labels("m", "1", "ModelInfer", "UNAVAILABLE").inc(10)
+    f.tick()
+    assert f.state("ErrorRatioHigh") == {"ErrorRatioHigh{model=m,version=1}": "firing"}  # 20 of 110
+
+
 def test_pending_alert_whose_condition_clears_goes_back_to_inactive_without_firing():
     f = Fixture([{**ADVERSARIAL, "window_seconds": 1, "for_seconds": 5}])
     inputs = f.inputs.labels("mnist_cnn", "2", "shadow")
@@ -299,6 +318,7 @@ def test_engine_thread_evaluates_and_stops():
     ({"kind": "rate", "metric": "a_total", "above_metric": "b"}, "only for gauge rules"),
     ({"kind": "gauge", "numerator": "a", "metric": "b", "above": 1}, "takes metric"),
     ({"kind": "gauge", "metric": "bad-name", "above": 1}, "pattern"),
+    ({"kind": "rate", "metric": "a_total", "above": 1, "numerator_matchers": {"code": "x"}}, "only for ratio rules"),
 ])
 def test_bad_rules_are_refused(rule, message):
     with pytest.raises(ValidationError) as raised:

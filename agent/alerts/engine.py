@@ -203,11 +203,11 @@ class AlertEngine:
         return counters, {name: samples.get(name, {}) for name in self._gauges}
 
     @staticmethod
-    def _matches(rule: Rule, labels: LabelSet) -> bool:
-        if not rule.matchers:
+    def _matches(matchers: dict[str, str], labels: LabelSet) -> bool:
+        if not matchers:
             return True
         have = dict(labels)
-        return all(have.get(name) == value for name, value in rule.matchers.items())
+        return all(have.get(name) == value for name, value in matchers.items())
 
     @staticmethod
     def _group(rule: Rule, labels: LabelSet) -> tuple[str, ...]:
@@ -218,21 +218,26 @@ class AlertEngine:
         """{group: (value, condition)} for every group the rule sees now."""
         if rule.kind == "gauge":
             return self._gauge_values(rule, gauges)
-        sums: dict[str, dict[tuple[str, ...], float]] = {}
-        for name in rule.counter_names():
-            sums[name] = collections.defaultdict(float)
+        window = rule.window_seconds
+
+        def sums(name: str, extra: dict[str, str]) -> dict[tuple[str, ...], float]:
+            """Increase over the window of the matching series of one counter, summed per group."""
+            totals: dict[tuple[str, ...], float] = collections.defaultdict(float)
             for labels, history in counters[name].items():
-                if self._matches(rule, labels):
-                    sums[name][self._group(rule, labels)] += history.increase(now, rule.window_seconds)
+                if self._matches(rule.matchers, labels) and self._matches(extra, labels):
+                    totals[self._group(rule, labels)] += history.increase(now, window)
+            return totals
+
         results: dict[tuple[str, ...], tuple[float | None, bool]] = {}
         if rule.kind == "rate":
-            for group, increase in sums[rule.metric].items():
-                value = increase / rule.window_seconds
+            for group, increase in sums(rule.metric, {}).items():
+                value = increase / window
                 results[group] = (value, self._beyond(rule, value, rule.threshold))
             return results
         # ratio: the groups are the denominator's; a numerator series without one counts for nothing.
-        for group, denominator in sums[rule.denominator].items():
-            numerator = sums[rule.numerator].get(group, 0.0)
+        numerators = sums(rule.numerator, rule.numerator_matchers)
+        for group, denominator in sums(rule.denominator, {}).items():
+            numerator = numerators.get(group, 0.0)
             value = numerator / denominator if denominator > 0 else None
             enough = denominator >= rule.min_denominator and value is not None
             results[group] = (value, enough and self._beyond(rule, value, rule.threshold))
@@ -243,7 +248,7 @@ class AlertEngine:
         best: dict[tuple[str, ...], tuple[float, float]] = {}  # group -> (margin, value)
         thresholds = gauges.get(rule.threshold_metric, {}) if rule.threshold_metric else None
         for labels, value in gauges.get(rule.metric, {}).items():
-            if not self._matches(rule, labels) or math.isnan(value):
+            if not self._matches(rule.matchers, labels) or math.isnan(value):
                 continue
             threshold = rule.threshold if thresholds is None else thresholds.get(labels)
             if threshold is None or math.isnan(threshold):

@@ -37,6 +37,8 @@ class Rule(_Strict):
     denominator: str | None = Field(None, pattern=NAME_PATTERN)
     # Exact label values every series read by the rule must have (e.g. {detector: inputs_mmd}).
     matchers: dict[str, str] = {}
+    # ratio: more label values for the numerator only (errors over all calls: {code: UNAVAILABLE}).
+    numerator_matchers: dict[str, str] = {}
     # One alert per distinct combination of these labels; a series without one of them has "" there.
     group_by: list[str] = ["model", "version"]
     # ratio and rate: the counters' increase over this window.
@@ -68,7 +70,9 @@ class Rule(_Strict):
                 raise ValueError("a ratio rule needs numerator and denominator")
             if self.metric is not None:
                 raise ValueError("a ratio rule takes numerator and denominator, not metric")
-        else:
+        elif self.numerator_matchers:
+            raise ValueError("numerator_matchers: only for ratio rules")
+        if self.kind != "ratio":
             if self.metric is None:
                 raise ValueError(f"a {self.kind} rule needs metric")
             if self.numerator is not None or self.denominator is not None:
