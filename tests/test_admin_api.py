@@ -208,3 +208,18 @@ def test_admin_api_over_tls(tmp_path, model_server):
         assert again.returncode == 0, again.stderr
     finally:
         process.stop()
+
+
+def test_admin_port_in_use_is_a_clear_error(tmp_path, model_server):
+    _, token_file = write_token(tmp_path)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        config = write_config(tmp_path, {"admin": {"listen": f"127.0.0.1:{taken.getsockname()[1]}",
+                                                   "token_file": str(token_file)}})
+        process = Process(sidewatch("serve", "--listen", f"127.0.0.1:{free_port()}", "--upstream",
+                                    f"127.0.0.1:{model_server}", "--metrics-listen", f"127.0.0.1:{free_port()}",
+                                    "--config", str(config)), tmp_path / "in-use.log")
+        assert process.popen.wait(60) == 2
+        process.stop()
+    assert "sidewatch: cannot listen on admin.listen" in process.log()

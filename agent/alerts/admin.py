@@ -289,7 +289,10 @@ class AdminServer:
         elif not is_loopback(host):
             log.warning("sidewatch: the admin API listens on %s without TLS: its bearer token crosses the network "
                         "in the clear (set admin.tls)", self.config.listen)
-        self._server = _Server((host, port), _Handler, self, tls)
+        try:
+            self._server = _Server((host, port), _Handler, self, tls)
+        except OSError as err:
+            raise OSError(f"sidewatch: cannot listen on admin.listen {self.config.listen}: {err.strerror}") from err
         self.port = self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
                                         name="sidewatch-admin", daemon=True)
