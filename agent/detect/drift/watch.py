@@ -78,6 +78,8 @@ class ModelDrift:
             return
         x = np.asarray(x, dtype=np.float64)
         probabilities = np.asarray(logits, dtype=np.float64)
+        if len(x) == 0:
+            return  # an empty batch (shape [0, ...]) is valid and holds nothing to watch
         if artifact_model.get("output_kind") == "logits":
             probabilities = _softmax(probabilities)
         finite = np.isfinite(x.reshape(len(x), -1)).all(axis=1) & np.isfinite(probabilities).all(axis=1)
