@@ -97,15 +97,20 @@ class AdversarialWatch:
         metrics = self._metrics
         metrics.duration.labels(*labels, DETECTOR).observe(time.perf_counter() - started)
         metrics.batch_size.labels(*labels, DETECTOR).observe(len(rows))
-        metrics.inputs.labels(*labels, mode).inc(len(rows))
-        detected = int(np.count_nonzero(scores > calibrated.threshold))
+        finite = scores[np.isfinite(scores)]
+        if len(finite) < len(scores):
+            # NaN or infinite inputs score NaN: counted as inputs the detector could not take, and kept
+            # out of the histogram and the drift detectors (one NaN would spoil the histogram's sum for good).
+            metrics.errors.labels(*labels, DETECTOR, "non_finite").inc(len(scores) - len(finite))
+        metrics.inputs.labels(*labels, mode).inc(len(finite))
+        detected = int(np.count_nonzero(finite > calibrated.threshold))
         if detected:
             metrics.detections.labels(*labels, mode).inc(detected)
         histogram = metrics.score.labels(*labels)
-        for score in scores.tolist():
+        for score in finite.tolist():
             histogram.observe(score)
         for listener in self.score_listeners:
-            listener(calibrated.model, calibrated.version, scores)
+            listener(calibrated.model, calibrated.version, finite)
         return scores
 
     def _rows(self, calibrated: CalibratedDetector, inputs: dict[str, np.ndarray]) -> np.ndarray:
@@ -129,7 +134,10 @@ class AdversarialWatch:
             self._metrics.errors.labels(*self._bounded(model, version), DETECTOR, "undecodable").inc()
             raise DetectionFailed("undecodable") from err
         scores = self._score(calibrated, self._rows(calibrated, inputs), self.mode(model))
-        top = float(scores.max()) if len(scores) else 0.0
+        finite = scores[np.isfinite(scores)]
+        top = float(finite.max()) if len(finite) else 0.0
+        if top <= calibrated.threshold and len(finite) < len(scores):
+            raise DetectionFailed("non_finite")  # no row over the threshold, and some rows could not be scored
         return Verdict(top, calibrated.threshold, top > calibrated.threshold)
 
     def count_rejection(self, model: str, version: str) -> None:
