@@ -78,9 +78,11 @@ def is_loopback(host: str) -> bool:
 
 
 class _Server(ThreadingHTTPServer):
+    """One thread per connection, at most MAX_CONNECTIONS at a time: a flood of connections cannot
+    start threads without end (the ones over the bound are closed at once)."""
+
     daemon_threads = True
-    # The admin API is small: a bound on connections keeps a flood from starting threads without end.
-    request_queue_size = MAX_CONNECTIONS
+    request_queue_size = MAX_CONNECTIONS  # the listen backlog
 
     def __init__(self, address, handler, admin: "AdminServer", tls: ssl.SSLContext | None) -> None:
         self.admin = admin
