@@ -343,8 +343,8 @@ class AlertEngine:
         self.metrics.pending.labels(rule.name, rule.severity).set(1 if PENDING in states else 0)
         # The worst group's value: the highest for an "above" rule, the lowest for a "below" one.
         known = [series.value for series in rule_state.series.values() if series.value is not None]
-        if known:
-            self.metrics.value.labels(rule.name).set(max(known) if rule.direction == "above" else min(known))
+        worst = (max(known) if rule.direction == "above" else min(known)) if known else math.nan  # NaN: no data
+        self.metrics.value.labels(rule.name).set(worst)
 
     # --- status ------------------------------------------------------------------------------------
 
