@@ -260,6 +260,7 @@ def test_a_group_that_disappears_resolves():
     f.tick()
     assert f.state("InputDrift") == {}
     assert f.dispatcher.resolved_keys == ["InputDrift{model=mnist_cnn,version=1}"]
+    assert math.isnan(f.value("sidewatch_alert_value", alert="InputDrift"))  # no data
 
 
 def test_counter_history_handles_resets_and_windows():
