@@ -67,6 +67,9 @@ class Tap(_Strict):
     queue_size: int = Field(1024, ge=1)
     # Streamed requests waiting for their response, per stream, before the oldest is dropped.
     max_pending_stream_requests: int = Field(256, ge=1)
+    # A detector call that runs longer is given up on: that detector gets no copies until the call
+    # returns, and the others go on (on a new consumer thread).
+    sink_timeout_seconds: float = Field(10.0, gt=0)
 
 
 class Metrics(_Strict):

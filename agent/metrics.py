@@ -128,6 +128,13 @@ class ProxyMetrics:
             ["sink"],
             registry=registry,
         )
+        self.sink_timeouts = Counter(
+            "sidewatch_tap_sink_timeouts_total",
+            "Calls into a consumer of tapped calls that ran past tap.sink_timeout_seconds (a hung detector); "
+            "the sink gets no copies until the call returns.",
+            ["sink"],
+            registry=registry,
+        )
 
     def call_series(self, model: str, version: str, method: str) -> CallSeries:
         """The cached series of a call; label lookups cost more than the increments themselves."""

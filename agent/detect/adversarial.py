@@ -24,6 +24,7 @@ from agent.detect.registry import CalibratedDetector, DetectorRegistry
 from agent.metrics import BoundedModels, DetectionMetrics
 from agent.protocol import codec, oip_pb2
 from agent.proxy.tap import TappedInference
+from agent.throttled_log import ThrottledLog
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ class AdversarialWatch:
         self._bounded = bounded
         self._max_batch = config.detection.max_batch_size
         self._max_wait = config.detection.max_wait_seconds
+        self._log = ThrottledLog(log)  # a detector failing on every request logs once a minute
         self._executor = ThreadPoolExecutor(config.detection.inline_threads, thread_name_prefix="sidewatch-detect")
         # Shadow-mode micro-batches, per calibrated detector: rows waiting and when the oldest arrived.
         self._pending: dict[tuple[str, str], tuple[list[np.ndarray], int, float]] = {}
@@ -91,8 +93,8 @@ class AdversarialWatch:
             scores = calibrated.detector.score(rows).scores
         except Exception as err:
             self._metrics.errors.labels(*labels, DETECTOR, "detector_failed").inc()
-            log.warning("sidewatch: adversarial detector for %s version %s failed: %s",
-                        calibrated.model, calibrated.version, err)
+            self._log.warning(labels, "sidewatch: adversarial detector for %s version %s failed: %s",
+                              calibrated.model, calibrated.version, err)
             raise DetectionFailed("detector_failed") from err
         metrics = self._metrics
         metrics.duration.labels(*labels, DETECTOR).observe(time.perf_counter() - started)

@@ -55,7 +55,7 @@ class Sidecar:
         self.config = config
         self.registry = registry
         self.metrics = ProxyMetrics(registry, config.metrics.max_models)
-        self.tap = Tap(self.metrics, config.tap.queue_size)
+        self.tap = Tap(self.metrics, config.tap.queue_size, sink_timeout_seconds=config.tap.sink_timeout_seconds)
         self.watch = None
         self.drift = None
         if config.detection.model_repository is not None:

@@ -7,6 +7,11 @@ copy is dropped and counted. A single consumer thread decodes the tensors and ha
 The queue is a deque that the consumer drains in batches every few milliseconds, rather than a
 queue.Queue whose every put wakes the consumer: a wake-up per call costs the event loop a GIL
 hand-over per call, which measured as a quarter of the proxy's throughput.
+
+A sink that raises is counted and logged (once a minute at most); the others still get the copy. A
+sink that hangs would stop every detector, so a watchdog thread gives up on a sink call that runs past
+``sink_timeout_seconds``: it counts it, skips that sink until the call returns, and starts a new
+consumer thread for the others. Python cannot stop the stuck thread; it exits when its call returns.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
@@ -21,6 +27,7 @@ import numpy as np
 
 from agent.metrics import ProxyMetrics
 from agent.protocol import codec, oip_pb2
+from agent.throttled_log import ThrottledLog
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +76,8 @@ def _parse_response(record: TapRecord) -> oip_pb2.ModelInferResponse | None:
 
 
 class Tap:
-    def __init__(self, metrics: ProxyMetrics, queue_size: int, poll_seconds: float = 0.005) -> None:
+    def __init__(self, metrics: ProxyMetrics, queue_size: int, poll_seconds: float = 0.005,
+                 sink_timeout_seconds: float | None = 10.0) -> None:
         # Only the event loop appends and only the consumer pops, so the length check in offer is exact.
         self._queue: collections.deque[TapRecord] = collections.deque()
         self._capacity = queue_size
@@ -79,6 +87,16 @@ class Tap:
         self._tickers: list = []
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
+        self._log = ThrottledLog(log)
+        self._sink_timeout = sink_timeout_seconds
+        self._watchdog: threading.Thread | None = None
+        # The sink call a consumer is in: (sink, monotonic start, the consumer's generation); None between calls.
+        self._busy: tuple[str, float, int] | None = None
+        self._busy_lock = threading.Lock()
+        # Bumped when the watchdog gives up on a consumer stuck in a sink; an older consumer then stops.
+        self._generation = 0
+        # Sinks stuck in a call that overran the timeout: they get nothing until that call returns.
+        self._suspended: set[str] = set()
         metrics.tap_queue_capacity.set(queue_size)
         metrics.tap_queue_depth.set_function(self._queue.__len__)
 
@@ -94,6 +112,8 @@ class Tap:
         """Enqueue a copy without waiting; False (and counted) when the queue is full."""
         if len(self._queue) >= self._capacity:
             self._metrics.tap_dropped.inc()
+            self._log.warning("dropped", "sidewatch: tap queue full (%d copies): copies dropped, the calls themselves "
+                              "are forwarded; the detectors are behind", self._capacity)
             return False
         self._queue.append(record)
         self._metrics.tap_enqueued.inc()
@@ -101,41 +121,89 @@ class Tap:
 
     def start(self) -> None:
         self._stopping.clear()
-        self._thread = threading.Thread(target=self._run, name="sidewatch-tap", daemon=True)
-        self._thread.start()
+        self._thread = self._start_consumer()
+        if self._sink_timeout is not None:
+            self._watchdog = threading.Thread(target=self._watch, name="sidewatch-tap-watchdog", daemon=True)
+            self._watchdog.start()
+
+    def _start_consumer(self) -> threading.Thread:
+        thread = threading.Thread(target=self._run, args=(self._generation,), name="sidewatch-tap", daemon=True)
+        thread.start()
+        return thread
 
     def stop(self, timeout: float = 5.0) -> None:
         """Let the consumer finish what is queued (up to ``timeout``), then stop it."""
         if self._thread is None:
             return
         self._stopping.set()
+        if self._watchdog is not None:
+            self._watchdog.join()  # first: it replaces self._thread
+            self._watchdog = None
         self._thread.join(timeout)
         if self._thread.is_alive():
             log.warning("sidewatch: tap consumer still busy at shutdown; %d copies not processed", len(self._queue))
         self._thread = None
 
-    def _run(self) -> None:
+    def _run(self, generation: int) -> None:
         queued = self._queue
         while True:
             if not queued:
-                self._tick()
-                if self._stopping.is_set():
+                if not self._tick(generation) or self._stopping.is_set():
                     return
                 self._stopping.wait(self._poll_seconds)
                 continue
             for _ in range(len(queued)):
                 inference = self.decode(queued.popleft())
-                if inference is not None:
-                    self._deliver(inference)
-            self._tick()
+                if inference is not None and not self._deliver(inference, generation):
+                    return
+            if not self._tick(generation):
+                return
 
-    def _tick(self) -> None:
+    def _tick(self, generation: int) -> bool:
         for name, tick in self._tickers:
-            try:
-                tick()
-            except Exception:  # noqa: BLE001 - same isolation as the sinks
-                self._metrics.sink_errors.labels(name).inc()
-                log.exception("sidewatch: tap sink %s failed", name)
+            if not self._call(name, tick, (), generation):
+                return False
+        return True
+
+    def _call(self, name: str, function: Callable, args: tuple, generation: int) -> bool:
+        """One call into a sink, isolated: an exception is counted and logged. False when the watchdog
+        replaced this consumer while the call ran: the caller must stop and leave the queue to the new one."""
+        if name in self._suspended:
+            return True
+        with self._busy_lock:
+            self._busy = (name, time.monotonic(), generation)
+        try:
+            function(*args)
+        except Exception:  # noqa: BLE001 - a failing detector must not stop the others
+            self._metrics.sink_errors.labels(name).inc()
+            self._log.error(name, "sidewatch: tap sink %s failed", name, exc_info=True)
+        with self._busy_lock:
+            replaced = generation != self._generation
+            if replaced:
+                self._suspended.discard(name)
+            else:
+                self._busy = None
+        if replaced:
+            log.warning("sidewatch: tap sink %s returned from the call that overran its timeout; it gets copies again",
+                        name)
+        return not replaced
+
+    def _watch(self) -> None:
+        """Give up on a sink call that overran the timeout: skip that sink, start a new consumer."""
+        while not self._stopping.wait(min(1.0, self._sink_timeout / 4)):
+            with self._busy_lock:
+                busy = self._busy
+                if busy is None or time.monotonic() - busy[1] < self._sink_timeout:
+                    continue
+                name = busy[0]
+                self._suspended.add(name)
+                self._generation += 1
+                self._busy = None
+            self._metrics.sink_timeouts.labels(name).inc()
+            self._log.error(("timeout", name), "sidewatch: tap sink %s has not returned for %.1f s "
+                            "(tap.sink_timeout_seconds): it gets no copies until it does; the other sinks go on",
+                            name, time.monotonic() - busy[1])
+            self._thread = self._start_consumer()
 
     def decode(self, record: TapRecord) -> TappedInference | None:
         """Parse and decode one copy; a failure is counted, never raised."""
@@ -167,10 +235,8 @@ class Tap:
             duration_seconds=record.duration_seconds,
         )
 
-    def _deliver(self, inference: TappedInference) -> None:
+    def _deliver(self, inference: TappedInference, generation: int) -> bool:
         for name, sink in self._sinks:
-            try:
-                sink(inference)
-            except Exception:  # noqa: BLE001 - a failing detector must not stop the others
-                self._metrics.sink_errors.labels(name).inc()
-                log.exception("sidewatch: tap sink %s failed", name)
+            if not self._call(name, sink, (inference,), generation):
+                return False
+        return True
