@@ -24,6 +24,7 @@ content type is 415, as is a strategic merge patch of a custom resource. A chang
 no longer match its selector is refused with 422, as the real validation does.
 
 Not modelled: controllers (nothing rolls pods or renumbers revisions after a patch), watches, RBAC.
+``stall_patches`` (seconds) holds the answer to a PATCH after applying it: a reply lost on the way back.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import json
 import re
 import ssl
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -89,6 +91,7 @@ class KubeAPI:
         self.tokens = set(tokens)
         self.client_users = set(client_users)
         self.rollout_status_subresource = True
+        self.stall_patches = 0.0
         self.objects: dict[tuple[str, str, str], dict] = {}      # (resource, namespace, name) -> object
         self.requests: list[Seen] = []
         self._lock = threading.Lock()
@@ -163,6 +166,8 @@ class KubeAPI:
                 code, answer = 401, status_object(401, "Unauthorized", "Unauthorized")
             else:
                 code, answer = self._route(method, url.path, parse_qs(url.query), content_type, body)
+        if method == "PATCH" and self.stall_patches:
+            time.sleep(self.stall_patches)
         data = json.dumps(answer).encode()
         handler.send_response(code)
         handler.send_header("Content-Type", "application/json")

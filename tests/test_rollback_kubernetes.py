@@ -210,6 +210,34 @@ def test_server_certificate_is_verified(api, mnist, tmp_path, in_cluster):
     assert api.requests == []
 
 
+def test_a_patch_without_an_answer_is_unknown_and_not_retried(api, mnist, in_cluster):
+    from prometheus_client import CollectorRegistry
+
+    from agent.alerts.hook_config import RollbackConfig
+    from agent.alerts.rollback import RollbackDispatcher
+    from agent.metrics import AlertMetrics
+    from agent.proxy.route import RouteTable
+
+    api.stall_patches = 3            # applied, but the answer comes after the hook's timeout
+    config = RollbackConfig(hooks={"k8s": KubernetesHook(
+        type="kubernetes", deployment="mnist", service_account_dir=in_cluster, timeout_seconds=1, retries=3,
+        backoff_seconds=0)})
+    dispatcher = RollbackDispatcher(config, AlertMetrics(CollectorRegistry()), RouteTable())
+    dispatcher.start()
+    try:
+        dispatcher.firing(make_incident(hooks=("k8s",)).alert)
+        assert dispatcher.wait_idle(30)
+        [incident] = dispatcher.status()["incidents"]
+    finally:
+        dispatcher.close()
+    state = incident["hooks"]["k8s"]
+    assert state["result"] == "unknown" and state["attempts"] == 1
+    assert "may have been applied, so it is not retried" in state["message"]
+    # Retrying would have rolled back a second time once the controller renumbered the revisions.
+    assert len(api.writes()) == 1
+    assert api.get("deployments", NS, "mnist")["spec"]["template"]["spec"]["containers"][0]["image"] == "model:v2"
+
+
 # --- argo rollouts ---------------------------------------------------------------------------------------
 
 

@@ -264,13 +264,14 @@ class RollbackDispatcher:
             self.metrics.hook_attempts.labels(incident.alert.name, name).inc()
         call = HookCall(incident, name, attempt, self.config.instance)
         started = time.monotonic()
+        retry = True
         try:
             if isinstance(hook, RouteHook):
                 message, ok = self._pin(hook, call), True
             else:
                 message, ok = _RUNNERS[hook.type].run(hook, call), True
         except HookFailed as err:
-            message, ok = str(err), False
+            message, ok, retry = str(err), False, err.retry
         except Exception as err:  # noqa: BLE001 - recorded as a failure like any other
             log.exception("sidewatch: rollback hook %s raised", name)
             message, ok = f"sidewatch: hook {name} raised {err!r}", False
@@ -281,6 +282,8 @@ class RollbackDispatcher:
             state.in_flight, state.message = False, message
             if ok:
                 self._finish(incident, name, "success", message)
+            elif not retry:
+                self._finish(incident, name, "unknown", message)
             elif attempt - state.interrupted <= hook.retries:
                 delay = hook.backoff(attempt - state.interrupted)
                 state.message = f"{message}; attempt {attempt + 1} in {delay:g} s"

@@ -9,6 +9,7 @@ before applying it (see agent/alerts/hooks/route.py).
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -16,7 +17,15 @@ from agent.alerts.incident import Incident
 
 
 class HookFailed(Exception):
-    """A hook attempt did not succeed; the message says why (it goes to the audit log)."""
+    """A hook attempt did not succeed; the message says why (it goes to the audit log).
+
+    ``retry=False``: the attempt may have taken effect (a request sent and no answer), and doing it again
+    would not be safe; the dispatcher records the result as ``unknown`` and does not retry.
+    """
+
+    def __init__(self, message: str, retry: bool = True) -> None:
+        super().__init__(message)
+        self.retry = retry
 
 
 @dataclass(frozen=True)
@@ -39,7 +48,7 @@ class HookCall:
             "severity": alert.severity,
             "labels": dict(alert.labels),
             "annotations": dict(alert.annotations),
-            "value": alert.value,
+            "value": alert.value if alert.value is not None and math.isfinite(alert.value) else None,
             "started_at": alert.started_at,
             "opened_at": incident.opened_at,
             "source": alert.source,

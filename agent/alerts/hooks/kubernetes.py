@@ -15,6 +15,11 @@ The steps follow kubectl's DeploymentRollbacker (k8s.io/kubectl/pkg/polymorphich
    other annotation of the target ReplicaSet.
 
 The Deployment controller then rolls the pods to that template, as after kubectl.
+
+An undo is not idempotent: once the controller has renumbered the revisions, a second undo goes back
+to the bad version. So a PATCH that was sent and got no answer (or a gateway timeout) is not retried:
+it is reported as a failure with ``retry=False``, which the dispatcher records as ``unknown``. Errors
+before the PATCH, or answers that say it was refused, are retried as usual.
 """
 
 from __future__ import annotations
@@ -137,5 +142,11 @@ def _rollback(hook: KubernetesHook) -> str:
         {"op": "replace", "path": "/spec/template", "value": template},
         {"op": "replace", "path": "/metadata/annotations", "value": rollback_annotations(deployment, target)},
     ]
-    client.patch(path, patch, "application/json-patch+json")
+    try:
+        client.patch(path, patch, "application/json-patch+json")
+    except KubeError as err:
+        if err.status in (0, 504):
+            raise HookFailed(f"deployment {namespace}/{name}: the rollback PATCH got no answer ({err}); it may have "
+                             "been applied, so it is not retried: check `kubectl rollout history`", retry=False) from None
+        raise
     return f"deployment {namespace}/{name} rolled back to revision {rev} (replicaset {target['metadata']['name']})"
