@@ -135,7 +135,7 @@ class Forwarder(grpc.GenericRpcHandler):
                                               time.perf_counter() - started))
                 return response
             except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED
+                code = _cancelled_code(context)
                 raise
             finally:
                 metrics.in_flight.dec()
@@ -242,7 +242,7 @@ class Forwarder(grpc.GenericRpcHandler):
                     await context.abort(code, err.details() or "", forwardable_metadata(err.trailing_metadata()))
                 context.set_trailing_metadata(forwardable_metadata(trailing))
             except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED
+                code = _cancelled_code(context)
                 raise
             finally:
                 metrics.in_flight.dec()
@@ -278,6 +278,15 @@ async def _verdict_metadata(scoring: asyncio.Future | None) -> tuple:
         return (await scoring).metadata()
     except DetectionFailed as failure:
         return ((ERROR_KEY, failure.reason),)
+
+
+def _cancelled_code(context: aio.ServicerContext) -> grpc.StatusCode:
+    """The status a cancelled call ended with for its caller: DEADLINE_EXCEEDED when its deadline has
+    passed (gRPC cancels the handler then too), else CANCELLED (the caller gave up)."""
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.CANCELLED
 
 
 async def _send_initial_metadata(context: aio.ServicerContext, metadata) -> None:
