@@ -6,6 +6,7 @@ fires nothing. Alerts reach the dispatcher through the admin API's Alertmanager 
 from __future__ import annotations
 
 import json
+import subprocess
 
 import grpc
 import pytest
@@ -14,7 +15,7 @@ from agent.client import InferenceClient
 from agent.demo.data import load_images
 from agent.protocol import oip_pb2, paths
 from tests.alert_harness import admin_config, admin_request, metric, read_audit, wait_until, write_config, write_token
-from tests.harness import REPO, Process, start_model_server, start_sidecar
+from tests.harness import REPO, Process, free_port, sidewatch, start_model_server, start_sidecar
 from tests.test_rollback_webhook import SECRET, WebhookReceiver
 
 MODEL = "mnist_cnn"
@@ -208,3 +209,16 @@ def test_dry_run_in_a_real_sidecar_fires_nothing(make_sidecar, model_server, tmp
                       result="dry_run") == 1
     assert receiver.deliveries == []
     assert sidecar.records("attempt_started") == [] and sidecar.records("route_pinned") == []
+
+
+def test_unusable_audit_log_stops_the_sidecar_at_start_with_a_clear_message(tmp_path, model_server):
+    (tmp_path / "not-a-directory").write_text("")
+    config = write_config(tmp_path, {"rollback": {
+        "audit_log": str(tmp_path / "not-a-directory" / "audit.jsonl"),
+        "hooks": {"pin-v1": {"type": "route", "model": MODEL, "version": "1"}}}})
+    done = subprocess.run(sidewatch("serve", "--listen", f"127.0.0.1:{free_port()}", "--upstream",
+                                    f"127.0.0.1:{model_server}", "--metrics-listen", f"127.0.0.1:{free_port()}",
+                                    "--config", str(config)), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert f"sidewatch: cannot open rollback.audit_log {tmp_path / 'not-a-directory' / 'audit.jsonl'}" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -38,15 +38,18 @@ class AuditLog:
             log.warning("sidewatch: rollback.audit_log is not set: incidents, hook results and route pins "
                         "are kept in memory only and forgotten at restart")
             return list(self._memory)
-        records = self._read()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        created = not self.path.exists()
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        if created:
-            _fsync_directory(self.path.parent)
-        elif _ends_torn(self.path):
-            # A crash mid-write left a partial line: end it so the next record starts on its own line.
-            self._write(b"\n")
+        try:
+            records = self._read()
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            created = not self.path.exists()
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            if created:
+                _fsync_directory(self.path.parent)
+            elif _ends_torn(self.path):
+                # A crash mid-write left a partial line: end it so the next record starts on its own line.
+                self._write(b"\n")
+        except OSError as err:
+            raise OSError(f"sidewatch: cannot open rollback.audit_log {self.path}: {err.strerror or err}") from None
         return records
 
     def append(self, record_type: str, **fields) -> dict:
