@@ -173,6 +173,17 @@ def test_kubeconfig_with_a_token_uses_the_current_context_and_its_namespace(api,
         kubernetes.run(hook, call())
 
 
+def test_kubeconfig_with_insecure_skip_tls_verify_and_a_token_file(api, mnist, tmp_path):
+    kubeconfig = _kubeconfig(tmp_path, api, {"tokenFile": "token"})
+    config = yaml.safe_load(kubeconfig.read_text())
+    config["clusters"][0]["cluster"] = {"server": api.url, "insecure-skip-tls-verify": True}
+    kubeconfig.write_text(yaml.safe_dump(config))
+    (tmp_path / "token").write_text(TOKEN + "\n")
+    hook = KubernetesHook(type="kubernetes", deployment="mnist", kubeconfig=kubeconfig)
+    assert "revision 2" in kubernetes.run(hook, call())
+    assert {seen.user for seen in api.requests} == {f"token:{TOKEN}"}
+
+
 def test_kubeconfig_with_a_client_certificate(api, mnist, tmp_path):
     client = api.ca.issue("sidewatch", server=False)
     files = _kubeconfig(tmp_path, api, {"client-certificate": client.cert.name, "client-key": client.key.name})

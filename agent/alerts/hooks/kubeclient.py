@@ -169,7 +169,9 @@ def _from_kubeconfig(access: KubernetesAccess, deadline: float) -> KubeClient:
     ssl_context = None
     if server.startswith("https://"):
         if cluster.get("insecure-skip-tls-verify"):
-            ssl_context = ssl._create_unverified_context()
+            ssl_context = ssl.create_default_context()
+            ssl_context.check_hostname = False
+            ssl_context.verify_mode = ssl.CERT_NONE
         elif cluster.get("certificate-authority-data"):
             ssl_context = ssl.create_default_context(
                 cadata=base64.b64decode(cluster["certificate-authority-data"]).decode())
