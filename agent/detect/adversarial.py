@@ -121,6 +121,10 @@ class AdversarialWatch:
             self._metrics.errors.labels(*self._bounded(calibrated.model, calibrated.version), DETECTOR,
                                         "missing_input").inc()
             raise DetectionFailed("missing_input")
+        if not calibrated.fits_input(rows):
+            self._metrics.errors.labels(*self._bounded(calibrated.model, calibrated.version), DETECTOR,
+                                        "wrong_shape").inc()
+            raise DetectionFailed("wrong_shape")
         return rows
 
     # --- inline: flag and enforce ----------------------------------------------------------------

@@ -12,6 +12,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from agent.detect.calibration import CalibrationArtifact, load_artifact
 from agent.detect.fused import FeatureSqueezingDetector
 
@@ -34,6 +36,18 @@ class CalibratedDetector:
     @property
     def input_name(self) -> str:
         return self.artifact.model["input"]
+
+    def fits_input(self, rows: np.ndarray) -> bool:
+        """Whether a decoded input is numeric with the calibrated input's rank and static dimensions.
+
+        A model server may accept other inputs; the detectors must not take them (a wrong row would
+        also spoil the micro-batch it joins), and they are the client's doing, not a detector failure.
+        """
+        shape = self.artifact.model.get("input_shape")
+        if rows.dtype.kind not in "biuf" or rows.ndim < 1:
+            return False
+        return shape is None or (rows.ndim == len(shape) and all(
+            want is None or want == got for want, got in zip(shape[1:], rows.shape[1:])))
 
 
 def _version_key(version: str) -> tuple[int, int | str]:

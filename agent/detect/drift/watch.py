@@ -76,10 +76,14 @@ class ModelDrift:
         if x is None or logits is None:
             self.metrics.skipped.labels(*self.labels, "missing_tensor").inc()
             return
-        x = np.asarray(x, dtype=np.float64)
-        probabilities = np.asarray(logits, dtype=np.float64)
+        x, probabilities = np.asarray(x), np.asarray(logits)
+        if not self._fits(x, probabilities):
+            self.metrics.skipped.labels(*self.labels, "wrong_shape").inc()
+            return
         if len(x) == 0:
             return  # an empty batch (shape [0, ...]) is valid and holds nothing to watch
+        x = x.astype(np.float64, copy=False)
+        probabilities = probabilities.astype(np.float64, copy=False)
         if artifact_model.get("output_kind") == "logits":
             probabilities = _softmax(probabilities)
         finite = np.isfinite(x.reshape(len(x), -1)).all(axis=1) & np.isfinite(probabilities).all(axis=1)
@@ -88,6 +92,8 @@ class ModelDrift:
             x, probabilities = x[finite], probabilities[finite]
         if len(x) == 0:
             return
+        if self._pending_x and self._pending_x[0].shape[1:] != x.shape[1:]:
+            self.flush()  # rows of another size (a model with dynamic dimensions) cannot share a batch
         # Detectors cost tens of microseconds per call but a few per row in a batch: gather rows,
         # update in micro-batches (results are the same as one row at a time).
         self._pending_x.append(x)
@@ -95,6 +101,15 @@ class ModelDrift:
         self._pending_rows += len(x)
         if self._pending_rows >= self.batch_rows:
             self.flush()
+
+    def _fits(self, x: np.ndarray, probabilities: np.ndarray) -> bool:
+        """Whether a copy has the calibrated model's shapes. A model server may take other shapes (or
+        datatypes); such rows would break the micro-batch they join, good rows included."""
+        if not self.calibrated.fits_input(x) or probabilities.dtype.kind not in "biuf":
+            return False
+        classes = self.calibrated.artifact.model.get("classes")
+        return probabilities.ndim == 2 and len(probabilities) == len(x) and probabilities.shape[1] == (
+            classes or probabilities.shape[1])
 
     def flush(self) -> None:
         """Feed the gathered rows to every detector."""
