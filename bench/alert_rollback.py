@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""How fast does an attack roll a model back? The demo's alerting (deploy/sidewatch-demo.yaml), end to end.
+"""How fast does an attack roll a model back? The demo's alerting (agent/demo/sidewatch-demo.yaml), end to end.
 
 Each run starts the bundled model server and a sidecar with the demo's alert rule (adversarial
 detections over inputs, 5 s window, pending 1 s, evaluated every 0.5 s) and its route hook (pin the
@@ -32,7 +32,7 @@ from agent.demo.data import BENIGN_STREAM, load_adversarial, load_images  # noqa
 from agent.modelserver.repository import BUNDLED_REPOSITORY  # noqa: E402
 from tests.harness import start_model_server, start_sidecar  # noqa: E402
 
-CONFIG = ROOT / "deploy" / "sidewatch-demo.yaml"
+CONFIG = ROOT / "agent" / "demo" / "sidewatch-demo.yaml"
 MODEL = "mnist_cnn"
 
 

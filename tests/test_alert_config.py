@@ -105,7 +105,7 @@ def test_commented_examples_in_the_shipped_config_are_valid():
 def test_demo_alerting_config_is_valid():
     from tests.harness import REPO
 
-    config = load_config(REPO / "deploy" / "sidewatch-demo.yaml")
+    config = load_config(REPO / "agent" / "demo" / "sidewatch-demo.yaml")
     [rule] = config.alerts.rules
     # Rolls back within 5 s of the first adversarial request: an attack outweighs benign traffic in the
     # window at once; then the rule is pending for for_seconds, seen at evaluation granularity.

@@ -26,6 +26,8 @@ from agent.modelserver.repository import BUNDLED_REPOSITORY
 MODEL = "mnist_cnn"
 # Unversioned requests are answered by the latest version.
 DEMO_VERSION = "2"
+# The demo's alert rule and rollback hook: adversarial traffic pins the model to version 1.
+DEMO_CONFIG = Path(__file__).with_name("sidewatch-demo.yaml")
 
 
 def _free_port() -> int:
@@ -53,6 +55,9 @@ def _scrape(url: str) -> dict[str, float]:
             if detector in SHOWN_DETECTORS and f'version="{DEMO_VERSION}"' in line:
                 kind = "statistic" if line.startswith("sidewatch_drift_statistic") else "threshold"
                 totals[f"{kind}:{detector}"] = float(line.rsplit(" ", 1)[1])
+            continue
+        if line.startswith(("sidewatch_alert_active{", "sidewatch_route_pinned{")):
+            totals[line.rsplit(" ", 1)[0]] = float(line.rsplit(" ", 1)[1])
             continue
         if not line.startswith("sidewatch_") or ("method=" in line and 'method="ModelInfer"' not in line):
             continue
@@ -123,7 +128,7 @@ def run_demo(duration: float = 60.0, rate: float = 50.0) -> int:
         model_client = InferenceClient(f"127.0.0.1:{model_port}")
         _wait_ready(model_client, processes, "model server")
         model_client.close()
-        processes.start("sidecar", "serve", "--listen", f"127.0.0.1:{sidecar_port}",
+        processes.start("sidecar", "serve", "--config", str(DEMO_CONFIG), "--listen", f"127.0.0.1:{sidecar_port}",
                         "--upstream", f"127.0.0.1:{model_port}", "--metrics-listen", f"127.0.0.1:{metrics_port}",
                         "--model-repository", str(BUNDLED_REPOSITORY))
         client = InferenceClient(f"127.0.0.1:{sidecar_port}")
@@ -161,6 +166,7 @@ def _stream(client: InferenceClient, benign: tuple[np.ndarray, np.ndarray],
             attack: tuple[np.ndarray, np.ndarray, str], duration: float, rate: float, display: LiveDisplay,
             metrics_url: str, processes: _Processes) -> None:
     sent = correct = errors = benign_answered = 0
+    rollback = _Rollback()
     shifted = drifted(benign[0])
     latencies: list[float] = []
     detections = _Detections()
@@ -181,9 +187,12 @@ def _stream(client: InferenceClient, benign: tuple[np.ndarray, np.ndarray],
             images = shifted
         index = sent % len(images)
         call_started = time.perf_counter()
+        if attacking or drifting:
+            rollback.first_bad.setdefault("attack" if attacking else "drift", time.monotonic())
         try:
-            outputs, _, _ = client.infer(MODEL, {"input": images[index:index + 1]}, timeout=5)
+            outputs, response, _ = client.infer(MODEL, {"input": images[index:index + 1]}, timeout=5)
             latencies.append(time.perf_counter() - call_started)
+            rollback.answered_by(response.model_version)
             if not attacking and not drifting:
                 benign_answered += 1
                 correct += int(np.argmax(outputs["probabilities"][0]) == labels[index])
@@ -196,14 +205,50 @@ def _stream(client: InferenceClient, benign: tuple[np.ndarray, np.ndarray],
             metrics = _scrape(metrics_url)
             traffic = f"ATTACK: {attack[2]}" if attacking else "DRIFT: brightened digits" if drifting else ""
             display.draw(_frame(now - started, duration, traffic, sent, correct,
-                                benign_answered, errors, latencies, metrics, detections.update(metrics)))
+                                benign_answered, errors, latencies, metrics, detections.update(metrics), rollback))
     metrics = _scrape(metrics_url)
     display.draw(_frame(time.monotonic() - started, duration, f"ATTACK: {attack[2]}", sent, correct, benign_answered, errors,
-                        latencies, metrics, detections.update(metrics)))
+                        latencies, metrics, detections.update(metrics), rollback))
+
+
+def _label(series: str, name: str) -> str:
+    """The value of label ``name`` in a series written as ``metric{a="x",b="y"}``."""
+    return series.split(f'{name}="', 1)[1].split('"', 1)[0]
+
+
+class _Rollback:
+    """When the traffic turned bad, and when the answers started coming from another version."""
+
+    def __init__(self) -> None:
+        self.first_bad: dict[str, float] = {}  # "drift" / "attack" -> when its first request was sent
+        self.versions: list[str] = []
+        self.moved: tuple[str, str, float, str] | None = None  # (from, to, seconds after, the bad traffic's kind)
+
+    def answered_by(self, version: str) -> None:
+        if self.versions and version != self.versions[-1] and self.moved is None and self.first_bad:
+            # Timed from the latest kind of bad traffic to start: the one that was running when it moved.
+            kind, since = max(self.first_bad.items(), key=lambda item: item[1])
+            self.moved = (self.versions[-1], version, time.monotonic() - since, kind)
+        if not self.versions or version != self.versions[-1]:
+            self.versions.append(version)
+
+    def describe(self, metrics: dict[str, float]) -> str:
+        firing = [_label(key, "alert") for key, value in metrics.items()
+                  if key.startswith("sidewatch_alert_active{") and value > 0]
+        pins = [f"{_label(key, 'model')} -> version {_label(key, 'version')}"
+                for key, value in metrics.items() if key.startswith("sidewatch_route_pinned{") and value > 0]
+        answered = self.versions[-1] if self.versions else "-"
+        text = f"answered by version {answered}   alerts firing: {', '.join(firing) or 'none'}"
+        if pins:
+            text += f"   route pinned: {', '.join(pins)}"
+        if self.moved is not None:
+            text += (f"   ROLLED BACK {self.moved[0]} -> {self.moved[1]} {self.moved[2]:.1f} s after the first "
+                     f"{self.moved[3]} request")
+        return text
 
 
 def _frame(elapsed: float, duration: float, traffic: str, sent: int, correct: int, benign_answered: int, errors: int,
-           latencies: list[float], metrics: dict[str, float], detection_rate: float) -> list[str]:
+           latencies: list[float], metrics: dict[str, float], detection_rate: float, rollback: _Rollback) -> list[str]:
     recent = np.array(latencies[-500:]) * 1000 if latencies else np.zeros(1)
     phase = traffic or "benign MNIST digits"
     return [
@@ -223,6 +268,7 @@ def _frame(elapsed: float, duration: float, traffic: str, sent: int, correct: in
         f"now [{bar(detection_rate, 20)}] {detection_rate:6.1%} of inputs flagged",
         "  drift     " + "   ".join(_drift_cell(metrics, name) for name in SHOWN_DETECTORS)
         + f"   anomalies {metrics.get('sidewatch_anomalies_total', 0):5.0f}",
+        "  rollback  " + rollback.describe(metrics),
     ]
 
 
