@@ -117,8 +117,8 @@ class Params:
     horizon_factor: float = 5.0  # no-drift runs are censored at this many ERTs
     # sidewatch's detectors are refitted on this many reference samples in all (the first is the
     # main run's) for the run length: the ERT a calibration promises is an average over them.
-    reference_draws: int = 5
-    run_length_per_draw: Budget = field(default_factory=lambda: Budget(60, 300, 8.0))
+    reference_draws: int = 8
+    run_length_per_draw: Budget = field(default_factory=lambda: Budget(40, 200, 4.0))
     cost_updates: int = 1000
     memory_updates: int = 100
     run_length_fast: Budget = field(default_factory=lambda: Budget(100, 1000, 20.0))
@@ -907,6 +907,11 @@ def merge(into: dict[str, Any], part: dict[str, Any]) -> dict[str, Any]:
     return into
 
 
+def between_draws_se(means: list[float | None]) -> float | None:
+    values = [m for m in means if m is not None]
+    return float(np.std(values, ddof=1) / math.sqrt(len(values))) if len(values) > 1 else None
+
+
 def measure_reference_draws(specs: list[tuple[str, str, str]], results: dict[str, Any],
                             params: Params) -> dict[str, Any]:
     """Run length of sidewatch's detectors over ``reference_draws`` reference samples.
@@ -941,6 +946,9 @@ def measure_reference_draws(specs: list[tuple[str, str, str]], results: dict[str
             pooled.setdefault(family_name, {})[name] = {
                 **summarise_run_lengths(lengths, every[0]["horizon"], params.ert),
                 "draws": len(every), "per_draw_mean": [rl["mean"] for rl in every],
+                # The spread between references, as a standard error of their mean: the pooled SE
+                # counts runs only, and the runs on one reference share it.
+                "between_draws_se": between_draws_se([rl["mean"] for rl in every]),
                 "per_draw_runs": [rl["runs"] for rl in every]}
     return pooled
 
@@ -1053,12 +1061,19 @@ def run_length_goals(results: dict[str, Any]) -> dict[str, Any]:
                     # The goal is judged on the average over reference samples (what the calibration
                     # promises); the main reference alone is kept beside it.
                     goal = {"ratio_to_ert": over["ratio_to_ert"], "se_ratio": ratio_se(over),
+                        "between_draws_se_ratio": (None if over["between_draws_se"] is None
+                                                   else over["between_draws_se"] / params_ert(rl)),
                             "met": over["within_goal"], "reference_draws": over["draws"],
                             "per_draw_ratio": [None if m is None else m / rl["mean"] * rl["ratio_to_ert"]
                                                for m in over["per_draw_mean"]],
                             "main_reference_ratio": rl["ratio_to_ert"]}
                 out[f"{family}/{name}"] = goal
     return out
+
+
+def params_ert(rl: dict[str, Any]) -> float:
+    """The ERT a run-length summary was measured against."""
+    return rl["mean"] / rl["ratio_to_ert"]
 
 
 def ratio_se(rl: dict[str, Any]) -> float | None:
@@ -1183,8 +1198,9 @@ def print_goals(goals: dict[str, Any]) -> None:
     for key, g in goals["run_length"].items():
         spread = ""
         if g["reference_draws"] > 1:
-            spread = (f", {g['reference_draws']} references: "
-                      + " ".join(fmt(r, 2) for r in g["per_draw_ratio"]))
+            spread = (f"; {g['reference_draws']} references: "
+                      + " ".join(fmt(r, 2) for r in g["per_draw_ratio"])
+                      + f", ±{fmt(g['between_draws_se_ratio'], 2)} between them")
         print(f"  run length {key:28} {fmt(g['ratio_to_ert'], 2)} x ERT (±{fmt(g['se_ratio'], 2)}{spread}): "
               f"{'met' if g['met'] else 'NOT met'}")
     for key, g in goals["delay"].items():

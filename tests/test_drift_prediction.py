@@ -111,11 +111,24 @@ def test_page_hinkley_simulation_follows_river_exactly():
     stream = rng.normal(size=3000)
     ph = drift.PageHinkley(delta=det.delta, threshold=det.threshold_)
     river_alarms = []
-    for i, v in enumerate(((stream - det.mean_) / det.std_).tolist()):
+    ref = det.reference_  # rank transform, by hand: the reference CDF (mid-rank), standardised
+    cdf = (np.searchsorted(ref, stream, side="left") + np.searchsorted(ref, stream, side="right")) / (2 * ref.size)
+    for i, v in enumerate(((cdf - 0.5) * np.sqrt(12)).tolist()):
         ph.update(v)
         if ph.drift_detected:
             river_alarms.append(i)
     assert alarms(det, stream, 700) == river_alarms and river_alarms
+
+
+def test_page_hinkley_rank_transform_by_hand():
+    """Values become the reference's mid-rank CDF, standardised as a uniform: (F - 1/2) * sqrt(12)."""
+    det = PageHinkleyChange(threshold=5.0).fit(np.array([1.0, 2.0, 3.0, 4.0]))
+    got = det._transformed(np.array([0.0, 2.0, 2.5, 9.0]))
+    # 0: below all (F = 0); 2: one below, one equal (F = (1 + 2) / 8); 2.5: two below (F = 1/2); 9: F = 1
+    expected = (np.array([0.0, 3 / 8, 0.5, 1.0]) - 0.5) * np.sqrt(12)
+    np.testing.assert_allclose(got, expected)
+    standardised = PageHinkleyChange(threshold=5.0, transform="standardise").fit(np.array([1.0, 2.0, 3.0, 4.0]))
+    np.testing.assert_allclose(standardised._transformed(np.array([2.5])), [0.0])
 
 
 # --- detection ----------------------------------------------------------------------------------

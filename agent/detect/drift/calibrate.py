@@ -68,7 +68,8 @@ def calibrate_drift(features: ReferenceFeatures, ert: float = 500.0, window: int
     plans: list[tuple[str, str, Any, Any]] = [
         # (name, source, detector, fit argument)
         ("inputs_cvm", "regions", WindowedCVM(window=window, ert=ert, seed=seed), features.regions),
-        ("inputs_mmd", "regions", OnlineMMD(ert=ert, window_size=window, n_ref=MMD_REFERENCE_POINTS, seed=seed), features.regions),
+        ("inputs_mmd", "regions", OnlineMMD(ert=ert, window_size=window, n_ref=MMD_REFERENCE_POINTS, seed=seed),
+         features.regions),
         ("class_mix", "classes", ClassMixDrift(window=max(window, 2 * features.n_classes * 10), ert=ert, seed=seed),
          None),
         ("confidence", "confidence", ScalarWindowDrift(window=window, ert=ert, seed=seed), features.confidence),

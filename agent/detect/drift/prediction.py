@@ -31,8 +31,9 @@ it is exactly the bootstrap from the reference sample, since a bootstrap draw fa
 with probability ``p_k``) are run through the same windowed statistic, and
 :func:`agent.detect.drift.ert.calibrate_ert` picks the threshold whose mean first-alarm time on
 them is the ERT. A run length counts every sample from the (re)start, the ``W - 1`` needed to fill
-the window included (ert.py's ``warmup``), so ``ert`` must be larger than ``window``. The p-value in :attr:`result` comes from the chi-square
-distribution with ``K - 1`` degrees of freedom; it is for dashboards, not for the decision.
+the window included (ert.py's ``warmup``), so ``ert`` must be larger than ``window``. The p-value
+in :attr:`result` comes from the chi-square distribution with ``K - 1`` degrees of freedom; it is
+for dashboards, not for the decision.
 
 Alarms. The statistic is tested after every sample once the window is full. On an alarm the
 window is emptied (as river's detectors reset after a detection), so with no drift the run
