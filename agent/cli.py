@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
+from agent import logs
 from agent.config import ConfigError, load_config
 
 
@@ -22,7 +22,10 @@ def _add_serve(commands) -> None:
     serve.add_argument("--adversarial-mode", choices=["shadow", "flag", "enforce"],
                        help="adversarial detection mode for every model (overrides the config's per-model modes)")
     serve.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where the detectors run (default auto)")
+    serve.add_argument("--log-requests", action="store_true", default=None,
+                       help="log every call (request id, model, status, duration; never the payload)")
     serve.add_argument("--check-config", action="store_true", help="validate the configuration and exit")
+    _add_log_options(serve, defaults=False)
     serve.set_defaults(run=_run_serve)
 
 
@@ -37,6 +40,7 @@ def _run_serve(args) -> int:
         "detection.model_repository": str(args.model_repository) if args.model_repository else None,
         "detection.adversarial_mode": args.adversarial_mode,
         "detection.device": args.device,
+        "log_requests": args.log_requests,
     })
     if args.adversarial_mode:
         # The flag sets the mode for every model, so per-model modes from the file give way.
@@ -64,6 +68,7 @@ def _add_model_server(commands) -> None:
     model_server.add_argument("--listen", default="127.0.0.1:8001", help="HOST:PORT (default 127.0.0.1:8001)")
     model_server.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                               help="ONNX Runtime execution provider (auto: CUDA when present)")
+    _add_log_options(model_server, defaults=False)
     model_server.set_defaults(run=_run_model_server)
 
 
@@ -202,9 +207,18 @@ def _add_route(commands) -> None:
     undo.set_defaults(run=_run_admin(run_undo))
 
 
+def _add_log_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
+    """The log options, before the command or (for the long-running ones) after it."""
+    parser.add_argument("--log-level", default="INFO" if defaults else argparse.SUPPRESS,
+                        help="DEBUG, INFO, WARNING or ERROR")
+    parser.add_argument("--log-format", default="auto" if defaults else argparse.SUPPRESS,
+                        choices=["auto", "json", "text"],
+                        help="json: one JSON object per line; auto (default): json unless stderr is a terminal")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sidewatch", description=__doc__)
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    _add_log_options(parser, defaults=True)
     commands = parser.add_subparsers(dest="command", required=True)
     _add_serve(commands)
     _add_model_server(commands)
@@ -217,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(args.log_level, args.log_format)
     try:
         return args.run(args)
     except ConfigError as err:

@@ -161,6 +161,9 @@ class ServeConfig(_Strict):
     max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     # In-flight calls get this long to finish on SIGTERM before they are cancelled.
     shutdown_grace_seconds: float = Field(10.0, ge=0)
+    # An INFO log line per forwarded call (request id, model, version, method, status, duration; never
+    # the payload). Off: only failed calls are logged, at most once a minute per kind.
+    log_requests: bool = False
     # How often the health service asks the upstream whether it is ready.
     upstream_health_interval_seconds: float = Field(2.0, gt=0)
     detection: Detection = Detection()

@@ -28,7 +28,8 @@ class ThrottledLog:
         # key -> (when it was last logged, occurrences not logged since)
         self._last: dict[Hashable, tuple[float, int]] = {}
 
-    def log(self, level: int, key: Hashable, message: str, *args, exc_info: bool = False) -> bool:
+    def log(self, level: int, key: Hashable, message: str, *args, exc_info: bool = False,
+            extra: dict | None = None) -> bool:
         """Log ``message % args`` unless ``key`` was logged less than an interval ago; True when logged."""
         now = self._clock()
         with self._lock:
@@ -40,11 +41,11 @@ class ThrottledLog:
         if last is not None and last[1]:
             message += " (%d more like this in the last %.0f s, not logged)"
             args = (*args, last[1], now - last[0])
-        self._logger.log(level, message, *args, exc_info=exc_info)
+        self._logger.log(level, message, *args, exc_info=exc_info, extra=extra)
         return True
 
-    def warning(self, key: Hashable, message: str, *args, exc_info: bool = False) -> bool:
-        return self.log(logging.WARNING, key, message, *args, exc_info=exc_info)
+    def warning(self, key: Hashable, message: str, *args, exc_info: bool = False, extra: dict | None = None) -> bool:
+        return self.log(logging.WARNING, key, message, *args, exc_info=exc_info, extra=extra)
 
     def error(self, key: Hashable, message: str, *args, exc_info: bool = False) -> bool:
         return self.log(logging.ERROR, key, message, *args, exc_info=exc_info)

@@ -23,6 +23,7 @@ from grpc import aio
 from agent.metrics import ProxyMetrics
 from agent.protocol import paths
 from agent.protocol.peek import peek_model
+from agent.proxy.call_log import CallLog
 from agent.proxy.route import rewrite_version
 from agent.proxy.tap import Tap, TapRecord
 
@@ -50,8 +51,10 @@ class Forwarder(grpc.GenericRpcHandler):
 
     def __init__(self, channel: aio.Channel, metrics: ProxyMetrics, tap: Tap | None,
                  max_pending_stream_requests: int = 256, watch: "AdversarialWatch | None" = None,
-                 routes: "RouteTable | None" = None) -> None:
+                 routes: "RouteTable | None" = None, call_log: CallLog | None = None) -> None:
         self._channel = channel
+        # Failed calls are logged (thinned out), every call only with log_requests; never payloads.
+        self._call_log = call_log or CallLog()
         self._metrics = metrics
         self._tap = tap
         # Pins set by route hooks; None: no routing at all.
@@ -91,6 +94,7 @@ class Forwarder(grpc.GenericRpcHandler):
         taps_inference = method == paths.MODEL_INFER
         metrics = self._metrics
         routes = self._routes
+        call_log = self._call_log
 
         async def relay(request: bytes, context: aio.ServicerContext) -> bytes:
             received_at = time.time()
@@ -143,7 +147,10 @@ class Forwarder(grpc.GenericRpcHandler):
                     series.ok.inc()
                 else:
                     metrics.requests.labels(*series.labels, code.name).inc()
-                series.latency.observe(time.perf_counter() - started)
+                duration = time.perf_counter() - started
+                series.latency.observe(duration)
+                if code is not grpc.StatusCode.OK or call_log.every_call:
+                    call_log.record(context.invocation_metadata(), series.labels, code, duration)
 
         return relay
 
@@ -186,6 +193,7 @@ class Forwarder(grpc.GenericRpcHandler):
         requests_relayed = metrics.stream_messages.labels(method_label, "request")
         responses_relayed = metrics.stream_messages.labels(method_label, "response")
         routes = self._routes
+        call_log = self._call_log
 
         async def relay(request_iterator, context: aio.ServicerContext):
             started = time.perf_counter()
@@ -248,7 +256,10 @@ class Forwarder(grpc.GenericRpcHandler):
                 metrics.in_flight.dec()
                 labels = (*metrics.bounded(first_model[0], first_model[1]), method_label)
                 metrics.requests.labels(*labels, code.name).inc()
-                metrics.latency.labels(*labels).observe(time.perf_counter() - started)
+                duration = time.perf_counter() - started
+                metrics.latency.labels(*labels).observe(duration)
+                if code is not grpc.StatusCode.OK or call_log.every_call:
+                    call_log.record(context.invocation_metadata(), labels, code, duration)
 
         return relay
 

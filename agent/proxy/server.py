@@ -17,6 +17,7 @@ from agent.alerts.rollback import RollbackDispatcher
 from agent.config import ServeConfig, split_address
 from agent.metrics import AlertMetrics, DetectionMetrics, DriftMetrics, ProxyMetrics
 from agent.proxy import tls
+from agent.proxy.call_log import CallLog
 from agent.proxy.forward import Forwarder
 from agent.proxy.health import UpstreamHealth
 from agent.proxy.route import RouteTable, channel_opener
@@ -116,7 +117,7 @@ class Sidecar:
         self.health = UpstreamHealth(self.server, self.channel, config.upstream_health_interval_seconds)
         self.server.add_generic_rpc_handlers([
             Forwarder(self.channel, self.metrics, self.tap, config.tap.max_pending_stream_requests, self.watch,
-                      routes=self.routes)
+                      routes=self.routes, call_log=CallLog(config.log_requests))
         ])
         if config.tls is None:
             self.port = self.server.add_insecure_port(config.listen)
