@@ -11,16 +11,9 @@ import pytest
 from agent.client import InferenceClient
 from agent.demo.data import load_images
 from tests.alert_harness import admin_config, admin_request, metric, read_audit, wait_until, write_config, write_token
-from tests.harness import Process, free_port, sidewatch, start_model_server, start_sidecar
+from tests.harness import Process, free_port, sidewatch, start_sidecar
 
 MODEL = "mnist_cnn"
-
-
-@pytest.fixture(scope="module")
-def model_server(tmp_path_factory):
-    process, port = start_model_server(tmp_path_factory.mktemp("models"))
-    yield port
-    process.stop()
 
 
 @pytest.fixture(scope="module")

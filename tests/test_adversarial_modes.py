@@ -13,16 +13,9 @@ from agent.demo.data import load_images
 from agent.detect.adversarial import SCORE_KEY, VERDICT_KEY
 from agent.modelserver.repository import BUNDLED_REPOSITORY
 from tests.adversarial_data import adversarial_and_benign
-from tests.harness import http_get, metric_value, start_model_server, start_sidecar
+from tests.harness import http_get, metric_value, start_sidecar
 
 MODEL = "mnist_cnn"
-
-
-@pytest.fixture(scope="module")
-def model_server(tmp_path_factory):
-    process, port = start_model_server(tmp_path_factory.mktemp("models"))
-    yield port
-    process.stop()
 
 
 @pytest.fixture(scope="module")

@@ -15,28 +15,10 @@ from agent.client import InferenceClient
 from agent.demo.data import load_images
 from agent.protocol import oip_pb2, paths
 from tests.alert_harness import admin_config, admin_request, metric, read_audit, wait_until, write_config, write_token
-from tests.harness import REPO, Process, free_port, sidewatch, start_model_server, start_sidecar
+from tests.harness import Process, free_port, sidewatch, start_sidecar
 from tests.test_rollback_webhook import SECRET, WebhookReceiver
 
 MODEL = "mnist_cnn"
-
-
-@pytest.fixture(scope="module")
-def model_server(tmp_path_factory):
-    process, port = start_model_server(tmp_path_factory.mktemp("models"), REPO / "agent/demo/models")
-    yield port
-    process.stop()
-
-
-@pytest.fixture(scope="module")
-def fallback_server(tmp_path_factory):
-    """A second model server whose only version of mnist_cnn is "7"."""
-    root = tmp_path_factory.mktemp("fallback-repo")
-    (root / MODEL).mkdir()
-    (root / MODEL / "7").symlink_to(REPO / "agent/demo/models" / MODEL / "1", target_is_directory=True)
-    process, port = start_model_server(tmp_path_factory.mktemp("fallback"), root)
-    yield port
-    process.stop()
 
 
 class Sidecar:

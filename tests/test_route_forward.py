@@ -19,7 +19,7 @@ from agent.protocol import codec, oip_pb2, paths
 from agent.proxy.forward import Forwarder
 from agent.proxy.route import Pin, RouteTable, rewrite_version
 from agent.proxy.tap import Tap
-from tests.harness import REPO, free_port, start_model_server
+from tests.harness import free_port
 
 MODEL = "mnist_cnn"
 
@@ -65,21 +65,13 @@ class InProcessProxy:
 
 
 @pytest.fixture(scope="module")
-def upstream(tmp_path_factory):
-    process, port = start_model_server(tmp_path_factory.mktemp("models"), REPO / "agent/demo/models")
-    yield port
-    process.stop()
+def upstream(model_server):
+    return model_server
 
 
 @pytest.fixture(scope="module")
-def fallback(tmp_path_factory):
-    """Another model server whose only version of mnist_cnn is "7" (version 1's network)."""
-    root = tmp_path_factory.mktemp("fallback-repo")
-    (root / MODEL).mkdir()
-    (root / MODEL / "7").symlink_to(REPO / "agent/demo/models" / MODEL / "1", target_is_directory=True)
-    process, port = start_model_server(tmp_path_factory.mktemp("fallback"), root)
-    yield port
-    process.stop()
+def fallback(fallback_server):
+    return fallback_server
 
 
 @pytest.fixture(scope="module")
