@@ -76,6 +76,8 @@ class Metrics(_Strict):
     listen: str = "0.0.0.0:9102"
     # Distinct model names given their own label value; the rest are counted as "_other".
     max_models: int = Field(64, ge=1)
+    # HTTPS for /metrics; with client_ca_file and require_client_cert, only scrapers with a certificate.
+    tls: ListenerTLS | None = None
 
     _listen = field_validator("listen")(_check_address)
 
@@ -125,11 +127,6 @@ class ModelSettings(_Strict):
     adversarial_mode: AdversarialMode | None = None
 
 
-class AdminTLS(_Strict):
-    cert_file: Path
-    key_file: Path
-
-
 class Admin(_Strict):
     """The admin HTTP API: GET /status, POST /routes/undo, POST /alertmanager (Alertmanager's webhook).
 
@@ -141,8 +138,8 @@ class Admin(_Strict):
     enabled: bool = True
     listen: str = "127.0.0.1:9103"
     token_file: Path | None = None
-    # Optional TLS, for a listener that is not on loopback.
-    tls: AdminTLS | None = None
+    # Optional TLS (mutual with client_ca_file and require_client_cert), for a listener off loopback.
+    tls: ListenerTLS | None = None
     # Larger request bodies are refused (413).
     max_body_bytes: int = Field(1024 * 1024, ge=1024)
     # Alertmanager alert name -> hooks (names under rollback.hooks) run when it fires.

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import ssl
+import urllib.error
+import urllib.request
 
 import grpc
 import pytest
 
 from tests.certs import CertificateAuthority
-from tests.harness import start_sidecar
+from tests.harness import free_port, start_sidecar
 from tests.upstream import ECHO_UNARY, RecordingUpstream
 
 
@@ -96,5 +99,39 @@ def test_mutual_tls_toward_the_upstream(pki, tmp_path):
             with pytest.raises(grpc.RpcError) as raised:
                 _echo(port, None)
             assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+        finally:
+            process.stop()
+
+
+def _https_get(url: str, pki, client: str | None) -> str:
+    context = ssl.create_default_context(cafile=str(pki["ca"].cert_file))
+    if client is not None:
+        context.load_cert_chain(pki[client].cert, pki[client].key)
+    request = urllib.request.Request(url, headers={"Authorization": "Bearer " + "t" * 32})
+    with urllib.request.urlopen(request, timeout=5, context=context) as reply:
+        return reply.read().decode()
+
+
+def test_metrics_and_admin_listeners_take_mutual_tls(pki, tmp_path):
+    mutual = {"cert_file": pki["sidecar"].cert, "key_file": pki["sidecar"].key,
+              "client_ca_file": pki["ca"].cert_file, "require_client_cert": True}
+    token = tmp_path / "admin-token"
+    token.write_text("t" * 32)
+    admin_port = free_port()
+    with RecordingUpstream() as upstream:
+        config = _config(tmp_path, metrics={"tls": mutual},
+                         admin={"listen": f"127.0.0.1:{admin_port}", "token_file": token, "tls": mutual})
+        process, _, metrics_port = start_sidecar(tmp_path, upstream.port, config=config)
+        try:
+            assert "sidewatch_requests_in_flight" in _https_get(f"https://localhost:{metrics_port}/metrics", pki, "client")
+            assert '"alerts"' in _https_get(f"https://localhost:{admin_port}/status", pki, "client")
+            for port, path in ((metrics_port, "/metrics"), (admin_port, "/status")):
+                # No client certificate, or one from another CA: the handshake fails.
+                for client in (None, "stranger"):
+                    with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
+                        _https_get(f"https://localhost:{port}{path}", pki, client)
+                # Plain HTTP gets nothing either.
+                with pytest.raises((urllib.error.URLError, ConnectionError, OSError)):
+                    urllib.request.urlopen(f"http://localhost:{port}{path}", timeout=5).read()
         finally:
             process.stop()

@@ -288,6 +288,9 @@ class AdminServer:
         if self.config.tls is not None:
             tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             tls.load_cert_chain(self.config.tls.cert_file, self.config.tls.key_file)
+            if self.config.tls.client_ca_file is not None:
+                tls.load_verify_locations(self.config.tls.client_ca_file)
+                tls.verify_mode = ssl.CERT_REQUIRED if self.config.tls.require_client_cert else ssl.CERT_OPTIONAL
         elif not is_loopback(host):
             log.warning("sidewatch: the admin API listens on %s without TLS: its bearer token crosses the network "
                         "in the clear (set admin.tls)", self.config.listen)

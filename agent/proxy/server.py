@@ -130,7 +130,12 @@ class Sidecar:
         await self.health.start()
         if config.metrics.listen:
             host, port = split_address(config.metrics.listen)
-            self._metrics_server, _ = start_http_server(port, addr=host, registry=self.registry)
+            metrics_tls = config.metrics.tls
+            tls_options = {} if metrics_tls is None else {
+                "certfile": str(metrics_tls.cert_file), "keyfile": str(metrics_tls.key_file),
+                "client_cafile": None if metrics_tls.client_ca_file is None else str(metrics_tls.client_ca_file),
+                "client_auth_required": metrics_tls.require_client_cert}
+            self._metrics_server, _ = start_http_server(port, addr=host, registry=self.registry, **tls_options)
         self.engine.start()
         if self.admin is not None:
             self.admin.start()
