@@ -445,7 +445,8 @@ def run(args: argparse.Namespace) -> dict:
     }
     overall["goals"] = {
         **GOALS,
-        "detection_rate_met": bool(overall["detection_rate"] is not None and overall["detection_rate"] >= GOALS["detection_rate"]),
+        "detection_rate_met": bool(overall["detection_rate"] is not None
+                                   and overall["detection_rate"] >= GOALS["detection_rate"]),
         "false_positive_rate_met": bool(overall["held_out_benign"]["false_positive_rate"] <= GOALS["false_positive_rate"]),
         "roc_auc_met": bool(overall["roc_auc"] is not None and overall["roc_auc"] >= GOALS["roc_auc"]),
     }

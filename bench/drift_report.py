@@ -180,8 +180,10 @@ def main() -> None:
     shifted[0] = 0.3
     shifted[1:] *= 0.7 / freqs[1:].sum()
     trials = int(500 * scale)
-    before = lambda n, r: r.choice(10, size=n, p=freqs)
-    after = lambda n, r: r.choice(10, size=n, p=shifted)
+    def before(n, r):
+        return r.choice(10, size=n, p=freqs)
+    def after(n, r):
+        return r.choice(10, size=n, p=shifted)
     report["class_mix_delay_class0_10_to_30pct"] = {}
     for window, ert in ((100, 500), (200, 500), (100, 10_000), (200, 10_000), (500, 10_000)):
         det = ClassMixDrift(window=window, ert=ert).fit(frequencies=freqs)
@@ -191,8 +193,10 @@ def main() -> None:
         }
     # and a score step of 2 reference standard deviations for Page-Hinkley and ADWIN
     step = 2 * gamma_ref.std()
-    before_s = lambda n, r: r.gamma(2.0, 0.05, size=n)
-    after_s = lambda n, r: r.gamma(2.0, 0.05, size=n) + step
+    def before_s(n, r):
+        return r.gamma(2.0, 0.05, size=n)
+    def after_s(n, r):
+        return r.gamma(2.0, 0.05, size=n) + step
     report["score_step_2sd_delay"] = {
         "page_hinkley_ert500": delays(ph_gamma, before_s, after_s, trials, 200, 5000, np.random.default_rng(5)),
         "page_hinkley_ert10000": delays(

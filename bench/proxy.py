@@ -786,7 +786,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--concurrency", default="1,8,32", help="calls in flight for throughput (default 1,8,32)")
     parser.add_argument("--duration", type=float, help="seconds per throughput measurement (default 3)")
     parser.add_argument("--warmup", type=float, help="h2load warm-up seconds before each (default 1)")
-    parser.add_argument("--paths", default=",".join(PATHS), help="which paths, direct required (default: all of direct,sidewatch,nginx,aio-floor)")
+    parser.add_argument("--paths", default=",".join(PATHS),
+                        help="which paths, direct required (default: all of direct,sidewatch,nginx,aio-floor)")
     parser.add_argument("--echo", choices=["h2", "grpc"], default="h2",
                         help="echo model: raw HTTP/2 on uvloop (default, a few us per call) or grpc.aio")
     parser.add_argument("--echo-procs", type=int, default=1,

@@ -183,7 +183,8 @@ def drifting_classes(seed):
 
 def test_batch_size_does_not_change_the_alarms():
     data = drifting_classes(21)
-    make = lambda: ClassMixDrift(window=60, threshold=25.0).fit(frequencies=FREQS)
+    def make():
+        return ClassMixDrift(window=60, threshold=25.0).fit(frequencies=FREQS)
     one_by_one = alarms(make(), data, 1)
     assert len(one_by_one) >= 5
     assert alarms(make(), data, 97) == one_by_one

@@ -196,7 +196,8 @@ class NonLocalMeans:
 
 Squeezer = BitDepth | Median | NonLocalMeans
 
-_SPEC_HELP = "expected bit_depth:BITS (e.g. bit_depth:1), median:SIZE (e.g. median:2) or nl_means:SEARCH-PATCH-H (e.g. nl_means:11-3-4)"
+_SPEC_HELP = ("expected bit_depth:BITS (e.g. bit_depth:1), median:SIZE (e.g. median:2) "
+              "or nl_means:SEARCH-PATCH-H (e.g. nl_means:11-3-4)")
 _INT = r"\d+"
 _NUMBER = r"\d+(?:\.\d*)?|\.\d+"
 
