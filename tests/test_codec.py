@@ -148,7 +148,7 @@ def test_datatype_of_inverts_dtype_of(datatype):
 
 def test_datatype_mapping_special_cases():
     assert codec.dtype_of("BF16") == np.float32
-    assert codec.dtype_of("BYTES") is object
+    assert codec.dtype_of("BYTES") == np.dtype(object)
     assert codec.datatype_of(np.array(["a"])) == "BYTES"
     assert codec.datatype_of(np.array([b"a"])) == "BYTES"
     assert codec.datatype_of(np.zeros(1, dtype=ml_dtypes.bfloat16)) == "BF16"
