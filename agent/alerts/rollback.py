@@ -340,9 +340,11 @@ class RollbackDispatcher:
         pins: dict[str, Pin] = {}
         pinned_by: set[tuple[str, str]] = set()
         last_result_at: dict[tuple[str, str], float] = {}
+        # Whether the last recorded attempt of each (incident, hook) succeeded.
+        last_ok: dict[tuple[str, str], bool] = {}
         for record in records:
             try:
-                self._replay_record(record, counted, pins, pinned_by, last_result_at)
+                self._replay_record(record, counted, pins, pinned_by, last_result_at, last_ok)
             except (KeyError, TypeError, ValueError) as err:
                 log.warning("sidewatch: audit log record %r not understood (%s); skipped", record, err)
         for pin in pins.values():
@@ -356,7 +358,10 @@ class RollbackDispatcher:
             if incident.decision != "run":
                 continue
             for name, state in incident.hooks.items():
-                if state.result is None:
+                if state.result is None and not state.in_flight and last_ok.get((incident.id, name)):
+                    # Stopped between a successful attempt's result and the hook's: it succeeded; never again.
+                    self._finish(incident, name, "success", state.message)
+                elif state.result is None:
                     self._resume(incident, name, state, (incident.id, name) in pinned_by,
                                  last_result_at.get((incident.id, name)), now)
         self._prune()
@@ -365,7 +370,7 @@ class RollbackDispatcher:
                         self.config.audit_log, len(records), len(self._open), len(pins))
 
     def _replay_record(self, record: dict, counted: str, pins: dict[str, Pin], pinned_by: set,
-                       last_result_at: dict) -> None:
+                       last_result_at: dict, last_ok: dict) -> None:
         kind = record["type"]
         at = float(record.get("ts") or 0.0)
         if kind == "incident_opened":
@@ -403,6 +408,7 @@ class RollbackDispatcher:
             state.in_flight, state.message = False, str(record.get("message", ""))
             state.interrupted += bool(record.get("interrupted"))
             last_result_at[(incident.id, record["hook"])] = at
+            last_ok[(incident.id, record["hook"])] = bool(record.get("ok"))
         elif kind == "hook_result":
             state.result, state.message, state.finished_at = record["result"], str(record.get("message", "")), at
             state.in_flight = False
