@@ -310,3 +310,42 @@ def test_sidecar_killed_at_random_moments_during_incidents_loses_nothing(tmp_pat
         if sidecar is not None and sidecar.popen.poll() is None:
             sidecar.stop()
         model_server.stop()
+
+
+# --- the moment the sidecar run above found: between a successful attempt and the hook's result ------------
+
+
+@pytest.mark.parametrize("retries", [0, 2])
+def test_kill_between_a_successful_attempt_and_its_hook_result_replays_as_success(tmp_path, receiver, retries):
+    from prometheus_client import CollectorRegistry
+
+    from agent.alerts.hook_config import RollbackConfig
+    from agent.alerts.incident import Alert, alert_to_dict
+    from agent.alerts.rollback import RollbackDispatcher
+    from agent.metrics import AlertMetrics
+    from agent.proxy.route import RouteTable
+
+    (tmp_path / "secret").write_bytes(SECRET)
+    config = RollbackConfig.model_validate({
+        "audit_log": str(tmp_path / "audit.jsonl"), "cooldown_seconds": 0,
+        "hooks": {"notify": {"type": "webhook", "url": receiver.url, "secret_file": str(tmp_path / "secret"),
+                             "retries": retries}}})
+    alert = Alert(ALERT, f"{ALERT}{{n=1}}", "", {"n": "1"}, {}, "alertmanager", 1.0, None, ("notify",))
+    # The audit log as a kill -9 leaves it right after the attempt's result was written.
+    log = AuditLog(config.audit_log)
+    log.open()
+    log.append("incident_opened", incident="inc-1", alert=alert_to_dict(alert), decision="run", reason="")
+    log.append("attempt_started", incident="inc-1", hook="notify", attempt=1)
+    log.append("attempt_result", incident="inc-1", hook="notify", attempt=1, ok=True,
+               message="delivered (200)", seconds=0.01)
+    log.close()
+
+    dispatcher = RollbackDispatcher(config, AlertMetrics(CollectorRegistry()), RouteTable())
+    dispatcher.start()
+    try:
+        assert dispatcher.wait_idle(10)
+        hook = dispatcher.status()["incidents"][0]["hooks"]["notify"]
+    finally:
+        dispatcher.close()
+    assert hook["result"] == "success" and hook["attempts"] == 1
+    assert receiver.deliveries == []          # delivered before the kill: never again
