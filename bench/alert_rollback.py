@@ -1,15 +1,33 @@
 #!/usr/bin/env python3
-"""How fast does an attack roll a model back? The demo's alerting (agent/demo/sidewatch-demo.yaml), end to end.
+"""How fast does an attack roll a model back? Two alerting paths, end to end, same traffic.
 
-Each run starts the bundled model server and a sidecar with the demo's alert rule (adversarial
-detections over inputs, 5 s window, pending 1 s, evaluated every 0.5 s) and its route hook (pin the
-model to version 1). A client sends unversioned requests at a steady rate (the demo's 50/s): benign
-MNIST digits for ``--benign-seconds``, then adversarial ones. The model server answers unversioned
-requests with its latest version, 2, until the hook pins the model to version 1. Measured per run:
-the time from the first adversarial request to the first response from version 1, and how many
-adversarial requests version 2 answered before that.
+``--path sidecar``: the sidecar's own alert engine, with the demo's alerting
+(agent/demo/sidewatch-demo.yaml): adversarial detections over inputs, 5 s window, pending 1 s,
+evaluated every 0.5 s, and its route hook (pin the alert's model to version 1).
+
+``--path alertmanager``: the alert is computed by a real Prometheus (Debian's) scraping the sidecar's
+/metrics and delivered by a real Alertmanager to the sidecar's receiver (POST /alertmanager on its
+admin API, bearer token from Alertmanager's credentials_file), which maps SidewatchAdversarialRateHigh
+to the same route hook. The sidecar has no alert rule of its own. Prometheus loads
+deploy/prometheus/recording-rules.yml as shipped and deploy/prometheus/alert-rules.yml as shipped except
+SidewatchAdversarialRateHigh, whose expression keeps its shape but reads recording rules over a short
+range (``--rule-range``, written alongside: the shipped 5-minute ones, renamed) and whose ``for`` is
+``--rule-for``. Alertmanager runs deploy/alertmanager/alertmanager.yml with the rollback route's
+group_wait set to ``--group-wait``. The figure is bounded below by the scrape and evaluation intervals
+(``--scrape-interval``, ``--evaluation-interval``), which the JSON states with everything else.
+
+Each run starts everything afresh. A client sends unversioned requests at a steady rate (the demo's
+50/s): benign MNIST digits for the benign period, then adversarial ones. The model server answers
+unversioned requests with its latest version, 2, until the hook pins the model to version 1. Measured
+per run: the time from the first adversarial request to the first response from version 1, and how
+many adversarial requests version 2 answered before that. For the Alertmanager path also where the
+time went, from the sidecar's incident (wall clock, relative to the first adversarial request): when
+Prometheus's alert became active (its startsAt), when the receiver opened the incident, when the hook
+finished.
 
     .venv/bin/python bench/alert_rollback.py --out bench-results/alert_rollback.json
+    .venv/bin/python bench/alert_rollback.py --path alertmanager --scrape-interval 5 --evaluation-interval 5 \\
+        --out bench-results/alert_rollback-5s.json
     .venv/bin/python bench/alert_rollback.py --runs 1 --out /tmp/alert_rollback.json   # smoke run
 """
 
@@ -17,12 +35,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -30,16 +53,29 @@ sys.path.insert(0, str(ROOT))
 from agent.client import InferenceClient  # noqa: E402
 from agent.demo.data import BENIGN_STREAM, load_adversarial, load_images  # noqa: E402
 from agent.modelserver.repository import BUNDLED_REPOSITORY  # noqa: E402
-from tests.harness import start_model_server, start_sidecar  # noqa: E402
+from tests.alert_harness import admin_config, admin_request, write_config, write_token  # noqa: E402
+from tests.harness import (  # noqa: E402
+    Process,
+    free_port,
+    prometheus_query,
+    start_model_server,
+    start_sidecar,
+    wait_for_http,
+)
 
 CONFIG = ROOT / "agent" / "demo" / "sidewatch-demo.yaml"
+PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
+ALERTMANAGER_CONFIG = ROOT / "deploy" / "alertmanager" / "alertmanager.yml"
 MODEL = "mnist_cnn"
+ALERT = "SidewatchAdversarialRateHigh"
+# The shipped recording rules the alert reads, by name; the bench records them again over its short range.
+ADVERSARIAL_RECORDS = ("sidewatch:adversarial_inputs:rate5m", "sidewatch:adversarial_detections:rate5m",
+                       "sidewatch:adversarial_detections:ratio_rate5m")
+DEFAULT_BENIGN_SECONDS = {"sidecar": 8.0, "alertmanager": 15.0}
 
 
-def one_run(directory: Path, rate: float, benign_seconds: float, timeout: float) -> dict:
-    model_server, model_port = start_model_server(directory)
-    sidecar, port, _ = start_sidecar(directory, model_port, "--model-repository", str(BUNDLED_REPOSITORY),
-                                     "--device", "cpu", config=CONFIG)
+def drive(port: int, rate: float, benign_seconds: float, timeout: float) -> dict:
+    """Benign traffic, then adversarial traffic until version 1 answers; the timings of one run."""
     client = InferenceClient(f"127.0.0.1:{port}")
     benign = load_images(BENIGN_STREAM)[0]
     adversarial = load_adversarial()[0]
@@ -64,6 +100,7 @@ def one_run(directory: Path, rate: float, benign_seconds: float, timeout: float)
             if version != "2":
                 raise RuntimeError(f"benign traffic was answered by version {version}: the alert fired on it")
         first_adversarial = time.monotonic()
+        first_adversarial_wall = time.time()
         answered_by_2 = 0
         index = 0
         while True:
@@ -75,42 +112,269 @@ def one_run(directory: Path, rate: float, benign_seconds: float, timeout: float)
             if time.monotonic() - first_adversarial > timeout:
                 raise RuntimeError(f"no rollback within {timeout} s")
         return {"rollback_seconds": round(time.monotonic() - first_adversarial, 3),
-                "adversarial_answered_by_bad_version": answered_by_2, "benign_requests": sent - index}
+                "adversarial_answered_by_bad_version": answered_by_2, "benign_requests": sent - index,
+                "_first_adversarial_wall": first_adversarial_wall}
     finally:
         client.close()
-        sidecar.stop()
+
+
+def sidecar_run(directory: Path, args) -> dict:
+    model_server, model_port = start_model_server(directory)
+    try:
+        sidecar, port, _ = start_sidecar(directory, model_port, "--model-repository", str(BUNDLED_REPOSITORY),
+                                         "--device", "cpu", config=CONFIG)
+        try:
+            result = drive(port, args.rate, args.benign_seconds["sidecar"], args.timeout)
+        finally:
+            sidecar.stop()
+    finally:
         model_server.stop()
+    del result["_first_adversarial_wall"]
+    return result
+
+
+# --- the Prometheus + Alertmanager path -------------------------------------------------------------------
+
+def seconds_text(seconds: float) -> str:
+    """A Prometheus duration: whole seconds as "5s", otherwise milliseconds ("500ms")."""
+    return f"{int(seconds)}s" if float(seconds).is_integer() else f"{round(seconds * 1000)}ms"
+
+
+def bench_rules(directory: Path, rule_range: str, rule_for: str) -> tuple[list[Path], dict]:
+    """The rule files Prometheus loads, and what was changed in them (for the JSON).
+
+    recording-rules.yml is loaded as shipped. The adversarial rates it records over 5 minutes are recorded
+    again over ``rule_range`` in a group of their own, in the same order (rates, then the ratio of them),
+    and SidewatchAdversarialRateHigh in alert-rules.yml reads those instead, with ``for: rule_for``.
+    """
+    suffix = rule_range
+    shipped = yaml.safe_load((PROMETHEUS_DIR / "recording-rules.yml").read_text())
+    short_rules = []
+    for group in shipped["groups"]:
+        for rule in group["rules"]:
+            if rule.get("record") in ADVERSARIAL_RECORDS:
+                short_rules.append({"record": rule["record"].replace("rate5m", f"rate{suffix}"),
+                                    "expr": rule["expr"].replace("[5m]", f"[{rule_range}]")
+                                    .replace("rate5m", f"rate{suffix}")})
+    if len(short_rules) != len(ADVERSARIAL_RECORDS):
+        raise RuntimeError(f"recording-rules.yml no longer records all of {ADVERSARIAL_RECORDS}")
+    recording = directory / "bench-recording-rules.yml"
+    recording.write_text(yaml.safe_dump({"groups": [{"name": "bench-adversarial-short-range", "rules": short_rules}]},
+                                        sort_keys=False))
+
+    alerts = yaml.safe_load((PROMETHEUS_DIR / "alert-rules.yml").read_text())
+    changed = None
+    for group in alerts["groups"]:
+        for rule in group["rules"]:
+            if rule.get("alert") == ALERT:
+                shipped_rule = {"expr": rule["expr"], "for": rule["for"]}
+                rule["expr"] = rule["expr"].replace("rate5m", f"rate{suffix}")
+                rule["for"] = rule_for
+                changed = {"shipped": shipped_rule, "bench": {"expr": rule["expr"], "for": rule["for"]}}
+    if changed is None:
+        raise RuntimeError(f"alert-rules.yml has no {ALERT}")
+    alert_path = directory / "bench-alert-rules.yml"
+    alert_path.write_text(yaml.safe_dump(alerts, sort_keys=False))
+    paths = [PROMETHEUS_DIR / "recording-rules.yml", recording, alert_path]
+    promtool = shutil.which("promtool")
+    if promtool is not None:
+        subprocess.run([promtool, "check", "rules", *map(str, paths)], check=True, capture_output=True)
+    return paths, {"recording_rules_added": short_rules, ALERT: changed}
+
+
+def start_alertmanager(directory: Path, admin_port: int, token_file: Path, group_wait: str) -> tuple[Process, int]:
+    """deploy/alertmanager/alertmanager.yml with this run's receiver address, token file and group_wait."""
+    binary = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
+    if binary is None:
+        raise RuntimeError("prometheus-alertmanager is not installed (Debian's package)")
+    config = yaml.safe_load(ALERTMANAGER_CONFIG.read_text())
+    (route,) = [r for r in config["route"]["routes"] if r["receiver"] == "sidewatch-rollback"]
+    route["group_wait"] = group_wait
+    (receiver,) = [r for r in config["receivers"] if r["name"] == "sidewatch-rollback"]
+    (webhook,) = receiver["webhook_configs"]
+    webhook["url"] = f"http://127.0.0.1:{admin_port}/alertmanager"
+    webhook["http_config"]["authorization"]["credentials_file"] = str(token_file)
+    path = directory / "alertmanager.yml"
+    path.write_text(yaml.safe_dump(config))
+    port = free_port()
+    # No cluster: a lone Alertmanager would otherwise wait for its peers to settle before notifying.
+    process = Process([binary, f"--config.file={path}", f"--storage.path={directory / 'am-data'}",
+                       f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address="],
+                      directory / "alertmanager.log")
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/-/ready")
+    except TimeoutError:
+        process.stop()
+        raise RuntimeError(f"Alertmanager did not start:\n{process.log()[-3000:]}") from None
+    return process, port
+
+
+def start_prometheus(directory: Path, sidecar_metrics: str, alertmanager_port: int, rule_files: list[Path],
+                     scrape_interval: str, evaluation_interval: str) -> tuple[Process, int]:
+    """deploy/prometheus/prometheus.yml with this run's addresses, intervals and rule files."""
+    binary = shutil.which("prometheus")
+    if binary is None:
+        raise RuntimeError("prometheus is not installed (Debian's package)")
+    port = free_port()
+    config = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
+    config["global"] = {"scrape_interval": scrape_interval, "evaluation_interval": evaluation_interval}
+    config["rule_files"] = [str(path) for path in rule_files]
+    config["alerting"]["alertmanagers"][0]["static_configs"] = [{"targets": [f"127.0.0.1:{alertmanager_port}"]}]
+    targets = {"sidewatch": sidecar_metrics, "prometheus": f"127.0.0.1:{port}"}
+    for job in config["scrape_configs"]:
+        job["static_configs"] = [{"targets": [targets[job["job_name"]]]}]
+    path = directory / "prometheus.yml"
+    path.write_text(yaml.safe_dump(config))
+    process = Process([binary, f"--config.file={path}", f"--storage.tsdb.path={directory / 'tsdb'}",
+                       f"--web.listen-address=127.0.0.1:{port}"], directory / "prometheus.log")
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/-/ready")
+    except TimeoutError:
+        process.stop()
+        raise RuntimeError(f"Prometheus did not start:\n{process.log()[-3000:]}") from None
+    return process, port
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.2)
+
+
+def alertmanager_run(directory: Path, args) -> dict:
+    processes: list[Process] = []
+    try:
+        model_server, model_port = start_model_server(directory)
+        processes.append(model_server)
+        token, token_file = write_token(directory)
+        admin, admin_port = admin_config(directory, token_file, alertmanager_hooks={ALERT: ["pin-v1"]})
+        config = write_config(directory, {
+            "alerts": {"rules": []},
+            # The demo's hook: the alert's model (its `model` label), pinned to version 1.
+            "rollback": {"audit_log": str(directory / "audit.jsonl"), "cooldown_seconds": 60,
+                         "hooks": {"pin-v1": {"type": "route", "version": "1"}}},
+            "admin": admin,
+        })
+        sidecar, port, metrics_port = start_sidecar(directory, model_port, "--model-repository",
+                                                    str(BUNDLED_REPOSITORY), "--device", "cpu", config=config)
+        processes.append(sidecar)
+        sidecar.wait_listening(admin_port)
+        alertmanager, alertmanager_port = start_alertmanager(directory, admin_port, token_file, args.group_wait)
+        processes.append(alertmanager)
+        instance = f"127.0.0.1:{metrics_port}"
+        prometheus, prometheus_port = start_prometheus(directory, instance, alertmanager_port, args.rule_files,
+                                                       args.scrape_interval_text, args.evaluation_interval_text)
+        processes.append(prometheus)
+        wait_for(lambda: prometheus_query(prometheus_port, f'up{{instance="{instance}"}} == 1'), 60,
+                 "Prometheus's first scrape of the sidecar")
+
+        result = drive(port, args.rate, args.benign_seconds["alertmanager"], args.timeout)
+        first_wall = result.pop("_first_adversarial_wall")
+        status, _, body = admin_request(admin_port, "GET", "/status", token)
+        if status != 200:
+            raise RuntimeError(f"the admin API answered {status}: {body}")
+        incidents = [inc for inc in body["rollback"]["incidents"] if inc["alert"] == ALERT]
+        if len(incidents) != 1 or incidents[0]["source"] != "alertmanager":
+            raise RuntimeError(f"expected one incident from Alertmanager, the sidecar has {incidents}")
+        (incident,) = incidents
+        hook = incident["hooks"]["pin-v1"]
+        finished = hook["finished_at"]
+        result["after_first_adversarial_seconds"] = {
+            # Prometheus's startsAt: the evaluation that found the expression true (for: 0s fires at once).
+            "prometheus_alert_started": round(incident["started_at"] - first_wall, 3),
+            "receiver_opened_incident": round(incident["opened_at"] - first_wall, 3),
+            "route_hook_finished": round(finished - first_wall, 3) if finished else None,
+        }
+        result["hook_result"] = hook["result"]
+        # What the ratio was compared with: three times the calibrated false-positive rate, as exported.
+        threshold = prometheus_query(prometheus_port, "3 * max by (model, version) "
+                                     f'(sidewatch_adversarial_target_false_positive_ratio{{model="{MODEL}",version="2"}})')
+        result["alert_threshold"] = float(threshold[0]["value"][1]) if threshold else None
+        return result
+    finally:
+        for process in reversed(processes):
+            process.stop()
+
+
+# --- main ---------------------------------------------------------------------------------------------------
+
+def summary(runs: list[dict]) -> dict:
+    seconds = [run["rollback_seconds"] for run in runs]
+    return {"rollback_seconds_median": statistics.median(seconds), "rollback_seconds_min": min(seconds),
+            "rollback_seconds_max": max(seconds)}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--path", choices=("sidecar", "alertmanager", "both"), default="both")
+    parser.add_argument("--runs", type=int, default=3, help="runs per path")
     parser.add_argument("--rate", type=float, default=50.0, help="requests per second (the demo's default: 50)")
-    parser.add_argument("--benign-seconds", type=float, default=8.0, help="benign traffic before the attack")
-    parser.add_argument("--timeout", type=float, default=60.0)
+    parser.add_argument("--benign-seconds", type=float, default=None,
+                        help="benign traffic before the attack (default: sidecar 8, alertmanager 15)")
+    parser.add_argument("--timeout", type=float, default=90.0)
+    parser.add_argument("--scrape-interval", type=float, default=1.0, help="Prometheus's, in seconds")
+    parser.add_argument("--evaluation-interval", type=float, default=1.0, help="Prometheus's, in seconds")
+    parser.add_argument("--rule-range", default=None,
+                        help="range of the alert's rates (default: the larger of 10s and 4 scrape intervals)")
+    parser.add_argument("--rule-for", default="0s", help="the alert rule's `for`")
+    parser.add_argument("--group-wait", default="0s", help="group_wait of Alertmanager's rollback route")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    runs = []
-    for number in range(args.runs):
-        with tempfile.TemporaryDirectory(prefix="sidewatch-bench-rollback-") as directory:
-            runs.append(one_run(Path(directory), args.rate, args.benign_seconds, args.timeout))
-        print(f"run {number + 1}: {runs[-1]}", flush=True)
-    seconds = [run["rollback_seconds"] for run in runs]
-    result = {
-        "benchmark": "alert_rollback",
-        "config": str(CONFIG.relative_to(ROOT)),
-        "rate_per_second": args.rate,
-        "benign_seconds": args.benign_seconds,
-        "runs": runs,
-        "rollback_seconds_median": statistics.median(seconds),
-        "rollback_seconds_max": max(seconds),
-        "goal_seconds": 5.0,
-        "machine": {"python": platform.python_version(), "processor": platform.processor() or platform.machine()},
-    }
+    paths = ["sidecar", "alertmanager"] if args.path == "both" else [args.path]
+    args.benign_seconds = {path: args.benign_seconds if args.benign_seconds is not None else default
+                           for path, default in DEFAULT_BENIGN_SECONDS.items()}
+    args.scrape_interval_text = seconds_text(args.scrape_interval)
+    args.evaluation_interval_text = seconds_text(args.evaluation_interval)
+    if args.rule_range is None:
+        # rate() needs two samples in its range; four scrape intervals keeps two even with scrape jitter.
+        args.rule_range = seconds_text(max(10.0, 4 * args.scrape_interval))
+
+    result: dict = {"benchmark": "alert_rollback", "rate_per_second": args.rate, "runs_per_path": args.runs,
+                    "goal_seconds": 5.0, "paths": {}}
+    with tempfile.TemporaryDirectory(prefix="sidewatch-bench-rules-") as rules_directory:
+        if "alertmanager" in paths:
+            args.rule_files, rule_changes = bench_rules(Path(rules_directory), args.rule_range, args.rule_for)
+        for path in paths:
+            runs = []
+            for number in range(args.runs):
+                with tempfile.TemporaryDirectory(prefix=f"sidewatch-bench-rollback-{path}-") as directory:
+                    run = sidecar_run if path == "sidecar" else alertmanager_run
+                    runs.append(run(Path(directory), args))
+                print(f"{path} run {number + 1}: {runs[-1]}", flush=True)
+            entry = {"benign_seconds": args.benign_seconds[path], **summary(runs), "runs": runs}
+            if path == "sidecar":
+                entry = {"config": str(CONFIG.relative_to(ROOT)),
+                         "alerting": "the sidecar's alert engine: 5 s window, for 1 s, evaluated every 0.5 s", **entry}
+            else:
+                entry = {"alerting": "Prometheus -> Alertmanager -> POST /alertmanager on the sidecar's admin API",
+                         "intervals": {"scrape_interval": args.scrape_interval_text,
+                                       "evaluation_interval": args.evaluation_interval_text,
+                                       "rule_range": args.rule_range, "rule_for": args.rule_for,
+                                       "alertmanager_group_wait": args.group_wait},
+                         "rules": rule_changes,
+                         "versions": {"prometheus": version_of("prometheus"),
+                                      "alertmanager": version_of("prometheus-alertmanager")},
+                         **entry}
+            result["paths"][path] = entry
+    result["machine"] = {"python": platform.python_version(), "processor": platform.processor() or platform.machine(),
+                         "cpus": len(os.sched_getaffinity(0))}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps({k: result[k] for k in ("rollback_seconds_median", "rollback_seconds_max", "goal_seconds")}))
+    print(json.dumps({path: {k: entry[k] for k in ("rollback_seconds_median", "rollback_seconds_min",
+                                                   "rollback_seconds_max")}
+                      for path, entry in result["paths"].items()}))
     return 0
+
+
+def version_of(binary: str) -> str | None:
+    found = shutil.which(binary)
+    if found is None:
+        return None
+    reply = subprocess.run([found, "--version"], capture_output=True, text=True)
+    first = (reply.stdout or reply.stderr).splitlines()
+    return first[0] if first else None
 
 
 if __name__ == "__main__":
