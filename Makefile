@@ -10,7 +10,7 @@ MLSERVER_VENV := .venv-mlserver
 # alibi-detect (a benchmark peer) pins numpy<2, so it gets its own environment too; bench-only.
 ALIBI_VENV := .venv-alibi
 # Debian packages the tests and benchmarks start as real peers.
-DEBIAN_PACKAGES := prometheus prometheus-alertmanager nginx nghttp2-client
+DEBIAN_PACKAGES := prometheus prometheus-alertmanager nginx nghttp2-client openssl
 
 .PHONY: demo test venv system-deps mlserver-venv alibi-venv proto model bench clean
 
