@@ -25,6 +25,7 @@ from agent.protocol import paths
 from agent.protocol.peek import peek_model
 from agent.proxy.call_log import CallLog
 from agent.proxy.route import rewrite_version
+from agent.proxy.stream_status import FirstStatus
 from agent.proxy.tap import Tap, TapRecord
 
 if TYPE_CHECKING:
@@ -228,6 +229,7 @@ class Forwarder(grpc.GenericRpcHandler):
                     metadata=forwardable_metadata(context.invocation_metadata()),
                     timeout=context.time_remaining(),
                 )
+                status = FirstStatus(call)
                 headers_sent = False
                 try:
                     await _send_initial_metadata(context, await call.initial_metadata())
@@ -242,12 +244,12 @@ class Forwarder(grpc.GenericRpcHandler):
                         yield response
                     trailing = await call.trailing_metadata()
                 except aio.AioRpcError as err:
-                    code = err.code()
+                    code, details, trailers = status.of(err)
                     metrics.upstream_errors.labels(
                         *metrics.bounded(first_model[0], first_model[1]), method_label, code.name).inc()
                     if not headers_sent:
                         await _send_initial_metadata(context, err.initial_metadata())
-                    await context.abort(code, err.details() or "", forwardable_metadata(err.trailing_metadata()))
+                    await context.abort(code, details, forwardable_metadata(trailers))
                 context.set_trailing_metadata(forwardable_metadata(trailing))
             except asyncio.CancelledError:
                 code = _cancelled_code(context)
