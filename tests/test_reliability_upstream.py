@@ -231,3 +231,28 @@ def test_calls_before_the_model_server_ever_started_fail_fast_and_then_succeed(t
         sidecar.stop()
         if model_server is not None:
             model_server.stop()
+
+
+def test_upstream_ending_a_stream_mid_request_keeps_its_own_status(tmp_path):
+    """An upstream that ends a bidirectional call while requests are still being relayed to it: grpc.aio
+    can report that as INTERNAL "Internal error from Core" (grpc/grpc#36066); callers get the upstream's
+    own status, details and trailers every time."""
+    from tests.upstream import ECHO_STREAM
+
+    with RecordingUpstream() as upstream:
+        sidecar, port, metrics_port = start_sidecar(tmp_path, upstream.port)
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                chat = channel.stream_stream(ECHO_STREAM)
+                outcomes = collections.Counter()
+                for _ in range(100):
+                    with pytest.raises(grpc.RpcError) as raised:
+                        list(chat(iter([b"x" * 1000] * 20), timeout=DEADLINE,
+                                  metadata=(("x-test-fail", "RESOURCE_EXHAUSTED:slow down"),)))
+                    error = raised.value
+                    outcomes[(error.code(), error.details(), dict(error.trailing_metadata()).get("x-upstream-trailer"))] += 1
+            assert outcomes == {(grpc.StatusCode.RESOURCE_EXHAUSTED, "slow down", "trailing"): 100}
+            metrics = http_get(f"http://127.0.0.1:{metrics_port}/metrics")
+            assert metric_value(metrics, "sidewatch_upstream_errors_total", code="RESOURCE_EXHAUSTED") == 100
+        finally:
+            sidecar.stop()
