@@ -76,7 +76,8 @@ def test_rollout_undo_in_cluster_restores_the_previous_revision_as_kubectl_does(
     assert (list_rs.method, list_rs.path) == ("GET", "/apis/apps/v1/namespaces/models/replicasets")
     assert list_rs.query == {"labelSelector": ["app=mnist"]}
     assert (patch.method, patch.content_type) == ("PATCH", "application/json-patch+json")
-    assert [op["path"] for op in patch.body] == ["/spec/template", "/metadata/annotations"]
+    assert [(op["op"], op["path"]) for op in patch.body] == [
+        ("test", "/metadata/resourceVersion"), ("replace", "/spec/template"), ("replace", "/metadata/annotations")]
     assert {seen.user for seen in api.requests} == {f"token:{TOKEN}"}
 
     after = api.get("deployments", NS, "mnist")
@@ -85,10 +86,44 @@ def test_rollout_undo_in_cluster_restores_the_previous_revision_as_kubectl_does(
     assert after["spec"]["template"]["metadata"]["labels"] == {"app": "mnist"}
     # Revision bookkeeping stays the Deployment's; the rest comes from the ReplicaSet (kubectl's rule),
     # so the Deployment's own "team" annotation, which the ReplicaSet does not have, is gone too.
-    assert after["metadata"]["annotations"] == {"deployment.kubernetes.io/revision": "3",
-                                                "kubernetes.io/change-cause": "deploy model:v2"}
+    stamp = after["metadata"]["annotations"]
+    assert int(stamp.pop(kubernetes.ROLLED_BACK_AT)) > 0
+    assert stamp.pop(kubernetes.ROLLED_BACK_BY) == f"{call().incident.id} (edge)"
+    assert stamp == {"deployment.kubernetes.io/revision": "3", "kubernetes.io/change-cause": "deploy model:v2"}
     assert after["metadata"]["generation"] == 2
     assert after["spec"]["replicas"] == 2 and after["spec"]["paused"] is False
+
+
+def test_another_replica_does_not_undo_the_rollback_within_the_guard(api, mnist, in_cluster):
+    """Every sidecar of the Deployment may get the fleet's alert; the second undo would restore the bad version."""
+    hook = KubernetesHook(type="kubernetes", deployment="mnist", service_account_dir=in_cluster)
+    assert "rolled back to revision 2" in kubernetes.run(hook, call())
+    api.put("replicasets", kube_api.replica_set(api.get("deployments", NS, "mnist"), "model:v2", 4, "ddd444"))
+    patches = sum(seen.method == "PATCH" for seen in api.requests)
+    other_replica = HookCall(make_incident(hooks=("k8s",)), "k8s", 1, "another-pod")
+    message = kubernetes.run(hook, other_replica)
+    assert message.startswith("skipped: deployment models/mnist rolled back") and "not again within 3600 s" in message
+    assert sum(seen.method == "PATCH" for seen in api.requests) == patches
+    assert api.get("deployments", NS, "mnist")["spec"]["template"]["spec"]["containers"][0]["image"] == "model:v2"
+    # Past the guard it would roll back again (here: a guard of 0 s).
+    unguarded = KubernetesHook(type="kubernetes", deployment="mnist", service_account_dir=in_cluster,
+                               min_seconds_between_rollbacks=0)
+    assert "rolled back to revision" in kubernetes.run(unguarded, other_replica)
+
+
+def test_a_patch_racing_another_replicas_is_refused_by_the_resource_version_test(api, mnist, in_cluster):
+    hook = KubernetesHook(type="kubernetes", deployment="mnist", service_account_dir=in_cluster)
+    stale = api.get("deployments", NS, "mnist")
+    assert "rolled back" in kubernetes.run(hook, call())  # the other replica wins
+    from agent.alerts.hooks.kubeclient import KubeError, connect
+
+    client = connect(hook, 5)
+    with pytest.raises(KubeError) as refused:
+        client.patch("/apis/apps/v1/namespaces/models/deployments/mnist",
+                     [{"op": "test", "path": "/metadata/resourceVersion", "value": stale["metadata"]["resourceVersion"]},
+                      {"op": "replace", "path": "/spec/template", "value": stale["spec"]["template"]}],
+                     "application/json-patch+json")
+    assert refused.value.status == 422
 
 
 def test_to_revision_picks_that_revision(api, mnist, in_cluster):
@@ -120,7 +155,8 @@ def test_no_previous_revision_is_refused(api, in_cluster):
 
 
 def test_template_already_at_the_previous_revision_is_skipped_without_a_patch(api, mnist, in_cluster):
-    hook = KubernetesHook(type="kubernetes", deployment="mnist", service_account_dir=in_cluster)
+    hook = KubernetesHook(type="kubernetes", deployment="mnist", service_account_dir=in_cluster,
+                          min_seconds_between_rollbacks=0)  # not the stamp's guard: kubectl's own check
     kubernetes.run(hook, call())
     # A second undo before the Deployment controller has renumbered the revisions (the stand-in runs no
     # controller): revision 2 is still "previous" and already in the template, so kubectl skips.
@@ -197,7 +233,8 @@ def test_kubeconfig_with_a_client_certificate(api, mnist, tmp_path):
     inline = _kubeconfig(tmp_path, api, {"client-certificate-data": base64.b64encode(client.cert.read_bytes()).decode(),
                                          "client-key-data": base64.b64encode(client.key.read_bytes()).decode()})
     api.requests.clear()
-    hook = KubernetesHook(type="kubernetes", deployment="mnist", kubeconfig=inline, to_revision=1)
+    hook = KubernetesHook(type="kubernetes", deployment="mnist", kubeconfig=inline, to_revision=1,
+                          min_seconds_between_rollbacks=0)  # a second rollback, on purpose
     assert "revision 1" in kubernetes.run(hook, call())
     assert {seen.user for seen in api.requests} == {"cert:sidewatch"}
 

@@ -133,6 +133,10 @@ class KubernetesHook(_Hook, KubernetesAccess):
     deployment: str = Field(min_length=1)
     # Roll back to this revision instead of the previous one (kubectl's --to-revision).
     to_revision: int | None = Field(None, ge=1)
+    # A guard across replicas: every sidecar of the Deployment may get the alert, and a second undo
+    # would go back to the bad version. A rollback stamps the Deployment (annotations), and no
+    # replica rolls it back again within this many seconds of the stamp.
+    min_seconds_between_rollbacks: float = Field(3600.0, ge=0)
 
 
 class ArgoRolloutsHook(_Hook, KubernetesAccess):

@@ -16,6 +16,14 @@ The steps follow kubectl's DeploymentRollbacker (k8s.io/kubectl/pkg/polymorphich
 
 The Deployment controller then rolls the pods to that template, as after kubectl.
 
+Across replicas. Every sidecar in the Deployment's pods may receive the same fleet-wide alert, and
+an undo undone again is the bad version back. So the PATCH also stamps the Deployment with
+``sidewatch.dev/rolled-back-at`` (unix seconds) and ``sidewatch.dev/rolled-back-by`` (incident and
+instance), and step 4 skips a Deployment stamped less than ``min_seconds_between_rollbacks`` ago.
+The PATCH starts with a JSON-patch ``test`` of the ``resourceVersion`` read in step 1, so of two
+replicas racing, the API server applies one PATCH and refuses the other (422), which then retries,
+reads the stamp and skips.
+
 An undo is not idempotent: once the controller has renumbered the revisions, a second undo goes back
 to the bad version. So a PATCH that was sent and got no answer (or a gateway timeout) is not retried:
 it is reported as a failure with ``retry=False``, which the dispatcher records as ``unknown``. Errors
@@ -25,12 +33,15 @@ before the PATCH, or answers that say it was refused, are retried as usual.
 from __future__ import annotations
 
 import copy
+import time
 
 from agent.alerts.hook_config import KubernetesHook
 from agent.alerts.hooks import HookCall, HookFailed
 from agent.alerts.hooks.kubeclient import KubeError, connect
 
 REVISION = "deployment.kubernetes.io/revision"
+ROLLED_BACK_AT = "sidewatch.dev/rolled-back-at"
+ROLLED_BACK_BY = "sidewatch.dev/rolled-back-by"
 HASH_LABEL = "pod-template-hash"
 # Kept from the Deployment, never copied from the ReplicaSet (kubectl's annotationsToSkip).
 ANNOTATIONS_TO_SKIP = frozenset({
@@ -40,6 +51,8 @@ ANNOTATIONS_TO_SKIP = frozenset({
     "deployment.kubernetes.io/desired-replicas",
     "deployment.kubernetes.io/max-replicas",
     "deprecated.deployment.rollback.to",
+    ROLLED_BACK_AT,
+    ROLLED_BACK_BY,
 })
 
 
@@ -111,6 +124,19 @@ def rollback_annotations(deployment: dict, replica_set: dict) -> dict[str, str]:
     return annotations
 
 
+def recent_rollback(deployment: dict, min_seconds: float, now: float) -> str | None:
+    """Why not to roll back again: a sidewatch stamp on the Deployment younger than ``min_seconds``."""
+    annotations = deployment["metadata"].get("annotations") or {}
+    try:
+        at = float(annotations[ROLLED_BACK_AT])
+    except (KeyError, ValueError):
+        return None
+    if now - at >= min_seconds:
+        return None
+    return (f"rolled back {now - at:.0f} s ago by {annotations.get(ROLLED_BACK_BY, 'sidewatch')}; "
+            f"not again within {min_seconds:.0f} s")
+
+
 def describe(hook: KubernetesHook, call: HookCall) -> str:
     target = f"revision {hook.to_revision}" if hook.to_revision else "its previous revision"
     return f"roll deployment {hook.namespace or '(default namespace)'}/{hook.deployment} back to {target}"
@@ -118,12 +144,12 @@ def describe(hook: KubernetesHook, call: HookCall) -> str:
 
 def run(hook: KubernetesHook, call: HookCall) -> str:
     try:
-        return _rollback(hook)
+        return _rollback(hook, call)
     except KubeError as err:
         raise HookFailed(f"deployment {hook.deployment}: {err}") from None
 
 
-def _rollback(hook: KubernetesHook) -> str:
+def _rollback(hook: KubernetesHook, call: HookCall) -> str:
     client = connect(hook, hook.timeout_seconds)
     namespace, name = client.namespace, hook.deployment
     path = f"/apis/apps/v1/namespaces/{namespace}/deployments/{name}"
@@ -132,16 +158,27 @@ def _rollback(hook: KubernetesHook) -> str:
     listed = client.get(f"/apis/apps/v1/namespaces/{namespace}/replicasets", query={"labelSelector": selector})
     owned = [rs for rs in listed.get("items") or [] if controlled_by(rs, deployment["metadata"]["uid"])]
     target, rev = pick_revision(owned, hook.to_revision, name)
+    now = time.time()
+    guard = recent_rollback(deployment, hook.min_seconds_between_rollbacks, now)
+    if guard is not None:
+        return f"skipped: deployment {namespace}/{name} {guard}"
     if deployment["spec"].get("paused"):
         raise HookFailed(f"deployment {namespace}/{name} is paused: kubectl refuses to roll back a paused "
                          "deployment (resume it first)")
     template = _without_hash(target["spec"]["template"])
     if template == _without_hash(deployment["spec"]["template"]):
         return f"skipped: deployment {namespace}/{name} already matches revision {rev}"
+    annotations = rollback_annotations(deployment, target)
+    annotations[ROLLED_BACK_AT] = str(int(now))
+    annotations[ROLLED_BACK_BY] = f"{call.incident.id} ({call.instance})"
     patch = [
         {"op": "replace", "path": "/spec/template", "value": template},
-        {"op": "replace", "path": "/metadata/annotations", "value": rollback_annotations(deployment, target)},
+        {"op": "replace", "path": "/metadata/annotations", "value": annotations},
     ]
+    resource_version = deployment["metadata"].get("resourceVersion")
+    if resource_version is not None:
+        # Only the Deployment as read: another replica's PATCH in between makes this one fail (422).
+        patch.insert(0, {"op": "test", "path": "/metadata/resourceVersion", "value": resource_version})
     try:
         client.patch(path, patch, "application/json-patch+json")
     except KubeError as err:
