@@ -155,13 +155,15 @@ class Sidecar:
         if self.channel is not None:
             await self.channel.close()
         await self.routes.close()  # fallback upstreams' channels
-        self.tap.stop()
+        # A sink stuck in a call (a hung detector) is not called again: that would hang the shutdown too.
+        stuck = self.tap.stop()
         if self.watch is not None:
-            self.watch.flush()
+            if "adversarial" not in stuck:
+                self.watch.flush()
             self.watch.close()
-        if self.drift is not None:
+        if self.drift is not None and "drift" not in stuck:
             self.drift.tick()  # the last scores
-            self.drift.close()
+            self.drift.close()  # and the last checkpoint
         # Lets a hook that is running finish (or stop at its timeout) and flushes the audit log.
         self.dispatcher.close()
         if self._metrics_server is not None:

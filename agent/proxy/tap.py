@@ -131,18 +131,24 @@ class Tap:
         thread.start()
         return thread
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """Let the consumer finish what is queued (up to ``timeout``), then stop it."""
+    def stop(self, timeout: float = 5.0) -> set[str]:
+        """Let the consumer finish what is queued (up to ``timeout``), then stop it. Returns the sinks
+        still inside a call (hung, or given up on): the caller must not call them again."""
         if self._thread is None:
-            return
+            return set()
         self._stopping.set()
         if self._watchdog is not None:
             self._watchdog.join()  # first: it replaces self._thread
             self._watchdog = None
         self._thread.join(timeout)
-        if self._thread.is_alive():
-            log.warning("sidewatch: tap consumer still busy at shutdown; %d copies not processed", len(self._queue))
+        with self._busy_lock:
+            stuck = set(self._suspended)
+            if self._thread.is_alive():
+                log.warning("sidewatch: tap consumer still busy at shutdown; %d copies not processed", len(self._queue))
+                if self._busy is not None:
+                    stuck.add(self._busy[0])
         self._thread = None
+        return stuck
 
     def _run(self, generation: int) -> None:
         queued = self._queue
