@@ -266,3 +266,25 @@ def test_raising_drift_sink_is_counted_logged_once_and_the_adversarial_detector_
         wait_for(lambda: running.value("sidewatch_adversarial_inputs_total", model=MODEL, version="1",
                                        mode="shadow") == 100, "every input scored for adversarial examples")
         assert len(_lines(caplog, "tap sink drift failed")) == 1
+
+
+def test_shutdown_with_a_hung_detector_finishes(model_port, traffic):  # noqa: F811
+    """SIGTERM while the drift sink hangs: the sidecar stops (calls drained, the adversarial detector's
+    last batch scored) instead of hanging in that sink's final flush."""
+    images, expected = traffic
+    release = threading.Event()
+    running = InProcessSidecar(_shadow_sidecar(model_port))
+    with running:
+        for drift in running.sidecar.drift.models.values():
+            drift.flush = lambda: release.wait(120)      # the next micro-batch of 64 rows never returns
+        client = InferenceClient(running.sidecar.config.listen)
+        _call_many(client, images, expected, 100)
+        client.close()
+        wait_for(lambda: running.value("sidewatch_tap_sink_timeouts_total", sink="drift") == 1, "the timeout")
+        stopping = time.monotonic()
+    # __exit__ stopped the sidecar within its 30 s, although the drift sink never returned.
+    assert time.monotonic() - stopping < 30
+    release.set()
+    # Copies beyond the queue were dropped while the drift sink blocked the consumer; the rest were scored.
+    scored = running.value("sidewatch_adversarial_inputs_total", model=MODEL, version="1", mode="shadow")
+    assert scored > 0 and scored + running.value("sidewatch_tap_dropped_total") == 100
