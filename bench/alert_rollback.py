@@ -264,7 +264,10 @@ def alertmanager_run(directory: Path, args) -> dict:
         alertmanager, alertmanager_port = start_alertmanager(directory, admin_port, token_file, args.group_wait)
         processes.append(alertmanager)
         instance = f"127.0.0.1:{metrics_port}"
-        prometheus, prometheus_port = start_prometheus(directory, instance, alertmanager_port, args.rule_files,
+        # Written afresh in each run's directory: Prometheus offsets each rule group's evaluations by a hash
+        # of its file and name, so a new path per run samples a new phase of the recording and alert groups.
+        rule_files, _ = bench_rules(directory, args.rule_range, args.rule_for)
+        prometheus, prometheus_port = start_prometheus(directory, instance, alertmanager_port, rule_files,
                                                        args.scrape_interval_text, args.evaluation_interval_text)
         processes.append(prometheus)
         wait_for(lambda: prometheus_query(prometheus_port, f'up{{instance="{instance}"}} == 1'), 60,
@@ -291,7 +294,7 @@ def alertmanager_run(directory: Path, args) -> dict:
         # What the ratio was compared with: three times the calibrated false-positive rate, as exported.
         threshold = prometheus_query(prometheus_port, "3 * max by (model, version) "
                                      f'(sidewatch_adversarial_target_false_positive_ratio{{model="{MODEL}",version="2"}})')
-        result["alert_threshold"] = float(threshold[0]["value"][1]) if threshold else None
+        result["alert_threshold"] = round(float(threshold[0]["value"][1]), 6) if threshold else None
         return result
     finally:
         for process in reversed(processes):
@@ -335,7 +338,8 @@ def main() -> int:
                     "goal_seconds": 5.0, "paths": {}}
     with tempfile.TemporaryDirectory(prefix="sidewatch-bench-rules-") as rules_directory:
         if "alertmanager" in paths:
-            args.rule_files, rule_changes = bench_rules(Path(rules_directory), args.rule_range, args.rule_for)
+            # What the runs load, checked (promtool) and described once before they start.
+            _, rule_changes = bench_rules(Path(rules_directory), args.rule_range, args.rule_for)
         for path in paths:
             runs = []
             for number in range(args.runs):
