@@ -47,7 +47,9 @@ def kill_9(process: Process) -> None:
 
 
 def _lines(process: Process, prefix: str) -> list[str]:
-    return [line[len(prefix):] for line in process.log().splitlines() if line.startswith(prefix)]
+    """What follows ``prefix`` on the complete lines of the process's output (a kill can cut the last)."""
+    complete = process.log().split("\n")[:-1]
+    return [line[len(prefix):] for line in complete if line.startswith(prefix)]
 
 
 # --- 1. the audit log ---------------------------------------------------------------------------------
