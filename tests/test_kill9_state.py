@@ -224,8 +224,15 @@ def receiver():
         yield server
 
 
-def test_sidecar_killed_at_random_moments_during_incidents_loses_nothing(tmp_path, receiver):
-    model_server, model_port = start_model_server(tmp_path)
+@pytest.fixture
+def model_server(tmp_path):
+    process, port = start_model_server(tmp_path)
+    yield port
+    process.stop()
+
+
+def test_sidecar_killed_at_random_moments_during_incidents_loses_nothing(tmp_path, receiver, model_server):
+    model_port = model_server
     token, token_file = write_token(tmp_path)
     admin, admin_port = admin_config(tmp_path, token_file, alertmanager_hooks={ALERT: ["notify"]})
     (tmp_path / "secret").write_bytes(SECRET)
@@ -311,7 +318,6 @@ def test_sidecar_killed_at_random_moments_during_incidents_loses_nothing(tmp_pat
     finally:
         if sidecar is not None and sidecar.popen.poll() is None:
             sidecar.stop()
-        model_server.stop()
 
 
 # --- the moment the sidecar run above found: between a successful attempt and the hook's result ------------

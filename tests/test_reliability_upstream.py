@@ -127,8 +127,10 @@ def _health(port: int, service: str) -> int:
 def test_model_server_killed_and_restarted_under_load(tmp_path):
     upstream_port = free_port()
     model_server, _ = _start_model_server(tmp_path, upstream_port, 0)
-    sidecar, port, metrics_port = start_sidecar(tmp_path, upstream_port, "--model-repository", str(BUNDLED_REPOSITORY))
+    sidecar = None
     try:
+        sidecar, port, metrics_port = start_sidecar(tmp_path, upstream_port, "--model-repository",
+                                                    str(BUNDLED_REPOSITORY))
         with Load(port) as load, grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             load.first_ok_after(0.0, timeout=30)
             for cycle in range(2):
@@ -170,7 +172,8 @@ def test_model_server_killed_and_restarted_under_load(tmp_path):
         assert metric_value(metrics, "sidewatch_requests_in_flight") == 0
         assert "Traceback" not in sidecar.log()
     finally:
-        sidecar.stop()
+        if sidecar is not None:
+            sidecar.stop()
         model_server.stop()
 
 
