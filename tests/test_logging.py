@@ -27,10 +27,12 @@ def _json_lines(text: str) -> list[dict]:
 @pytest.fixture
 def sidecar(tmp_path):
     server, model_port = start_model_server(tmp_path)
-    process, port, _ = start_sidecar(tmp_path, model_port, "--log-format", "json", "--log-requests")
-    yield process, port
-    process.stop()
-    server.stop()
+    try:
+        process, port, _ = start_sidecar(tmp_path, model_port, "--log-format", "json", "--log-requests")
+        yield process, port
+        process.stop()
+    finally:
+        server.stop()
 
 
 def test_calls_are_logged_as_json_with_their_request_id_and_no_payload(sidecar):
@@ -66,7 +68,11 @@ def test_calls_are_logged_as_json_with_their_request_id_and_no_payload(sidecar):
 
 def test_failed_calls_are_logged_without_log_requests_but_thinned_out(tmp_path):
     server, model_port = start_model_server(tmp_path)
-    process, port, _ = start_sidecar(tmp_path, model_port, "--log-format", "json")
+    try:
+        process, port, _ = start_sidecar(tmp_path, model_port, "--log-format", "json")
+    except RuntimeError:
+        server.stop()
+        raise
     try:
         client = InferenceClient(f"127.0.0.1:{port}")
         client.wait_ready()
