@@ -58,6 +58,8 @@ from tests.harness import (  # noqa: E402
     Process,
     free_port,
     prometheus_query,
+    shipped_alertmanager_config,
+    start_alertmanager,
     start_model_server,
     start_sidecar,
     wait_for_http,
@@ -65,7 +67,6 @@ from tests.harness import (  # noqa: E402
 
 CONFIG = ROOT / "agent" / "demo" / "sidewatch-demo.yaml"
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
-ALERTMANAGER_CONFIG = ROOT / "deploy" / "alertmanager" / "alertmanager.yml"
 MODEL = "mnist_cnn"
 ALERT = "SidewatchAdversarialRateHigh"
 # The shipped recording rules the alert reads, by name; the bench records them again over its short range.
@@ -182,31 +183,13 @@ def bench_rules(directory: Path, rule_range: str, rule_for: str) -> tuple[list[P
     return paths, {"recording_rules_added": short_rules, ALERT: changed}
 
 
-def start_alertmanager(directory: Path, admin_port: int, token_file: Path, group_wait: str) -> tuple[Process, int]:
+def start_shipped_alertmanager(directory: Path, admin_port: int, token_file: Path,
+                               group_wait: str) -> tuple[Process, int]:
     """deploy/alertmanager/alertmanager.yml with this run's receiver address, token file and group_wait."""
-    binary = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
-    if binary is None:
-        raise RuntimeError("prometheus-alertmanager is not installed (Debian's package)")
-    config = yaml.safe_load(ALERTMANAGER_CONFIG.read_text())
+    config = shipped_alertmanager_config(admin_port, token_file)
     (route,) = [r for r in config["route"]["routes"] if r["receiver"] == "sidewatch-rollback"]
     route["group_wait"] = group_wait
-    (receiver,) = [r for r in config["receivers"] if r["name"] == "sidewatch-rollback"]
-    (webhook,) = receiver["webhook_configs"]
-    webhook["url"] = f"http://127.0.0.1:{admin_port}/alertmanager"
-    webhook["http_config"]["authorization"]["credentials_file"] = str(token_file)
-    path = directory / "alertmanager.yml"
-    path.write_text(yaml.safe_dump(config))
-    port = free_port()
-    # No cluster: a lone Alertmanager would otherwise wait for its peers to settle before notifying.
-    process = Process([binary, f"--config.file={path}", f"--storage.path={directory / 'am-data'}",
-                       f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address="],
-                      directory / "alertmanager.log")
-    try:
-        wait_for_http(f"http://127.0.0.1:{port}/-/ready")
-    except TimeoutError:
-        process.stop()
-        raise RuntimeError(f"Alertmanager did not start:\n{process.log()[-3000:]}") from None
-    return process, port
+    return start_alertmanager(directory, config)
 
 
 def start_prometheus(directory: Path, sidecar_metrics: str, alertmanager_port: int, rule_files: list[Path],
@@ -261,7 +244,7 @@ def alertmanager_run(directory: Path, args) -> dict:
                                                     str(BUNDLED_REPOSITORY), "--device", "cpu", config=config)
         processes.append(sidecar)
         sidecar.wait_listening(admin_port)
-        alertmanager, alertmanager_port = start_alertmanager(directory, admin_port, token_file, args.group_wait)
+        alertmanager, alertmanager_port = start_shipped_alertmanager(directory, admin_port, token_file, args.group_wait)
         processes.append(alertmanager)
         instance = f"127.0.0.1:{metrics_port}"
         # Written afresh in each run's directory: Prometheus offsets each rule group's evaluations by a hash

@@ -184,3 +184,43 @@ def prometheus_query(port: int, query: str) -> list[dict]:
     if reply["status"] != "success":
         raise RuntimeError(f"query {query!r} failed: {reply}")
     return reply["data"]["result"]
+
+
+SHIPPED_ALERTMANAGER_CONFIG = REPO / "deploy" / "alertmanager" / "alertmanager.yml"
+
+
+def shipped_alertmanager_config(admin_port: int, token_file: Path) -> dict:
+    """deploy/alertmanager/alertmanager.yml with its rollback receiver pointed at this sidecar's admin API."""
+    import yaml
+
+    config = yaml.safe_load(SHIPPED_ALERTMANAGER_CONFIG.read_text())
+    (receiver,) = [r for r in config["receivers"] if r["name"] == "sidewatch-rollback"]
+    (webhook,) = receiver["webhook_configs"]
+    webhook["url"] = f"http://127.0.0.1:{admin_port}/alertmanager"
+    webhook["http_config"]["authorization"]["credentials_file"] = str(token_file)
+    return config
+
+
+def start_alertmanager(directory: Path, config: dict) -> tuple[Process, int]:
+    """A real Alertmanager (Debian's package) running ``config``, alone: without
+    ``--cluster.listen-address=`` it would wait for peers to settle before notifying."""
+    import shutil
+
+    import yaml
+
+    binary = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
+    if binary is None:
+        raise RuntimeError("prometheus-alertmanager is not installed: `make system-deps` installs Debian's package")
+    path = directory / "alertmanager.yml"
+    path.write_text(yaml.safe_dump(config))
+    port = free_port()
+    process = Process([binary, f"--config.file={path}", f"--storage.path={directory / 'am-data'}",
+                       f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address="],
+                      directory / "alertmanager.log")
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/-/ready")
+    except TimeoutError:
+        process.stop()
+        raise RuntimeError(f"Alertmanager did not start:\n{process.log()[-3000:]}") from None
+    return process, port
+

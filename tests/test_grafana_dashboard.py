@@ -32,13 +32,21 @@ from agent.demo.data import BENIGN_STREAM, load_adversarial, load_images
 from agent.demo.run import drifted
 from agent.modelserver.repository import BUNDLED_REPOSITORY
 from tests.alert_harness import admin_config, metric, wait_until, write_config, write_token
-from tests.harness import REPO, Process, free_port, start_model_server, start_sidecar, wait_for_http
+from tests.harness import (
+    REPO,
+    Process,
+    free_port,
+    shipped_alertmanager_config,
+    start_alertmanager,
+    start_model_server,
+    start_sidecar,
+    wait_for_http,
+)
 
 DASHBOARD = REPO / "grafana" / "dashboards" / "sidewatch.json"
 DATASOURCES = REPO / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
 PROVIDERS = REPO / "grafana" / "provisioning" / "dashboards" / "sidewatch.yml"
 PROMETHEUS_DIR = REPO / "deploy" / "prometheus"
-ALERTMANAGER_CONFIG = REPO / "deploy" / "alertmanager" / "alertmanager.yml"
 MODEL = "mnist_cnn"
 PANEL_TYPES = {"row", "timeseries", "stat", "heatmap", "table"}
 DATASOURCE_REF = {"type": "prometheus", "uid": "${datasource}"}
@@ -233,22 +241,7 @@ def _start_prometheus(tmp_path, sidecar_metrics: str, alertmanager_port: int) ->
 
 def _start_alertmanager(tmp_path, admin_port: int, token_file) -> tuple[Process, int]:
     """deploy/alertmanager/alertmanager.yml with the sidecar's receiver address and this test's token file."""
-    binary = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
-    if binary is None:
-        pytest.fail("prometheus-alertmanager is not installed: `make test` installs Debian's package")
-    config = yaml.safe_load(ALERTMANAGER_CONFIG.read_text())
-    (receiver,) = [r for r in config["receivers"] if r["name"] == "sidewatch-rollback"]
-    (webhook,) = receiver["webhook_configs"]
-    webhook["url"] = f"http://127.0.0.1:{admin_port}/alertmanager"
-    webhook["http_config"]["authorization"]["credentials_file"] = str(token_file)
-    path = tmp_path / "alertmanager.yml"
-    path.write_text(yaml.safe_dump(config))
-    port = free_port()
-    process = Process([binary, f"--config.file={path}", f"--storage.path={tmp_path / 'am-data'}",
-                       f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address="],
-                      tmp_path / "alertmanager.log")
-    wait_for_http(f"http://127.0.0.1:{port}/-/ready")
-    return process, port
+    return start_alertmanager(tmp_path, shipped_alertmanager_config(admin_port, token_file))
 
 
 def _sidecar_config(tmp_path, token_file) -> tuple[dict, int]:

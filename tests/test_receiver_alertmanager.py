@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import datetime
 import json
-import shutil
 import sys
 import urllib.request
 
 import pytest
 
 from tests.alert_harness import admin_config, admin_request, metric, wait_until, write_config, write_token
-from tests.harness import Process, free_port, http_get, start_model_server, start_sidecar, wait_for_http
+from tests.harness import Process, http_get, start_alertmanager, start_model_server, start_sidecar
 
 ALERT = "SidewatchAdversarialRateHigh"
 
@@ -44,17 +43,13 @@ def _push(alertmanager_port: int, alerts: list[dict]) -> None:
 
 
 def _start_alertmanager(tmp_path, admin_port: int, token_file, wrong_token_file) -> tuple[Process, int]:
-    binary = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
-    if binary is None:
-        pytest.fail("prometheus-alertmanager is not installed: `make test` installs Debian's package")
     url = f"http://127.0.0.1:{admin_port}/alertmanager"
 
     def webhook(credentials_file):
         return {"url": url, "send_resolved": True, "max_alerts": 0,
                 "http_config": {"authorization": {"type": "Bearer", "credentials_file": str(credentials_file)}}}
 
-    config = tmp_path / "alertmanager.yml"
-    config.write_text(json.dumps({  # JSON is YAML
+    return start_alertmanager(tmp_path, {
         "route": {
             "receiver": "sidewatch", "group_by": ["alertname", "model", "version"],
             "group_wait": "1s", "group_interval": "1s", "repeat_interval": "1h",
@@ -62,17 +57,7 @@ def _start_alertmanager(tmp_path, admin_port: int, token_file, wrong_token_file)
         },
         "receivers": [{"name": "sidewatch", "webhook_configs": [webhook(token_file)]},
                       {"name": "wrong-token", "webhook_configs": [webhook(wrong_token_file)]}],
-    }))
-    port = free_port()
-    process = Process([binary, f"--config.file={config}", f"--storage.path={tmp_path / 'am-data'}",
-                       f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address="],
-                      tmp_path / "alertmanager.log")
-    try:
-        wait_for_http(f"http://127.0.0.1:{port}/-/ready")
-    except TimeoutError:
-        process.stop()
-        raise AssertionError(f"Alertmanager did not start:\n{process.log()[-3000:]}") from None
-    return process, port
+    })
 
 
 @pytest.fixture
