@@ -5,18 +5,22 @@ installed) on a copy of deploy/k8s/ whose secret material comes from deploy/k8s/
 every built-in object validates against the Kubernetes schemas (kubernetes-validate, oldest and newest
 supported version, strict); the custom resources have what their operators require (written down below
 from the operators' CRD schemas) and the PrometheusRule passes `promtool check rules`; the ConfigMap's
-configuration passes `sidewatch serve --check-config` with the pod's files in place; the pod is wired
-consistently (ports, paths, probes, hooks, Alertmanager's route); the RBAC is exercised by the real
-rollback hooks against a stand-in API server that enforces the built Roles; and the base's sidecar runs
-with its pod configuration, answering its exec probes over mutual TLS and its admin API over TLS.
+configuration passes `sidewatch serve --check-config` with the pod's files in place, and its TLS files load;
+the pod is wired consistently (ports, paths, probes, hooks, Alertmanager's route, the ServiceMonitor's TLS
+material); the RBAC is exercised by the real rollback hooks against a stand-in API server that enforces the
+built Roles; and the base's sidecar runs with its pod configuration, answering its exec probes over mutual
+TLS, its admin API over TLS, and a real Prometheus scraping /metrics with the ServiceMonitor's mutual TLS
+(plain HTTP and HTTPS without a client certificate get nothing).
 """
 
 from __future__ import annotations
 
 import base64
 import copy
+import json
 import re
 import shutil
+import ssl
 import subprocess
 import sys
 import time
@@ -29,6 +33,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from agent.alerts.hooks import HookCall, HookFailed
 from agent.alerts.hooks import argo_rollouts as argo_hook
@@ -37,7 +42,7 @@ from agent.config import ServeConfig, split_address
 from tests import kube_api
 from tests.deploy_dockerfile import parse_dockerfile
 from tests.deploy_kustomize import MERGE_KEYS, build, load_all
-from tests.harness import REPO, Process, free_port, sidewatch, start_model_server
+from tests.harness import REPO, Process, free_port, http_get, prometheus_query, sidewatch, start_model_server, wait_for_http
 from tests.kube_api import KubeAPI, status_object
 from tests.test_rollback_webhook import make_incident
 
@@ -160,9 +165,38 @@ def _secret_key_exists(objects: list[dict], name: str, key: str) -> bool:
     return any(obj["metadata"]["name"] == name and key in obj.get("data", {}) for obj in _all(objects, "Secret"))
 
 
+def _selected(objects: list[dict], selector: dict) -> bytes:
+    """What a Prometheus Operator selector picks: SecretOrConfigMap ({secret|configMap: {name, key}}) or
+    SecretKeySelector ({name, key}); the object must be in the build, in the selector's (namespace's) scope."""
+    if set(selector) <= {"secret", "configMap"}:
+        assert len(selector) == 1, f"exactly one of secret and configMap: {selector}"
+        (kind, reference), = selector.items()
+    else:
+        kind, reference = "secret", selector
+    assert reference["name"] and reference["key"]
+    if kind == "secret":
+        assert _secret_key_exists(objects, reference["name"], reference["key"]), reference
+        return base64.b64decode(_find(objects, "Secret", reference["name"])["data"][reference["key"]])
+    return _find(objects, "ConfigMap", reference["name"])["data"][reference["key"]].encode()
+
+
+def _mounted(objects: list[dict], path: Path) -> bytes:
+    """The bytes the kubelet puts at ``path`` in the sidewatch container, from the Secret mounted above it."""
+    volumes = {volume["name"]: volume for volume in _pod(objects)["volumes"]}
+    mount = next(m for m in _container(objects, "sidewatch")["volumeMounts"] if str(path.parent) == m["mountPath"])
+    return _selected(objects, {"name": volumes[mount["name"]]["secret"]["secretName"], "key": path.name})
+
+
+# The endpoint's tlsConfig (SafeTLSConfig and file paths): ca and cert are SecretOrConfigMap, keySecret a
+# SecretKeySelector (key required); the operator refuses a client certificate without its key and the reverse.
+TLS_CONFIG_FIELDS = {"ca", "caFile", "cert", "certFile", "keySecret", "keyFile", "serverName", "insecureSkipVerify",
+                     "minVersion", "maxVersion"}
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_service_monitor_has_what_the_prometheus_operator_requires(built, overlay):
-    # monitoring.coreos.com/v1 ServiceMonitor: spec required [endpoints, selector]; endpoint.interval a duration.
+    # monitoring.coreos.com/v1 ServiceMonitor: spec required [endpoints, selector]; endpoint.interval a duration,
+    # scheme one of http, https.
     objects = built[overlay]
     monitor = _find(objects, "ServiceMonitor")
     service = _find(objects, "Service", "sidewatch")
@@ -176,10 +210,29 @@ def test_service_monitor_has_what_the_prometheus_operator_requires(built, overla
     for endpoint in spec["endpoints"]:
         assert endpoint["port"] in ports
         assert DURATION.match(endpoint["interval"])
-        assert endpoint["scheme"] == "http" and endpoint["path"] == "/metrics"
+        assert endpoint["scheme"] == "https" and endpoint["path"] == "/metrics"
     metrics_port = next(p for p in service["spec"]["ports"] if p["name"] == spec["endpoints"][0]["port"])["targetPort"]
     container_port = next(p["containerPort"] for p in _container(objects, "sidewatch")["ports"] if p["name"] == metrics_port)
-    assert split_address(_config(objects).metrics.listen)[1] == container_port
+    metrics = _config(objects).metrics
+    assert split_address(metrics.listen)[1] == container_port
+    # Mutual TLS on /metrics: the ServiceMonitor verifies the pods' certificate and presents a client certificate
+    # that the sidecar's client CA accepts, all from Secrets of this build.
+    assert metrics.tls is not None and metrics.tls.require_client_cert
+    endpoint, = spec["endpoints"]
+    tls = endpoint["tlsConfig"]
+    assert set(tls) <= TLS_CONFIG_FIELDS and not tls.get("insecureSkipVerify")
+    assert {"ca", "cert", "keySecret", "serverName"} <= set(tls)
+    server = x509.load_pem_x509_certificate(_mounted(objects, metrics.tls.cert_file))
+    server.verify_directly_issued_by(x509.load_pem_x509_certificate(_selected(objects, tls["ca"])))
+    names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
+    assert tls["serverName"] in names
+    client = x509.load_pem_x509_certificate(_selected(objects, tls["cert"]))
+    client.verify_directly_issued_by(x509.load_pem_x509_certificate(_mounted(objects, metrics.tls.client_ca_file)))
+    assert x509.ExtendedKeyUsageOID.CLIENT_AUTH in client.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    key = serialization.load_pem_private_key(_selected(objects, tls["keySecret"]), password=None)
+    assert key.public_key() == client.public_key()
+    # Prometheus has a certificate of its own, not the key the sidecars serve with.
+    assert client.public_key() != server.public_key()
 
 
 def test_prometheus_rule_has_what_the_operator_requires_and_passes_promtool(built, tmp_path):
@@ -334,8 +387,10 @@ def test_the_pod_is_wired_consistently(built, overlay):
     assert paths
     for path in paths:
         assert any(path == mount or path.startswith(mount + "/") for mount in mounts), path
-    # TLS on the gRPC listener (mutual) and on the admin API; probes on the health service through it.
+    # TLS on the gRPC listener and on /metrics (both mutual, with the pod's certificate) and on the admin API;
+    # probes on the health service through the listener.
     assert config.tls is not None and config.tls.require_client_cert and config.admin.tls is not None
+    assert config.metrics.tls == config.tls
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
         command = side[probe]["exec"]["command"]
         assert command[:4] == ["python", "/opt/sidewatch/healthcheck.py", "--config", "/etc/sidewatch/sidewatch.yaml"]
@@ -437,10 +492,18 @@ def test_the_configmap_passes_check_config_with_the_pods_files(built, overlay, t
     done = subprocess.run(sidewatch("serve", "--config", str(config), "--check-config"), capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "configuration is valid" in done.stdout
+    # --check-config does not open the certificates: every listener's TLS files load here, from the pod's mounts.
+    loaded = ServeConfig.model_validate(yaml.safe_load(config.read_text()))
+    listeners = [loaded.tls, loaded.metrics.tls, loaded.admin.tls]
+    assert all(listeners)
+    for tls in listeners:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(tls.cert_file, tls.key_file)
+        if tls.client_ca_file is not None:
+            context.load_verify_locations(tls.client_ca_file)
 
 
 def _https_get(url: str, token: str, ca_file: Path) -> int:
-    import ssl
     context = ssl.create_default_context(cafile=str(ca_file))
     request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
     try:
@@ -450,9 +513,37 @@ def _https_get(url: str, token: str, ca_file: Path) -> int:
         return err.code
 
 
+def _start_operator_prometheus(objects: list[dict], target: str, directory: Path) -> tuple[Process, int]:
+    """A real Prometheus scraping ``target`` with the job the Prometheus Operator makes of the ServiceMonitor's
+    endpoint: its scheme and path, and its tlsConfig's Secrets written out as files (the operator's TLS assets)."""
+    endpoint, = _find(objects, "ServiceMonitor")["spec"]["endpoints"]
+    tls = endpoint["tlsConfig"]
+    directory.mkdir(parents=True)
+    files = {}
+    for field, selector in (("ca_file", tls["ca"]), ("cert_file", tls["cert"]), ("key_file", tls["keySecret"])):
+        files[field] = directory / field
+        files[field].write_bytes(_selected(objects, selector))
+    port = free_port()
+    config = directory / "prometheus.yml"
+    config.write_text(json.dumps({  # JSON is YAML
+        "global": {"scrape_interval": "1s"},
+        "scrape_configs": [{
+            "job_name": "sidewatch", "scheme": endpoint["scheme"], "metrics_path": endpoint["path"],
+            "tls_config": {**{field: str(path) for field, path in files.items()}, "server_name": tls["serverName"],
+                           "insecure_skip_verify": bool(tls.get("insecureSkipVerify"))},
+            "static_configs": [{"targets": [target]}],
+        }],
+    }))
+    process = Process(["prometheus", f"--config.file={config}", f"--storage.tsdb.path={directory / 'tsdb'}",
+                       f"--web.listen-address=127.0.0.1:{port}"], directory / "prometheus.log")
+    wait_for_http(f"http://127.0.0.1:{port}/-/ready")
+    return process, port
+
+
 def test_the_base_pod_runs_and_answers_its_probes_and_alertmanager_over_tls(built, tmp_path):
     """The base's sidecar with its own configuration (ports moved to free loopback ones), its model server,
-    the exec probes' exact commands, and an HTTPS call to the admin API as Alertmanager makes it."""
+    the exec probes' exact commands, an HTTPS call to the admin API as Alertmanager makes it, and a real
+    Prometheus scraping /metrics over mutual TLS as the ServiceMonitor tells the operator to."""
     objects = built["base"]
     mounts = _pod_files(objects, tmp_path / "pod")
     model_server, model_port = start_model_server(tmp_path)
@@ -497,6 +588,25 @@ def test_the_base_pod_runs_and_answers_its_probes_and_alertmanager_over_tls(buil
             token = (mounts["/var/run/secrets/sidewatch/admin-token"] / "token").read_text()
             assert _https_get(f"https://127.0.0.1:{ports['admin']}/status", token, tls / "ca.crt") == 200
             assert _https_get(f"https://127.0.0.1:{ports['admin']}/status", "x" * 64, tls / "ca.crt") == 401
+            # /metrics: Prometheus with the ServiceMonitor's CA, client certificate and server name scrapes it.
+            prometheus, prometheus_port = _start_operator_prometheus(objects, f"127.0.0.1:{ports['metrics']}",
+                                                                     tmp_path / "prometheus")
+            with prometheus:
+                deadline = time.monotonic() + 30
+                while not (up := prometheus_query(prometheus_port, 'up{job="sidewatch"} == 1')) \
+                        and time.monotonic() < deadline:
+                    time.sleep(0.5)
+                targets = json.loads(http_get(f"http://127.0.0.1:{prometheus_port}/api/v1/targets"))
+                assert up, [target["lastError"] for target in targets["data"]["activeTargets"]]
+                assert prometheus_query(prometheus_port, 'sidewatch_requests_in_flight{job="sidewatch"}')
+            # Plain HTTP gets nothing, and neither does HTTPS without a client certificate.
+            with pytest.raises(OSError):
+                urllib.request.urlopen(f"http://127.0.0.1:{ports['metrics']}/metrics", timeout=5).read()
+            anonymous = ssl.create_default_context(cafile=str(tls / "ca.crt"))
+            anonymous.check_hostname = False
+            with pytest.raises(OSError):
+                urllib.request.urlopen(f"https://127.0.0.1:{ports['metrics']}/metrics", timeout=5,
+                                       context=anonymous).read()
             # The model server goes away: readiness fails, liveness still passes (the sidecar is fine).
             model_server.stop()
             deadline = time.monotonic() + 30
@@ -643,7 +753,8 @@ def test_make_dev_secrets_keeps_what_is_there(tmp_path):
     script = K8S / "make-dev-secrets.sh"
     subprocess.run(["sh", str(script), "staging", str(tmp_path)], check=True, capture_output=True)
     first = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
-    assert set(first) == {"admin-token", "webhook-secret", "ca.crt", "ca.key", "tls.crt", "tls.key"}
+    assert set(first) == {"admin-token", "webhook-secret", "ca.crt", "ca.key", "tls.crt", "tls.key",
+                          "prometheus-client.crt", "prometheus-client.key"}
     assert re.fullmatch(rb"[0-9a-f]{64}", first["admin-token"]), "64 hex characters, no newline"
     subprocess.run(["sh", str(script), "staging", str(tmp_path)], check=True, capture_output=True)
     assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == first
@@ -652,4 +763,9 @@ def test_make_dev_secrets_keeps_what_is_there(tmp_path):
     assert "sidewatch.staging.svc" in names.get_values_for_type(x509.DNSName)
     usages = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert {u._name for u in usages} >= {"serverAuth", "clientAuth"}
+    # Prometheus's certificate authenticates a client only: it cannot serve as a sidecar.
+    client = x509.load_pem_x509_certificate(first["prometheus-client.crt"])
+    client.verify_directly_issued_by(x509.load_pem_x509_certificate(first["ca.crt"]))
+    assert list(client.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value) == \
+        [x509.ExtendedKeyUsageOID.CLIENT_AUTH]
     assert all((path.stat().st_mode & 0o077) == 0 for path in tmp_path.iterdir())

@@ -8,6 +8,9 @@
 #   tls.crt, tls.key  the sidecar's certificate, for the gRPC listener and the admin API, valid for the Service's
 #                     names in NAMESPACE, localhost and 127.0.0.1, for server and client authentication (the exec
 #                     probes present it to the listener, which requires client certificates)
+#   prometheus-client.crt, prometheus-client.key
+#                     Prometheus's client certificate for the metrics port (Secret sidewatch-metrics-client), for
+#                     client authentication only: it cannot pose as a sidecar
 # In production, put your own files here instead (cert-manager's Certificate writes the same keys).
 set -eu
 namespace=${1:-models}
@@ -37,5 +40,17 @@ EXT
     openssl x509 -req -in tls.csr -CA ca.crt -CAkey ca.key -CAcreateserial -sha256 -days 365 \
         -extfile tls.ext -out tls.crt 2>/dev/null
     rm -f tls.csr tls.ext ca.srl
+fi
+if [ ! -s prometheus-client.crt ] || [ ! -s prometheus-client.key ]; then
+    cat > prometheus-client.ext <<EXT
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature
+extendedKeyUsage = clientAuth
+EXT
+    openssl req -new -nodes -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -sha256 \
+        -subj "/CN=prometheus" -keyout prometheus-client.key -out prometheus-client.csr 2>/dev/null
+    openssl x509 -req -in prometheus-client.csr -CA ca.crt -CAkey ca.key -CAcreateserial -sha256 -days 365 \
+        -extfile prometheus-client.ext -out prometheus-client.crt 2>/dev/null
+    rm -f prometheus-client.csr prometheus-client.ext ca.srl
 fi
 echo "secret material for namespace $namespace in $dir"
