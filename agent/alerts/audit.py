@@ -19,6 +19,8 @@ import threading
 import time
 from pathlib import Path
 
+from agent.durable import fsync_directory
+
 log = logging.getLogger(__name__)
 
 
@@ -44,7 +46,7 @@ class AuditLog:
             created = not self.path.exists()
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             if created:
-                _fsync_directory(self.path.parent)
+                fsync_directory(self.path.parent)
             elif _ends_torn(self.path):
                 # A crash mid-write left a partial line: end it so the next record starts on its own line.
                 self._write(b"\n")
@@ -115,11 +117,3 @@ def _ends_torn(path: Path) -> bool:
         file.seek(-1, os.SEEK_END)
         return file.read(1) != b"\n"
 
-
-def _fsync_directory(directory: Path) -> None:
-    """Make a new file's directory entry durable too."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

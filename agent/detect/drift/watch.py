@@ -24,6 +24,7 @@ from agent.detect.drift.features import input_features, output_features
 from agent.detect.drift.fleet import FleetBins
 from agent.detect.drift.window import TimeWindowPSI
 from agent.detect.registry import CalibratedDetector, DetectorRegistry
+from agent.durable import fsync_directory
 from agent.metrics import BoundedModels, DriftMetrics
 from agent.proxy.tap import TappedInference
 
@@ -297,6 +298,7 @@ class DriftWatch:
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, path)
+        fsync_directory(Path(self._checkpoint_dir))  # the renames, durable past a power cut too
 
     def _restore(self, model: ModelDrift) -> None:
         if self._checkpoint_dir is None or not self._path(model).exists():
