@@ -56,13 +56,12 @@ from agent.modelserver.repository import BUNDLED_REPOSITORY  # noqa: E402
 from tests.alert_harness import admin_config, admin_request, write_config, write_token  # noqa: E402
 from tests.harness import (  # noqa: E402
     Process,
-    free_port,
     prometheus_query,
     shipped_alertmanager_config,
     start_alertmanager,
     start_model_server,
+    start_shipped_prometheus,
     start_sidecar,
-    wait_for_http,
 )
 
 CONFIG = ROOT / "agent" / "demo" / "sidewatch-demo.yaml"
@@ -192,32 +191,6 @@ def start_shipped_alertmanager(directory: Path, admin_port: int, token_file: Pat
     return start_alertmanager(directory, config)
 
 
-def start_prometheus(directory: Path, sidecar_metrics: str, alertmanager_port: int, rule_files: list[Path],
-                     scrape_interval: str, evaluation_interval: str) -> tuple[Process, int]:
-    """deploy/prometheus/prometheus.yml with this run's addresses, intervals and rule files."""
-    binary = shutil.which("prometheus")
-    if binary is None:
-        raise RuntimeError("prometheus is not installed (Debian's package)")
-    port = free_port()
-    config = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
-    config["global"] = {"scrape_interval": scrape_interval, "evaluation_interval": evaluation_interval}
-    config["rule_files"] = [str(path) for path in rule_files]
-    config["alerting"]["alertmanagers"][0]["static_configs"] = [{"targets": [f"127.0.0.1:{alertmanager_port}"]}]
-    targets = {"sidewatch": sidecar_metrics, "prometheus": f"127.0.0.1:{port}"}
-    for job in config["scrape_configs"]:
-        job["static_configs"] = [{"targets": [targets[job["job_name"]]]}]
-    path = directory / "prometheus.yml"
-    path.write_text(yaml.safe_dump(config))
-    process = Process([binary, f"--config.file={path}", f"--storage.tsdb.path={directory / 'tsdb'}",
-                       f"--web.listen-address=127.0.0.1:{port}"], directory / "prometheus.log")
-    try:
-        wait_for_http(f"http://127.0.0.1:{port}/-/ready")
-    except TimeoutError:
-        process.stop()
-        raise RuntimeError(f"Prometheus did not start:\n{process.log()[-3000:]}") from None
-    return process, port
-
-
 def wait_for(predicate, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -250,7 +223,7 @@ def alertmanager_run(directory: Path, args) -> dict:
         # Written afresh in each run's directory: Prometheus offsets each rule group's evaluations by a hash
         # of its file and name, so a new path per run samples a new phase of the recording and alert groups.
         rule_files, _ = bench_rules(directory, args.rule_range, args.rule_for)
-        prometheus, prometheus_port = start_prometheus(directory, instance, alertmanager_port, rule_files,
+        prometheus, prometheus_port = start_shipped_prometheus(directory, instance, alertmanager_port, rule_files,
                                                        args.scrape_interval_text, args.evaluation_interval_text)
         processes.append(prometheus)
         wait_for(lambda: prometheus_query(prometheus_port, f'up{{instance="{instance}"}} == 1'), 60,

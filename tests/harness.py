@@ -224,3 +224,33 @@ def start_alertmanager(directory: Path, config: dict) -> tuple[Process, int]:
         raise RuntimeError(f"Alertmanager did not start:\n{process.log()[-3000:]}") from None
     return process, port
 
+
+def start_shipped_prometheus(directory: Path, sidecar_metrics: str, alertmanager_port: int, rule_files: list[Path],
+                             scrape_interval: str, evaluation_interval: str) -> tuple[Process, int]:
+    """deploy/prometheus/prometheus.yml with this run's addresses, intervals and rule files."""
+    import shutil
+
+    import yaml
+
+    binary = shutil.which("prometheus")
+    if binary is None:
+        raise RuntimeError("prometheus is not installed: `make system-deps` installs Debian's package")
+    port = free_port()
+    config = yaml.safe_load((REPO / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    config["global"] = {"scrape_interval": scrape_interval, "evaluation_interval": evaluation_interval}
+    config["rule_files"] = [str(path) for path in rule_files]
+    config["alerting"]["alertmanagers"][0]["static_configs"] = [{"targets": [f"127.0.0.1:{alertmanager_port}"]}]
+    targets = {"sidewatch": sidecar_metrics, "prometheus": f"127.0.0.1:{port}"}
+    for job in config["scrape_configs"]:
+        job["static_configs"] = [{"targets": [targets[job["job_name"]]]}]
+    path = directory / "prometheus.yml"
+    path.write_text(yaml.safe_dump(config))
+    process = Process([binary, f"--config.file={path}", f"--storage.tsdb.path={directory / 'tsdb'}",
+                       f"--web.listen-address=127.0.0.1:{port}"], directory / "prometheus.log")
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/-/ready")
+    except TimeoutError:
+        process.stop()
+        raise RuntimeError(f"Prometheus did not start:\n{process.log()[-3000:]}") from None
+    return process, port
+

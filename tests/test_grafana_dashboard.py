@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import shutil
 import time
 import urllib.error
 import urllib.parse
@@ -35,12 +34,11 @@ from tests.alert_harness import admin_config, metric, wait_until, write_config, 
 from tests.harness import (
     REPO,
     Process,
-    free_port,
     shipped_alertmanager_config,
     start_alertmanager,
     start_model_server,
+    start_shipped_prometheus,
     start_sidecar,
-    wait_for_http,
 )
 
 DASHBOARD = REPO / "grafana" / "dashboards" / "sidewatch.json"
@@ -220,23 +218,9 @@ def _fast_rules(tmp_path) -> list:
 
 def _start_prometheus(tmp_path, sidecar_metrics: str, alertmanager_port: int) -> tuple[Process, int]:
     """deploy/prometheus/prometheus.yml with this test's addresses and 1 s intervals."""
-    binary = shutil.which("prometheus")
-    if binary is None:
-        pytest.fail("prometheus is not installed: `make test` installs Debian's package")
-    port = free_port()
-    config = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
-    config["global"] = {"scrape_interval": f"{SCRAPE_SECONDS}s", "evaluation_interval": f"{SCRAPE_SECONDS}s"}
-    config["rule_files"] = [str(path) for path in _fast_rules(tmp_path)]
-    config["alerting"]["alertmanagers"][0]["static_configs"] = [{"targets": [f"127.0.0.1:{alertmanager_port}"]}]
-    targets = {"sidewatch": sidecar_metrics, "prometheus": f"127.0.0.1:{port}"}
-    for job in config["scrape_configs"]:
-        job["static_configs"] = [{"targets": [targets[job["job_name"]]]}]
-    path = tmp_path / "prometheus.yml"
-    path.write_text(yaml.safe_dump(config))
-    process = Process([binary, f"--config.file={path}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                       f"--web.listen-address=127.0.0.1:{port}"], tmp_path / "prometheus.log")
-    wait_for_http(f"http://127.0.0.1:{port}/-/ready")
-    return process, port
+    interval = f"{SCRAPE_SECONDS}s"
+    return start_shipped_prometheus(tmp_path, sidecar_metrics, alertmanager_port, _fast_rules(tmp_path),
+                                    interval, interval)
 
 
 def _start_alertmanager(tmp_path, admin_port: int, token_file) -> tuple[Process, int]:
