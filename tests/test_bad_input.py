@@ -26,7 +26,7 @@ from agent.detect.adversarial import ERROR_KEY
 from agent.modelserver.repository import BUNDLED_REPOSITORY
 from agent.protocol import codec, oip_pb2, paths
 from agent.protocol.peek import peek_model
-from tests.harness import http_get, metric_value, start_model_server, start_sidecar
+from tests.harness import http_get, metric_value, start_sidecar
 
 MODEL = "mnist_cnn"
 MAX_MESSAGE_BYTES = 1 << 20
@@ -98,13 +98,6 @@ class Answer:
             return cls(grpc.StatusCode.OK, "", response, dict(call.trailing_metadata()))
         except grpc.RpcError as err:
             return cls(err.code(), err.details(), None, dict(err.trailing_metadata() or ()))
-
-
-@pytest.fixture(scope="module")
-def model_server(tmp_path_factory):
-    process, port = start_model_server(tmp_path_factory.mktemp("model-server"))
-    yield port
-    process.stop()
 
 
 @pytest.fixture(scope="module", params=["shadow", "enforce"])

@@ -9,19 +9,11 @@ import pytest
 from agent.client import InferenceClient
 from agent.demo.data import load_images
 from agent.protocol import codec, oip_pb2, paths
-from tests.harness import start_model_server
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    process, port = start_model_server(tmp_path_factory.mktemp("model-server"))
-    yield port
-    process.stop()
-
-
-@pytest.fixture(scope="module")
-def channel(server):
-    with grpc.insecure_channel(f"127.0.0.1:{server}") as channel:
+def channel(model_server):
+    with grpc.insecure_channel(f"127.0.0.1:{model_server}") as channel:
         yield channel
 
 
@@ -31,9 +23,9 @@ def _infer(channel, request: oip_pb2.ModelInferRequest) -> oip_pb2.ModelInferRes
     return call(request, timeout=10)
 
 
-def test_bundled_model_classifies_digits(server):
+def test_bundled_model_classifies_digits(model_server):
     images, labels = load_images()
-    client = InferenceClient(f"127.0.0.1:{server}")
+    client = InferenceClient(f"127.0.0.1:{model_server}")
     outputs, response, _ = client.infer("mnist_cnn", {"input": images[:200]}, version="1")
     client.close()
     accuracy = np.mean(outputs["probabilities"].argmax(axis=1) == labels[:200])
