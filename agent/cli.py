@@ -30,7 +30,8 @@ def _add_serve(commands) -> None:
 
 
 def _run_serve(args) -> int:
-    from agent.proxy.server import run_event_loop, serve
+    from agent.app import check_config, serve
+    from agent.eventloop import run_event_loop
 
     config = load_config(args.config, {
         "listen": args.listen,
@@ -38,23 +39,11 @@ def _run_serve(args) -> int:
         "metrics.listen": args.metrics_listen,
         "max_message_bytes": args.max_message_bytes,
         "detection.model_repository": str(args.model_repository) if args.model_repository else None,
-        "detection.adversarial_mode": args.adversarial_mode,
         "detection.device": args.device,
         "log_requests": args.log_requests,
-    })
-    if args.adversarial_mode:
-        # The flag sets the mode for every model, so per-model modes from the file give way.
-        for settings in config.models.values():
-            settings.adversarial_mode = None
+    }, adversarial_mode_for_every_model=args.adversarial_mode)
     if args.check_config:
-        if config.detection.model_repository is not None:
-            from agent.detect.registry import DetectorRegistry
-
-            # Loads every model and artifact: a hash mismatch or a broken model fails here, not in production.
-            DetectorRegistry(config.detection.model_repository, config.detection.device)
-        from agent.alerts.admin import admin_token
-
-        admin_token(config.admin)  # a token file that cannot be read, or one too short, fails here
+        check_config(config)
         print("sidewatch: configuration is valid")
         return 0
     run_event_loop(serve(config))
@@ -141,8 +130,8 @@ def _admin_options(parser) -> None:
 def _admin_client(args):
     import os
 
-    from agent.alerts.admin import TOKEN_ENV
-    from agent.alerts.admin_client import DEFAULT_URL, AdminClient, read_token
+    from agent.admin.client import DEFAULT_URL, AdminClient, client_token
+    from agent.admin.token import TOKEN_ENV
     from agent.config import split_address
 
     url, token_file = args.admin_url, args.token_file
@@ -154,14 +143,14 @@ def _admin_client(args):
             url = f"{'https' if admin.tls else 'http'}://{f'[{host}]' if ':' in host else host}:{port}"
         if token_file is None and not os.environ.get(TOKEN_ENV):
             token_file = admin.token_file
-    return AdminClient(url or DEFAULT_URL, read_token(token_file), args.ca_file)
+    return AdminClient(url or DEFAULT_URL, client_token(token_file), args.ca_file)
 
 
 def _run_admin(action):
     """Run an admin API call; its refusals and connection errors are printed, not raised."""
 
     def run(args) -> int:
-        from agent.alerts.admin_client import AdminError
+        from agent.admin.client import AdminError
 
         try:
             return action(_admin_client(args), args)
@@ -182,7 +171,7 @@ def _add_alerts(commands) -> None:
     def show(client, args) -> int:
         import json
 
-        from agent.alerts.status_text import format_status
+        from agent.admin.status_text import format_status
 
         reply = client.status()
         print(json.dumps(reply, indent=1, sort_keys=True) if args.json else format_status(reply))

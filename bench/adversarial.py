@@ -261,7 +261,7 @@ def wait_ready(address: str, proc: subprocess.Popen, log_file: Path, version: st
     """A client once a real ModelInfer through ``address`` answers."""
     import grpc
 
-    from agent.client import InferenceClient
+    from agent.protocol.client import InferenceClient
 
     client = InferenceClient(address)
     deadline = time.monotonic() + timeout
@@ -279,7 +279,7 @@ def wait_ready(address: str, proc: subprocess.Popen, log_file: Path, version: st
 
 def send_all(client, x: np.ndarray, version: str) -> dict[str, np.ndarray]:
     """One ModelInfer per image (batch 1); the score, the verdict and the predicted class of each."""
-    from agent.detect.adversarial import SCORE_KEY, VERDICT_KEY
+    from agent.detect.adversarial.watch import SCORE_KEY, VERDICT_KEY
 
     scores, verdicts, predictions = [], [], []
     for row in x:

@@ -50,9 +50,9 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from agent.client import InferenceClient  # noqa: E402
 from agent.demo.data import BENIGN_STREAM, load_adversarial, load_images  # noqa: E402
 from agent.modelserver.repository import BUNDLED_REPOSITORY  # noqa: E402
+from agent.protocol.client import InferenceClient  # noqa: E402
 from tests.alert_harness import admin_config, admin_request, write_config, write_token  # noqa: E402
 from tests.harness import (  # noqa: E402
     Process,

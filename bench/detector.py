@@ -6,7 +6,7 @@
 Throughput (inputs per second), measured in one run on the same 2,000 MNIST test images:
 
 * fused, micro-batched: the sidecar's shadow path. Each image arrives as its own tapped request
-  (batch 1) at agent.detect.adversarial.AdversarialWatch, which gathers micro-batches of
+  (batch 1) at agent.detect.adversarial.watch.AdversarialWatch, which gathers micro-batches of
   --batch rows and scores each with one call of the fused ONNX graph.
 * fused at --batch: the fused graph alone, on ready-made batches (no gathering).
 * naive: per request, numpy squeezes each copy and ONNX Runtime runs the plain model once on the
@@ -63,10 +63,10 @@ def throughput(version: str, images: np.ndarray, batch: int, repeats: int) -> di
     from prometheus_client import CollectorRegistry
 
     from agent.config import load_config
-    from agent.detect.adversarial import AdversarialWatch
+    from agent.dataplane.tap import TappedInference
+    from agent.detect.adversarial.watch import AdversarialWatch
     from agent.detect.registry import DetectorRegistry
     from agent.metrics import BoundedModels, DetectionMetrics
-    from agent.proxy.tap import TappedInference
 
     model_file = BUNDLED_REPOSITORY / MODEL / version / "model.onnx"
     artifact = load_artifact(model_file.with_name("sidewatch-calibration.json"), model_file)
@@ -121,7 +121,7 @@ def throughput(version: str, images: np.ndarray, batch: int, repeats: int) -> di
 
 
 def latency(images: np.ndarray, calls: int, tmp: Path) -> dict:
-    from agent.client import InferenceClient
+    from agent.protocol.client import InferenceClient
     from tests.harness import start_model_server, start_sidecar
 
     model_server, model_port = start_model_server(tmp)

@@ -63,7 +63,7 @@ def faulty_sidecar_main(fault: str, serve_args: list[str]) -> int:
     import threading
 
     from agent import cli
-    from agent.detect.fused import FeatureSqueezingDetector
+    from agent.detect.adversarial.graph import FeatureSqueezingDetector
 
     healthy = FeatureSqueezingDetector.score
     never = threading.Event()

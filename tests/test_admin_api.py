@@ -8,8 +8,8 @@ import subprocess
 
 import pytest
 
-from agent.client import InferenceClient
 from agent.demo.data import load_images
+from agent.protocol.client import InferenceClient
 from tests.alert_harness import admin_config, admin_request, metric, read_audit, wait_until, write_config, write_token
 from tests.harness import Process, free_port, sidewatch, start_sidecar
 

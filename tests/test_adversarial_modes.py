@@ -8,10 +8,10 @@ import grpc
 import numpy as np
 import pytest
 
-from agent.client import InferenceClient
 from agent.demo.data import load_images
-from agent.detect.adversarial import SCORE_KEY, VERDICT_KEY
+from agent.detect.adversarial.watch import SCORE_KEY, VERDICT_KEY
 from agent.modelserver.repository import BUNDLED_REPOSITORY
+from agent.protocol.client import InferenceClient
 from tests.adversarial_data import adversarial_and_benign
 from tests.harness import http_get, metric_value, start_sidecar
 

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from agent.alerts.admin import TOKEN_ENV, admin_token
+from agent.admin.server import TOKEN_ENV, admin_token
 from agent.config import ConfigError, load_config
 from tests.harness import sidewatch
 

@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from pydantic import ValidationError
 
 from agent.alerts.engine import AlertEngine, CounterHistory
-from agent.alerts.rules import AlertsConfig
+from agent.config.alerts import AlertsConfig
 from agent.metrics import AlertMetrics
 
 

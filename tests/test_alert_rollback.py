@@ -11,9 +11,9 @@ import time
 import numpy as np
 import pytest
 
-from agent.client import InferenceClient
 from agent.demo.data import load_adversarial, load_images
 from agent.modelserver.repository import BUNDLED_REPOSITORY
+from agent.protocol.client import InferenceClient
 from tests.alert_harness import admin_config, admin_request, metric, read_audit, wait_until, write_config, write_token
 from tests.harness import start_model_server, start_sidecar
 

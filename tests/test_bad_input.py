@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from agent.demo.data import load_images
-from agent.detect.adversarial import ERROR_KEY
+from agent.detect.adversarial.watch import ERROR_KEY
 from agent.modelserver.repository import BUNDLED_REPOSITORY
 from agent.protocol import codec, oip_pb2, paths
 from agent.protocol.peek import peek_model

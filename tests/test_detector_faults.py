@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from agent.client import InferenceClient
+from agent.app import Sidecar, limit_native_threads
 from agent.config import load_config
 from agent.demo.data import load_images
-from agent.detect.adversarial import ERROR_KEY, VERDICT_KEY
+from agent.detect.adversarial.watch import ERROR_KEY, VERDICT_KEY
 from agent.modelserver.repository import BUNDLED_REPOSITORY
-from agent.proxy.server import Sidecar
+from agent.protocol.client import InferenceClient
 from tests.harness import free_port, start_model_server
 
 MODEL = "mnist_cnn"
@@ -26,6 +26,7 @@ class InProcessSidecar:
     """A Sidecar on its own event loop in a thread."""
 
     def __init__(self, config) -> None:
+        limit_native_threads()  # as `sidewatch serve` does for its process
         self.registry = CollectorRegistry()
         self.sidecar = Sidecar(config, self.registry)
         self.loop = asyncio.new_event_loop()

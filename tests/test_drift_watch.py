@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from agent.client import InferenceClient
 from agent.config import load_config
+from agent.dataplane.tap import TappedInference
 from agent.demo.data import REFERENCE, load_images
 from agent.detect.drift.watch import DriftWatch
 from agent.detect.registry import DetectorRegistry
 from agent.metrics import BoundedModels, DriftMetrics
 from agent.modelserver.repository import BUNDLED_REPOSITORY
-from agent.proxy.tap import TappedInference
+from agent.protocol.client import InferenceClient
 from tests.harness import http_get, metric_value, start_model_server, start_sidecar
 
 MODEL = "mnist_cnn"

@@ -8,7 +8,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from agent.demo.data import load_images
 from agent.demo.train_mnist import MODEL_DIR
-from agent.detect.fused import (
+from agent.detect.adversarial.graph import (
     FeatureSqueezingDetector,
     FusedModelError,
     _Builder,
@@ -17,7 +17,7 @@ from agent.detect.fused import (
     reference_score,
     squeeze_graph,
 )
-from agent.detect.squeeze import BitDepth, Median, NonLocalMeans, parse_squeezers
+from agent.detect.adversarial.squeeze import BitDepth, Median, NonLocalMeans, parse_squeezers
 from agent.execution import open_session
 
 MNIST_V1 = MODEL_DIR / "1" / "model.onnx"

@@ -17,13 +17,13 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from agent.config import load_config
-from agent.detect.adversarial import AdversarialWatch
+from agent.dataplane.tap import Tap, TapRecord
+from agent.detect.adversarial.watch import AdversarialWatch
 from agent.detect.drift.watch import DriftWatch
 from agent.detect.registry import DetectorRegistry
 from agent.metrics import DetectionMetrics, DriftMetrics, ProxyMetrics
 from agent.modelserver.repository import BUNDLED_REPOSITORY
 from agent.protocol import oip_pb2
-from agent.proxy.tap import Tap, TapRecord
 from tests.fuzz_inputs import MODEL, requests, responses, valid_request, valid_response
 
 EXAMPLES = 1000

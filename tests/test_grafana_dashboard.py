@@ -26,10 +26,10 @@ import numpy as np
 import pytest
 import yaml
 
-from agent.client import InferenceClient
 from agent.demo.data import BENIGN_STREAM, load_adversarial, load_images
 from agent.demo.run import drifted
 from agent.modelserver.repository import BUNDLED_REPOSITORY
+from agent.protocol.client import InferenceClient
 from tests.alert_harness import admin_config, metric, wait_until, write_config, write_token
 from tests.harness import (
     REPO,

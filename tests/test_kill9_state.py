@@ -29,9 +29,9 @@ import numpy as np
 import pytest
 
 from agent.alerts.audit import AuditLog
-from agent.client import InferenceClient
 from agent.demo.data import load_images
 from agent.modelserver.repository import BUNDLED_REPOSITORY
+from agent.protocol.client import InferenceClient
 from tests.alert_harness import admin_config, admin_request, wait_until, write_config, write_token
 from tests.harness import Process, start_model_server, start_sidecar
 from tests.test_rollback_webhook import SECRET, WebhookReceiver
@@ -105,7 +105,7 @@ from agent.demo.data import load_images
 from agent.detect.drift.watch import DriftWatch
 from agent.detect.registry import DetectorRegistry
 from agent.metrics import DriftMetrics, ProxyMetrics
-from agent.proxy.tap import TappedInference
+from agent.dataplane.tap import TappedInference
 
 repository, state = sys.argv[1], sys.argv[2]
 config = load_config(overrides={"detection.model_repository": repository, "drift.checkpoint_dir": state})
@@ -327,11 +327,11 @@ def test_sidecar_killed_at_random_moments_during_incidents_loses_nothing(tmp_pat
 def test_kill_between_a_successful_attempt_and_its_hook_result_replays_as_success(tmp_path, receiver, retries):
     from prometheus_client import CollectorRegistry
 
-    from agent.alerts.hook_config import RollbackConfig
+    from agent.alerts.dispatcher import RollbackDispatcher
     from agent.alerts.incident import Alert, alert_to_dict
-    from agent.alerts.rollback import RollbackDispatcher
+    from agent.config.rollback import RollbackConfig
+    from agent.dataplane.routes import RouteTable
     from agent.metrics import AlertMetrics
-    from agent.proxy.route import RouteTable
 
     (tmp_path / "secret").write_bytes(SECRET)
     config = RollbackConfig.model_validate({

@@ -8,7 +8,7 @@ import grpc
 import numpy as np
 import pytest
 
-from agent.client import InferenceClient
+from agent.protocol.client import InferenceClient
 from tests.harness import start_model_server, start_sidecar
 
 # A tensor whose values would be easy to spot in a log, as numbers or as raw bytes.

@@ -8,12 +8,12 @@ import numpy as np
 from prometheus_client import CollectorRegistry
 
 from agent.config import load_config
+from agent.dataplane.tap import TappedInference
 from agent.demo.data import load_images
-from agent.detect.adversarial import AdversarialWatch
+from agent.detect.adversarial.watch import AdversarialWatch
 from agent.detect.registry import DetectorRegistry
 from agent.metrics import BoundedModels, DetectionMetrics
 from agent.modelserver.repository import BUNDLED_REPOSITORY
-from agent.proxy.tap import TappedInference
 
 LABELS = {"model": "mnist_cnn", "version": "1", "detector": "feature_squeezing"}
 

@@ -129,7 +129,7 @@ def test_model_infer_equals_direct(clients):
 def test_model_stream_infer_passes_through_byte_for_byte(clients, mlserver):
     # MLServer streams bare ModelInferResponse messages (Triton wraps them in ModelStreamInferResponse),
     # so tritonclient cannot read this stream; a byte-level client compares the two paths instead.
-    from agent.client import InferenceClient
+    from agent.protocol.client import InferenceClient
 
     requests = [InferenceClient.request(STREAM_MODEL, {"x": np.array([float(i), 1.5])}).SerializeToString()
                 for i in range(3)]

@@ -6,9 +6,9 @@ import grpc
 import numpy as np
 import pytest
 
-from agent.client import InferenceClient
 from agent.demo.data import load_images
 from agent.protocol import codec, oip_pb2, paths
+from agent.protocol.client import InferenceClient
 
 
 @pytest.fixture(scope="module")

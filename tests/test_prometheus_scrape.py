@@ -6,8 +6,8 @@ import time
 
 import numpy as np
 
-from agent.client import InferenceClient
 from agent.demo.data import load_images
+from agent.protocol.client import InferenceClient
 from tests.harness import prometheus_query, start_model_server, start_prometheus, start_sidecar
 
 

@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from agent.client import InferenceClient
+from agent.dataplane.tap import Tap
 from agent.demo.data import load_images
+from agent.logs import ThrottledLog
 from agent.metrics import ProxyMetrics
-from agent.proxy.tap import Tap
-from agent.throttled_log import ThrottledLog
+from agent.protocol.client import InferenceClient
 from tests.test_detector_faults import MODEL, InProcessSidecar, _config
 from tests.test_detector_faults import model_port as model_port  # noqa: F401 - the fixture, shared
 from tests.test_tap import _record
@@ -80,7 +80,7 @@ def test_raising_sink_is_counted_every_time_and_logged_once(caplog):
 
     tap.add_sink("broken", broken)
     tap.add_sink("collector", delivered.append)
-    with caplog.at_level(logging.ERROR, logger="agent.proxy.tap"):
+    with caplog.at_level(logging.ERROR, logger="agent.dataplane.tap"):
         tap.start()
         for _ in range(200):
             assert tap.offer(_record())
@@ -104,7 +104,7 @@ def test_hung_sink_is_given_up_on_the_others_go_on_and_it_resumes_when_it_return
 
     tap.add_sink("hangs", hangs)
     tap.add_sink("collector", delivered.append)
-    with caplog.at_level(logging.WARNING, logger="agent.proxy.tap"):
+    with caplog.at_level(logging.WARNING, logger="agent.dataplane.tap"):
         tap.start()
         assert tap.offer(_record())
         wait_for(lambda: hung_calls, "the first call into the hanging sink")
@@ -139,7 +139,7 @@ def test_slow_sink_fills_the_queue_drops_are_counted_and_logged_once_then_it_cat
             time.sleep(0.05)
 
     tap.add_sink("slow", sink)
-    with caplog.at_level(logging.WARNING, logger="agent.proxy.tap"):
+    with caplog.at_level(logging.WARNING, logger="agent.dataplane.tap"):
         tap.start()
         offered = [tap.offer(_record()) for _ in range(100)]     # faster than 20 copies a second
         assert not all(offered)                                   # the queue filled: offer never waited

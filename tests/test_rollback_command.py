@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from agent.alerts.hook_config import CommandHook
 from agent.alerts.hooks import HookCall, HookFailed, command
+from agent.config.rollback import CommandHook
 from tests.test_rollback_webhook import make_incident
 
 # Writes its arguments and environment as JSON to the file named by its first argument.

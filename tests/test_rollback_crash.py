@@ -23,11 +23,11 @@ from tests.test_rollback_webhook import SECRET, WebhookReceiver
 DRIVER = """
 import json, sys, time
 from prometheus_client import CollectorRegistry
-from agent.alerts.hook_config import RollbackConfig
+from agent.config.rollback import RollbackConfig
 from agent.alerts.incident import alert_from_dict
-from agent.alerts.rollback import RollbackDispatcher
+from agent.alerts.dispatcher import RollbackDispatcher
 from agent.metrics import AlertMetrics
-from agent.proxy.route import RouteTable
+from agent.dataplane.routes import RouteTable
 
 config = RollbackConfig.model_validate_json(open(sys.argv[1]).read())
 alert = alert_from_dict(json.load(open(sys.argv[2])))

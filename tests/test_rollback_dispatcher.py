@@ -13,11 +13,11 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from agent.alerts.audit import AuditLog
-from agent.alerts.hook_config import RollbackConfig
+from agent.alerts.dispatcher import RollbackDispatcher
 from agent.alerts.incident import Alert, alert_key
-from agent.alerts.rollback import RollbackDispatcher
+from agent.config.rollback import RollbackConfig
+from agent.dataplane.routes import RouteTable
 from agent.metrics import AlertMetrics
-from agent.proxy.route import RouteTable
 from tests.test_rollback_webhook import SECRET, WebhookReceiver
 
 # Appends one line to the file named by its argument: the number of lines is the number of runs.

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from agent.alerts.hook_config import ArgoRolloutsHook, KubernetesHook
 from agent.alerts.hooks import HookCall, HookFailed, argo_rollouts, kubernetes
+from agent.config.rollback import ArgoRolloutsHook, KubernetesHook
 from tests import kube_api
 from tests.kube_api import KubeAPI
 from tests.test_rollback_webhook import make_incident
@@ -261,10 +261,10 @@ def test_server_certificate_is_verified(api, mnist, tmp_path, in_cluster):
 def test_a_patch_without_an_answer_is_unknown_and_not_retried(api, mnist, in_cluster):
     from prometheus_client import CollectorRegistry
 
-    from agent.alerts.hook_config import RollbackConfig
-    from agent.alerts.rollback import RollbackDispatcher
+    from agent.alerts.dispatcher import RollbackDispatcher
+    from agent.config.rollback import RollbackConfig
+    from agent.dataplane.routes import RouteTable
     from agent.metrics import AlertMetrics
-    from agent.proxy.route import RouteTable
 
     api.stall_patches = 3            # applied, but the answer comes after the hook's timeout
     config = RollbackConfig(hooks={"k8s": KubernetesHook(

@@ -12,9 +12,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from agent.alerts.hook_config import WebhookHook
 from agent.alerts.hooks import HookCall, HookFailed, webhook
 from agent.alerts.incident import Alert, Incident, alert_key
+from agent.config.rollback import WebhookHook
 
 SECRET = b"s3cret-for-tests"
 

@@ -14,11 +14,12 @@ import pytest
 from grpc import aio
 from prometheus_client import CollectorRegistry
 
+from agent.dataplane.policy import SidecarPolicy
+from agent.dataplane.relay import Forwarder
+from agent.dataplane.routes import Pin, RouteTable, rewrite_version
+from agent.dataplane.tap import Tap
 from agent.metrics import ProxyMetrics
 from agent.protocol import codec, oip_pb2, paths
-from agent.proxy.forward import Forwarder
-from agent.proxy.route import Pin, RouteTable, rewrite_version
-from agent.proxy.tap import Tap
 from tests.harness import free_port
 
 MODEL = "mnist_cnn"
@@ -47,7 +48,10 @@ class InProcessProxy:
         self.tap = Tap(metrics, 1024)
         self.channel = aio.insecure_channel(f"127.0.0.1:{upstream_port}")
         self.server = aio.server()
-        self.server.add_generic_rpc_handlers([Forwarder(self.channel, metrics, self.tap, routes=self.routes)])
+        # The versions that served, for pins to the last known-good version (as the sidecar wires it).
+        self.tap.add_sink("routes", self.routes.observe_inference)
+        policy = SidecarPolicy(self.routes, self.tap)
+        self.server.add_generic_rpc_handlers([Forwarder(self.channel, metrics, policy)])
         self.server.add_insecure_port(f"127.0.0.1:{self.port}")
         self.tap.start()
         await self.server.start()

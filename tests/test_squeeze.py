@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from agent.detect.squeeze import (
+from agent.detect.adversarial.squeeze import (
     BitDepth,
     Median,
     NonLocalMeans,

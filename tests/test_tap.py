@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
+from agent.dataplane.tap import Tap, TapRecord
 from agent.metrics import ProxyMetrics
 from agent.protocol import codec, oip_pb2
-from agent.proxy.tap import Tap, TapRecord
 
 
 @pytest.fixture

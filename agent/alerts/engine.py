@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry
 
 from agent.alerts.incident import Alert, alert_key
-from agent.alerts.rules import AlertsConfig, Rule
+from agent.config.alerts import AlertsConfig, Rule
 from agent.metrics import AlertMetrics
 
 if TYPE_CHECKING:
-    from agent.alerts.rollback import RollbackDispatcher
+    from agent.alerts.dispatcher import RollbackDispatcher
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from agent.alerts.incident import Alert, alert_key
 
 if TYPE_CHECKING:
-    from agent.alerts.rollback import RollbackDispatcher
+    from agent.alerts.dispatcher import RollbackDispatcher
     from agent.metrics import AlertMetrics
 
 log = logging.getLogger(__name__)

@@ -18,10 +18,10 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from agent.client import InferenceClient
 from agent.demo.data import BENIGN_STREAM, load_adversarial, load_images
 from agent.demo.display import LiveDisplay, bar
 from agent.modelserver.repository import BUNDLED_REPOSITORY
+from agent.protocol.client import InferenceClient
 
 MODEL = "mnist_cnn"
 # Unversioned requests are answered by the latest version.

@@ -51,7 +51,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import sys
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -60,19 +59,20 @@ from typing import Any
 
 import numpy as np
 
-from agent.detect.fused import (
+from agent.detect.adversarial.graph import (
     FeatureSqueezingDetector,
     FusedModelError,
     ModelSource,
     inspect_model,
     load_model,
 )
-from agent.detect.squeeze import (
+from agent.detect.adversarial.squeeze import (
     Squeezer,
     SqueezerSpecError,
     format_squeezers,
     parse_squeezers,
 )
+from agent.durable import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -247,11 +247,7 @@ def _to_json(value, indent: str = "") -> str:
 
 def save_artifact(artifact: CalibrationArtifact, path: str | Path) -> Path:
     """Write the artifact as JSON (atomically: a reader never sees half a file)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(_to_json(artifact.to_dict()) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_atomic(Path(path), _to_json(artifact.to_dict()) + "\n")
 
 
 def load_artifact(path: str | Path, model_path: str | Path | bytes | None) -> CalibrationArtifact:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from agent.detect.adversarial.graph import FeatureSqueezingDetector
 from agent.detect.calibration import CalibrationArtifact, load_artifact
-from agent.detect.fused import FeatureSqueezingDetector
 
 log = logging.getLogger(__name__)
 

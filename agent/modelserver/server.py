@@ -18,6 +18,7 @@ import grpc
 from grpc import aio
 
 from agent import __version__
+from agent.eventloop import run_event_loop
 from agent.modelserver.repository import BUNDLED_REPOSITORY, LoadedModel, ModelNotFound, ModelRepository
 from agent.protocol import codec, oip_pb2, paths
 
@@ -195,6 +196,4 @@ async def serve_models(repository_dir: Path | None, listen: str, device: str = "
 
 
 def run_model_server(repository_dir: Path | None, listen: str, device: str = "auto") -> None:
-    from agent.proxy.server import run_event_loop
-
     run_event_loop(serve_models(repository_dir, listen, device))

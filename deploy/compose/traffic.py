@@ -16,7 +16,7 @@ import time
 
 import grpc
 
-from agent.client import InferenceClient
+from agent.protocol.client import InferenceClient
 from agent.demo.data import BENIGN_STREAM, load_adversarial, load_images
 from agent.demo.run import drifted
 

@@ -1,19 +1,34 @@
-"""Rollback hooks, one module per type.
+"""Rollback hooks, one module per type, all behind one interface: :class:`Hook`.
 
-Each module has ``run(hook, call) -> str``: it does its one thing within ``hook.timeout_seconds``,
-returns a short description of what it did, and raises :class:`HookFailed` when it did not succeed
-(the dispatcher retries it). ``describe(hook, call) -> str`` says what it would do (dry run).
-The route hook is different: it changes the sidecar itself, so the dispatcher records the pin
-before applying it (see agent/alerts/hooks/route.py).
+The dispatcher (agent/alerts/dispatcher.py) runs every hook the same way, in two steps:
+
+- ``plan(call) -> Plan`` decides what this attempt would do, and does nothing. A dry run stops here
+  and records the plan's ``action``. A plan may carry an audit record (``record_type``,
+  ``record``): the dispatcher writes it to the audit log *before* the effect, so a crash never leaves
+  an effect the log does not know about (the route hook's pin).
+- ``apply(plan, call) -> str`` does it within the hook's ``timeout_seconds`` and says what it did; it
+  raises :class:`HookFailed` when it did not succeed (the dispatcher retries it).
+
+``effect_is_recorded`` tells the dispatcher what an attempt interrupted by a restart means: for most
+hooks (a webhook, a script, a cluster rollback) it may have taken effect, so it is not repeated; for
+the route hook the effect exists only through its audit record, so an attempt without one is run
+again, and one with one is restored from the log.
+
+Each module also keeps ``run(hook, call)`` and ``describe(hook, call)`` as plain functions of the
+hook's configuration, the way its tests call it.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from agent.alerts.incident import Incident
+
+if TYPE_CHECKING:
+    from agent.dataplane.routes import Pin, RouteTable
 
 
 class HookFailed(Exception):
@@ -58,3 +73,44 @@ class HookCall:
             # Signed with the rest of the body: receivers reject deliveries older than a few minutes.
             "sent_at": round(time.time(), 3),
         }
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one attempt will do, decided before it does anything."""
+
+    action: str                         # "POST the incident to https://...", "pin mnist_cnn to 1"
+    record_type: str | None = None      # an audit record written before the effect, or None
+    record: dict = field(default_factory=dict)
+    target: Any = None                  # what apply needs (the route hook's Pin)
+
+
+@dataclass(frozen=True)
+class HookContext:
+    """What hooks that change the sidecar itself are given: its route table, and how a pin is applied
+    (the dispatcher's function, which also keeps the sidewatch_route_pinned series)."""
+
+    routes: "RouteTable"
+    apply_pin: "Callable[[Pin], Pin | None]"
+
+
+class Hook:
+    """One configured hook (``config`` is its section under ``rollback.hooks``)."""
+
+    effect_is_recorded: ClassVar[bool] = False
+
+    def __init__(self, config, context: HookContext) -> None:
+        self.config = config
+        self.context = context
+
+    def plan(self, call: HookCall) -> Plan:
+        """What this attempt would do; raises HookFailed when there is nothing it can do."""
+        raise NotImplementedError
+
+    def apply(self, plan: Plan, call: HookCall) -> str:
+        """Do what ``plan`` says; returns what was done, raises HookFailed when it failed."""
+        raise NotImplementedError
+
+    def describe(self, call: HookCall) -> str:
+        """The dry run's words for what it would do."""
+        return self.plan(call).action

@@ -9,9 +9,9 @@ down and sends traffic back to the stable one.
 
 from __future__ import annotations
 
-from agent.alerts.hook_config import ArgoRolloutsHook
-from agent.alerts.hooks import HookCall, HookFailed
+from agent.alerts.hooks import Hook, HookCall, HookFailed, Plan
 from agent.alerts.hooks.kubeclient import KubeError, connect
+from agent.config.rollback import ArgoRolloutsHook
 
 ABORT_PATCH = {"status": {"abort": True}}
 MERGE_PATCH = "application/merge-patch+json"
@@ -36,3 +36,11 @@ def run(hook: ArgoRolloutsHook, call: HookCall) -> str:
     if not (rollout.get("status") or {}).get("abort"):
         raise HookFailed(f"rollout {client.namespace}/{hook.rollout}: the API server did not record status.abort")
     return f"rollout {client.namespace}/{hook.rollout} aborted"
+
+
+class ArgoRolloutsAbort(Hook):
+    def plan(self, call: HookCall) -> Plan:
+        return Plan(describe(self.config, call))
+
+    def apply(self, plan: Plan, call: HookCall) -> str:
+        return run(self.config, call)

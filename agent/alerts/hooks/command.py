@@ -19,8 +19,8 @@ import os
 import signal
 import subprocess
 
-from agent.alerts.hook_config import CommandHook
-from agent.alerts.hooks import HookCall, HookFailed
+from agent.alerts.hooks import Hook, HookCall, HookFailed, Plan
+from agent.config.rollback import CommandHook
 
 _PASSED_ON = ("PATH", "HOME", "LANG", "LC_ALL", "TZ")
 # Characters of the program's output kept in the audit log.
@@ -87,3 +87,11 @@ def _tail(output: bytes | None) -> str:
     if not text:
         return ""
     return ": " + (text if len(text) <= _OUTPUT_TAIL else "..." + text[-_OUTPUT_TAIL:])
+
+
+class Command(Hook):
+    def plan(self, call: HookCall) -> Plan:
+        return Plan(describe(self.config, call))
+
+    def apply(self, plan: Plan, call: HookCall) -> str:
+        return run(self.config, call)

@@ -30,7 +30,7 @@ from typing import Callable
 
 import yaml
 
-from agent.alerts.hook_config import KubernetesAccess
+from agent.config.rollback import KubernetesAccess
 
 
 class KubeError(Exception):

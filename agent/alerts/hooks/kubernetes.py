@@ -35,9 +35,9 @@ from __future__ import annotations
 import copy
 import time
 
-from agent.alerts.hook_config import KubernetesHook
-from agent.alerts.hooks import HookCall, HookFailed
+from agent.alerts.hooks import Hook, HookCall, HookFailed, Plan
 from agent.alerts.hooks.kubeclient import KubeError, connect
+from agent.config.rollback import KubernetesHook
 
 REVISION = "deployment.kubernetes.io/revision"
 ROLLED_BACK_AT = "sidewatch.dev/rolled-back-at"
@@ -187,3 +187,11 @@ def _rollback(hook: KubernetesHook, call: HookCall) -> str:
                              "been applied, so it is not retried: check `kubectl rollout history`", retry=False) from None
         raise
     return f"deployment {namespace}/{name} rolled back to revision {rev} (replicaset {target['metadata']['name']})"
+
+
+class KubernetesRollback(Hook):
+    def plan(self, call: HookCall) -> Plan:
+        return Plan(describe(self.config, call))
+
+    def apply(self, plan: Plan, call: HookCall) -> str:
+        return run(self.config, call)

@@ -1,6 +1,6 @@
 """The ``route`` hook: inside the sidecar, stop sending the model's traffic to the bad version.
 
-It pins the model in the sidecar's :class:`~agent.proxy.route.RouteTable`: to a version (ModelInfer
+It pins the model in the sidecar's :class:`~agent.dataplane.routes.RouteTable`: to a version (ModelInfer
 requests get their ``model_version`` rewritten) or to a fallback upstream. It takes effect on the next
 request, needs no cluster, and stays until it is undone explicitly (``undo_route``: the admin API or
 ``sidewatch route undo``); pins survive restarts (replayed from the audit log).
@@ -8,17 +8,17 @@ request, needs no cluster, and stays until it is undone explicitly (``undo_route
 Without ``version`` and ``upstream`` the version is the last known-good one: the most recent version
 of the model seen serving traffic, other than the alert's ``version`` label.
 
-:func:`plan` only decides; the dispatcher writes the pin to the audit log and then applies it, so a
-crash can never leave a pin in effect that the log does not know about.
+Its plan carries the pin as an audit record: the dispatcher writes the pin to the audit log and then
+applies it, so a crash can never leave a pin in effect that the log does not know about.
 """
 
 from __future__ import annotations
 
 import time
 
-from agent.alerts.hook_config import RouteHook
-from agent.alerts.hooks import HookCall, HookFailed
-from agent.proxy.route import Pin, RouteTable
+from agent.alerts.hooks import Hook, HookCall, HookFailed, Plan
+from agent.config.rollback import RouteHook
+from agent.dataplane.routes import Pin, RouteTable
 
 
 def _model(hook: RouteHook, call: HookCall) -> str:
@@ -56,3 +56,22 @@ def describe(hook: RouteHook, call: HookCall, routes: RouteTable) -> str:
     except HookFailed as err:
         return f"pin nothing: {err}"
     return f"pin {pin.model} to {pin.target}"
+
+
+class Route(Hook):
+    """Pins the model in the sidecar's route table; its effect is its audit record (``route_pinned``)."""
+
+    effect_is_recorded = True
+
+    def plan(self, call: HookCall) -> Plan:
+        pin = plan(self.config, call, self.context.routes)
+        return Plan(f"pin {pin.model} to {pin.target}", "route_pinned", pin.to_dict(), pin)
+
+    def apply(self, plan: Plan, call: HookCall) -> str:
+        pin = plan.target
+        previous = self.context.apply_pin(pin)
+        replaced = f" (was {previous.target})" if previous is not None and previous.target != pin.target else ""
+        return f"{pin.model} pinned to {pin.target}{replaced}"
+
+    def describe(self, call: HookCall) -> str:
+        return describe(self.config, call, self.context.routes)

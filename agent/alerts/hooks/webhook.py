@@ -22,8 +22,8 @@ import socket
 import urllib.error
 import urllib.request
 
-from agent.alerts.hook_config import WebhookHook
-from agent.alerts.hooks import HookCall, HookFailed
+from agent.alerts.hooks import Hook, HookCall, HookFailed, Plan
+from agent.config.rollback import WebhookHook
 
 SIGNATURE_HEADER = "X-Sidewatch-Signature"
 TIMESTAMP_HEADER = "X-Sidewatch-Timestamp"
@@ -85,3 +85,11 @@ def run(hook: WebhookHook, call: HookCall) -> str:
     if not 200 <= status < 300:
         raise HookFailed(f"{hook.url} answered {status}")
     return f"delivered to {hook.url} ({status})"
+
+
+class Webhook(Hook):
+    def plan(self, call: HookCall) -> Plan:
+        return Plan(describe(self.config, call))
+
+    def apply(self, plan: Plan, call: HookCall) -> str:
+        return run(self.config, call)

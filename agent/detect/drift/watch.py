@@ -12,21 +12,20 @@ from __future__ import annotations
 import collections
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 
 from agent.config import ServeConfig
+from agent.dataplane.tap import TappedInference
 from agent.detect.drift.calibrate import build_anomaly, build_detectors
 from agent.detect.drift.features import input_features, output_features
 from agent.detect.drift.fleet import FleetBins
 from agent.detect.drift.window import TimeWindowPSI
 from agent.detect.registry import CalibratedDetector, DetectorRegistry
-from agent.durable import fsync_directory
+from agent.durable import fsync_directory, write_atomic
 from agent.metrics import BoundedModels, DriftMetrics
-from agent.proxy.tap import TappedInference
 
 log = logging.getLogger(__name__)
 
@@ -291,13 +290,7 @@ class DriftWatch:
             return
         Path(self._checkpoint_dir).mkdir(parents=True, exist_ok=True)
         for model in self.models.values():
-            path = self._path(model)
-            tmp = path.with_name(path.name + ".tmp")
-            with open(tmp, "w") as handle:
-                json.dump(model.state(), handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
+            write_atomic(self._path(model), json.dumps(model.state()), sync_directory=False)
         fsync_directory(Path(self._checkpoint_dir))  # the renames, durable past a power cut too
 
     def _restore(self, model: ModelDrift) -> None:

@@ -32,15 +32,19 @@ import threading
 import time
 
 from agent.alerts.audit import AuditLog
-from agent.alerts.hook_config import RollbackConfig, RouteHook
-from agent.alerts.hooks import HookCall, HookFailed, argo_rollouts, command, kubernetes, route, webhook
+from agent.alerts.hooks import Hook, HookCall, HookContext, HookFailed, argo_rollouts, command, kubernetes, route, webhook
 from agent.alerts.incident import Alert, HookState, Incident, alert_from_dict, alert_to_dict, new_incident_id
+from agent.config.rollback import RollbackConfig
+from agent.dataplane.routes import Pin, RouteTable
 from agent.metrics import AlertMetrics
-from agent.proxy.route import Pin, RouteTable
 
 log = logging.getLogger(__name__)
 
-_RUNNERS = {"webhook": webhook, "command": command, "kubernetes": kubernetes, "argo-rollouts": argo_rollouts}
+# Hook types, by the ``type`` of their configuration: each implements plan/apply (agent/alerts/hooks).
+HOOK_TYPES: dict[str, type[Hook]] = {
+    "route": route.Route, "webhook": webhook.Webhook, "command": command.Command,
+    "kubernetes": kubernetes.KubernetesRollback, "argo-rollouts": argo_rollouts.ArgoRolloutsAbort,
+}
 _HOUR = 3600.0
 # Incidents kept in memory (and listed by status) beyond the open or unfinished ones.
 _KEEP_FINISHED = 500
@@ -52,6 +56,8 @@ class RollbackDispatcher:
         self.metrics = metrics
         self.routes = routes
         self.audit = AuditLog(config.audit_log)
+        context = HookContext(routes, self._apply_pin)
+        self.hooks: dict[str, Hook] = {name: HOOK_TYPES[hook.type](hook, context) for name, hook in config.hooks.items()}
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         self._incidents: dict[str, Incident] = {}
@@ -207,13 +213,10 @@ class RollbackDispatcher:
             self._rollbacks.popleft()
 
     def _describe(self, incident: Incident, name: str) -> str:
-        hook = self.config.hooks.get(name)
+        hook = self.hooks.get(name)
         if hook is None:
             return f"fail: no hook named {name!r} is configured"
-        call = HookCall(incident, name, 0, self.config.instance)
-        if isinstance(hook, RouteHook):
-            return route.describe(hook, call, self.routes)
-        return _RUNNERS[hook.type].describe(hook, call)
+        return hook.describe(HookCall(incident, name, 0, self.config.instance))
 
     # --- the worker ----------------------------------------------------------------------------
 
@@ -248,7 +251,7 @@ class RollbackDispatcher:
             state = incident.hooks[name]
             if state.result is not None:
                 return  # finished already: a success is never repeated
-            hook = self.config.hooks.get(name)
+            hook = self.hooks.get(name)
             if hook is None:
                 self._finish(incident, name, "failure", f"no hook named {name!r} is configured")
                 return
@@ -266,10 +269,7 @@ class RollbackDispatcher:
         started = time.monotonic()
         retry = True
         try:
-            if isinstance(hook, RouteHook):
-                message, ok = self._pin(hook, call), True
-            else:
-                message, ok = _RUNNERS[hook.type].run(hook, call), True
+            message, ok = self._plan_and_apply(hook, call), True
         except HookFailed as err:
             message, ok, retry = str(err), False, err.retry
         except Exception as err:  # noqa: BLE001 - recorded as a failure like any other
@@ -284,21 +284,21 @@ class RollbackDispatcher:
                 self._finish(incident, name, "success", message)
             elif not retry:
                 self._finish(incident, name, "unknown", message)
-            elif attempt - state.interrupted <= hook.retries:
-                delay = hook.backoff(attempt - state.interrupted)
+            elif attempt - state.interrupted <= hook.config.retries:
+                delay = hook.config.backoff(attempt - state.interrupted)
                 state.message = f"{message}; attempt {attempt + 1} in {delay:g} s"
                 self._schedule(time.time() + delay, incident_id, name)
             else:
                 self._finish(incident, name, "failure", message)
 
-    def _pin(self, hook: RouteHook, call: HookCall) -> str:
-        pin = route.plan(hook, call, self.routes)
+    def _plan_and_apply(self, hook: Hook, call: HookCall) -> str:
+        plan = hook.plan(call)
+        if plan.record_type is None:
+            return hook.apply(plan, call)
         with self._lock:
-            # Recorded before it takes effect: replay restores exactly the pins the log holds.
-            self.audit.append("route_pinned", **pin.to_dict())
-            previous = self._apply_pin(pin)
-        replaced = f" (was {previous.target})" if previous is not None and previous.target != pin.target else ""
-        return f"{pin.model} pinned to {pin.target}{replaced}"
+            # Recorded before it takes effect: replay restores exactly the effects the log holds (route pins).
+            self.audit.append(plan.record_type, **plan.record)
+            return hook.apply(plan, call)
 
     def _apply_pin(self, pin: Pin) -> Pin | None:
         previous = self.routes.pin(pin)
@@ -416,12 +416,12 @@ class RollbackDispatcher:
     def _resume(self, incident: Incident, name: str, state: HookState, pinned: bool,
                 last_result_at: float | None, now: float) -> None:
         """A hook left unfinished by the previous run of the sidecar."""
-        hook = self.config.hooks.get(name)
+        hook = self.hooks.get(name)
         if hook is None:
             self._finish(incident, name, "failure", f"no hook named {name!r} is configured any more")
             return
         if state.in_flight:
-            if not isinstance(hook, RouteHook):
+            if not hook.effect_is_recorded:
                 self._finish(incident, name, "unknown",
                              f"attempt {state.attempts} started before sidewatch stopped and has no recorded "
                              "result: it may have run; not repeated")
@@ -438,10 +438,10 @@ class RollbackDispatcher:
             self._schedule(now, incident.id, name)
             return
         counted_attempts = state.attempts - state.interrupted
-        if counted_attempts > hook.retries:
+        if counted_attempts > hook.config.retries:
             self._finish(incident, name, "failure", state.message or "no attempts left")
             return
         due = now
         if counted_attempts and last_result_at is not None:
-            due = max(now, last_result_at + hook.backoff(counted_attempts))
+            due = max(now, last_result_at + hook.config.backoff(counted_attempts))
         self._schedule(due, incident.id, name)

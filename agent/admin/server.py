@@ -16,25 +16,24 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-import os
 import socket
 import ssl
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING
 
+from agent import tls as tls_setup
+from agent.admin.token import MIN_TOKEN_CHARS, TOKEN_ENV, read_token
 from agent.config import Admin, split_address
 
 if TYPE_CHECKING:
+    from agent.alerts.dispatcher import RollbackDispatcher
     from agent.alerts.engine import AlertEngine
     from agent.alerts.receiver import AlertmanagerReceiver
-    from agent.alerts.rollback import RollbackDispatcher
     from agent.metrics import AlertMetrics
 
 log = logging.getLogger(__name__)
 
-TOKEN_ENV = "SIDEWATCH_ADMIN_TOKEN"
-MIN_TOKEN_CHARS = 16
 # Seconds a client gets for each read or write on its connection (TLS handshake included).
 SOCKET_TIMEOUT_SECONDS = 10.0
 MAX_CONNECTIONS = 32
@@ -45,18 +44,8 @@ _ENDPOINTS = {"/status": ("status", "GET"), "/routes/undo": ("routes_undo", "POS
 
 def load_token(config: Admin) -> str | None:
     """The admin token from ``admin.token_file``, else from SIDEWATCH_ADMIN_TOKEN; None when neither is set."""
-    if config.token_file is not None:
-        try:
-            token = config.token_file.read_text().strip()
-        except (OSError, UnicodeDecodeError) as err:
-            raise ValueError(f"sidewatch: cannot read admin.token_file {config.token_file}: {err}") from None
-        source = f"admin.token_file {config.token_file}"
-    else:
-        token = os.environ.get(TOKEN_ENV, "").strip()
-        if not token:
-            return None
-        source = TOKEN_ENV
-    if len(token) < MIN_TOKEN_CHARS:
+    token, source = read_token(config.token_file, "admin.token_file")
+    if token is not None and len(token) < MIN_TOKEN_CHARS:
         raise ValueError(f"sidewatch: the admin token in {source} is shorter than {MIN_TOKEN_CHARS} characters")
     return token
 
@@ -286,11 +275,7 @@ class AdminServer:
         host, port = split_address(self.config.listen)
         tls = None
         if self.config.tls is not None:
-            tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            tls.load_cert_chain(self.config.tls.cert_file, self.config.tls.key_file)
-            if self.config.tls.client_ca_file is not None:
-                tls.load_verify_locations(self.config.tls.client_ca_file)
-                tls.verify_mode = ssl.CERT_REQUIRED if self.config.tls.require_client_cert else ssl.CERT_OPTIONAL
+            tls = tls_setup.server_context(self.config.tls)
         elif not is_loopback(host):
             log.warning("sidewatch: the admin API listens on %s without TLS: its bearer token crosses the network "
                         "in the clear (set admin.tls)", self.config.listen)

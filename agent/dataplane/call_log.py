@@ -14,7 +14,7 @@ import logging
 import grpc
 
 from agent import logs
-from agent.throttled_log import ThrottledLog
+from agent.logs import ThrottledLog
 
 log = logging.getLogger("sidewatch.calls")
 

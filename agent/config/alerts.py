@@ -18,16 +18,15 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from agent.config.base import Strict
 
 NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
-
-class Rule(_Strict):
+class Rule(Strict):
     name: str = Field(pattern=NAME_PATTERN)
     kind: Literal["ratio", "rate", "gauge"]
     # rate and gauge: the series read. Sample names as exported: counters end in _total.
@@ -111,7 +110,7 @@ class Rule(_Strict):
         return [self.metric] + ([self.threshold_metric] if self.threshold_metric else [])
 
 
-class AlertsConfig(_Strict):
+class AlertsConfig(Strict):
     # How often every rule is evaluated (on the engine's own thread).
     evaluation_interval_seconds: float = Field(1.0, gt=0)
     rules: list[Rule] = []

@@ -25,9 +25,9 @@ from typing import Callable, Protocol
 
 import numpy as np
 
+from agent.logs import ThrottledLog
 from agent.metrics import ProxyMetrics
 from agent.protocol import codec, oip_pb2
-from agent.throttled_log import ThrottledLog
 
 log = logging.getLogger(__name__)
 

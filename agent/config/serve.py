@@ -9,34 +9,14 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-from agent.alerts.hook_config import RollbackConfig
-from agent.alerts.rules import AlertsConfig
-
-
-class ConfigError(ValueError):
-    """A configuration that sidewatch refuses to start with."""
+from agent.config.alerts import AlertsConfig
+from agent.config.base import ConfigError, Strict, check_address
+from agent.config.rollback import RollbackConfig
 
 
-def split_address(address: str) -> tuple[str, int]:
-    """Split ``HOST:PORT`` (``[::1]:PORT`` for IPv6) and check the port."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"expected HOST:PORT, got {address!r}")
-    return host.strip("[]"), int(port)
-
-
-def _check_address(value: str) -> str:
-    split_address(value)
-    return value
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class ListenerTLS(_Strict):
+class ListenerTLS(Strict):
     """TLS on the listener; with ``client_ca_file`` and ``require_client_cert``, mutual TLS."""
 
     cert_file: Path
@@ -45,7 +25,7 @@ class ListenerTLS(_Strict):
     require_client_cert: bool = False
 
 
-class UpstreamTLS(_Strict):
+class UpstreamTLS(Strict):
     """TLS toward the model server; with ``cert_file`` and ``key_file``, mutual TLS."""
 
     ca_file: Path | None = None
@@ -55,14 +35,14 @@ class UpstreamTLS(_Strict):
     server_name: str | None = None
 
 
-class Upstream(_Strict):
+class Upstream(Strict):
     address: str = "127.0.0.1:8001"
     tls: UpstreamTLS | None = None
 
-    _address = field_validator("address")(_check_address)
+    _address = field_validator("address")(check_address)
 
 
-class Tap(_Strict):
+class Tap(Strict):
     # Copies of calls waiting for the detectors; beyond it copies are dropped, never waited for.
     queue_size: int = Field(1024, ge=1)
     # Streamed requests waiting for their response, per stream, before the oldest is dropped.
@@ -72,20 +52,20 @@ class Tap(_Strict):
     sink_timeout_seconds: float = Field(10.0, gt=0)
 
 
-class Metrics(_Strict):
+class Metrics(Strict):
     listen: str = "0.0.0.0:9102"
     # Distinct model names given their own label value; the rest are counted as "_other".
     max_models: int = Field(64, ge=1)
     # HTTPS for /metrics; with client_ca_file and require_client_cert, only scrapers with a certificate.
     tls: ListenerTLS | None = None
 
-    _listen = field_validator("listen")(_check_address)
+    _listen = field_validator("listen")(check_address)
 
 
 AdversarialMode = Literal["shadow", "flag", "enforce"]
 
 
-class Detection(_Strict):
+class Detection(Strict):
     """The detectors: where the models and their calibration artifacts are, and how they run."""
 
     # DIR/<model>/<version>/model.onnx and, beside it, sidewatch-calibration.json (see `sidewatch calibrate`).
@@ -102,7 +82,7 @@ class Detection(_Strict):
     inline_threads: int = Field(2, ge=1)
 
 
-class Drift(_Strict):
+class Drift(Strict):
     """The drift and anomaly detectors (calibrated by `sidewatch calibrate` with the squeezing detector)."""
 
     enabled: bool = True
@@ -121,13 +101,13 @@ class Drift(_Strict):
     psi_threshold: float = Field(0.2, gt=0)
 
 
-class ModelSettings(_Strict):
+class ModelSettings(Strict):
     """Per-model settings, keyed by model name; unset values come from ``detection``."""
 
     adversarial_mode: AdversarialMode | None = None
 
 
-class Admin(_Strict):
+class Admin(Strict):
     """The admin HTTP API: GET /status, POST /routes/undo, POST /alertmanager (Alertmanager's webhook).
 
     Every endpoint needs ``Authorization: Bearer <token>``; the token comes from ``token_file`` or the
@@ -145,10 +125,10 @@ class Admin(_Strict):
     # Alertmanager alert name -> hooks (names under rollback.hooks) run when it fires.
     alertmanager_hooks: dict[str, list[str]] = {}
 
-    _listen = field_validator("listen")(_check_address)
+    _listen = field_validator("listen")(check_address)
 
 
-class ServeConfig(_Strict):
+class ServeConfig(Strict):
     listen: str = "0.0.0.0:9000"
     upstream: Upstream = Upstream()
     metrics: Metrics = Metrics()
@@ -170,7 +150,7 @@ class ServeConfig(_Strict):
     rollback: RollbackConfig = RollbackConfig()
     admin: Admin = Admin()
 
-    _listen = field_validator("listen")(_check_address)
+    _listen = field_validator("listen")(check_address)
 
     @model_validator(mode="after")
     def _hooks_exist(self) -> "ServeConfig":
@@ -196,8 +176,13 @@ def _format_validation_error(error: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def load_config(path: Path | None = None, overrides: dict | None = None) -> ServeConfig:
-    """Read the YAML file (if any), apply flag overrides given as dotted keys, and validate."""
+def load_config(path: Path | None = None, overrides: dict | None = None,
+                adversarial_mode_for_every_model: str | None = None) -> ServeConfig:
+    """Read the YAML file (if any), apply flag overrides given as dotted keys, and validate.
+
+    ``adversarial_mode_for_every_model`` (``serve --adversarial-mode``) sets the mode of every model:
+    the per-model modes of the file give way to it.
+    """
     data: dict = {}
     source = "flags"
     if path is not None:
@@ -221,6 +206,11 @@ def load_config(path: Path | None = None, overrides: dict | None = None) -> Serv
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = value
+    if adversarial_mode_for_every_model is not None:
+        data.setdefault("detection", {})["adversarial_mode"] = adversarial_mode_for_every_model
+        for settings in (data.get("models") or {}).values():
+            if isinstance(settings, dict):
+                settings.pop("adversarial_mode", None)
     try:
         return ServeConfig.model_validate(data)
     except ValidationError as err:

@@ -20,11 +20,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from agent.config import ServeConfig
+from agent.dataplane.tap import TappedInference
 from agent.detect.registry import CalibratedDetector, DetectorRegistry
+from agent.logs import ThrottledLog
 from agent.metrics import BoundedModels, DetectionMetrics
 from agent.protocol import codec, oip_pb2
-from agent.proxy.tap import TappedInference
-from agent.throttled_log import ThrottledLog
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +45,25 @@ class Verdict:
     def metadata(self) -> tuple[tuple[str, str], ...]:
         return ((SCORE_KEY, f"{self.score:.6f}"), (VERDICT_KEY, "true" if self.adversarial else "false"))
 
-    def rejection(self) -> str:
+    def rejection(self) -> str | None:
+        """Why enforce mode refuses the request; None when it is not adversarial."""
+        if not self.adversarial:
+            return None
         return (f"sidewatch: input rejected as adversarial (score={self.score:.6f}, "
                 f"threshold={self.threshold:.6f})")
+
+
+@dataclass(frozen=True, slots=True)
+class NoVerdict:
+    """A request that could not be scored: it goes on (sidewatch fails open), and the caller is told why."""
+
+    reason: str
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return ((ERROR_KEY, self.reason),)
+
+    def rejection(self) -> None:
+        return None
 
 
 class DetectionFailed(Exception):
@@ -146,14 +162,22 @@ class AdversarialWatch:
             raise DetectionFailed("non_finite")  # no row over the threshold, and some rows could not be scored
         return Verdict(top, calibrated.threshold, top > calibrated.threshold)
 
-    def count_rejection(self, model: str, version: str) -> None:
-        calibrated = self.registry.get(model, version)
-        self._metrics.rejected.labels(*self._bounded(model, calibrated.version if calibrated else version)).inc()
+    def _verdict(self, model: str, version: str, request: bytes) -> Verdict | NoVerdict:
+        try:
+            verdict = self._score_request(model, version, request)
+        except DetectionFailed as failure:
+            return NoVerdict(failure.reason)
+        if verdict.adversarial and self.mode(model) == "enforce":
+            # Enforce mode refuses every adversarial verdict: counted here, where the version is known.
+            calibrated = self.registry.get(model, version)
+            self._metrics.rejected.labels(*self._bounded(model, calibrated.version if calibrated else version)).inc()
+        return verdict
 
-    async def score_request(self, model: str, version: str, request: bytes) -> Verdict:
-        """Score a request off the event loop; raises DetectionFailed when it cannot be scored."""
+    async def score_request(self, model: str, version: str, request: bytes) -> Verdict | NoVerdict:
+        """Score a request off the event loop (flag and enforce modes); a request that cannot be scored
+        gets a NoVerdict, never an exception: the call goes on."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._score_request, model, version, request)
+        return await loop.run_in_executor(self._executor, self._verdict, model, version, request)
 
     # --- shadow: a tap sink with micro-batches ---------------------------------------------------
 

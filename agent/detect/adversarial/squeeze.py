@@ -5,7 +5,7 @@ Neural Networks", NDSS 2018) runs a model on an input and on "squeezed" copies o
 less colour depth, or smoothed. A benign input gives about the same softmax either way; an
 adversarial perturbation, tuned to the exact pixels, mostly does not survive the squeeze. The score
 is the largest L1 distance between the softmax on the input and on any squeezed copy
-(``agent.detect.fused`` computes it in one ONNX graph).
+(``agent.detect.adversarial.graph`` computes it in one ONNX graph).
 
 The functions here are the reference implementation: plain numpy on float arrays whose last two
 axes are height and width (``[N, C, H, W]``, images in [0, 1]). The fused ONNX graph must give the

@@ -12,16 +12,15 @@ import socket
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from agent.config.base import Strict, check_address
 
 _DEFAULT_SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
-
-class _Hook(_Strict):
+class _Hook(Strict):
     timeout_seconds: float = Field(10.0, gt=0)
     # Attempts after the first one when it fails.
     retries: int = Field(2, ge=0, le=20)
@@ -51,9 +50,7 @@ class RouteHook(_Hook):
     @classmethod
     def _address(cls, value: str | None) -> str | None:
         if value is not None:
-            host, sep, port = value.rpartition(":")
-            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-                raise ValueError(f"expected HOST:PORT, got {value!r}")
+            check_address(value)
         return value
 
     @model_validator(mode="after")
@@ -115,7 +112,7 @@ class CommandHook(_Hook):
     timeout_seconds: float = Field(30.0, gt=0)
 
 
-class KubernetesAccess(_Strict):
+class KubernetesAccess(Strict):
     """How to reach the API server: in-cluster (the default) or a kubeconfig file."""
 
     namespace: str | None = None    # default: the kubeconfig context's, the service account's, or "default"
@@ -152,7 +149,7 @@ HookConfig = Annotated[
 ]
 
 
-class RollbackConfig(_Strict):
+class RollbackConfig(Strict):
     # Decide and audit-log, run nothing.
     dry_run: bool = False
     # Append-only JSON-lines audit log; without one, decisions live in memory only (and incidents,

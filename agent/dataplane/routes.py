@@ -25,8 +25,7 @@ from agent.protocol.peek import peek_model
 if TYPE_CHECKING:
     from grpc import aio
 
-    from agent.config import ServeConfig
-    from agent.proxy.tap import TappedInference
+    from agent.dataplane.tap import TappedInference
 
 
 @dataclass(frozen=True)
@@ -169,15 +168,3 @@ def rewrite_version(request: bytes, version: str) -> bytes:
         return request
     message.model_version = version
     return message.SerializeToString()
-
-
-def channel_opener(config: "ServeConfig") -> "Callable[[str], aio.Channel]":
-    """Open channels to fallback upstreams with the main upstream's message sizes and TLS settings."""
-
-    def open_channel(address: str) -> "aio.Channel":
-        from agent.proxy.server import open_upstream_channel
-
-        upstream = config.upstream.model_copy(update={"address": address})
-        return open_upstream_channel(config.model_copy(update={"upstream": upstream}))
-
-    return open_channel

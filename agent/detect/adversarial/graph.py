@@ -35,7 +35,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from agent.detect.squeeze import (
+from agent.detect.adversarial.squeeze import (
     BitDepth,
     Median,
     NonLocalMeans,

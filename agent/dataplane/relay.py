@@ -1,13 +1,15 @@
-"""The data plane: forward every gRPC call to the upstream as bytes.
+"""The grpc.aio relay: forward every gRPC call to the upstream as bytes.
 
 Methods of the Open Inference Protocol that are known to be unary are relayed with unary
 calls; everything else (ModelStreamInfer, other services, methods we have never heard of) is
 relayed as a bidirectional stream, which carries any call shape on the wire. Messages are never
 deserialized here: the only look inside is :func:`peek_model` on inference requests, for labels.
 
-The exception is routing (agent/proxy/route.py): while a route hook pins a model, its ModelInfer
-requests (unary, and each message of ModelStreamInfer) are parsed to rewrite ``model_version``, or
-the model's calls go to a fallback upstream. With nothing pinned the cost is one attribute read.
+Everything else reaches the relay through its policy (agent/dataplane/policy.py), before and after
+the upstream call: route pins (which parse a pinned model's ModelInfer requests to rewrite
+``model_version``, or send its calls to a fallback upstream), inline adversarial verdicts (flag and
+enforce modes), the tap and the call log. With nothing pinned and no inline detector, the before
+step costs a call and two attribute reads.
 """
 
 from __future__ import annotations
@@ -15,22 +17,16 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from typing import TYPE_CHECKING
 
 import grpc
 from grpc import aio
 
+from agent.dataplane.policy import Policy
+from agent.dataplane.stream_status import FirstStatus
+from agent.dataplane.tap import TapRecord
 from agent.metrics import ProxyMetrics
 from agent.protocol import paths
 from agent.protocol.peek import peek_model
-from agent.proxy.call_log import CallLog
-from agent.proxy.route import rewrite_version
-from agent.proxy.stream_status import FirstStatus
-from agent.proxy.tap import Tap, TapRecord
-
-if TYPE_CHECKING:
-    from agent.detect.adversarial import AdversarialWatch
-    from agent.proxy.route import RouteTable
 
 # Metadata that belongs to the hop, not to the call: gRPC sets these itself on the next hop.
 _HOP_HEADERS = frozenset({"user-agent", "content-type", "te", "host", "grpc-timeout", "grpc-encoding", "grpc-accept-encoding"})
@@ -50,25 +46,15 @@ def forwardable_metadata(metadata) -> tuple[tuple[str, str | bytes], ...]:
 class Forwarder(grpc.GenericRpcHandler):
     """A generic handler that relays each call to one upstream channel."""
 
-    def __init__(self, channel: aio.Channel, metrics: ProxyMetrics, tap: Tap | None,
-                 max_pending_stream_requests: int = 256, watch: "AdversarialWatch | None" = None,
-                 routes: "RouteTable | None" = None, call_log: CallLog | None = None) -> None:
+    def __init__(self, channel: aio.Channel, metrics: ProxyMetrics, policy: Policy | None = None,
+                 max_pending_stream_requests: int = 256) -> None:
         self._channel = channel
-        # Failed calls are logged (thinned out), every call only with log_requests; never payloads.
-        self._call_log = call_log or CallLog()
         self._metrics = metrics
-        self._tap = tap
-        # Pins set by route hooks; None: no routing at all.
-        self._routes = routes
-        # Stubs on fallback upstreams' channels, by (address, method).
-        self._fallback_unary: dict[tuple[str, str], aio.UnaryUnaryMultiCallable] = {}
-        self._fallback_stream: dict[tuple[str, str], aio.StreamStreamMultiCallable] = {}
-        if routes is not None and tap is not None:
-            # The versions that served traffic, for pins to the last known-good version: read from
-            # the tap's decoded copies, off the hot path.
-            tap.add_sink("routes", routes.observe_inference)
-        # Flag and enforce modes put the adversarial verdict on the hot path of unary ModelInfer.
-        self._watch = watch
+        # Routing, inline verdicts, the tap and the call log: the before and after steps of each call.
+        self._policy = policy or Policy()
+        # Stubs on fallback upstreams' channels, by (channel, method).
+        self._fallback_unary: dict[tuple[aio.Channel, str], aio.UnaryUnaryMultiCallable] = {}
+        self._fallback_stream: dict[tuple[aio.Channel, str], aio.StreamStreamMultiCallable] = {}
         self._max_pending = max_pending_stream_requests
         self._unary_stubs: dict[str, aio.UnaryUnaryMultiCallable] = {}
         self._known_handlers: dict[str, grpc.RpcMethodHandler] = {}
@@ -94,31 +80,32 @@ class Forwarder(grpc.GenericRpcHandler):
         carries_model = method in paths.MODEL_SCOPED_METHODS
         taps_inference = method == paths.MODEL_INFER
         metrics = self._metrics
-        routes = self._routes
-        call_log = self._call_log
+        policy = self._policy
 
         async def relay(request: bytes, context: aio.ServicerContext) -> bytes:
             received_at = time.time()
             started = time.perf_counter()
-            model, version = peek_model(request) if carries_model else ("", "")
             upstream = stub
-            pin = routes.pins.get(model) if routes is not None and routes.active and carries_model else None
-            if pin is not None:
-                if pin.upstream is not None:
-                    upstream = self._fallback_unary_stub(pin.upstream, method)
-                elif taps_inference:
-                    request = rewrite_version(request, pin.version)
-                    version = pin.version
+            verdict = None
+            if carries_model:
+                model, version = peek_model(request)
+                before = policy.before(model, version, request, taps_inference)
+                if before is not None:
+                    request, version, verdict = before.request, before.version, before.verdict
+                    if before.upstream is not None:
+                        upstream = self._fallback_unary_stub(before.upstream, method)
+            else:
+                model, version, before = "", "", None
             series = metrics.call_series(model, version, method_label)
             metrics.in_flight.inc()
             code = grpc.StatusCode.OK
-            verdict = None
             try:
-                if taps_inference and self._watch is not None and self._watch.mode(model) != "shadow":
-                    verdict, rejected = await self._inline_verdict(model, version, request)
-                    if rejected is not None:
+                if before is not None and before.enforce:
+                    judged = await verdict
+                    rejection = judged.rejection()
+                    if rejection is not None:
                         code = grpc.StatusCode.INVALID_ARGUMENT
-                        await context.abort(code, rejected.rejection(), rejected.metadata())
+                        await context.abort(code, rejection, judged.metadata())
                 call = upstream(
                     request,
                     metadata=forwardable_metadata(context.invocation_metadata()),
@@ -135,9 +122,9 @@ class Forwarder(grpc.GenericRpcHandler):
                 await _send_initial_metadata(context, await call.initial_metadata())
                 context.set_trailing_metadata(
                     forwardable_metadata(await call.trailing_metadata()) + await _verdict_metadata(verdict))
-                if taps_inference and self._tap is not None:
-                    self._tap.offer(TapRecord(method_label, model, version, request, response, received_at,
-                                              time.perf_counter() - started))
+                if taps_inference and policy.keeps_copies:
+                    policy.completed(TapRecord(method_label, model, version, request, response, received_at,
+                                               time.perf_counter() - started))
                 return response
             except asyncio.CancelledError:
                 code = _cancelled_code(context)
@@ -150,39 +137,21 @@ class Forwarder(grpc.GenericRpcHandler):
                     metrics.requests.labels(*series.labels, code.name).inc()
                 duration = time.perf_counter() - started
                 series.latency.observe(duration)
-                if code is not grpc.StatusCode.OK or call_log.every_call:
-                    call_log.record(context.invocation_metadata(), series.labels, code, duration)
+                policy.finished(context, series.labels, code, duration)
 
         return relay
 
-    def _fallback_unary_stub(self, address: str, method: str) -> aio.UnaryUnaryMultiCallable:
-        stub = self._fallback_unary.get((address, method))
+    def _fallback_unary_stub(self, channel: aio.Channel, method: str) -> aio.UnaryUnaryMultiCallable:
+        stub = self._fallback_unary.get((channel, method))
         if stub is None:
-            stub = self._fallback_unary[(address, method)] = self._routes.channel(address).unary_unary(method)
+            stub = self._fallback_unary[(channel, method)] = channel.unary_unary(method)
         return stub
 
-    def _fallback_stream_stub(self, address: str, method: str) -> aio.StreamStreamMultiCallable:
-        stub = self._fallback_stream.get((address, method))
+    def _fallback_stream_stub(self, channel: aio.Channel, method: str) -> aio.StreamStreamMultiCallable:
+        stub = self._fallback_stream.get((channel, method))
         if stub is None:
-            stub = self._fallback_stream[(address, method)] = self._routes.channel(address).stream_stream(method)
+            stub = self._fallback_stream[(channel, method)] = channel.stream_stream(method)
         return stub
-
-    async def _inline_verdict(self, model: str, version: str, request: bytes):
-        """(scoring, rejected verdict or None). Flag mode starts scoring beside the upstream call;
-        enforce mode scores first and rejects an input over the threshold."""
-        scoring = asyncio.ensure_future(self._watch.score_request(model, version, request))
-        if self._watch.mode(model) != "enforce":
-            return scoring, None
-        from agent.detect.adversarial import DetectionFailed
-
-        try:
-            verdict = await scoring
-        except DetectionFailed:
-            return scoring, None  # fail open: the call is forwarded and the error is in the trailers
-        if verdict.adversarial:
-            self._watch.count_rejection(model, version)
-            return scoring, verdict
-        return scoring, None
 
     # --- streaming ---------------------------------------------------------------------------
 
@@ -193,8 +162,7 @@ class Forwarder(grpc.GenericRpcHandler):
         metrics = self._metrics
         requests_relayed = metrics.stream_messages.labels(method_label, "request")
         responses_relayed = metrics.stream_messages.labels(method_label, "response")
-        routes = self._routes
-        call_log = self._call_log
+        policy = self._policy
 
         async def relay(request_iterator, context: aio.ServicerContext):
             started = time.perf_counter()
@@ -202,7 +170,8 @@ class Forwarder(grpc.GenericRpcHandler):
             pending: collections.deque[tuple[bytes, float, float]] = collections.deque(maxlen=self._max_pending)
             first_model = ["", ""]
             upstream = stub
-            if taps_inference and routes is not None and routes.upstream_pins:
+            keeps_copies = taps_inference and policy.keeps_copies
+            if taps_inference and policy.steers_streams:
                 # A stream goes to one upstream: the one its first message's model is pinned to, if any.
                 # That message is read before the upstream call starts.
                 request_iterator, fallback = await self._stream_fallback(request_iterator)
@@ -213,11 +182,10 @@ class Forwarder(grpc.GenericRpcHandler):
                 async for message in request_iterator:
                     requests_relayed.inc()
                     if taps_inference:
-                        if routes is not None and routes.active:
-                            message = routes.rewrite_request(message)
+                        message = policy.stream_request(message)
                         if not first_model[0]:
                             first_model[0], first_model[1] = peek_model(message)
-                        if self._tap is not None:
+                        if keeps_copies:
                             pending.append((message, time.time(), time.perf_counter()))
                     yield message
 
@@ -239,8 +207,8 @@ class Forwarder(grpc.GenericRpcHandler):
                         if pending:
                             request, arrived, request_started = pending.popleft()
                             model, version = peek_model(request)
-                            self._tap.offer(TapRecord(method_label, model, version, request, response, arrived,
-                                                      time.perf_counter() - request_started))
+                            policy.completed(TapRecord(method_label, model, version, request, response, arrived,
+                                                       time.perf_counter() - request_started))
                         yield response
                     trailing = await call.trailing_metadata()
                 except aio.AioRpcError as err:
@@ -260,19 +228,17 @@ class Forwarder(grpc.GenericRpcHandler):
                 metrics.requests.labels(*labels, code.name).inc()
                 duration = time.perf_counter() - started
                 metrics.latency.labels(*labels).observe(duration)
-                if code is not grpc.StatusCode.OK or call_log.every_call:
-                    call_log.record(context.invocation_metadata(), labels, code, duration)
+                policy.finished(context, labels, code, duration)
 
         return relay
 
     async def _stream_fallback(self, request_iterator):
-        """(the requests with the first one put back, the fallback upstream its model is pinned to or None)."""
+        """(the requests with the first one put back, the fallback upstream's channel or None)."""
         requests = aiter(request_iterator)
         first = await anext(requests, None)
         if first is None:
             return requests, None
-        pin = self._routes.pins.get(peek_model(first)[0])
-        return _prepend(first, requests), (pin.upstream if pin is not None else None)
+        return _prepend(first, requests), self._policy.stream_upstream(first)
 
 
 async def _prepend(first: bytes, rest):
@@ -281,16 +247,11 @@ async def _prepend(first: bytes, rest):
         yield message
 
 
-async def _verdict_metadata(scoring: asyncio.Future | None) -> tuple:
-    """The adversarial verdict as trailing metadata (flag and enforce modes), or why there is none."""
-    if scoring is None:
+async def _verdict_metadata(verdict) -> tuple:
+    """The inline verdict as trailing metadata (flag and enforce modes); () when there is none."""
+    if verdict is None:
         return ()
-    from agent.detect.adversarial import ERROR_KEY, DetectionFailed
-
-    try:
-        return (await scoring).metadata()
-    except DetectionFailed as failure:
-        return ((ERROR_KEY, failure.reason),)
+    return (await verdict).metadata()
 
 
 def _cancelled_code(context: aio.ServicerContext) -> grpc.StatusCode:

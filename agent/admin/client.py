@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import getpass
 import json
-import os
 import socket
 import ssl
 import urllib.error
 import urllib.request
 from pathlib import Path
 
-from agent.alerts.admin import TOKEN_ENV
+from agent.admin.token import TOKEN_ENV, read_token
 
 DEFAULT_URL = "http://127.0.0.1:9103"
 
@@ -25,15 +24,13 @@ class AdminError(Exception):
         self.reply = reply or {}
 
 
-def read_token(token_file: Path | None) -> str:
+def client_token(token_file: Path | None) -> str:
     """The token from ``token_file``, else from SIDEWATCH_ADMIN_TOKEN."""
-    if token_file is not None:
-        try:
-            return token_file.read_text().strip()
-        except OSError as err:
-            raise AdminError(f"sidewatch: cannot read token file {token_file}: {err.strerror}") from None
-    token = os.environ.get(TOKEN_ENV, "").strip()
-    if not token:
+    try:
+        token, _ = read_token(token_file)
+    except ValueError as err:
+        raise AdminError(str(err)) from None
+    if token is None:
         raise AdminError(f"sidewatch: no admin token: give --token-file or set {TOKEN_ENV}")
     return token
 

@@ -1,0 +1,28 @@
+"""The typed configuration: one pydantic model, read from YAML and overridden by flags.
+
+It sits at the bottom of the package: it imports nothing else of sidewatch, and everything above reads it.
+
+``base``      strict sections, ``HOST:PORT`` addresses, ConfigError
+``serve``     ServeConfig, the whole configuration of ``sidewatch serve``, and load_config
+``alerts``    the ``alerts:`` section (rules of the in-sidecar alert engine)
+``rollback``  the ``rollback:`` section (safety limits and the named hooks)
+"""
+
+from agent.config.base import ConfigError, Strict, split_address
+from agent.config.serve import (
+    Admin,
+    AdversarialMode,
+    Detection,
+    Drift,
+    ListenerTLS,
+    Metrics,
+    ModelSettings,
+    ServeConfig,
+    Tap,
+    Upstream,
+    UpstreamTLS,
+    load_config,
+)
+
+__all__ = ["Admin", "AdversarialMode", "ConfigError", "Detection", "Drift", "ListenerTLS", "Metrics", "ModelSettings",
+           "ServeConfig", "Strict", "Tap", "Upstream", "UpstreamTLS", "load_config", "split_address"]

@@ -1,0 +1,165 @@
+"""The policy: everything the relay asks of the rest of sidewatch, behind one object.
+
+The relay knows bytes, the upstream call and its status. What else happens to a call reaches it
+through a :class:`Policy`, in two steps:
+
+- **before** the upstream call (:meth:`Policy.before`, :meth:`Policy.stream_upstream`,
+  :meth:`Policy.stream_request`): where the call goes (a route pin rewrites a ModelInfer request's
+  version or sends the model's calls to a fallback upstream) and whether the adversarial verdict is on
+  the hot path (flag mode: scored beside the upstream call, the verdict goes into the trailers;
+  enforce mode: scored first, and an input over the threshold is refused);
+- **after** it (:meth:`Policy.completed`, :meth:`Policy.finished`): a copy of each successful
+  inference for the tap, and the call's outcome for the call log.
+
+The types the policy deals in are declared here, on the data plane's side: the data plane imports no
+detector. An inline detector is anything with :class:`InlineVerdicts`' two methods; the adversarial
+watch (agent/detect/adversarial/watch.py) is one. A second data plane (Envoy, steered by sidewatch)
+would take the same policy.
+
+:class:`Policy` itself relays everything unchanged and keeps nothing; :class:`SidecarPolicy` is the
+sidecar's, built by the composition root (agent/app.py) from the route table, the tap, the call log
+and the inline detector.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Awaitable, Protocol
+
+import grpc
+
+from agent.dataplane.routes import RouteTable, rewrite_version
+from agent.dataplane.tap import Tap, TapRecord
+from agent.protocol.peek import peek_model
+
+if TYPE_CHECKING:
+    from grpc import aio
+
+    from agent.dataplane.call_log import CallLog
+
+
+class Verdict(Protocol):
+    """An inline detector's answer on one request."""
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """Trailing metadata for the caller: the score and verdict, or why there is none."""
+
+    def rejection(self) -> str | None:
+        """Why the request is refused in enforce mode; None: it goes on."""
+
+
+class InlineVerdicts(Protocol):
+    """A detector that can put its verdict on the hot path of a ModelInfer call."""
+
+    def mode(self, model: str) -> str:
+        """``shadow`` (off the hot path), ``flag`` (verdict in the trailers) or ``enforce`` (refuse)."""
+
+    async def score_request(self, model: str, version: str, request: bytes) -> Verdict:
+        """The verdict on a serialized ModelInferRequest; never raises (a failure is a verdict too)."""
+
+
+@dataclass(slots=True)
+class Before:
+    """What the before step decided for one unary call: the request to send, and where."""
+
+    request: bytes
+    version: str
+    # A fallback upstream's channel, or None for the main upstream.
+    upstream: "aio.Channel | None" = None
+    # Flag and enforce modes: the verdict being scored (started beside the upstream call).
+    verdict: "Awaitable[Verdict] | None" = None
+    # Enforce mode: the relay waits for the verdict and refuses the call when it says so.
+    enforce: bool = False
+
+
+class Policy:
+    """The plain relay's policy: every call goes to the main upstream unchanged; nothing is kept."""
+
+    # Whether :meth:`completed` wants copies of inferences (the relay then keeps streamed requests
+    # until their responses arrive).
+    keeps_copies = False
+
+    def before(self, model: str, version: str, request: bytes, inference: bool) -> Before | None:
+        """The before step of a unary call that names a model; None: forward it unchanged."""
+        return None
+
+    def stream_upstream(self, first_request: bytes) -> "aio.Channel | None":
+        """A fallback upstream for a ModelStreamInfer stream whose first message names a pinned model."""
+        return None
+
+    @property
+    def steers_streams(self) -> bool:
+        """Whether :meth:`stream_upstream` can answer anything but None now (the relay then reads a
+        stream's first message before it chooses a channel)."""
+        return False
+
+    def stream_request(self, message: bytes) -> bytes:
+        """A message of a ModelStreamInfer stream, as it goes upstream."""
+        return message
+
+    def completed(self, record: TapRecord) -> None:
+        """The after step of an inference answered OK: its request and response, as bytes."""
+
+    def finished(self, context: "aio.ServicerContext", labels: tuple[str, str, str], code: grpc.StatusCode,
+                 duration: float) -> None:
+        """The after step of every call: its bounded (model, version, method) labels, status and duration."""
+
+    async def close(self) -> None:
+        """Release what the policy opened (fallback upstream channels), after the relay has stopped."""
+
+
+class SidecarPolicy(Policy):
+    """Route pins, inline verdicts, the tap and the call log: the sidecar's before and after steps."""
+
+    def __init__(self, routes: RouteTable | None = None, tap: Tap | None = None, call_log: "CallLog | None" = None,
+                 verdicts: InlineVerdicts | None = None) -> None:
+        self._routes = routes
+        self._tap = tap
+        self._call_log = call_log
+        self._verdicts = verdicts
+        self.keeps_copies = tap is not None
+
+    def before(self, model: str, version: str, request: bytes, inference: bool) -> Before | None:
+        routes = self._routes
+        # With nothing pinned and no inline detector, this is all a call costs: two attribute reads.
+        pin = routes.pins.get(model) if routes is not None and routes.active else None
+        verdicts = self._verdicts if inference else None
+        mode = verdicts.mode(model) if verdicts is not None else "shadow"
+        if pin is None and mode == "shadow":
+            return None
+        upstream = None
+        if pin is not None:
+            if pin.upstream is not None:
+                upstream = routes.channel(pin.upstream)
+            elif inference:
+                request, version = rewrite_version(request, pin.version), pin.version
+        verdict = None
+        if mode != "shadow":
+            verdict = asyncio.ensure_future(verdicts.score_request(model, version, request))
+        return Before(request, version, upstream, verdict, mode == "enforce")
+
+    def stream_upstream(self, first_request: bytes) -> "aio.Channel | None":
+        pin = self._routes.pins.get(peek_model(first_request)[0]) if self._routes is not None else None
+        return self._routes.channel(pin.upstream) if pin is not None and pin.upstream is not None else None
+
+    @property
+    def steers_streams(self) -> bool:
+        return self._routes is not None and self._routes.upstream_pins
+
+    def stream_request(self, message: bytes) -> bytes:
+        routes = self._routes
+        return routes.rewrite_request(message) if routes is not None and routes.active else message
+
+    def completed(self, record: TapRecord) -> None:
+        self._tap.offer(record)
+
+    def finished(self, context: "aio.ServicerContext", labels: tuple[str, str, str], code: grpc.StatusCode,
+                 duration: float) -> None:
+        call_log = self._call_log
+        if call_log is not None and (code is not grpc.StatusCode.OK or call_log.every_call):
+            call_log.record(context.invocation_metadata(), labels, code, duration)
+
+    async def close(self) -> None:
+        if self._routes is not None:
+            await self._routes.close()
