@@ -16,6 +16,12 @@ again, and one with one is restored from the log.
 
 Each module also keeps ``run(hook, call)`` and ``describe(hook, call)`` as plain functions of the
 hook's configuration, the way its tests call it.
+
+``route``          pin the model inside the sidecar (to a version, the last known-good one, or an upstream)
+``webhook``        POST the incident, signed with HMAC-SHA256
+``command``        run a program (no shell) with the incident in its environment
+``kubernetes``     roll a Deployment back, as ``kubectl rollout undo`` does (``kubeclient``: the API client)
+``argo_rollouts``  abort an Argo Rollout
 """
 
 from __future__ import annotations
