@@ -72,6 +72,7 @@ from agent.detect.adversarial.squeeze import (
     format_squeezers,
     parse_squeezers,
 )
+from agent.detect.features import REGION_GRID, output_features, region_means
 from agent.durable import write_atomic
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,6 @@ THRESHOLD_RULE = ("smallest threshold with at most floor(target_fpr * n) of the 
                   "flag when score > threshold")
 DECILES = tuple(round(0.1 * i, 1) for i in range(1, 10))
 SCORE_QUANTILES = (0.5, 0.9, 0.95, 0.99, 0.999)
-REGION_GRID = 7
 
 
 class CalibrationError(ValueError):
@@ -118,25 +118,6 @@ def _deciles(values: np.ndarray, axis: int = 0) -> np.ndarray:
     return np.quantile(np.asarray(values, dtype=np.float64), DECILES, axis=axis)
 
 
-def region_means(x: np.ndarray, grid: int = REGION_GRID) -> tuple[np.ndarray, list[int], list[int]]:
-    """Block means on a ``grid`` x ``grid`` grid over the last two axes: ``[N, C * grid * grid]``.
-
-    Axes between the batch and the last two count as channels. Rows and columns are cut at
-    ``(i * H) // grid``, so 28 x 28 MNIST gives 7 x 7 blocks of 4 x 4 pixels. Returns the features
-    and the block heights and widths.
-    """
-    x = np.asarray(x, dtype=np.float64)
-    n, height, width = x.shape[0], x.shape[-2], x.shape[-1]
-    x = x.reshape(n, -1, height, width)
-    rows = (np.arange(grid) * height) // grid
-    cols = (np.arange(grid) * width) // grid
-    row_sizes = np.diff(np.append(rows, height))
-    col_sizes = np.diff(np.append(cols, width))
-    sums = np.add.reduceat(np.add.reduceat(x, rows, axis=2), cols, axis=3)
-    means = sums / (row_sizes[:, None] * col_sizes[None, :])
-    return means.reshape(n, -1), row_sizes.tolist(), col_sizes.tolist()
-
-
 def reference_summary(x: np.ndarray, probabilities: np.ndarray, scores: np.ndarray,
                       source: str | None = None, grid: int = REGION_GRID) -> dict:
     """Summary statistics of benign reference data, for drift detectors (see the module docstring)."""
@@ -158,13 +139,11 @@ def reference_summary(x: np.ndarray, probabilities: np.ndarray, scores: np.ndarr
     else:
         summary["regions"] = None
     classes = probabilities.shape[1]
-    counts = np.bincount(probabilities.argmax(axis=1), minlength=classes)
+    predicted, confidence, entropy = output_features(probabilities)
+    counts = np.bincount(predicted, minlength=classes)
     summary["predictions"] = {"classes": int(classes), "counts": counts.tolist(),
                               "fractions": _r(counts / max(len(probabilities), 1))}
-    confidence = probabilities.max(axis=1)
     summary["confidence"] = {"mean": _r(confidence.mean()), "deciles": _r(_deciles(confidence))}
-    # 0 log 0 = 0: clip only inside the log.
-    entropy = -(probabilities * np.log(np.clip(probabilities, 1e-30, None))).sum(axis=1)
     summary["entropy"] = {"unit": "nats", "mean": _r(entropy.mean()), "deciles": _r(_deciles(entropy))}
     summary["score"] = {"mean": _r(np.mean(scores)), "deciles": _r(_deciles(scores))}
     return summary

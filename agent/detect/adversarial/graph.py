@@ -44,6 +44,7 @@ from agent.detect.adversarial.squeeze import (
     median_window,
     parse_squeezers,
 )
+from agent.detect.features import softmax
 
 ModelSource = str | Path | bytes | onnx.ModelProto
 
@@ -404,13 +405,6 @@ def build_fused_model(model: ModelSource, squeezers: str | Iterable[str | Squeez
 # --- the unfused reference ------------------------------------------------------------------------
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Softmax over the last axis, in float32, shifted by the max for stability (as ORT does)."""
-    logits = np.asarray(logits, dtype=np.float32)
-    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    return shifted / shifted.sum(axis=-1, keepdims=True)
-
-
 def reference_score(session, batch: np.ndarray, squeezers: str | Iterable[str | Squeezer], output_kind: str,
                     input_name: str, output_name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The same detection without fusing: numpy squeezers and one plain model call per copy.
@@ -423,7 +417,7 @@ def reference_score(session, batch: np.ndarray, squeezers: str | Iterable[str | 
 
     def run(inputs: np.ndarray) -> np.ndarray:
         out = session.run([output_name], {input_name: inputs})[0].reshape(len(inputs), -1)
-        return softmax(out) if output_kind == "logits" else out
+        return softmax(np.asarray(out, dtype=np.float32)) if output_kind == "logits" else out
 
     probabilities = run(x)
     distances = np.stack([np.abs(run(squeezer(x)) - probabilities).sum(axis=1) for squeezer in squeezers], axis=1)
