@@ -26,7 +26,7 @@ Threshold. The reference is shuffled (fixed seed) and split: the forest is fitte
 ``1 - holdout`` and scored on the held-out rest, and the threshold is the smallest value with at
 most ``floor(target_fpr * m)`` of the ``m`` held-out scores strictly above it (numpy's
 ``quantile(..., 1 - target_fpr, method="inverted_cdf")``, the rule of
-:mod:`agent.detect.calibration`). A row is flagged when its score is strictly above the threshold.
+:mod:`agent.detect.calibration.threshold`). A row is flagged when its score is strictly above the threshold.
 Held-out data, not the fitting data, because the forest isolates its own training points less
 easily than new ones, which would set the threshold too low.
 

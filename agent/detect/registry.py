@@ -15,13 +15,10 @@ from pathlib import Path
 import numpy as np
 
 from agent.detect.adversarial.graph import FeatureSqueezingDetector
-from agent.detect.calibration import CalibrationArtifact, load_artifact
+from agent.detect.calibration.artifact import ARTIFACT_FILE, CalibrationArtifact, load_artifact
 from agent.repository import LAYOUT, latest_version, model_files
 
 log = logging.getLogger(__name__)
-
-ARTIFACT_NAME = "sidewatch-calibration.json"
-
 
 @dataclass
 class CalibratedDetector:
@@ -60,10 +57,10 @@ class DetectorRegistry:
             raise FileNotFoundError(f"sidewatch: detection.model_repository {self.repository} is not a directory")
         self._detectors: dict[tuple[str, str], CalibratedDetector] = {}
         for model, version, model_file in model_files(self.repository):
-            artifact_file = model_file.with_name(ARTIFACT_NAME)
+            artifact_file = model_file.with_name(ARTIFACT_FILE)
             if not artifact_file.exists():
                 log.warning("sidewatch: %s has no %s; model %s version %s is not watched for adversarial inputs "
-                            "(run sidewatch calibrate)", model_file, ARTIFACT_NAME, model, version)
+                            "(run sidewatch calibrate)", model_file, ARTIFACT_FILE, model, version)
                 continue
             artifact = load_artifact(artifact_file, model_file)
             detector = artifact.make_detector(model_file, device=device)
@@ -74,7 +71,7 @@ class DetectorRegistry:
                      model, version, artifact.threshold, ",".join(artifact.squeezers))
         if not self._detectors:
             raise FileNotFoundError(f"sidewatch: no calibrated model ({LAYOUT} with "
-                                    f"{ARTIFACT_NAME}) under {self.repository}")
+                                    f"{ARTIFACT_FILE}) under {self.repository}")
         versions: dict[str, list[str]] = {}
         for model, version in self._detectors:
             versions.setdefault(model, []).append(version)

@@ -453,7 +453,7 @@ class FeatureSqueezingDetector:
     output_kind   "auto", "probabilities" or "logits" (see detect_output_kind)
     input_name / output_name   required only when the model has more than one
     device        "auto", "cpu" or "cuda" (agent.execution.providers_for)
-    threshold     a calibrated threshold (agent.detect.calibration); then results carry `flagged`
+    threshold     a calibrated threshold (agent.detect.calibration.threshold); then results carry `flagged`
     max_batch     larger batches are scored in chunks of this size, to bound memory
 
     ``score(batch)`` returns a SqueezeResult; ``update(batch)`` does the same, keeps it in
