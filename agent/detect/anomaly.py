@@ -38,7 +38,7 @@ counted in ``n_nonfinite``.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 
@@ -107,13 +107,14 @@ class AnomalyScorer:
         self._forest: dict[str, np.ndarray] | None = None
         self.reset()
 
-    def reset(self) -> None:
+    def reset(self) -> Self:
         """Zero the counters; keep the forest and the threshold."""
         self.n = 0
         self.n_flagged = 0
         self.n_nonfinite = 0
         self.scores = np.empty(0)
         self.flags = np.empty(0, dtype=bool)
+        return self
 
     # --- fitting -------------------------------------------------------------------------------
 

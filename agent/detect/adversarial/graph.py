@@ -539,6 +539,11 @@ class FeatureSqueezingDetector:
         self.result = self.score(batch)
         return self
 
+    def reset(self) -> FeatureSqueezingDetector:
+        """Forget the last result; keep the fused graph and its session. Returns the detector."""
+        self.result = None
+        return self
+
     def __repr__(self) -> str:
         return (f"FeatureSqueezingDetector(squeezers={format_squeezers(self.squeezers)!r}, "
                 f"output_kind={self.output_kind!r}, device={self.device!r}, threshold={self.threshold!r})")

@@ -98,10 +98,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 
+from agent.detect.drift.base import DriftDetector
 from agent.detect.drift.ert import ERTCalibration, calibrate_ert
 from agent.detect.drift.result import DriftResult
 
@@ -336,7 +337,7 @@ def _simulate_cvm(reference: np.ndarray, K: int, W: int, n_streams: int, length:
 # --- the detectors -------------------------------------------------------------------------------
 
 
-class WindowedCVM:
+class WindowedCVM(DriftDetector):
     """Sliding-window Cramér-von Mises drift test per feature, thresholds calibrated to an ERT.
 
     Parameters
@@ -361,10 +362,24 @@ class WindowedCVM:
 
     Attributes after ``fit``: ``thresholds_`` [d], ``reference_`` [d, K] (sorted), ``n_reference``,
     ``calibration_`` (an :class:`~agent.detect.drift.ert.ERTCalibration`, or None when loaded from
-    a calibration dict). While streaming: ``n`` rows taken, ``skipped`` rows refused (NaN/Inf),
-    ``first_alarm`` (the row number of the first alarm since the last reset, or None),
-    ``n_alarm_steps`` (rows after which some feature was in alarm). No alarm before the window is
-    full; the statistic and p-value of a partial window are reported all the same.
+    a calibration dict). While streaming (:class:`~agent.detect.drift.base.DriftDetector`'s alarm
+    state): ``n`` rows taken, ``n_skipped`` rows refused (NaN/Inf; saved as ``skipped``),
+    ``n_detections`` rows after which some feature was in alarm (saved as ``n_alarm_steps``, also
+    readable under that name), ``alarm_positions`` those rows' positions in the last update's input,
+    ``first_alarm`` (the row number of the first alarm since the last reset, or None), and
+    ``drift_detected``: whether some feature is in alarm after the last row taken. The detector keeps
+    running after an alarm. No alarm before the window is full; the statistic and p-value of a
+    partial window are reported all the same.
+
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> cvm = WindowedCVM(window=50, ert=300, n_bootstrap=200).fit(rng.normal(size=(2000, 2)))
+    >>> cvm.update(rng.normal(size=(100, 2))).drift_detected
+    False
+    >>> cvm.update(rng.normal(size=(100, 2)) + [0.0, 1.0]).result.drift.tolist()
+    [False, True]
+    >>> cvm.n, cvm.first_alarm is not None, cvm.reset().n
+    (200, True, 0)
     """
 
     kind = "windowed_cvm"
@@ -380,6 +395,7 @@ class WindowedCVM:
         self._check_parameters()
         self.thresholds_: np.ndarray | None = None
         self.calibration_: ERTCalibration | None = None
+        super().__init__()
 
     def _check_parameters(self) -> None:
         if self.window < 2:
@@ -444,7 +460,7 @@ class WindowedCVM:
 
     # --- streaming ------------------------------------------------------------------------------
 
-    def reset(self) -> WindowedCVM:
+    def reset(self) -> Self:
         """Forget the stream (window, counters, alarms); keep the calibration."""
         self._check_fitted()
         d = self.n_features
@@ -452,11 +468,8 @@ class WindowedCVM:
         self._count = 0
         self._P = np.zeros(d, dtype=np.int64)
         self._S = np.zeros(d, dtype=np.int64)
-        self.n = 0
-        self.skipped = 0
         self.first_alarm: int | None = None
-        self.n_alarm_steps = 0
-        return self
+        return super().reset()
 
     def _codes(self, rows: np.ndarray) -> np.ndarray:
         """Ranks of the rows' values in the reference (#reference values below), ties drawn uniformly."""
@@ -472,17 +485,18 @@ class WindowedCVM:
             below = np.where(tied, drawn, below)
         return below
 
-    def update(self, x: Any) -> WindowedCVM:
+    def update(self, x: Any) -> Self:
         """Feed rows ``[n, d]`` (or one row ``[d]``); rows with NaN/Inf are skipped and counted."""
         self._check_fitted()
         rows = _check_rows(x, self.n_features)
         finite = np.isfinite(rows).all(axis=1)
         if not finite.all():
-            self.skipped += int((~finite).sum())
+            self.n_skipped += int((~finite).sum())
             rows = rows[finite]
+        self.alarm_positions = []
         n = rows.shape[0]
         if n == 0:
-            return self
+            return self  # the window, and whether it is in alarm, stay as they were
         codes = self._codes(rows)
         if n == 1:
             alarm = self._advance_one(codes[0])
@@ -491,10 +505,13 @@ class WindowedCVM:
                                                             codes.T, self._K)
             self._count = int(m[-1])
             alarm = ((T > self.thresholds_[:, None]) & (m == self.window)).any(axis=0)
+        self._drift = bool(alarm[-1])
         if alarm.any():
-            self.n_alarm_steps += int(alarm.sum())
+            steps = np.flatnonzero(alarm)
+            self.n_detections += int(steps.size)
+            self.alarm_positions = np.flatnonzero(finite)[steps].tolist()
             if self.first_alarm is None:
-                self.first_alarm = self.n + 1 + int(np.argmax(alarm))
+                self.first_alarm = self.n + 1 + int(steps[0])
         self.n += n
         return self
 
@@ -537,9 +554,12 @@ class WindowedCVM:
                            p_value=_cvm_p_value(stat, self._count, self._K, self.n_reference), drift=drift)
 
     @property
-    def drift_detected(self) -> bool:
-        """Whether some feature is in alarm after the last row."""
-        self._check_fitted()
+    def n_alarm_steps(self) -> int:
+        """Rows after which some feature was in alarm: :attr:`n_detections`, under its saved name."""
+        return self.n_detections
+
+    def _in_alarm(self) -> bool:
+        """Whether some feature is in alarm with the window as it is (what ``drift_detected`` reports)."""
         return self._count == self.window and bool((self.statistic > self.thresholds_).any())
 
     # --- persistence ----------------------------------------------------------------------------
@@ -551,8 +571,9 @@ class WindowedCVM:
             "kind": STATE_KIND, "detector": self.kind, "format_version": FORMAT_VERSION,
             "calibration_sha256": self._calibration_sha256,
             "window_codes": self._window[:, self.window - self._count:].T.tolist(),  # [m][d], oldest first
-            "n": self.n, "skipped": self.skipped,
-            "first_alarm": self.first_alarm, "n_alarm_steps": self.n_alarm_steps,
+            "n": self.n, "skipped": self.n_skipped,
+            "first_alarm": self.first_alarm, "n_alarm_steps": self.n_detections,
+            "alarm_positions": list(self.alarm_positions),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> WindowedCVM:
@@ -572,9 +593,11 @@ class WindowedCVM:
         self._count = count
         self._P, self._S = _window_sums(codes.T)
         self.n = int(state["n"])
-        self.skipped = int(state["skipped"])
+        self.n_skipped = int(state["skipped"])
         self.first_alarm = None if state["first_alarm"] is None else int(state["first_alarm"])
-        self.n_alarm_steps = int(state["n_alarm_steps"])
+        self.n_detections = int(state["n_alarm_steps"])
+        self.alarm_positions = [int(p) for p in state.get("alarm_positions", [])]
+        self._drift = self._in_alarm()
         return self
 
     def calibration_dict(self) -> dict[str, Any]:
