@@ -44,7 +44,6 @@ from agent.detect.adversarial.squeeze import (
     median_window,
     parse_squeezers,
 )
-from agent.detect.features import softmax
 
 ModelSource = str | Path | bytes | onnx.ModelProto
 
@@ -400,28 +399,6 @@ def build_fused_model(model: ModelSource, squeezers: str | Iterable[str | Squeez
     graph.doc_string = (f"Feature squeezing ({format_squeezers(squeezers)}) around the model's graph; "
                         f"output_kind={info.output_kind}")
     return fused, info
-
-
-# --- the unfused reference ------------------------------------------------------------------------
-
-
-def reference_score(session, batch: np.ndarray, squeezers: str | Iterable[str | Squeezer], output_kind: str,
-                    input_name: str, output_name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The same detection without fusing: numpy squeezers and one plain model call per copy.
-
-    ``session`` is an onnxruntime session of the served model. Returns (probabilities, scores,
-    distances). This is the definition that the fused graph is tested against.
-    """
-    squeezers = parse_squeezers(squeezers)
-    x = np.asarray(batch, dtype=np.float32)
-
-    def run(inputs: np.ndarray) -> np.ndarray:
-        out = session.run([output_name], {input_name: inputs})[0].reshape(len(inputs), -1)
-        return softmax(np.asarray(out, dtype=np.float32)) if output_kind == "logits" else out
-
-    probabilities = run(x)
-    distances = np.stack([np.abs(run(squeezer(x)) - probabilities).sum(axis=1) for squeezer in squeezers], axis=1)
-    return probabilities, distances.max(axis=1), distances
 
 
 # --- the detector --------------------------------------------------------------------------------

@@ -84,7 +84,7 @@ N_NULL_STATISTICS = 2000
 SIM_CHUNK = 256
 
 
-# --- kernel and the plain estimator ---------------------------------------------------------------
+# --- the kernel ---------------------------------------------------------------------------------------
 
 
 def row_norms(a: np.ndarray) -> np.ndarray:
@@ -122,22 +122,6 @@ def median_bandwidth(x: np.ndarray) -> float:
     sigma = float(np.sqrt(np.median(upper))) if upper.size else 0.0
     # All points equal (or a single one): any bandwidth gives the same kernel; 1.0 avoids a 0 divide.
     return sigma if sigma > 0.0 else 1.0
-
-
-def mmd2_unbiased(x: np.ndarray, y: np.ndarray, sigma: float) -> float:
-    """Unbiased MMD^2 between samples ``x`` [m, d] and ``y`` [n, d] (m, n >= 2), from scratch: O((m+n)^2)."""
-    x = np.atleast_2d(np.asarray(x, dtype=np.float64))
-    y = np.atleast_2d(np.asarray(y, dtype=np.float64))
-    m, n = len(x), len(y)
-    if m < 2 or n < 2:
-        raise ValueError("sidewatch: mmd2_unbiased needs at least 2 points in each sample")
-    kxx = gaussian_kernel(x, x, sigma)
-    kyy = gaussian_kernel(y, y, sigma)
-    kxy = gaussian_kernel(x, y, sigma)
-    # Off-diagonal sums: the diagonal k(x, x) = 1 terms are what bias the plug-in (V-statistic) form.
-    xx = (kxx.sum() - np.trace(kxx)) / (m * (m - 1))
-    yy = (kyy.sum() - np.trace(kyy)) / (n * (n - 1))
-    return float(xx + yy - 2.0 * kxy.mean())
 
 
 def _reference_term(ref: np.ndarray, sigma: float) -> float:
