@@ -17,12 +17,8 @@ execution providers implement.
 Softmax: if the model ends in a Softmax it already gives probabilities; if it gives logits, the
 fused graph adds the Softmax (``output_kind``, see :func:`detect_output_kind`).
 
->>> from agent.demo.data import load_images
->>> detector = FeatureSqueezingDetector("agent/demo/models/mnist_cnn/1/model.onnx", "bit_depth:1,median:2")
->>> x, _ = load_images()
->>> result = detector.score(x[:8])
->>> result.scores.shape, result.distances.shape, result.probabilities.shape
-((8,), (8, 2), (8, 10))
+The same detection without fusing (numpy squeezers and one plain model call per copy), which the
+fused graph is tested against, is ``reference_score`` in ``tests/support/reference_math.py``.
 """
 
 from __future__ import annotations
@@ -44,6 +40,7 @@ from agent.detect.adversarial.squeeze import (
     median_window,
     parse_squeezers,
 )
+from agent.execution import open_session
 
 ModelSource = str | Path | bytes | onnx.ModelProto
 
@@ -435,6 +432,16 @@ class FeatureSqueezingDetector:
 
     ``score(batch)`` returns a SqueezeResult; ``update(batch)`` does the same, keeps it in
     ``result`` and returns the detector.
+
+    >>> import numpy as np
+    >>> detector = FeatureSqueezingDetector("agent/demo/models/mnist_cnn/1/model.onnx", "bit_depth:1,median:2",
+    ...                                     device="cpu", threshold=0.5)
+    >>> x = np.random.default_rng(0).random((8, 1, 28, 28), dtype=np.float32)   # 8 images in [0, 1]
+    >>> result = detector.update(x).result
+    >>> result.scores.shape, result.distances.shape, result.probabilities.shape, result.flagged.shape
+    ((8,), (8, 2), (8, 10), (8,))
+    >>> detector.reset().result is None
+    True
     """
 
     def __init__(self, model: ModelSource, squeezers: str | Iterable[str | Squeezer] = "bit_depth:1,median:2", *,
@@ -483,8 +490,6 @@ class FeatureSqueezingDetector:
         Touch it once before scoring from several threads: ``run`` is thread-safe, opening is not.
         """
         if self._session is None:
-            from agent.execution import open_session
-
             self._session = open_session(self.fused_model.SerializeToString(), self.device, self.intra_op_threads)
         return self._session
 

@@ -433,6 +433,18 @@ class ScalarWindowDrift(_WindowChiSquare):
     statistic on fresh no-drift traffic (shortening the run length somewhat).
 
     Parameters are those of :class:`ClassMixDrift`, plus ``n_bins``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> det = ScalarWindowDrift(window=100, ert=300).fit(rng.beta(8, 2, size=5000))   # top-1 confidence
+    >>> det.update(rng.beta(8, 2, size=150)).drift_detected
+    False
+    >>> det.update(rng.beta(4, 2, size=200)).drift_detected     # the model grows less sure
+    True
+    >>> det.reset().n, det.n_detections
+    (0, 0)
     """
 
     kind = "scalar_window"
