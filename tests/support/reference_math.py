@@ -1,5 +1,6 @@
-"""Reference computations the tests (and benchmarks) check sidewatch against: written plainly, from
-scratch, and kept out of the runtime package because nothing in it uses them.
+"""Reference computations the tests check sidewatch against: written plainly, from scratch, and kept
+out of the runtime package because nothing in it uses them. (Benchmarks put the repository root on
+sys.path and may import them as ``tests.support.reference_math``.)
 
 ``reference_score``  feature squeezing without fusing: numpy squeezers and one plain model call per copy
 ``mmd2_unbiased``    the unbiased MMD^2 of two samples, from scratch (the online MMD's running sums, checked)
@@ -18,7 +19,8 @@ the window misses would make PSI infinite); ``JS`` is the Jensen-Shannon diverge
 the sample size: without drift PSI is about ``(bins - 1)(1/W + 1/N)`` on average (a chi-square
 with ``bins - 1`` degrees of freedom over ``W``), 0.09 for 10 bins and W = 100, so a window of
 100 crosses 0.2 by chance alone about 2% of the time; hence the default window of 500. There is
-no ERT here: the binned distances are for dashboards, alarms come from the CVM detector.
+no ERT here: the sidecar's alarms come from the CVM detector, its dashboards' PSI from the fleet
+bins and the time window.
 """
 
 from __future__ import annotations
