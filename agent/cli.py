@@ -110,12 +110,35 @@ def _add_calibrate(commands) -> None:
                            help="drift detectors: requests in each sliding window (default 100)")
     calibrate.add_argument("--no-drift", action="store_true", help="calibrate the squeezing detector only")
 
-    def run(args) -> int:
-        from agent.detect.calibration import run_calibrate
+    calibrate.set_defaults(run=_run_calibrate)
 
-        return run_calibrate(args)
 
-    calibrate.set_defaults(run=run)
+def _run_calibrate(args) -> int:
+    from agent.detect.adversarial.graph import FusedModelError, inspect_model, load_model
+    from agent.detect.adversarial.squeeze import SqueezerSpecError, format_squeezers, parse_squeezers
+    from agent.detect.calibration import CalibrationError
+    from agent.detect.calibration.artifact import default_artifact_path, save_artifact
+    from agent.detect.calibration.calibrate import calibrate
+    from agent.detect.calibration.reference import load_reference
+
+    try:
+        model = load_model(args.model)
+        info = inspect_model(model, args.input_name, args.output_name, args.output_kind)
+        x = load_reference(args.reference, info.input_shape)
+        artifact = calibrate(args.model, x, args.squeezers, args.target_fpr, output_kind=args.output_kind,
+                             input_name=args.input_name, output_name=args.output_name, device=args.device,
+                             reference_source=Path(args.reference).name,
+                             drift=None if args.no_drift else {"ert": args.ert, "window": args.drift_window})
+        out = save_artifact(artifact, args.out or default_artifact_path(args.model))
+    except (CalibrationError, FusedModelError, SqueezerSpecError, OSError) as err:
+        print(err if str(err).startswith("sidewatch:") else f"sidewatch: {err}", file=sys.stderr)
+        return 2
+    scores = artifact.benign_scores
+    print(f"sidewatch: calibrated {args.model} on {scores['count']} reference inputs with "
+          f"{format_squeezers(parse_squeezers(artifact.squeezers))}: threshold {artifact.threshold:.6g} "
+          f"({scores['above_threshold']} of {scores['count']} benign scores above it; target FPR {artifact.target_fpr:g})")
+    print(f"sidewatch: wrote {out}")
+    return 0
 
 
 def _admin_options(parser) -> None:

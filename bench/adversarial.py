@@ -326,7 +326,7 @@ def end_to_end(groups: dict[str, np.ndarray], version: str, workdir: Path) -> tu
 
 
 def in_process_scores(version: str, groups: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    from agent.detect.calibration import load_artifact
+    from agent.detect.calibration.artifact import load_artifact
 
     model_file = mnist_torch.model_path(version)
     artifact = load_artifact(model_file.with_name("sidewatch-calibration.json"), model_file)

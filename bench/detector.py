@@ -38,7 +38,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from agent.demo.data import load_images  # noqa: E402
-from agent.detect.calibration import load_artifact  # noqa: E402
+from agent.detect.calibration.artifact import load_artifact  # noqa: E402
 from agent.modelserver.repository import BUNDLED_REPOSITORY  # noqa: E402
 
 MODEL = "mnist_cnn"

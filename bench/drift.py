@@ -188,7 +188,7 @@ def model_probabilities(images: np.ndarray) -> np.ndarray:
 
 def image_arrays(images: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
     """Per image: block-mean features, predicted class, top-1 confidence, true label."""
-    from agent.detect.drift.features import input_features, output_features
+    from agent.detect.features import input_features, output_features
 
     classes, confidence, _ = output_features(model_probabilities(images))
     return {"features": input_features(images), "class": classes.astype(np.int64),

@@ -68,7 +68,7 @@ def successful_examples(name: str, module, x: np.ndarray, y: np.ndarray) -> tupl
 def main() -> int:
     import torch
 
-    from agent.detect.calibration import load_artifact
+    from agent.detect.calibration.artifact import load_artifact
 
     torch.set_num_threads(adversarial.THREADS)
     torch.use_deterministic_algorithms(True)

@@ -12,17 +12,11 @@ import pytest
 from agent.cli import main as cli_main
 from agent.demo.data import REFERENCE, load_images
 from agent.demo.train_mnist import MODEL_DIR
-from agent.detect.calibration import (
-    ARTIFACT_FILE,
-    FORMAT_VERSION,
-    CalibrationError,
-    calibrate,
-    load_artifact,
-    load_reference,
-    model_sha256,
-    save_artifact,
-    threshold_at_fpr,
-)
+from agent.detect.calibration import CalibrationError
+from agent.detect.calibration.artifact import ARTIFACT_FILE, FORMAT_VERSION, load_artifact, model_sha256, save_artifact
+from agent.detect.calibration.calibrate import calibrate
+from agent.detect.calibration.reference import load_reference
+from agent.detect.calibration.threshold import threshold_at_fpr
 
 MNIST_V1 = MODEL_DIR / "1" / "model.onnx"
 MNIST_V2 = MODEL_DIR / "2" / "model.onnx"

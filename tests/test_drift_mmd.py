@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from agent.detect.drift import mmd
-from agent.detect.drift.mmd import OnlineMMD, mmd2_unbiased
+from agent.detect.drift.mmd import OnlineMMD
+from tests.support.reference_math import mmd2_unbiased
 
 CORRELATED = [[1.0, 0.9], [0.9, 1.0]]  # both marginals N(0, 1), like the reference
 

@@ -9,11 +9,11 @@ import pytest
 
 from agent.detect.drift.ert import run_length_estimate, threshold_for_ert
 from agent.detect.drift.univariate import (
-    BinnedDistance,
     WindowedCVM,
     _cvm_limit_cdf,
     _window_sums,
 )
+from tests.support.reference_math import BinnedDistance
 
 # --- ert.py ---------------------------------------------------------------------------------------
 

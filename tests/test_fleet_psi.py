@@ -7,9 +7,10 @@ import time
 import numpy as np
 from prometheus_client import CollectorRegistry, start_http_server
 
-from agent.detect.drift.fleet import FleetBins, psi, reference_bins
+from agent.detect.drift.fleet import FleetBins, reference_bins
 from agent.metrics import DriftMetrics
 from tests.harness import REPO, free_port, prometheus_query, start_prometheus
+from tests.support.reference_math import psi
 
 RULES = REPO / "deploy" / "prometheus" / "recording-rules.yml"
 

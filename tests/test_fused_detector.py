@@ -14,11 +14,11 @@ from agent.detect.adversarial.graph import (
     _Builder,
     build_fused_model,
     detect_output_kind,
-    reference_score,
     squeeze_graph,
 )
 from agent.detect.adversarial.squeeze import BitDepth, Median, NonLocalMeans, parse_squeezers
 from agent.execution import open_session
+from tests.support.reference_math import reference_score
 
 MNIST_V1 = MODEL_DIR / "1" / "model.onnx"
 ATOL = 2e-5

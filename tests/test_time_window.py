@@ -8,12 +8,13 @@ from prometheus_client import CollectorRegistry
 from agent.config import load_config
 from agent.dataplane.tap import TappedInference
 from agent.demo.data import REFERENCE, load_images
-from agent.detect.drift.fleet import psi, reference_bins
+from agent.detect.drift.fleet import reference_bins
 from agent.detect.drift.watch import DriftWatch
 from agent.detect.drift.window import TimeWindowPSI
 from agent.detect.registry import DetectorRegistry
 from agent.metrics import BoundedModels, DriftMetrics
 from agent.modelserver.repository import BUNDLED_REPOSITORY
+from tests.support.reference_math import psi
 
 
 class Clock:

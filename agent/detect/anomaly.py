@@ -26,7 +26,7 @@ Threshold. The reference is shuffled (fixed seed) and split: the forest is fitte
 ``1 - holdout`` and scored on the held-out rest, and the threshold is the smallest value with at
 most ``floor(target_fpr * m)`` of the ``m`` held-out scores strictly above it (numpy's
 ``quantile(..., 1 - target_fpr, method="inverted_cdf")``, the rule of
-:mod:`agent.detect.calibration`). A row is flagged when its score is strictly above the threshold.
+:mod:`agent.detect.calibration.threshold`). A row is flagged when its score is strictly above the threshold.
 Held-out data, not the fitting data, because the forest isolates its own training points less
 easily than new ones, which would set the threshold too low.
 
@@ -38,7 +38,7 @@ counted in ``n_nonfinite``.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 
@@ -107,13 +107,14 @@ class AnomalyScorer:
         self._forest: dict[str, np.ndarray] | None = None
         self.reset()
 
-    def reset(self) -> None:
+    def reset(self) -> Self:
         """Zero the counters; keep the forest and the threshold."""
         self.n = 0
         self.n_flagged = 0
         self.n_nonfinite = 0
         self.scores = np.empty(0)
         self.flags = np.empty(0, dtype=bool)
+        return self
 
     # --- fitting -------------------------------------------------------------------------------
 

@@ -15,12 +15,10 @@ from pathlib import Path
 import numpy as np
 
 from agent.detect.adversarial.graph import FeatureSqueezingDetector
-from agent.detect.calibration import CalibrationArtifact, load_artifact
+from agent.detect.calibration.artifact import ARTIFACT_FILE, CalibrationArtifact, load_artifact
+from agent.repository import LAYOUT, latest_version, model_files
 
 log = logging.getLogger(__name__)
-
-ARTIFACT_NAME = "sidewatch-calibration.json"
-
 
 @dataclass
 class CalibratedDetector:
@@ -50,10 +48,6 @@ class CalibratedDetector:
             want is None or want == got for want, got in zip(shape[1:], rows.shape[1:])))
 
 
-def _version_key(version: str) -> tuple[int, int | str]:
-    return (0, int(version)) if version.isdigit() else (1, version)
-
-
 class DetectorRegistry:
     """(model, version) -> CalibratedDetector; an empty version means the latest, as model servers do."""
 
@@ -62,27 +56,26 @@ class DetectorRegistry:
         if not self.repository.is_dir():
             raise FileNotFoundError(f"sidewatch: detection.model_repository {self.repository} is not a directory")
         self._detectors: dict[tuple[str, str], CalibratedDetector] = {}
-        self._latest: dict[str, str] = {}
-        for model_file in sorted(self.repository.glob("*/*/model.onnx")):
-            version_dir = model_file.parent
-            model, version = version_dir.parent.name, version_dir.name
-            artifact_file = version_dir / ARTIFACT_NAME
+        for model, version, model_file in model_files(self.repository):
+            artifact_file = model_file.with_name(ARTIFACT_FILE)
             if not artifact_file.exists():
                 log.warning("sidewatch: %s has no %s; model %s version %s is not watched for adversarial inputs "
-                            "(run sidewatch calibrate)", model_file, ARTIFACT_NAME, model, version)
+                            "(run sidewatch calibrate)", model_file, ARTIFACT_FILE, model, version)
                 continue
             artifact = load_artifact(artifact_file, model_file)
             detector = artifact.make_detector(model_file, device=device)
             # Build the fused graph and open its session now: failures belong to start-up, not to traffic.
             detector.session  # noqa: B018
             self._detectors[(model, version)] = CalibratedDetector(model, version, detector, artifact)
-            if model not in self._latest or _version_key(version) > _version_key(self._latest[model]):
-                self._latest[model] = version
             log.info("sidewatch: adversarial detector for %s version %s (threshold %.4f, squeezers %s)",
                      model, version, artifact.threshold, ",".join(artifact.squeezers))
         if not self._detectors:
-            raise FileNotFoundError(f"sidewatch: no calibrated model (DIR/<model>/<version>/model.onnx with "
-                                    f"{ARTIFACT_NAME}) under {self.repository}")
+            raise FileNotFoundError(f"sidewatch: no calibrated model ({LAYOUT} with "
+                                    f"{ARTIFACT_FILE}) under {self.repository}")
+        versions: dict[str, list[str]] = {}
+        for model, version in self._detectors:
+            versions.setdefault(model, []).append(version)
+        self._latest = {model: latest_version(names) for model, names in versions.items()}
 
     def get(self, model: str, version: str) -> CalibratedDetector | None:
         if not version:

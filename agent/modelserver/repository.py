@@ -10,6 +10,7 @@ import numpy as np
 import onnxruntime as ort
 
 from agent.execution import open_session
+from agent.repository import LAYOUT, latest_version, model_files, version_key
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +62,6 @@ class LoadedModel:
         return self.session.run(output_names, feeds)
 
 
-def _version_key(version: str) -> tuple[int, int | str]:
-    return (0, int(version)) if version.isdigit() else (1, version)
-
-
 class ModelRepository:
     """Every version of every model in the repository, loaded at start."""
 
@@ -73,9 +70,7 @@ class ModelRepository:
         if not self.root.is_dir():
             raise FileNotFoundError(f"sidewatch: model repository {self.root} is not a directory")
         self._models: dict[str, dict[str, LoadedModel]] = {}
-        for model_file in sorted(self.root.glob("*/*/model.onnx")):
-            version_dir = model_file.parent
-            name, version = version_dir.parent.name, version_dir.name
+        for name, version, model_file in model_files(self.root):
             session = open_session(model_file, device)
             model = LoadedModel(
                 name=name,
@@ -88,13 +83,13 @@ class ModelRepository:
             self._models.setdefault(name, {})[version] = model
             log.info("sidewatch: loaded model %s version %s from %s", name, version, model_file)
         if not self._models:
-            raise FileNotFoundError(f"sidewatch: no DIR/<model>/<version>/model.onnx found under {self.root}")
+            raise FileNotFoundError(f"sidewatch: no {LAYOUT} found under {self.root}")
 
     def names(self) -> list[str]:
         return sorted(self._models)
 
     def versions(self, name: str) -> list[str]:
-        return sorted(self._models.get(name, {}), key=_version_key)
+        return sorted(self._models.get(name, {}), key=version_key)
 
     def get(self, name: str, version: str = "") -> LoadedModel:
         """The model's given version, or its latest version when ``version`` is empty."""
@@ -102,7 +97,7 @@ class ModelRepository:
         if not versions:
             raise ModelNotFound(f"model '{name}' is not in the repository")
         if not version:
-            return versions[max(versions, key=_version_key)]
+            return versions[latest_version(versions)]
         model = versions.get(version)
         if model is None:
             raise ModelNotFound(f"model '{name}' has no version '{version}' (versions: {', '.join(self.versions(name))})")

@@ -17,12 +17,8 @@ execution providers implement.
 Softmax: if the model ends in a Softmax it already gives probabilities; if it gives logits, the
 fused graph adds the Softmax (``output_kind``, see :func:`detect_output_kind`).
 
->>> from agent.demo.data import load_images
->>> detector = FeatureSqueezingDetector("agent/demo/models/mnist_cnn/1/model.onnx", "bit_depth:1,median:2")
->>> x, _ = load_images()
->>> result = detector.score(x[:8])
->>> result.scores.shape, result.distances.shape, result.probabilities.shape
-((8,), (8, 2), (8, 10))
+The same detection without fusing (numpy squeezers and one plain model call per copy), which the
+fused graph is tested against, is ``reference_score`` in ``tests/support/reference_math.py``.
 """
 
 from __future__ import annotations
@@ -44,6 +40,7 @@ from agent.detect.adversarial.squeeze import (
     median_window,
     parse_squeezers,
 )
+from agent.execution import open_session
 
 ModelSource = str | Path | bytes | onnx.ModelProto
 
@@ -401,35 +398,6 @@ def build_fused_model(model: ModelSource, squeezers: str | Iterable[str | Squeez
     return fused, info
 
 
-# --- the unfused reference ------------------------------------------------------------------------
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Softmax over the last axis, in float32, shifted by the max for stability (as ORT does)."""
-    logits = np.asarray(logits, dtype=np.float32)
-    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    return shifted / shifted.sum(axis=-1, keepdims=True)
-
-
-def reference_score(session, batch: np.ndarray, squeezers: str | Iterable[str | Squeezer], output_kind: str,
-                    input_name: str, output_name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The same detection without fusing: numpy squeezers and one plain model call per copy.
-
-    ``session`` is an onnxruntime session of the served model. Returns (probabilities, scores,
-    distances). This is the definition that the fused graph is tested against.
-    """
-    squeezers = parse_squeezers(squeezers)
-    x = np.asarray(batch, dtype=np.float32)
-
-    def run(inputs: np.ndarray) -> np.ndarray:
-        out = session.run([output_name], {input_name: inputs})[0].reshape(len(inputs), -1)
-        return softmax(out) if output_kind == "logits" else out
-
-    probabilities = run(x)
-    distances = np.stack([np.abs(run(squeezer(x)) - probabilities).sum(axis=1) for squeezer in squeezers], axis=1)
-    return probabilities, distances.max(axis=1), distances
-
-
 # --- the detector --------------------------------------------------------------------------------
 
 
@@ -459,11 +427,21 @@ class FeatureSqueezingDetector:
     output_kind   "auto", "probabilities" or "logits" (see detect_output_kind)
     input_name / output_name   required only when the model has more than one
     device        "auto", "cpu" or "cuda" (agent.execution.providers_for)
-    threshold     a calibrated threshold (agent.detect.calibration); then results carry `flagged`
+    threshold     a calibrated threshold (agent.detect.calibration.threshold); then results carry `flagged`
     max_batch     larger batches are scored in chunks of this size, to bound memory
 
     ``score(batch)`` returns a SqueezeResult; ``update(batch)`` does the same, keeps it in
     ``result`` and returns the detector.
+
+    >>> import numpy as np
+    >>> detector = FeatureSqueezingDetector("agent/demo/models/mnist_cnn/1/model.onnx", "bit_depth:1,median:2",
+    ...                                     device="cpu", threshold=0.5)
+    >>> x = np.random.default_rng(0).random((8, 1, 28, 28), dtype=np.float32)   # 8 images in [0, 1]
+    >>> result = detector.update(x).result
+    >>> result.scores.shape, result.distances.shape, result.probabilities.shape, result.flagged.shape
+    ((8,), (8, 2), (8, 10), (8,))
+    >>> detector.reset().result is None
+    True
     """
 
     def __init__(self, model: ModelSource, squeezers: str | Iterable[str | Squeezer] = "bit_depth:1,median:2", *,
@@ -512,8 +490,6 @@ class FeatureSqueezingDetector:
         Touch it once before scoring from several threads: ``run`` is thread-safe, opening is not.
         """
         if self._session is None:
-            from agent.execution import open_session
-
             self._session = open_session(self.fused_model.SerializeToString(), self.device, self.intra_op_threads)
         return self._session
 
@@ -543,6 +519,11 @@ class FeatureSqueezingDetector:
     def update(self, batch: np.ndarray) -> FeatureSqueezingDetector:
         """Score a batch, keep the result in ``self.result``, return the detector."""
         self.result = self.score(batch)
+        return self
+
+    def reset(self) -> FeatureSqueezingDetector:
+        """Forget the last result; keep the fused graph and its session. Returns the detector."""
+        self.result = None
         return self
 
     def __repr__(self) -> str:

@@ -1,6 +1,14 @@
 """Drift detectors: one small module per method, all reporting a :class:`~agent.detect.drift.result.DriftResult`.
 
+``base``        DriftDetector: the alarm state every drift detector keeps, and its save/restore (river's shape)
 ``result``      the DriftResult dataclass every drift detector returns
-``ert``         thresholds calibrated by bootstrap to a target expected run time (ERT) without drift
-``univariate``  per-feature windowed Cramér-von Mises (ERT-calibrated) and binned PSI / Jensen-Shannon
+``ert``         thresholds calibrated by simulation to a target expected run time (ERT) without drift
+``univariate``  WindowedCVM: per-feature windowed Cramér-von Mises, ERT-calibrated
+``mmd``         OnlineMMD: a kernel two-sample test (MMD) over a sliding window, ERT-calibrated
+``prediction``  ClassMixDrift and ScalarWindowDrift: windowed chi-square of predicted classes or binned scalars
+``change``      PageHinkleyChange and AdwinChange: river's change detectors on scalar streams
+``window``      TimeWindowPSI: PSI and Jensen-Shannon divergence over the last T seconds
+``fleet``       FleetBins: per-feature counts in reference-decile bins, for the fleet PSI in Prometheus
+``calibrate``   calibrate_drift (every detector fitted on the reference, for the artifact) and rebuilding them
+``watch``       DriftWatch: the tap sink feeding each model version's detectors, exporting and checkpointing them
 """

@@ -14,11 +14,11 @@ import numpy as np
 
 from agent.detect.anomaly import AnomalyScorer
 from agent.detect.drift.change import AdwinChange, PageHinkleyChange
-from agent.detect.drift.features import OUTPUT_FEATURES, input_features, output_features, region_names
 from agent.detect.drift.fleet import reference_bins
 from agent.detect.drift.mmd import OnlineMMD
 from agent.detect.drift.prediction import ClassMixDrift, ScalarWindowDrift
 from agent.detect.drift.univariate import WindowedCVM
+from agent.detect.features import OUTPUT_FEATURES, input_features, output_features, region_names
 
 DETECTOR_CLASSES = {cls.__name__: cls for cls in (WindowedCVM, OnlineMMD, ClassMixDrift, ScalarWindowDrift,
                                                   PageHinkleyChange, AdwinChange)}

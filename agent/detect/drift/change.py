@@ -57,14 +57,13 @@ unpickled, so loading a state cannot run code.
 from __future__ import annotations
 
 import base64
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 import river
 from river import drift, stats
 
-from agent.detect.drift.alarms import alarm_state, load_alarm_state
-from agent.detect.drift.alarms import json_float as _json_float
+from agent.detect.drift.base import DriftDetector, json_float
 from agent.detect.drift.ert import calibrate_ert
 from agent.detect.drift.prediction import _one_dimensional
 from agent.detect.drift.result import DriftResult
@@ -122,7 +121,7 @@ def _ph_statistic(test_increase, test_decrease, mode: str):
     return np.maximum(test_increase, test_decrease)
 
 
-class PageHinkleyChange:
+class PageHinkleyChange(DriftDetector):
     """Page-Hinkley change detection on a scalar stream, threshold calibrated for an ERT.
 
     Parameters
@@ -265,15 +264,10 @@ class PageHinkleyChange:
 
     # --- streaming ---------------------------------------------------------------------------
 
-    def reset(self) -> None:
+    def reset(self) -> Self:
         """Forget the traffic seen; keep the standardisation and the threshold."""
         self._ph = self._new_river() if self.threshold_ is not None else None
-        self.n = 0
-        self.n_skipped = 0
-        self.n_detections = 0
-        self.alarm_positions: list[int] = []
-        self._drift = False
-        self._last_statistic = float("nan")
+        return super().reset()
 
     def _river_statistic(self) -> float:
         ph = self._ph
@@ -304,11 +298,6 @@ class PageHinkleyChange:
         return self
 
     @property
-    def drift_detected(self) -> bool:
-        """Whether the last update raised an alarm."""
-        return self._drift
-
-    @property
     def result(self) -> DriftResult:
         """Statistic and threshold in reference standard deviations; PH has no p-value (NaN)."""
         self._check_fitted()
@@ -327,13 +316,13 @@ class PageHinkleyChange:
         ph = self._ph
         return {
             "kind": self.kind,
-            **alarm_state(self),
+            **self._alarm_state(),
             "page_hinkley": {
                 "mean_n": float(ph._x_mean.n),
                 "mean": float(ph._x_mean._mean),
                 "sum_increase": float(ph._sum_increase),
                 "sum_decrease": float(ph._sum_decrease),
-                "min_increase": _json_float(ph._min_increase),  # starts at +inf: null
+                "min_increase": json_float(ph._min_increase),  # starts at +inf: null
                 "max_decrease": float(ph._max_decrease),
                 "drift_detected": bool(ph.drift_detected),  # river resets at the next value
             },
@@ -354,7 +343,7 @@ class PageHinkleyChange:
         ph._max_decrease = float(s["max_decrease"])
         ph._drift_detected = bool(s["drift_detected"])
         self._ph = ph
-        load_alarm_state(self, state)
+        self._load_alarm_state(state)
         return self
 
     def calibration_dict(self) -> dict[str, Any]:
@@ -398,7 +387,7 @@ class PageHinkleyChange:
         return det
 
 
-class AdwinChange:
+class AdwinChange(DriftDetector):
     """ADWIN change detection (river's ``drift.ADWIN``) on a scalar stream.
 
     Parameters are river's. ``fit(reference)`` is optional: it measures the run length with no
@@ -481,14 +470,10 @@ class AdwinChange:
 
     # --- streaming ---------------------------------------------------------------------------
 
-    def reset(self) -> None:
+    def reset(self) -> Self:
+        """Forget the traffic seen: a new ADWIN window."""
         self._adwin = self._new_river()
-        self.n = 0
-        self.n_skipped = 0
-        self.n_detections = 0
-        self.alarm_positions: list[int] = []
-        self._drift = False
-        self._last_statistic = float("nan")
+        return super().reset()
 
     def update(self, values: Any) -> AdwinChange:
         """Feed values in order; returns the detector."""
@@ -507,11 +492,6 @@ class AdwinChange:
             self._last_statistic = float(adwin.estimation)
         self._drift = bool(self.alarm_positions)
         return self
-
-    @property
-    def drift_detected(self) -> bool:
-        """Whether the last update raised an alarm."""
-        return self._drift
 
     @property
     def width(self) -> int:
@@ -534,7 +514,7 @@ class AdwinChange:
         return {
             "kind": self.kind,
             "river_version": river.__version__,
-            **alarm_state(self),
+            **self._alarm_state(),
             "adwin_drift_detected": bool(self._adwin.drift_detected),  # river resets at the next value
             "adwin_state": base64.b64encode(self._adwin._helper.__getstate__()).decode("ascii"),
         }
@@ -551,7 +531,7 @@ class AdwinChange:
         adwin._helper.__setstate__(base64.b64decode(state["adwin_state"]))
         adwin._drift_detected = bool(state["adwin_drift_detected"])
         self._adwin = adwin
-        load_alarm_state(self, state)
+        self._load_alarm_state(state)
         return self
 
     def calibration_dict(self) -> dict[str, Any]:

@@ -55,10 +55,3 @@ class FleetBins:
         for counter, count in zip(self._counters[feature], counts.tolist()):
             if count:
                 counter.inc(count)
-
-
-def psi(counts: np.ndarray, reference_ratios: np.ndarray, floor: float = 1e-4) -> float:
-    """PSI of observed bin counts against reference shares; shares are floored as the recording rule does."""
-    p = np.clip(np.asarray(counts, dtype=np.float64) / max(np.sum(counts), 1), floor, None)
-    q = np.clip(np.asarray(reference_ratios, dtype=np.float64), floor, None)
-    return float(np.sum((p - q) * np.log(p / q)))

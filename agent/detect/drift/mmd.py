@@ -65,11 +65,12 @@ True
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 
-from .result import DriftResult
+from agent.detect.drift.base import DriftDetector
+from agent.detect.drift.result import DriftResult
 
 KIND = "online_mmd"
 FORMAT_VERSION = 1
@@ -83,7 +84,7 @@ N_NULL_STATISTICS = 2000
 SIM_CHUNK = 256
 
 
-# --- kernel and the plain estimator ---------------------------------------------------------------
+# --- the kernel ---------------------------------------------------------------------------------------
 
 
 def row_norms(a: np.ndarray) -> np.ndarray:
@@ -121,22 +122,6 @@ def median_bandwidth(x: np.ndarray) -> float:
     sigma = float(np.sqrt(np.median(upper))) if upper.size else 0.0
     # All points equal (or a single one): any bandwidth gives the same kernel; 1.0 avoids a 0 divide.
     return sigma if sigma > 0.0 else 1.0
-
-
-def mmd2_unbiased(x: np.ndarray, y: np.ndarray, sigma: float) -> float:
-    """Unbiased MMD^2 between samples ``x`` [m, d] and ``y`` [n, d] (m, n >= 2), from scratch: O((m+n)^2)."""
-    x = np.atleast_2d(np.asarray(x, dtype=np.float64))
-    y = np.atleast_2d(np.asarray(y, dtype=np.float64))
-    m, n = len(x), len(y)
-    if m < 2 or n < 2:
-        raise ValueError("sidewatch: mmd2_unbiased needs at least 2 points in each sample")
-    kxx = gaussian_kernel(x, x, sigma)
-    kyy = gaussian_kernel(y, y, sigma)
-    kxy = gaussian_kernel(x, y, sigma)
-    # Off-diagonal sums: the diagonal k(x, x) = 1 terms are what bias the plug-in (V-statistic) form.
-    xx = (kxx.sum() - np.trace(kxx)) / (m * (m - 1))
-    yy = (kyy.sum() - np.trace(kyy)) / (n * (n - 1))
-    return float(xx + yy - 2.0 * kxy.mean())
 
 
 def _reference_term(ref: np.ndarray, sigma: float) -> float:
@@ -272,7 +257,7 @@ def _calibrate(traj: np.ndarray, ert: float, window: int) -> dict[str, Any]:
 # --- the detector ---------------------------------------------------------------------------------
 
 
-class OnlineMMD:
+class OnlineMMD(DriftDetector):
     """Sliding-window online MMD drift detector with a threshold calibrated for an expected run time.
 
     Parameters
@@ -307,10 +292,23 @@ class OnlineMMD:
     the rest (up to ``n_pool``) are held out to simulate no-drift streams.
 
     After ``update``: ``result`` (a :class:`DriftResult`: statistic, threshold and p-value after the
-    last row; ``drift`` if any row of the call crossed its threshold), ``drift_detected``, ``n``
-    (rows taken since fit/reset), ``skipped`` (rows with NaN/Inf), ``first_drift_at`` (``n`` at the
-    first alarm since fit/reset, or None). The detector keeps running after an alarm; ``reset()``
-    starts a new stream (warm-up again) with the same calibration.
+    last row; ``drift`` if any row of the call crossed its threshold), and
+    :class:`~agent.detect.drift.base.DriftDetector`'s alarm state: ``drift_detected`` (the same
+    ``drift``), ``n`` (rows taken since fit/reset), ``n_skipped`` (rows with NaN/Inf; saved as
+    ``skipped``), ``n_detections`` (rows that crossed their threshold), ``alarm_positions`` (their
+    positions in the last update's input); and ``first_drift_at`` (``n`` at the first alarm since
+    fit/reset, or None). The detector keeps running after an alarm; ``reset()`` starts a new stream
+    (warm-up again) with the same calibration.
+
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> det = OnlineMMD(ert=100, window_size=20, n_ref=100, n_bootstrap=1000, seed=1).fit(rng.normal(size=(400, 2)))
+    >>> det.update(rng.normal(size=(10, 2))).result.p_value is None     # warm-up: the window is not full yet
+    True
+    >>> det.update(rng.normal(loc=2.0, size=(30, 2))).drift_detected
+    True
+    >>> det.first_drift_at <= det.n == 40
+    True
     """
 
     def __init__(
@@ -334,6 +332,7 @@ class OnlineMMD:
         self.seed = seed
         self._check_params()
         self._fitted = False
+        super().__init__()
 
     def _check_params(self) -> None:
         for name in ("window_size", "n_ref", "n_bootstrap", "n_pool"):
@@ -468,12 +467,10 @@ class OnlineMMD:
 
     # -- the stream ----------------------------------------------------------------------------
 
-    def reset(self) -> OnlineMMD:
+    def reset(self) -> Self:
         """Start a new stream: empty window, counters at zero. The calibration stays."""
         self._require_fitted()
         w, d = self.window_size, self.n_features_
-        self.n = 0  # rows taken into the window since fit/reset
-        self.skipped = 0  # rows dropped for NaN/Inf
         self.first_drift_at: int | None = None  # n at the first alarm since fit/reset
         self._window = np.zeros((w, d))  # ring buffer: the row seen at step t sits in slot (t-1) % W
         self._window_sq = np.zeros(w)  # squared norms of the window rows
@@ -481,13 +478,19 @@ class OnlineMMD:
         self._k_wr = np.zeros(w)  # sum_j k(slot, r_j) per slot
         self._sum_pairs = 0.0  # sum over unordered window pairs of k
         self._sum_cross = 0.0  # sum over window x reference of k
-        self.result = DriftResult(statistic=math.nan, threshold=math.inf, p_value=None, drift=False)
-        return self
+        return super().reset()
 
     @property
-    def drift_detected(self) -> bool:
-        """Whether any row of the last ``update`` crossed its threshold."""
-        return bool(self.result.drift)
+    def result(self) -> DriftResult:
+        """Statistic, threshold and p-value after the last row; ``drift``: whether any row of the last
+        ``update`` crossed its threshold. Before any row: NaN, an infinite threshold, no p-value."""
+        p_value = None
+        if self.n >= self.window_size and self.null_statistics_.size:
+            stat = self._last_statistic
+            exceed = self.null_statistics_.size - np.searchsorted(self.null_statistics_, stat, side="left")
+            p_value = float((1 + exceed) / (1 + self.null_statistics_.size))
+        return DriftResult(statistic=float(self._last_statistic), threshold=self.threshold_at(max(self.n, 1)),
+                           p_value=p_value, drift=self._drift)
 
     def threshold_at(self, step: int) -> float:
         """The threshold at step ``step`` (1-based count of rows since fit/reset)."""
@@ -504,7 +507,7 @@ class OnlineMMD:
             - 2.0 * self._sum_cross / (m * len(self.reference_))
         )
 
-    def update(self, x: np.ndarray) -> OnlineMMD:
+    def update(self, x: np.ndarray) -> Self:
         """Feed rows ``[n, d]`` (or one row ``[d]``) in order; rows with NaN/Inf are skipped and counted.
 
         ``result`` then holds the statistic, threshold and p-value after the last row, and ``drift``:
@@ -517,24 +520,21 @@ class OnlineMMD:
         if rows.ndim != 2 or rows.shape[1] != self.n_features_:
             raise ValueError(f"sidewatch: expected rows of {self.n_features_} features, got shape {np.shape(x)}")
         finite = np.isfinite(rows).all(axis=1)
-        self.skipped += int(rows.shape[0] - finite.sum())
+        self.n_skipped += int(rows.shape[0] - finite.sum())
         rows = rows[finite]
-        drift = False
+        alarms: list[int] = []  # rows (of the finite ones) that crossed their threshold
         # Chunks of at most W rows: within a chunk each ring slot is overwritten at most once, so the
         # chunk's kernel values against the window can all be computed before the loop.
         for start in range(0, len(rows), self.window_size):
-            drift |= self._update_chunk(rows[start : start + self.window_size])
-        stat = self.statistic()
-        p_value = None
-        if self.n >= self.window_size and self.null_statistics_.size:
-            exceed = self.null_statistics_.size - np.searchsorted(self.null_statistics_, stat, side="left")
-            p_value = float((1 + exceed) / (1 + self.null_statistics_.size))
-        self.result = DriftResult(
-            statistic=float(stat), threshold=self.threshold_at(max(self.n, 1)), p_value=p_value, drift=drift
-        )
+            alarms += [start + i for i in self._update_chunk(rows[start : start + self.window_size])]
+        self.n_detections += len(alarms)
+        self.alarm_positions = np.flatnonzero(finite)[alarms].tolist()
+        self._drift = bool(alarms)
+        self._last_statistic = float(self.statistic())
         return self
 
-    def _update_chunk(self, rows: np.ndarray) -> bool:
+    def _update_chunk(self, rows: np.ndarray) -> list[int]:
+        """Feed at most W rows; returns the indices of those that crossed their threshold."""
         w = self.window_size
         count = len(rows)
         # All kernel values this chunk needs, in three matrix products: N + W per row.
@@ -543,7 +543,7 @@ class OnlineMMD:
         k_old = gaussian_kernel(rows, self._window, sigma, rows_sq, self._window_sq)  # the window as it was
         k_new = gaussian_kernel(rows, rows, sigma, rows_sq, rows_sq) if count > 1 else None  # this chunk
         slots = (self.n + np.arange(count)) % w
-        alarm = False
+        alarms = []
         for i in range(count):
             slot = int(slots[i])
             filled = min(self.n, w)
@@ -568,10 +568,10 @@ class OnlineMMD:
             # Running sums drift only by rounding (relative ~1e-16 per update, a random walk), far
             # below the statistic's resolution even after 1e9 updates, so they are never resynced.
             if self.statistic() > self.threshold_at(self.n):
-                alarm = True
+                alarms.append(i)
                 if self.first_drift_at is None:
                     self.first_drift_at = self.n
-        return alarm
+        return alarms
 
     def window(self) -> np.ndarray:
         """The rows now in the window, oldest first (a copy)."""
@@ -595,8 +595,10 @@ class OnlineMMD:
             "calibration": self.calibration_dict(),
             "stream": {
                 "n": self.n,
-                "skipped": self.skipped,
+                "skipped": self.n_skipped,
                 "first_drift_at": self.first_drift_at,
+                "n_detections": self.n_detections,
+                "alarm_positions": list(self.alarm_positions),
                 "window": self._window.tolist(),
                 "window_sq": self._window_sq.tolist(),
                 "k_ww": self._k_ww.tolist(),
@@ -613,28 +615,28 @@ class OnlineMMD:
             },
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> OnlineMMD:
+    def load_state_dict(self, state: dict[str, Any]) -> Self:
         """Replace parameters, calibration and stream state with ``state_dict()`` output; returns self."""
         restored = OnlineMMD.from_calibration(state["calibration"])
         self.__dict__.update(restored.__dict__)
         s = state["stream"]
         w, d = self.window_size, self.n_features_
         self.n = int(s["n"])
-        self.skipped = int(s["skipped"])
+        self.n_skipped = int(s["skipped"])
         self.first_drift_at = None if s["first_drift_at"] is None else int(s["first_drift_at"])
+        # Saved since the alarm state moved to DriftDetector; an older state has neither.
+        self.n_detections = int(s.get("n_detections", 0))
+        self.alarm_positions = [int(p) for p in s.get("alarm_positions", [])]
         self._window = np.asarray(s["window"], dtype=np.float64).reshape(w, d)
         self._window_sq = np.asarray(s["window_sq"], dtype=np.float64).reshape(w)
         self._k_ww = np.asarray(s["k_ww"], dtype=np.float64).reshape(w, w)
         self._k_wr = np.asarray(s["k_wr"], dtype=np.float64).reshape(w)
         self._sum_pairs = float(s["sum_pairs"])
         self._sum_cross = float(s["sum_cross"])
+        # The saved threshold and p-value follow from n and the statistic; result recomputes them.
         r = s["result"]
-        self.result = DriftResult(
-            statistic=math.nan if r["statistic"] is None else float(r["statistic"]),
-            threshold=math.inf if r["threshold"] is None else float(r["threshold"]),
-            p_value=r["p_value"],
-            drift=bool(r["drift"]),
-        )
+        self._last_statistic = math.nan if r["statistic"] is None else float(r["statistic"])
+        self._drift = bool(r["drift"])
         return self
 
     def _require_fitted(self) -> None:

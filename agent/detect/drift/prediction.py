@@ -58,12 +58,12 @@ frequencies (and bin edges) and the threshold, so a detector is rebuilt without 
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 import numpy as np
 from scipy import special
 
-from agent.detect.drift.alarms import alarm_state, load_alarm_state
+from agent.detect.drift.base import DriftDetector
 from agent.detect.drift.ert import calibrate_ert
 from agent.detect.drift.result import DriftResult
 
@@ -79,7 +79,7 @@ def _one_dimensional(values: Any, dtype: Any = None) -> np.ndarray:
     return arr.reshape(-1)
 
 
-class _WindowChiSquare:
+class _WindowChiSquare(DriftDetector):
     """Shared machinery: windowed chi-square of category ids against reference frequencies."""
 
     kind: ClassVar[str] = ""
@@ -184,23 +184,18 @@ class _WindowChiSquare:
 
     # --- streaming ---------------------------------------------------------------------------
 
-    def reset(self) -> None:
+    def reset(self) -> Self:
         """Forget the traffic seen (window, counters); keep the reference and the threshold."""
         self._buffer = np.empty(0, dtype=np.int64)  # the window's contents, oldest first
         if self._freqs is not None:
             self._counts = np.zeros(self._freqs.size, dtype=np.int64)
-        self.n = 0
-        self.n_skipped = 0
-        self.n_detections = 0
-        self.alarm_positions: list[int] = []  # positions in the last update's input
-        self._drift = False
-        self._last_statistic = float("nan")
+        return super().reset()
 
     def _categories(self, values: Any) -> tuple[np.ndarray, np.ndarray]:
         """Valid category ids and their positions in the input."""
         raise NotImplementedError
 
-    def update(self, values: Any):
+    def update(self, values: Any) -> Self:
         """Feed a batch of samples in order; returns the detector."""
         self._check_fitted()
         cats, positions = self._categories(values)
@@ -247,11 +242,6 @@ class _WindowChiSquare:
         return self
 
     @property
-    def drift_detected(self) -> bool:
-        """Whether the last update raised an alarm."""
-        return self._drift
-
-    @property
     def statistic(self) -> float:
         return self._last_statistic
 
@@ -280,10 +270,10 @@ class _WindowChiSquare:
             "kind": self.kind,
             "window": self.window,
             "buffer": [int(v) for v in self._buffer],
-            **alarm_state(self),
+            **self._alarm_state(),
         }
 
-    def load_state_dict(self, state: dict[str, Any]):
+    def load_state_dict(self, state: dict[str, Any]) -> Self:
         """Continue from a :meth:`state_dict` taken from a detector with the same calibration."""
         self._check_fitted()
         if state.get("kind") != self.kind or int(state.get("window", -1)) != self.window:
@@ -297,7 +287,7 @@ class _WindowChiSquare:
             raise ValueError("sidewatch: state buffer does not fit this detector")
         self._buffer = buffer
         self._counts = np.bincount(buffer, minlength=k).astype(np.int64)
-        load_alarm_state(self, state)
+        self._load_alarm_state(state)
         return self
 
     def _calibration_common(self) -> dict[str, Any]:
@@ -443,6 +433,18 @@ class ScalarWindowDrift(_WindowChiSquare):
     statistic on fresh no-drift traffic (shortening the run length somewhat).
 
     Parameters are those of :class:`ClassMixDrift`, plus ``n_bins``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> det = ScalarWindowDrift(window=100, ert=300).fit(rng.beta(8, 2, size=5000))   # top-1 confidence
+    >>> det.update(rng.beta(8, 2, size=150)).drift_detected
+    False
+    >>> det.update(rng.beta(4, 2, size=200)).drift_detected     # the model grows less sure
+    True
+    >>> det.reset().n, det.n_detections
+    (0, 0)
     """
 
     kind = "scalar_window"

@@ -1,12 +1,14 @@
 """Per-feature drift of a sliding window against a reference sample: the windowed Cramér-von Mises
-test, with thresholds calibrated to an expected run time (ERT), and binned PSI / Jensen-Shannon
-distances for dashboards.
+test, with thresholds calibrated to an expected run time (ERT).
 
-Both detectors follow river's shape: the constructor holds parameters only, :meth:`fit` takes the
+The detector follows river's shape: the constructor holds parameters only, :meth:`fit` takes the
 reference data, ``update(x)`` takes rows ``[n, d]`` (or one row ``[d]``) and returns the
 detector, and ``result`` is a :class:`~agent.detect.drift.result.DriftResult` with one entry per
 feature, describing the window after the last row. A row holding NaN or Inf is skipped whole and
-counted in ``skipped``; it never enters the window.
+counted in ``n_skipped``; it never enters the window. (Binned PSI / Jensen-Shannon distances over a
+window of requests, once here, are test references now: ``tests/support/reference_math.py``. The
+dashboards' PSI is the fleet's, :mod:`agent.detect.drift.fleet`, and the time window's,
+:mod:`agent.detect.drift.window`.)
 
 WindowedCVM
 -----------
@@ -70,20 +72,6 @@ distribution. With a compact reference the statistic is first divided by
 current window alone, not corrected for testing after every row: alarms use the calibrated
 thresholds, the p-value is for display.
 
-BinnedDistance
---------------
-Per feature, ``bins`` bins with edges at the reference's quantiles (outer bins open to -inf and
-+inf; bins right-closed; a bin between two equal edges, from an atom in the reference, is empty
-and left out), the reference's bin proportions ``p`` and the window's ``q``, counted
-incrementally. ``PSI = sum (q - p) ln(q / p)`` with ``pseudo_count`` added to every count (a bin
-the window misses would make PSI infinite); ``JS`` is the Jensen-Shannon divergence in bits
-(between 0 and 1) of the raw proportions. The common rule of thumb reads PSI < 0.1 as no change,
-0.1 to 0.25 as a moderate one and above 0.25 as a large one; the default alert is PSI > 0.2. Mind
-the sample size: without drift PSI is about ``(bins - 1)(1/W + 1/N)`` on average (a chi-square
-with ``bins - 1`` degrees of freedom over ``W``), 0.09 for 10 bins and W = 100, so a window of
-100 crosses 0.2 by chance alone about 2% of the time; hence the default window of 500. There is
-no ERT here: the binned distances are for dashboards, alarms come from the CVM detector.
-
 >>> import numpy as np
 >>> rng = np.random.default_rng(0)
 >>> cvm = WindowedCVM(window=50, ert=300, n_bootstrap=200).fit(rng.normal(size=(2000, 3)))
@@ -98,10 +86,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 
+from agent.detect.drift.base import DriftDetector
 from agent.detect.drift.ert import ERTCalibration, calibrate_ert
 from agent.detect.drift.result import DriftResult
 
@@ -114,7 +103,7 @@ _MAX_PAIR_ELEMENTS = 4_000_000
 _MAX_DRAW_ELEMENTS = 2_000_000
 
 
-# --- helpers shared by both detectors ------------------------------------------------------------
+# --- helpers (BinnedDistance in tests/support/reference_math.py uses them too) ---------------------------
 
 
 def _as_reference(reference: Any) -> np.ndarray:
@@ -336,7 +325,7 @@ def _simulate_cvm(reference: np.ndarray, K: int, W: int, n_streams: int, length:
 # --- the detectors -------------------------------------------------------------------------------
 
 
-class WindowedCVM:
+class WindowedCVM(DriftDetector):
     """Sliding-window Cramér-von Mises drift test per feature, thresholds calibrated to an ERT.
 
     Parameters
@@ -361,10 +350,24 @@ class WindowedCVM:
 
     Attributes after ``fit``: ``thresholds_`` [d], ``reference_`` [d, K] (sorted), ``n_reference``,
     ``calibration_`` (an :class:`~agent.detect.drift.ert.ERTCalibration`, or None when loaded from
-    a calibration dict). While streaming: ``n`` rows taken, ``skipped`` rows refused (NaN/Inf),
-    ``first_alarm`` (the row number of the first alarm since the last reset, or None),
-    ``n_alarm_steps`` (rows after which some feature was in alarm). No alarm before the window is
-    full; the statistic and p-value of a partial window are reported all the same.
+    a calibration dict). While streaming (:class:`~agent.detect.drift.base.DriftDetector`'s alarm
+    state): ``n`` rows taken, ``n_skipped`` rows refused (NaN/Inf; saved as ``skipped``),
+    ``n_detections`` rows after which some feature was in alarm (saved as ``n_alarm_steps``, also
+    readable under that name), ``alarm_positions`` those rows' positions in the last update's input,
+    ``first_alarm`` (the row number of the first alarm since the last reset, or None), and
+    ``drift_detected``: whether some feature is in alarm after the last row taken. The detector keeps
+    running after an alarm. No alarm before the window is full; the statistic and p-value of a
+    partial window are reported all the same.
+
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> cvm = WindowedCVM(window=50, ert=300, n_bootstrap=200).fit(rng.normal(size=(2000, 2)))
+    >>> cvm.update(rng.normal(size=(100, 2))).drift_detected
+    False
+    >>> cvm.update(rng.normal(size=(100, 2)) + [0.0, 1.0]).result.drift.tolist()
+    [False, True]
+    >>> cvm.n, cvm.first_alarm is not None, cvm.reset().n
+    (200, True, 0)
     """
 
     kind = "windowed_cvm"
@@ -380,6 +383,7 @@ class WindowedCVM:
         self._check_parameters()
         self.thresholds_: np.ndarray | None = None
         self.calibration_: ERTCalibration | None = None
+        super().__init__()
 
     def _check_parameters(self) -> None:
         if self.window < 2:
@@ -444,7 +448,7 @@ class WindowedCVM:
 
     # --- streaming ------------------------------------------------------------------------------
 
-    def reset(self) -> WindowedCVM:
+    def reset(self) -> Self:
         """Forget the stream (window, counters, alarms); keep the calibration."""
         self._check_fitted()
         d = self.n_features
@@ -452,11 +456,8 @@ class WindowedCVM:
         self._count = 0
         self._P = np.zeros(d, dtype=np.int64)
         self._S = np.zeros(d, dtype=np.int64)
-        self.n = 0
-        self.skipped = 0
         self.first_alarm: int | None = None
-        self.n_alarm_steps = 0
-        return self
+        return super().reset()
 
     def _codes(self, rows: np.ndarray) -> np.ndarray:
         """Ranks of the rows' values in the reference (#reference values below), ties drawn uniformly."""
@@ -472,17 +473,18 @@ class WindowedCVM:
             below = np.where(tied, drawn, below)
         return below
 
-    def update(self, x: Any) -> WindowedCVM:
+    def update(self, x: Any) -> Self:
         """Feed rows ``[n, d]`` (or one row ``[d]``); rows with NaN/Inf are skipped and counted."""
         self._check_fitted()
         rows = _check_rows(x, self.n_features)
         finite = np.isfinite(rows).all(axis=1)
         if not finite.all():
-            self.skipped += int((~finite).sum())
+            self.n_skipped += int((~finite).sum())
             rows = rows[finite]
+        self.alarm_positions = []
         n = rows.shape[0]
         if n == 0:
-            return self
+            return self  # the window, and whether it is in alarm, stay as they were
         codes = self._codes(rows)
         if n == 1:
             alarm = self._advance_one(codes[0])
@@ -491,10 +493,13 @@ class WindowedCVM:
                                                             codes.T, self._K)
             self._count = int(m[-1])
             alarm = ((T > self.thresholds_[:, None]) & (m == self.window)).any(axis=0)
+        self._drift = bool(alarm[-1])
         if alarm.any():
-            self.n_alarm_steps += int(alarm.sum())
+            steps = np.flatnonzero(alarm)
+            self.n_detections += int(steps.size)
+            self.alarm_positions = np.flatnonzero(finite)[steps].tolist()
             if self.first_alarm is None:
-                self.first_alarm = self.n + 1 + int(np.argmax(alarm))
+                self.first_alarm = self.n + 1 + int(steps[0])
         self.n += n
         return self
 
@@ -537,9 +542,12 @@ class WindowedCVM:
                            p_value=_cvm_p_value(stat, self._count, self._K, self.n_reference), drift=drift)
 
     @property
-    def drift_detected(self) -> bool:
-        """Whether some feature is in alarm after the last row."""
-        self._check_fitted()
+    def n_alarm_steps(self) -> int:
+        """Rows after which some feature was in alarm: :attr:`n_detections`, under its saved name."""
+        return self.n_detections
+
+    def _in_alarm(self) -> bool:
+        """Whether some feature is in alarm with the window as it is (what ``drift_detected`` reports)."""
         return self._count == self.window and bool((self.statistic > self.thresholds_).any())
 
     # --- persistence ----------------------------------------------------------------------------
@@ -551,8 +559,9 @@ class WindowedCVM:
             "kind": STATE_KIND, "detector": self.kind, "format_version": FORMAT_VERSION,
             "calibration_sha256": self._calibration_sha256,
             "window_codes": self._window[:, self.window - self._count:].T.tolist(),  # [m][d], oldest first
-            "n": self.n, "skipped": self.skipped,
-            "first_alarm": self.first_alarm, "n_alarm_steps": self.n_alarm_steps,
+            "n": self.n, "skipped": self.n_skipped,
+            "first_alarm": self.first_alarm, "n_alarm_steps": self.n_detections,
+            "alarm_positions": list(self.alarm_positions),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> WindowedCVM:
@@ -572,9 +581,11 @@ class WindowedCVM:
         self._count = count
         self._P, self._S = _window_sums(codes.T)
         self.n = int(state["n"])
-        self.skipped = int(state["skipped"])
+        self.n_skipped = int(state["skipped"])
         self.first_alarm = None if state["first_alarm"] is None else int(state["first_alarm"])
-        self.n_alarm_steps = int(state["n_alarm_steps"])
+        self.n_detections = int(state["n_alarm_steps"])
+        self.alarm_positions = [int(p) for p in state.get("alarm_positions", [])]
+        self._drift = self._in_alarm()
         return self
 
     def calibration_dict(self) -> dict[str, Any]:
@@ -613,203 +624,5 @@ class WindowedCVM:
         det._set_reference(quantiles, d["n_reference"])
         det.thresholds_ = thresholds
         det._calibration_sha256 = det._make_fingerprint()
-        det.reset()
-        return det
-
-
-class BinnedDistance:
-    """PSI and Jensen-Shannon divergence per feature, window vs reference bins (for dashboards).
-
-    Parameters
-    ----------
-    window
-        W, the number of most recent rows binned.
-    bins
-        Bins per feature, edges at the reference's quantiles ``1/bins, ..., (bins-1)/bins``.
-    psi_threshold
-        Alert when PSI exceeds it (0.2 by the rule of thumb; see the module docstring on W).
-    pseudo_count
-        Added to every bin count in PSI (0 gives the raw PSI, infinite for an empty bin).
-
-    ``result.statistic`` is PSI, ``result.p_value`` None, ``result.drift`` PSI > psi_threshold on a
-    full window. ``psi``, ``js`` and ``proportions`` (the window's) are attributes too.
-    """
-
-    kind = "binned_distance"
-
-    def __init__(self, window: int = 500, bins: int = 10, psi_threshold: float = 0.2,
-                 pseudo_count: float = 0.5) -> None:
-        self.window = int(window)
-        self.bins = int(bins)
-        self.psi_threshold = float(psi_threshold)
-        self.pseudo_count = float(pseudo_count)
-        if self.window < 1 or self.bins < 2 or self.pseudo_count < 0:
-            raise ValueError("sidewatch: BinnedDistance needs window >= 1, bins >= 2 and pseudo_count >= 0")
-        self.edges_: np.ndarray | None = None
-
-    def fit(self, reference: Any) -> BinnedDistance:
-        """Bin edges at the reference's quantiles (numpy's default, linear) and its bin counts."""
-        ref = _as_reference(reference)
-        edges = np.quantile(ref, np.arange(1, self.bins) / self.bins, axis=0).T  # [d, bins - 1]
-        self._set_bins(np.ascontiguousarray(edges), None, ref.shape[0])
-        self.reference_counts_ = np.bincount(self._flat_bins(self._bin(ref)), minlength=self.n_features * self.bins
-                                             ).reshape(self.n_features, self.bins)
-        self.reset()
-        return self
-
-    def _set_bins(self, edges: np.ndarray, counts: np.ndarray | None, n_reference: int) -> None:
-        self.edges_ = edges
-        self.n_features = edges.shape[0]
-        self.n_reference = int(n_reference)
-        self._keys = _feature_keys(edges)
-        lower = np.concatenate([np.full((self.n_features, 1), -np.inf), edges], axis=1)
-        upper = np.concatenate([edges, np.full((self.n_features, 1), np.inf)], axis=1)
-        self._live = lower < upper  # (lower, upper] holds values; not so between two equal edges
-        if counts is not None:
-            self.reference_counts_ = counts
-
-    def _bin(self, rows: np.ndarray) -> np.ndarray:
-        # side="left": the first edge >= value, so bin i is (edge[i-1], edge[i]], right-closed
-        return _searchsorted_features(self._keys, self.edges_, rows, "left")
-
-    def _flat_bins(self, b: np.ndarray) -> np.ndarray:
-        return (b + np.arange(self.n_features) * self.bins).ravel()
-
-    def _check_fitted(self) -> None:
-        if self.edges_ is None:
-            raise RuntimeError("sidewatch: BinnedDistance is not fitted: call fit() or from_calibration()")
-
-    def reset(self) -> BinnedDistance:
-        """Forget the stream; keep the bins."""
-        self._check_fitted()
-        self._bins = np.zeros((0, self.n_features), dtype=np.int64)  # the window's bins, oldest first
-        self._counts = np.zeros((self.n_features, self.bins), dtype=np.int64)
-        self.n = 0
-        self.skipped = 0
-        return self
-
-    def update(self, x: Any) -> BinnedDistance:
-        """Feed rows ``[n, d]`` (or one row ``[d]``); rows with NaN/Inf are skipped and counted."""
-        self._check_fitted()
-        rows = _check_rows(x, self.n_features)
-        finite = np.isfinite(rows).all(axis=1)
-        if not finite.all():
-            self.skipped += int((~finite).sum())
-            rows = rows[finite]
-        if rows.shape[0] == 0:
-            return self
-        before = self._bins.shape[0]
-        seq = np.concatenate([self._bins, self._bin(rows)])
-        cut = max(0, seq.shape[0] - self.window)  # seq[cut:] is the window after this batch
-        size = self.n_features * self.bins
-        # Count the new rows that stay, uncount the old rows that leave (new rows that come and go
-        # within this batch are never counted).
-        self._counts += (np.bincount(self._flat_bins(seq[max(before, cut):]), minlength=size)
-                         - np.bincount(self._flat_bins(seq[:min(before, cut)]), minlength=size)
-                         ).reshape(self._counts.shape)
-        self._bins = seq[cut:]
-        self.n += rows.shape[0]
-        return self
-
-    @property
-    def proportions(self) -> np.ndarray:
-        """The window's bin proportions [d, bins] (NaN before any row)."""
-        self._check_fitted()
-        m = self._bins.shape[0]
-        return self._counts / m if m else np.full(self._counts.shape, np.nan)
-
-    @property
-    def psi(self) -> np.ndarray:
-        """Population stability index per feature, pseudo-counts on the live bins."""
-        self._check_fitted()
-        m = self._bins.shape[0]
-        if m == 0:
-            return np.full(self.n_features, np.nan)
-        a = self.pseudo_count
-        live = self._live.sum(axis=1, keepdims=True)
-        p = (self.reference_counts_ + a) / (self.n_reference + a * live)
-        q = (self._counts + a) / (m + a * live)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            terms = np.where(self._live, (q - p) * (np.log(q) - np.log(p)), 0.0)
-        return terms.sum(axis=1)
-
-    @property
-    def js(self) -> np.ndarray:
-        """Jensen-Shannon divergence per feature, in bits (0 to 1), of the raw proportions."""
-        self._check_fitted()
-        m = self._bins.shape[0]
-        if m == 0:
-            return np.full(self.n_features, np.nan)
-        p = self.reference_counts_ / self.n_reference
-        q = self._counts / m
-        mid = (p + q) / 2
-
-        def kl(a: np.ndarray) -> np.ndarray:
-            with np.errstate(divide="ignore", invalid="ignore"):
-                return np.where(a > 0, a * np.log2(a / mid), 0.0).sum(axis=1)
-
-        return 0.5 * kl(p) + 0.5 * kl(q)
-
-    @property
-    def result(self) -> DriftResult:
-        psi = self.psi
-        drift = (psi > self.psi_threshold) & (self._bins.shape[0] == self.window)
-        return DriftResult(statistic=psi, threshold=np.full(self.n_features, self.psi_threshold),
-                           p_value=None, drift=drift)
-
-    @property
-    def drift_detected(self) -> bool:
-        return bool(self.result.drift.any())
-
-    def state_dict(self) -> dict[str, Any]:
-        """The window's bins (oldest first) and counters, JSON-serialisable."""
-        self._check_fitted()
-        return {"kind": STATE_KIND, "detector": self.kind, "format_version": FORMAT_VERSION,
-                "calibration_sha256": self._bins_sha256(), "window_bins": self._bins.tolist(),
-                "n": self.n, "skipped": self.skipped}
-
-    def load_state_dict(self, state: dict[str, Any]) -> BinnedDistance:
-        self._check_fitted()
-        if state.get("kind") != STATE_KIND or state.get("detector") != self.kind:
-            raise ValueError(f"sidewatch: not a {self.kind} state")
-        if state.get("calibration_sha256") != self._bins_sha256():
-            raise ValueError("sidewatch: this state was taken under other bins")
-        b = np.asarray(state["window_bins"], dtype=np.int64).reshape(-1, self.n_features)
-        if b.shape[0] > self.window or b.min(initial=0) < 0 or b.max(initial=0) >= self.bins:
-            raise ValueError("sidewatch: window_bins do not fit this detector")
-        self.reset()
-        self._bins = b
-        self._counts = np.bincount(self._flat_bins(b), minlength=self.n_features * self.bins
-                                   ).reshape(self.n_features, self.bins)
-        self.n = int(state["n"])
-        self.skipped = int(state["skipped"])
-        return self
-
-    def _bins_sha256(self) -> str:
-        return _fingerprint({"edges": self.edges_.tolist(), "counts": self.reference_counts_.tolist(),
-                             "window": self.window})
-
-    def calibration_dict(self) -> dict[str, Any]:
-        """Bin edges and reference counts, JSON-serialisable (floats exact)."""
-        self._check_fitted()
-        return {"kind": CALIBRATION_KIND, "detector": self.kind, "format_version": FORMAT_VERSION,
-                "window": self.window, "bins": self.bins, "psi_threshold": self.psi_threshold,
-                "pseudo_count": self.pseudo_count, "n_reference": self.n_reference,
-                "edges": self.edges_.tolist(), "reference_counts": self.reference_counts_.tolist()}
-
-    @classmethod
-    def from_calibration(cls, d: dict[str, Any]) -> BinnedDistance:
-        if d.get("kind") != CALIBRATION_KIND or d.get("detector") != cls.kind:
-            raise ValueError(f"sidewatch: not a {cls.kind} calibration")
-        if d.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"sidewatch: {cls.kind} calibration format_version {d.get('format_version')!r} "
-                             f"is not {FORMAT_VERSION}")
-        det = cls(window=d["window"], bins=d["bins"], psi_threshold=d["psi_threshold"],
-                  pseudo_count=d["pseudo_count"])
-        edges = np.asarray(d["edges"], dtype=np.float64)
-        counts = np.asarray(d["reference_counts"], dtype=np.int64)
-        if edges.ndim != 2 or edges.shape[1] != det.bins - 1 or counts.shape != (edges.shape[0], det.bins):
-            raise ValueError("sidewatch: edges must be [d, bins - 1] and reference_counts [d, bins]")
-        det._set_bins(edges, counts, d["n_reference"])
         det.reset()
         return det

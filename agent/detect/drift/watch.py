@@ -20,20 +20,14 @@ import numpy as np
 from agent.config import ServeConfig
 from agent.dataplane.tap import TappedInference
 from agent.detect.drift.calibrate import build_anomaly, build_detectors
-from agent.detect.drift.features import input_features, output_features
 from agent.detect.drift.fleet import FleetBins
 from agent.detect.drift.window import TimeWindowPSI
+from agent.detect.features import input_features, output_features, softmax
 from agent.detect.registry import CalibratedDetector, DetectorRegistry
 from agent.durable import fsync_directory, write_atomic
 from agent.metrics import BoundedModels, DriftMetrics
 
 log = logging.getLogger(__name__)
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    exp = np.exp(shifted)
-    return exp / exp.sum(axis=1, keepdims=True)
 
 
 class ModelDrift:
@@ -85,7 +79,7 @@ class ModelDrift:
         x = x.astype(np.float64, copy=False)
         probabilities = probabilities.astype(np.float64, copy=False)
         if artifact_model.get("output_kind") == "logits":
-            probabilities = _softmax(probabilities)
+            probabilities = softmax(probabilities)
         finite = np.isfinite(x.reshape(len(x), -1)).all(axis=1) & np.isfinite(probabilities).all(axis=1)
         if not finite.all():
             self.metrics.skipped.labels(*self.labels, "non_finite").inc(int((~finite).sum()))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import collections
 import time
-from typing import Callable
+from typing import Callable, Self
 
 import numpy as np
 
@@ -20,6 +20,24 @@ from agent.detect.drift.result import DriftResult
 
 
 class TimeWindowPSI:
+    """PSI (and Jensen-Shannon divergence) of a feature's values over the last ``seconds`` against
+    reference bins: ``edges`` (inner bin edges) and ``reference_ratios`` (the reference's share per bin).
+
+    Not a :class:`~agent.detect.drift.base.DriftDetector`: its ``n`` is the values in the time
+    window now, not a running count, and its flag is read from the window whenever asked, as the
+    window ages with the clock, not with updates. It follows river's shape all the same: ``update``
+    and ``reset`` return the detector, ``result`` is a DriftResult.
+
+    >>> clock = iter([0.0, 0.0, 1.0, 1.0, 30.0]).__next__
+    >>> window = TimeWindowPSI(edges=[0.5], reference_ratios=[0.5, 0.5], seconds=10, clock=clock)
+    >>> window.update([0.1, 0.2, 0.9, 0.8]).psi
+    0.0
+    >>> window.update([0.9] * 8).drift_detected        # 2 of 12 values below the edge, against half
+    True
+    >>> window.n                                       # 30 s later: everything has aged out
+    0
+    """
+
     def __init__(self, edges, reference_ratios, seconds: float, psi_threshold: float = 0.2,
                  floor: float = 1e-4, clock: Callable[[], float] = time.time) -> None:
         self.edges = np.asarray(edges, dtype=np.float64)
@@ -37,7 +55,13 @@ class TimeWindowPSI:
         while self._seconds and self._seconds[0][0] <= oldest:
             self._total -= self._seconds.popleft()[1]
 
-    def update(self, values) -> "TimeWindowPSI":
+    def reset(self) -> Self:
+        """Empty the window; keep the bins."""
+        self._seconds.clear()
+        self._total[:] = 0
+        return self
+
+    def update(self, values) -> Self:
         values = np.asarray(values, dtype=np.float64).reshape(-1)
         values = values[np.isfinite(values)]
         now = self._clock()
@@ -78,6 +102,11 @@ class TimeWindowPSI:
         return float(0.5 * np.sum(p * np.log2(p / m)) + 0.5 * np.sum(q * np.log2(q / m)))
 
     @property
+    def drift_detected(self) -> bool:
+        """Whether the PSI of the window now exceeds ``psi_threshold``."""
+        return bool(self.result.drift)
+
+    @property
     def result(self) -> DriftResult:
         psi = self.psi
         return DriftResult(statistic=psi, threshold=self.psi_threshold, p_value=None,
@@ -86,7 +115,7 @@ class TimeWindowPSI:
     def state_dict(self) -> dict:
         return {"seconds": [[second, counts.tolist()] for second, counts in self._seconds]}
 
-    def load_state_dict(self, state: dict) -> "TimeWindowPSI":
+    def load_state_dict(self, state: dict) -> Self:
         self._seconds = collections.deque((int(s), np.asarray(c, dtype=np.int64)) for s, c in state["seconds"])
         self._total = np.zeros(len(self.reference), dtype=np.int64)
         for _, counts in self._seconds:

@@ -1,0 +1,157 @@
+"""The calibration artifact: a versioned JSON file beside the model (``sidewatch-calibration.json``).
+
+It holds the feature-squeezing threshold (:mod:`agent.detect.calibration.threshold`), the reference
+summary (:mod:`agent.detect.calibration.reference`) and the drift detectors' calibration
+(:mod:`agent.detect.drift.calibrate`). It names the model by sha256, and :func:`load_artifact`
+refuses to pair it with another model.
+
+Artifact schema (``format_version`` 1; floats in the summaries rounded to 7 significant digits,
+the threshold exact)::
+
+    {
+      "format_version": 1,
+      "kind": "sidewatch-calibration",
+      "created_at": "2025-01-01T00:00:00Z",
+      "created_by": {"sidewatch": "0.1.0", "onnxruntime": "1.x", "execution_provider": "CPUExecutionProvider"},
+      "model": {"file": "model.onnx", "sha256": "...", "input": "input", "output": "probabilities",
+                "output_kind": "probabilities", "input_shape": [null, 1, 28, 28], "classes": 10},
+      "detector": "feature_squeezing",
+      "squeezers": ["bit_depth:1", "median:2"],
+      "threshold": 0.0123,                   # flag when score > threshold
+      "target_fpr": 0.05,
+      "threshold_rule": "...",
+      "benign_scores": {"count", "above_threshold", "fpr", "min", "max", "mean", "std",
+                        "quantiles": {"0.5": ..., "0.9", "0.95", "0.99", "0.999"}},
+      "reference": {...},                    # agent.detect.calibration.reference
+      "drift": {...}                         # agent.detect.drift.calibrate; {} when skipped
+    }
+
+>>> artifact = load_artifact("agent/demo/models/mnist_cnn/1/" + ARTIFACT_FILE, "agent/demo/models/mnist_cnn/1/model.onnx")
+>>> artifact.squeezers, artifact.target_fpr
+(['bit_depth:1', 'median:2'], 0.05)
+>>> default_artifact_path("models/mnist/1/model.onnx").as_posix()
+'models/mnist/1/sidewatch-calibration.json'
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from agent.detect.adversarial.graph import FeatureSqueezingDetector, ModelSource
+from agent.detect.calibration import CalibrationError
+from agent.detect.calibration.threshold import THRESHOLD_RULE
+from agent.durable import write_atomic
+
+FORMAT_VERSION = 1
+ARTIFACT_KIND = "sidewatch-calibration"
+ARTIFACT_FILE = "sidewatch-calibration.json"
+
+
+def model_sha256(model: str | Path | bytes) -> str:
+    """sha256 of a model file (or of serialized model bytes)."""
+    if isinstance(model, (bytes, bytearray, memoryview)):
+        return hashlib.sha256(bytes(model)).hexdigest()
+    digest = hashlib.sha256()
+    with open(model, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class CalibrationArtifact:
+    """A calibrated feature-squeezing detector for one model: the JSON artifact, as an object."""
+
+    model: dict                 # file, sha256, input, output, output_kind, input_shape, classes
+    squeezers: list[str]
+    threshold: float
+    target_fpr: float
+    benign_scores: dict
+    reference: dict
+    created_at: str = ""
+    created_by: dict = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+    kind: str = ARTIFACT_KIND
+    detector: str = "feature_squeezing"
+    threshold_rule: str = THRESHOLD_RULE
+    # The drift and anomaly detectors' calibration (agent.detect.drift.calibrate); empty when skipped.
+    drift: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        order = ["format_version", "kind", "created_at", "created_by", "model", "detector", "squeezers",
+                 "threshold", "target_fpr", "threshold_rule", "benign_scores", "reference", "drift"]
+        return {key: data[key] for key in order}
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "the artifact") -> CalibrationArtifact:
+        if not isinstance(data, dict) or data.get("kind") != ARTIFACT_KIND:
+            raise CalibrationError(f"sidewatch: {source} is not a sidewatch calibration artifact "
+                                   f"(no \"kind\": \"{ARTIFACT_KIND}\")")
+        version = data.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise CalibrationError(f"sidewatch: {source} has format_version {version!r}; this sidewatch reads "
+                                   f"versions up to {FORMAT_VERSION} (upgrade sidewatch, or recalibrate)")
+        missing = [key for key in ("model", "squeezers", "threshold", "target_fpr", "benign_scores", "reference")
+                   if key not in data]
+        if missing or "sha256" not in data.get("model", {}):
+            raise CalibrationError(f"sidewatch: {source} lacks {', '.join(missing) or 'model.sha256'}")
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{key: value for key, value in data.items() if key in known})
+
+    def make_detector(self, model: ModelSource, device: str = "auto", **options) -> FeatureSqueezingDetector:
+        """A detector with this artifact's squeezers, model I/O, output kind and threshold."""
+        return FeatureSqueezingDetector(model, self.squeezers, output_kind=self.model["output_kind"],
+                                        input_name=self.model["input"], output_name=self.model["output"],
+                                        device=device, threshold=self.threshold, **options)
+
+
+def _to_json(value, indent: str = "") -> str:
+    """JSON with one key per line but each list of scalars on one line: readable, and diffs stay small."""
+    inner = indent + "  "
+    if isinstance(value, dict):
+        if not value:
+            return "{}"
+        items = [f"{inner}{json.dumps(key)}: {_to_json(item, inner)}" for key, item in value.items()]
+        return "{\n" + ",\n".join(items) + "\n" + indent + "}"
+    if isinstance(value, list) and any(isinstance(item, (dict, list)) for item in value):
+        return "[\n" + ",\n".join(inner + _to_json(item, inner) for item in value) + "\n" + indent + "]"
+    return json.dumps(value, separators=(", ", ": "))
+
+
+def save_artifact(artifact: CalibrationArtifact, path: str | Path) -> Path:
+    """Write the artifact as JSON (atomically: a reader never sees half a file)."""
+    return write_atomic(Path(path), _to_json(artifact.to_dict()) + "\n")
+
+
+def load_artifact(path: str | Path, model_path: str | Path | bytes | None) -> CalibrationArtifact:
+    """Read an artifact and check that it belongs to the model at ``model_path`` (same sha256).
+
+    ``model_path=None`` skips the check (to inspect an artifact on its own); a mismatch raises a
+    CalibrationError naming both hashes and both files, because a threshold set for one model means
+    nothing for another.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise CalibrationError(f"sidewatch: cannot read calibration artifact {path}: {err}") from err
+    artifact = CalibrationArtifact.from_dict(data, str(path))
+    if model_path is not None:
+        actual = model_sha256(model_path)
+        expected = artifact.model["sha256"]
+        if actual != expected:
+            model_name = "the given model bytes" if isinstance(model_path, (bytes, bytearray, memoryview)) else str(model_path)
+            raise CalibrationError(
+                f"sidewatch: calibration {path} was made for model file {artifact.model.get('file')!r} with sha256 "
+                f"{expected}, but {model_name} has sha256 {actual}; recalibrate: "
+                f"sidewatch calibrate --model {model_name} --reference DATA.npz")
+    return artifact
+
+
+def default_artifact_path(model_path: str | Path) -> Path:
+    """Where an artifact goes by default: ``sidewatch-calibration.json`` beside the model."""
+    return Path(model_path).with_name(ARTIFACT_FILE)
