@@ -10,6 +10,15 @@ log = logging.getLogger(__name__)
 
 DEVICES = ("auto", "cpu", "cuda")
 
+# ONNX Runtime's type strings and the protocol's datatype names.
+ORT_TO_DATATYPE = {
+    "tensor(bool)": "BOOL",
+    "tensor(uint8)": "UINT8", "tensor(uint16)": "UINT16", "tensor(uint32)": "UINT32", "tensor(uint64)": "UINT64",
+    "tensor(int8)": "INT8", "tensor(int16)": "INT16", "tensor(int32)": "INT32", "tensor(int64)": "INT64",
+    "tensor(float16)": "FP16", "tensor(float)": "FP32", "tensor(double)": "FP64",
+    "tensor(string)": "BYTES", "tensor(bfloat16)": "BF16",
+}
+
 
 def providers_for(device: str = "auto") -> list[str]:
     """Providers for ``device``: ``auto`` takes CUDA when this onnxruntime build has it, ``cuda`` requires it."""

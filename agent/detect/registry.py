@@ -8,6 +8,7 @@ for another.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ import numpy as np
 
 from agent.detect.adversarial.graph import FeatureSqueezingDetector
 from agent.detect.calibration.artifact import ARTIFACT_FILE, CalibrationArtifact, load_artifact
+from agent.execution import ORT_TO_DATATYPE
 from agent.repository import LAYOUT, latest_version, model_files
 
 log = logging.getLogger(__name__)
@@ -34,6 +36,11 @@ class CalibratedDetector:
     @property
     def input_name(self) -> str:
         return self.artifact.model["input"]
+
+    @functools.cached_property
+    def input_datatype(self) -> str:
+        """The protocol's datatype of the model's input (FP32, ...), from the type its graph declares."""
+        return ORT_TO_DATATYPE.get(self.detector.session.get_inputs()[0].type, "")
 
     def fits_input(self, rows: np.ndarray) -> bool:
         """Whether a decoded input is numeric with the calibrated input's rank and static dimensions.

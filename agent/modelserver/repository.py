@@ -9,22 +9,12 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from agent.execution import open_session
+from agent.execution import ORT_TO_DATATYPE, open_session
 from agent.repository import LAYOUT, latest_version, model_files, version_key
 
 log = logging.getLogger(__name__)
 
 BUNDLED_REPOSITORY = Path(__file__).resolve().parent.parent / "demo" / "models"
-
-# ONNX Runtime's type strings and the protocol's datatype names.
-_ORT_TO_DATATYPE = {
-    "tensor(bool)": "BOOL",
-    "tensor(uint8)": "UINT8", "tensor(uint16)": "UINT16", "tensor(uint32)": "UINT32", "tensor(uint64)": "UINT64",
-    "tensor(int8)": "INT8", "tensor(int16)": "INT16", "tensor(int32)": "INT32", "tensor(int64)": "INT64",
-    "tensor(float16)": "FP16", "tensor(float)": "FP32", "tensor(double)": "FP64",
-    "tensor(string)": "BYTES", "tensor(bfloat16)": "BF16",
-}
-
 
 class ModelNotFound(LookupError):
     pass
@@ -42,7 +32,7 @@ class TensorSpec:
 
 
 def _spec(node: ort.NodeArg) -> TensorSpec:
-    datatype = _ORT_TO_DATATYPE.get(node.type)
+    datatype = ORT_TO_DATATYPE.get(node.type)
     if datatype is None:
         raise ValueError(f"unsupported ONNX type {node.type} for tensor {node.name}")
     shape = tuple(dim if isinstance(dim, int) and dim >= 0 else -1 for dim in node.shape)

@@ -151,11 +151,20 @@ class AdversarialWatch:
             self._metrics.errors.labels(*self._bounded(model, version), DETECTOR, "not_calibrated").inc()
             raise DetectionFailed("not_calibrated")
         try:
-            inputs = codec.decode_request(oip_pb2.ModelInferRequest.FromString(request))
+            message = oip_pb2.ModelInferRequest.FromString(request)
+            inputs = codec.decode_request(message)
         except Exception as err:  # noqa: BLE001 - a malformed request is the model server's to refuse
             self._metrics.errors.labels(*self._bounded(model, version), DETECTOR, "undecodable").inc()
             raise DetectionFailed("undecodable") from err
-        scores = self._score(calibrated, self._rows(calibrated, inputs), self.mode(model))
+        rows = self._rows(calibrated, inputs)
+        declared = next(tensor.datatype for tensor in message.inputs if tensor.name == calibrated.input_name)
+        if declared != calibrated.input_datatype:
+            # Inline, the request has not reached the model server yet: one with another datatype is
+            # the model server's to refuse (with its own error), not the detector's to judge. (Copies
+            # from the tap were answered by the model server, so it took their datatype.)
+            self._metrics.errors.labels(*self._bounded(model, calibrated.version), DETECTOR, "wrong_datatype").inc()
+            raise DetectionFailed("wrong_datatype")
+        scores = self._score(calibrated, rows, self.mode(model))
         finite = scores[np.isfinite(scores)]
         top = float(finite.max()) if len(finite) else 0.0
         if top <= calibrated.threshold and len(finite) < len(scores):
