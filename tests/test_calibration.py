@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 
 from agent.cli import main as cli_main
-from agent.demo.data import REFERENCE, load_images
-from agent.demo.train_mnist import MODEL_DIR
+from agent.demo.data import MODEL_DIR, REFERENCE, load_images
 from agent.detect.calibration import (
     ARTIFACT_FILE,
     FORMAT_VERSION,

@@ -6,8 +6,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from agent.demo.data import load_images
-from agent.demo.train_mnist import MODEL_DIR
+from agent.demo.data import MODEL_DIR, load_images
 from agent.detect.adversarial.graph import (
     FeatureSqueezingDetector,
     FusedModelError,

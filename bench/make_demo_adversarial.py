@@ -1,10 +1,15 @@
-"""Write the demo's adversarial examples: ``python -m agent.demo.make_adversarial`` (needs the train extra).
+#!/usr/bin/env python3
+"""Write the demo's adversarial examples: ``python bench/make_demo_adversarial.py`` (needs the train extra).
 
 The demo sends unversioned requests, which the model server answers with the latest version, 2;
 so the examples attack version 2's weights (rebuilt in torch from its ONNX file by
 bench/mnist_torch.py). PGD with an L-infinity budget of 0.3 (40 steps of 0.01, from a random start)
 on demo-sample images the model gets right; only successful examples are kept, as in the feature
 squeezing paper. Reproducible: fixed seed, deterministic torch.
+
+It lives in bench/, outside the runtime package, because it needs torch; `make model` runs it after
+training. (tests/data/adversarial_mnist.npz, the tests' own examples, comes from
+bench/make_adversarial_testdata.py.)
 """
 
 from __future__ import annotations
@@ -14,7 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.demo.data import ADVERSARIAL, load_images
+ROOT = Path(__file__).resolve().parent.parent
+for path in (ROOT, ROOT / "bench"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+from mnist_torch import load_torch_model  # noqa: E402
+
+from agent.demo.data import ADVERSARIAL, load_images  # noqa: E402
 
 VERSION = "2"
 EPSILON, STEP, STEPS = 0.3, 0.01, 40
@@ -37,9 +49,6 @@ def pgd(module, x, y, torch):
 
 def main() -> int:
     import torch
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-    from mnist_torch import load_torch_model
 
     torch.manual_seed(SEED)
     torch.use_deterministic_algorithms(True)
