@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.harness import REPO, start_model_server
+from tests.support.harness import REPO, start_model_server
 
 MODEL = "mnist_cnn"
 

@@ -10,8 +10,8 @@ import pytest
 
 from agent.demo.data import load_images
 from agent.protocol.client import InferenceClient
-from tests.alert_harness import admin_config, admin_request, metric, read_audit, wait_until, write_config, write_token
-from tests.harness import Process, free_port, sidewatch, start_sidecar
+from tests.support.alert_harness import admin_config, admin_request, metric, read_audit, wait_until, write_config, write_token
+from tests.support.harness import Process, free_port, sidewatch, start_sidecar
 
 MODEL = "mnist_cnn"
 
@@ -177,7 +177,7 @@ def test_alertmanager_hooks_without_a_token_refuse_to_start(tmp_path, model_serv
 
 
 def test_admin_api_over_tls(tmp_path, model_server):
-    from tests.certs import CertificateAuthority
+    from tests.support.certs import CertificateAuthority
 
     authority = CertificateAuthority(tmp_path)
     server = authority.issue("localhost", server=True)

@@ -12,8 +12,8 @@ from agent.demo.data import load_images
 from agent.detect.adversarial.watch import SCORE_KEY, VERDICT_KEY
 from agent.modelserver.repository import BUNDLED_REPOSITORY
 from agent.protocol.client import InferenceClient
-from tests.adversarial_data import adversarial_and_benign
-from tests.harness import http_get, metric_value, start_sidecar
+from tests.support.adversarial_data import adversarial_and_benign
+from tests.support.harness import http_get, metric_value, start_sidecar
 
 MODEL = "mnist_cnn"
 
@@ -125,7 +125,7 @@ def test_model_whose_hash_does_not_match_its_calibration_is_refused(tmp_path):
     import shutil
     import subprocess
 
-    from tests.harness import sidewatch
+    from tests.support.harness import sidewatch
 
     repository = tmp_path / "models"
     shutil.copytree(BUNDLED_REPOSITORY, repository)

@@ -8,7 +8,7 @@ import pytest
 
 from agent.admin.server import TOKEN_ENV, admin_token
 from agent.config import ConfigError, load_config
-from tests.harness import sidewatch
+from tests.support.harness import sidewatch
 
 RULE = """
 alerts:
@@ -88,7 +88,7 @@ def test_commented_examples_in_the_shipped_config_are_valid():
     import yaml
 
     from agent.config import ServeConfig
-    from tests.harness import REPO
+    from tests.support.harness import REPO
 
     text = (REPO / "deploy" / "sidewatch.yaml").read_text()
     start = text.index("# --- Alerts and rollback")
@@ -103,7 +103,7 @@ def test_commented_examples_in_the_shipped_config_are_valid():
 
 
 def test_demo_alerting_config_is_valid():
-    from tests.harness import REPO
+    from tests.support.harness import REPO
 
     config = load_config(REPO / "agent" / "demo" / "sidewatch-demo.yaml")
     [rule] = config.alerts.rules

@@ -14,8 +14,8 @@ import pytest
 from agent.demo.data import load_adversarial, load_images
 from agent.modelserver.repository import BUNDLED_REPOSITORY
 from agent.protocol.client import InferenceClient
-from tests.alert_harness import admin_config, admin_request, metric, read_audit, wait_until, write_config, write_token
-from tests.harness import start_model_server, start_sidecar
+from tests.support.alert_harness import admin_config, admin_request, metric, read_audit, wait_until, write_config, write_token
+from tests.support.harness import start_model_server, start_sidecar
 
 MODEL = "mnist_cnn"
 RULE = "AdversarialRateHigh"

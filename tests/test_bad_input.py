@@ -26,7 +26,7 @@ from agent.detect.adversarial.watch import ERROR_KEY
 from agent.modelserver.repository import BUNDLED_REPOSITORY
 from agent.protocol import codec, oip_pb2, paths
 from agent.protocol.peek import peek_model
-from tests.harness import http_get, metric_value, start_sidecar
+from tests.support.harness import http_get, metric_value, start_sidecar
 
 MODEL = "mnist_cnn"
 MAX_MESSAGE_BYTES = 1 << 20

@@ -7,7 +7,7 @@ import subprocess
 import pytest
 
 from agent.config import ConfigError, load_config
-from tests.harness import sidewatch
+from tests.support.harness import sidewatch
 
 
 def test_defaults_are_valid():
@@ -52,7 +52,7 @@ def test_check_config_command(tmp_path):
 
 
 def test_shipped_config_is_accepted():
-    from tests.harness import REPO
+    from tests.support.harness import REPO
 
     done = subprocess.run(sidewatch("serve", "--config", str(REPO / "deploy" / "sidewatch.yaml"), "--check-config"),
                           capture_output=True, text=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 import subprocess
 
-from tests.harness import sidewatch
+from tests.support.harness import sidewatch
 
 
 def test_demo_runs_and_shows_traffic():

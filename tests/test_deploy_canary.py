@@ -18,8 +18,8 @@ import time
 
 import yaml
 
-from tests.deploy_kustomize import load_all
-from tests.harness import REPO, Process, free_port, prometheus_query, start_model_server, start_sidecar, wait_for_http
+from tests.support.deploy_kustomize import load_all
+from tests.support.harness import REPO, Process, free_port, prometheus_query, start_model_server, start_sidecar, wait_for_http
 
 TEMPLATE = REPO / "deploy" / "k8s" / "overlays" / "triton-canary" / "analysistemplate.yaml"
 TRAFFIC = REPO / "deploy" / "compose" / "traffic.py"

@@ -21,8 +21,8 @@ import pytest
 import yaml
 
 from agent.config import ServeConfig, split_address
-from tests.deploy_dockerfile import parse_dockerfile
-from tests.harness import REPO, Process, free_port, http_get, metric_value, sidewatch
+from tests.support.deploy_dockerfile import parse_dockerfile
+from tests.support.harness import REPO, Process, free_port, http_get, metric_value, sidewatch
 
 DEPLOY = REPO / "deploy"
 COMPOSE_FILE = DEPLOY / "docker-compose.yml"

@@ -1,6 +1,6 @@
 """The container images, checked offline: Docker cannot run here, so no image is built.
 
-The Dockerfiles are parsed (tests/deploy_dockerfile.py) and checked against the project: the base image
+The Dockerfiles are parsed (tests/support/deploy_dockerfile.py) and checked against the project: the base image
 and the Python the project requires, the non-root user, the entry point, every COPY source present in
 the build context that .dockerignore leaves, the ports the configuration uses, and the GPU image's
 onnxruntime swap against pyproject's gpu extra. The build stage's one real step, building the wheel, is
@@ -19,8 +19,8 @@ import zipfile
 import pytest
 
 from agent.config import Admin, ServeConfig, split_address
-from tests.deploy_dockerfile import DockerIgnore, parse_dockerfile
-from tests.harness import REPO
+from tests.support.deploy_dockerfile import DockerIgnore, parse_dockerfile
+from tests.support.harness import REPO
 
 DOCKERFILES = [REPO / "deploy" / "Dockerfile", REPO / "deploy" / "Dockerfile.gpu"]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())

@@ -1,6 +1,6 @@
 """The Kubernetes manifests (deploy/k8s/), built and checked offline.
 
-Each overlay is built by tests/deploy_kustomize.py (checked against `kubectl kustomize` where kubectl is
+Each overlay is built by tests/support/deploy_kustomize.py (checked against `kubectl kustomize` where kubectl is
 installed) on a copy of deploy/k8s/ whose secret material comes from deploy/k8s/make-dev-secrets.sh. Then:
 every built-in object validates against the Kubernetes schemas (kubernetes-validate, oldest and newest
 supported version, strict); the custom resources have what their operators require (written down below
@@ -39,11 +39,20 @@ from agent.alerts.hooks import HookCall, HookFailed
 from agent.alerts.hooks import argo_rollouts as argo_hook
 from agent.alerts.hooks import kubernetes as kubernetes_hook
 from agent.config import ServeConfig, split_address
-from tests import kube_api
-from tests.deploy_dockerfile import parse_dockerfile
-from tests.deploy_kustomize import MERGE_KEYS, build, load_all
-from tests.harness import REPO, Process, free_port, http_get, prometheus_query, sidewatch, start_model_server, wait_for_http
-from tests.kube_api import KubeAPI, status_object
+from tests.support import kube_api
+from tests.support.deploy_dockerfile import parse_dockerfile
+from tests.support.deploy_kustomize import MERGE_KEYS, build, load_all
+from tests.support.harness import (
+    REPO,
+    Process,
+    free_port,
+    http_get,
+    prometheus_query,
+    sidewatch,
+    start_model_server,
+    wait_for_http,
+)
+from tests.support.kube_api import KubeAPI, status_object
 from tests.test_rollback_webhook import make_incident
 
 K8S = REPO / "deploy" / "k8s"
@@ -620,7 +629,7 @@ def test_the_base_pod_runs_and_answers_its_probes_and_alertmanager_over_tls(buil
 
 
 class EnforcingKubeAPI(KubeAPI):
-    """tests/kube_api.py's stand-in, with RBAC: a request is allowed only by a rule of a Role bound to the
+    """tests/support/kube_api.py's stand-in, with RBAC: a request is allowed only by a rule of a Role bound to the
     service account (apiGroups, resources with subresource, verbs, resourceNames, namespace), as the
     RBAC authorizer decides; otherwise 403 with the real message. Records which rule allowed what."""
 

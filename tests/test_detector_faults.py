@@ -17,7 +17,7 @@ from agent.demo.data import load_images
 from agent.detect.adversarial.watch import ERROR_KEY, VERDICT_KEY
 from agent.modelserver.repository import BUNDLED_REPOSITORY
 from agent.protocol.client import InferenceClient
-from tests.harness import free_port, start_model_server
+from tests.support.harness import free_port, start_model_server
 
 MODEL = "mnist_cnn"
 

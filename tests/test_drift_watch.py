@@ -17,7 +17,7 @@ from agent.detect.registry import DetectorRegistry
 from agent.metrics import BoundedModels, DriftMetrics
 from agent.modelserver.repository import BUNDLED_REPOSITORY
 from agent.protocol.client import InferenceClient
-from tests.harness import http_get, metric_value, start_model_server, start_sidecar
+from tests.support.harness import http_get, metric_value, start_model_server, start_sidecar
 
 MODEL = "mnist_cnn"
 

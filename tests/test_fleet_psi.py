@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from agent.detect.drift.fleet import FleetBins, psi, reference_bins
 from agent.metrics import DriftMetrics
-from tests.harness import REPO, free_port, prometheus_query, start_prometheus
+from tests.support.harness import REPO, free_port, prometheus_query, start_prometheus
 
 RULES = REPO / "deploy" / "prometheus" / "recording-rules.yml"
 

@@ -1,4 +1,4 @@
-"""Fuzzing a running sidecar over gRPC: bad ModelInfer requests (tests/fuzz_inputs.py) through a real
+"""Fuzzing a running sidecar over gRPC: bad ModelInfer requests (tests/support/fuzz_inputs.py) through a real
 sidecar in shadow and in enforce mode (which decodes and scores requests on the hot path), in front of the
 real model server.
 
@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.modelserver.repository import BUNDLED_REPOSITORY
-from tests.fuzz_inputs import requests, valid_request
-from tests.harness import http_get, start_model_server, start_sidecar
+from tests.support.fuzz_inputs import requests, valid_request
+from tests.support.harness import http_get, start_model_server, start_sidecar
 from tests.test_bad_input import Answer
 
 EXAMPLES = 300   # per mode

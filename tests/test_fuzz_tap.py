@@ -1,7 +1,7 @@
 """Fuzzing the tap consumer: bad copies of inference calls through a real Tap whose sinks are the real
 detectors of the bundled model (feature squeezing in shadow mode, drift and anomaly).
 
-Properties, for every input hypothesis makes (tests/fuzz_inputs.py): ``offer`` never raises; each copy is
+Properties, for every input hypothesis makes (tests/support/fuzz_inputs.py): ``offer`` never raises; each copy is
 accounted for exactly once (decoded, or counted as a decode error); no detector raises (what a detector
 cannot take is counted by reason, never thrown); the consumer thread stays alive; and after the fuzzing a
 good copy is still decoded, scored and watched for drift.
@@ -24,7 +24,7 @@ from agent.detect.registry import DetectorRegistry
 from agent.metrics import DetectionMetrics, DriftMetrics, ProxyMetrics
 from agent.modelserver.repository import BUNDLED_REPOSITORY
 from agent.protocol import oip_pb2
-from tests.fuzz_inputs import MODEL, requests, responses, valid_request, valid_response
+from tests.support.fuzz_inputs import MODEL, requests, responses, valid_request, valid_response
 
 EXAMPLES = 1000
 

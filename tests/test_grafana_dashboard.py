@@ -30,8 +30,8 @@ from agent.demo.data import BENIGN_STREAM, load_adversarial, load_images
 from agent.demo.run import drifted
 from agent.modelserver.repository import BUNDLED_REPOSITORY
 from agent.protocol.client import InferenceClient
-from tests.alert_harness import admin_config, metric, wait_until, write_config, write_token
-from tests.harness import (
+from tests.support.alert_harness import admin_config, metric, wait_until, write_config, write_token
+from tests.support.harness import (
     REPO,
     Process,
     shipped_alertmanager_config,

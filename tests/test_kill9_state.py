@@ -32,8 +32,8 @@ from agent.alerts.audit import AuditLog
 from agent.demo.data import load_images
 from agent.modelserver.repository import BUNDLED_REPOSITORY
 from agent.protocol.client import InferenceClient
-from tests.alert_harness import admin_config, admin_request, wait_until, write_config, write_token
-from tests.harness import Process, start_model_server, start_sidecar
+from tests.support.alert_harness import admin_config, admin_request, wait_until, write_config, write_token
+from tests.support.harness import Process, start_model_server, start_sidecar
 from tests.test_rollback_webhook import SECRET, WebhookReceiver
 
 KILLS = 20            # kills of the log writer and of the checkpoint writer

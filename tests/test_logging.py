@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from agent.protocol.client import InferenceClient
-from tests.harness import start_model_server, start_sidecar
+from tests.support.harness import start_model_server, start_sidecar
 
 # A tensor whose values would be easy to spot in a log, as numbers or as raw bytes.
 MARKER = np.full((1, 1, 28, 28), 0.123456789, dtype=np.float32)

@@ -10,7 +10,7 @@ import pytest
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
-from tests.harness import REPO, Process, free_port, start_sidecar, wait_for_http
+from tests.support.harness import REPO, Process, free_port, start_sidecar, wait_for_http
 
 MLSERVER_VENV = REPO / ".venv-mlserver"
 MODEL = "iris"

@@ -10,8 +10,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.harness import http_get, metric_value, start_sidecar
-from tests.upstream import ECHO_STREAM, ECHO_UNARY, MODEL_INFER, RecordingUpstream
+from tests.support.harness import http_get, metric_value, start_sidecar
+from tests.support.upstream import ECHO_STREAM, ECHO_UNARY, MODEL_INFER, RecordingUpstream
 
 
 def _canned_response() -> bytes:
@@ -138,7 +138,7 @@ def test_message_size_limit(upstream, tmp_path):
 
 
 def test_upstream_down_gives_unavailable(tmp_path):
-    from tests.harness import free_port
+    from tests.support.harness import free_port
 
     process, port, _ = start_sidecar(tmp_path, free_port())
     try:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.harness import REPO
+from tests.support.harness import REPO
 
 PROMETHEUS_DIR = REPO / "deploy" / "prometheus"
 RECORDING_RULES = PROMETHEUS_DIR / "recording-rules.yml"

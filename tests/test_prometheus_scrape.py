@@ -8,7 +8,7 @@ import numpy as np
 
 from agent.demo.data import load_images
 from agent.protocol.client import InferenceClient
-from tests.harness import prometheus_query, start_model_server, start_prometheus, start_sidecar
+from tests.support.harness import prometheus_query, start_model_server, start_prometheus, start_sidecar
 
 
 def test_prometheus_scrapes_request_counters(tmp_path):

@@ -14,8 +14,8 @@ import urllib.request
 
 import pytest
 
-from tests.alert_harness import admin_config, admin_request, metric, wait_until, write_config, write_token
-from tests.harness import Process, http_get, start_alertmanager, start_model_server, start_sidecar
+from tests.support.alert_harness import admin_config, admin_request, metric, wait_until, write_config, write_token
+from tests.support.harness import Process, http_get, start_alertmanager, start_model_server, start_sidecar
 
 ALERT = "SidewatchAdversarialRateHigh"
 

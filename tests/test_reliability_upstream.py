@@ -20,8 +20,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from agent.modelserver.repository import BUNDLED_REPOSITORY
 from agent.protocol import codec, oip_pb2, paths
-from tests.harness import Process, free_port, http_get, metric_value, sidewatch, start_sidecar
-from tests.upstream import MODEL_INFER, RecordingUpstream
+from tests.support.harness import Process, free_port, http_get, metric_value, sidewatch, start_sidecar
+from tests.support.upstream import MODEL_INFER, RecordingUpstream
 
 MODEL = "mnist_cnn"
 DEADLINE = 10.0      # every call's deadline: a call that hangs would end with DEADLINE_EXCEEDED
@@ -240,7 +240,7 @@ def test_upstream_ending_a_stream_mid_request_keeps_its_own_status(tmp_path):
     """An upstream that ends a bidirectional call while requests are still being relayed to it: grpc.aio
     can report that as INTERNAL "Internal error from Core" (grpc/grpc#36066); callers get the upstream's
     own status, details and trailers every time."""
-    from tests.upstream import ECHO_STREAM
+    from tests.support.upstream import ECHO_STREAM
 
     with RecordingUpstream() as upstream:
         sidecar, port, metrics_port = start_sidecar(tmp_path, upstream.port)

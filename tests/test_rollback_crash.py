@@ -17,7 +17,7 @@ import threading
 import time
 
 from agent.alerts.audit import AuditLog
-from tests.harness import Process
+from tests.support.harness import Process
 from tests.test_rollback_webhook import SECRET, WebhookReceiver
 
 DRIVER = """

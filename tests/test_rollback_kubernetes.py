@@ -1,4 +1,4 @@
-"""The kubernetes and argo-rollouts hooks against the stand-in API server (tests/kube_api.py), over HTTPS,
+"""The kubernetes and argo-rollouts hooks against the stand-in API server (tests/support/kube_api.py), over HTTPS,
 in-cluster (service-account files and KUBERNETES_SERVICE_* pointed at temporary ones) and by kubeconfig."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import yaml
 
 from agent.alerts.hooks import HookCall, HookFailed, argo_rollouts, kubernetes
 from agent.config.rollback import ArgoRolloutsHook, KubernetesHook
-from tests import kube_api
-from tests.kube_api import KubeAPI
+from tests.support import kube_api
+from tests.support.kube_api import KubeAPI
 from tests.test_rollback_webhook import make_incident
 
 NS = "models"
@@ -247,7 +247,7 @@ def test_kubeconfig_with_an_exec_plugin_is_refused_clearly(api, tmp_path):
 
 
 def test_server_certificate_is_verified(api, mnist, tmp_path, in_cluster):
-    from tests.certs import CertificateAuthority
+    from tests.support.certs import CertificateAuthority
 
     other = tmp_path / "other-ca"
     other.mkdir()

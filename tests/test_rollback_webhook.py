@@ -176,7 +176,7 @@ def test_redirects_are_not_followed(secret_file):
 
 
 def test_unreachable_receiver_and_unreadable_secret_are_failures(tmp_path, secret_file):
-    from tests.harness import free_port
+    from tests.support.harness import free_port
 
     hook = WebhookHook(type="webhook", url=f"http://127.0.0.1:{free_port()}/", secret_file=secret_file)
     with pytest.raises(HookFailed, match="cannot reach"):

@@ -20,7 +20,7 @@ from agent.dataplane.routes import Pin, RouteTable, rewrite_version
 from agent.dataplane.tap import Tap
 from agent.metrics import ProxyMetrics
 from agent.protocol import codec, oip_pb2, paths
-from tests.harness import free_port
+from tests.support.harness import free_port
 
 MODEL = "mnist_cnn"
 

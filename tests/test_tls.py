@@ -10,9 +10,9 @@ import urllib.request
 import grpc
 import pytest
 
-from tests.certs import CertificateAuthority
-from tests.harness import free_port, start_sidecar
-from tests.upstream import ECHO_UNARY, RecordingUpstream
+from tests.support.certs import CertificateAuthority
+from tests.support.harness import free_port, start_sidecar
+from tests.support.upstream import ECHO_UNARY, RecordingUpstream
 
 
 @pytest.fixture(scope="module")

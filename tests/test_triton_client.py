@@ -11,7 +11,7 @@ import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
 from agent.demo.data import load_images
-from tests.harness import http_get, metric_value, start_model_server, start_sidecar
+from tests.support.harness import http_get, metric_value, start_model_server, start_sidecar
 
 MODEL = "mnist_cnn"
 

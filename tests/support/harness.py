@@ -14,7 +14,7 @@ from pathlib import Path
 
 import grpc
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]  # tests/support/harness.py -> the repository
 
 
 def free_port() -> int:

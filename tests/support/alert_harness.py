@@ -8,7 +8,7 @@ import secrets
 import time
 from pathlib import Path
 
-from tests.harness import free_port, http_get, metric_value
+from tests.support.harness import free_port, http_get, metric_value
 
 
 def write_token(tmp_path: Path, name: str = "admin-token") -> tuple[str, Path]:

@@ -8,7 +8,8 @@ import numpy as np
 
 from agent.demo.data import load_images
 
-COMMITTED = Path(__file__).resolve().parent / "data" / "adversarial_mnist.npz"
+# tests/data/, beside this package (bench/make_adversarial_testdata.py writes it).
+COMMITTED = Path(__file__).resolve().parents[1] / "data" / "adversarial_mnist.npz"
 
 
 def adversarial_and_benign() -> tuple[np.ndarray, np.ndarray]:
