@@ -15,7 +15,6 @@ both cases it is counted, and the sidecar goes on serving. Which input gets whic
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import grpc
 import numpy as np
@@ -26,6 +25,7 @@ from agent.detect.adversarial.watch import ERROR_KEY
 from agent.modelserver.repository import BUNDLED_REPOSITORY
 from agent.protocol import codec, oip_pb2, paths
 from agent.protocol.peek import peek_model
+from tests.support.answer import Answer
 from tests.support.harness import http_get, metric_value, start_sidecar
 
 MODEL = "mnist_cnn"
@@ -82,22 +82,6 @@ BAD_INPUTS = {
     "empty_batch": (_request(np.zeros((0, 1, 28, 28), np.float32)), 0),
 }
 NON_FINITE_ROWS = 3   # all_nan, all_inf, some_nan
-
-
-@dataclass
-class Answer:
-    code: grpc.StatusCode
-    details: str
-    response: bytes | None
-    trailers: dict
-
-    @classmethod
-    def of(cls, channel: grpc.Channel, request: bytes, method: str = paths.MODEL_INFER) -> "Answer":
-        try:
-            response, call = channel.unary_unary(method).with_call(request, timeout=10)
-            return cls(grpc.StatusCode.OK, "", response, dict(call.trailing_metadata()))
-        except grpc.RpcError as err:
-            return cls(err.code(), err.details(), None, dict(err.trailing_metadata() or ()))
 
 
 @pytest.fixture(scope="module", params=["shadow", "enforce"])

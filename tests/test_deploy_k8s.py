@@ -53,7 +53,7 @@ from tests.support.harness import (
     wait_for_http,
 )
 from tests.support.kube_api import KubeAPI, status_object
-from tests.test_rollback_webhook import make_incident
+from tests.support.webhook import make_incident
 
 K8S = REPO / "deploy" / "k8s"
 OVERLAYS = ["base", "overlays/triton", "overlays/mlserver", "overlays/triton-canary"]

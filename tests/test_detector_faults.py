@@ -3,62 +3,16 @@ break its detector, and real gRPC calls go through it to the bundled model serve
 
 from __future__ import annotations
 
-import asyncio
-import threading
 import time
 
 import numpy as np
 import pytest
-from prometheus_client import CollectorRegistry
 
-from agent.app import Sidecar, limit_native_threads
-from agent.config import load_config
+from agent.app import Sidecar
 from agent.demo.data import load_images
 from agent.detect.adversarial.watch import ERROR_KEY, VERDICT_KEY
-from agent.modelserver.repository import BUNDLED_REPOSITORY
 from agent.protocol.client import InferenceClient
-from tests.support.harness import free_port, start_model_server
-
-MODEL = "mnist_cnn"
-
-
-class InProcessSidecar:
-    """A Sidecar on its own event loop in a thread."""
-
-    def __init__(self, config) -> None:
-        limit_native_threads()  # as `sidewatch serve` does for its process
-        self.registry = CollectorRegistry()
-        self.sidecar = Sidecar(config, self.registry)
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-
-    def __enter__(self) -> "InProcessSidecar":
-        self.thread.start()
-        asyncio.run_coroutine_threadsafe(self.sidecar.start(), self.loop).result(30)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        asyncio.run_coroutine_threadsafe(self.sidecar.stop(), self.loop).result(30)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-
-    def value(self, name, **labels) -> float:
-        return self.registry.get_sample_value(name, labels) or 0.0
-
-
-@pytest.fixture(scope="module")
-def model_port(tmp_path_factory):
-    process, port = start_model_server(tmp_path_factory.mktemp("models"))
-    yield port
-    process.stop()
-
-
-def _config(model_port, mode):
-    return load_config(overrides={
-        "listen": f"127.0.0.1:{free_port()}", "upstream.address": f"127.0.0.1:{model_port}",
-        "metrics.listen": f"127.0.0.1:{free_port()}",
-        "detection.model_repository": str(BUNDLED_REPOSITORY), "detection.adversarial_mode": mode,
-    })
+from tests.support.in_process import MODEL, InProcessSidecar, sidecar_config
 
 
 def _break_detectors(sidecar: Sidecar) -> None:
@@ -70,10 +24,10 @@ def _break_detectors(sidecar: Sidecar) -> None:
 
 
 @pytest.mark.parametrize("mode", ["shadow", "flag", "enforce"])
-def test_broken_detector_leaves_calls_untouched(model_port, mode):
-    config = _config(model_port, mode)
+def test_broken_detector_leaves_calls_untouched(model_server, mode):
+    config = sidecar_config(model_server, mode)
     images = load_images()[0][:20]
-    direct = InferenceClient(f"127.0.0.1:{model_port}")
+    direct = InferenceClient(f"127.0.0.1:{model_server}")
     expected = direct.infer(MODEL, {"input": images}, version="1")[0]["probabilities"]
     direct.close()
     with InProcessSidecar(config) as running:

@@ -15,9 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.modelserver.repository import BUNDLED_REPOSITORY
+from tests.support.answer import Answer
 from tests.support.fuzz_inputs import requests, valid_request
 from tests.support.harness import http_get, start_model_server, start_sidecar
-from tests.test_bad_input import Answer
 
 EXAMPLES = 300   # per mode
 REJECTED = "sidewatch: input rejected as adversarial"

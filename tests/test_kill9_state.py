@@ -34,7 +34,7 @@ from agent.modelserver.repository import BUNDLED_REPOSITORY
 from agent.protocol.client import InferenceClient
 from tests.support.alert_harness import admin_config, admin_request, wait_until, write_config, write_token
 from tests.support.harness import Process, start_model_server, start_sidecar
-from tests.test_rollback_webhook import SECRET, WebhookReceiver
+from tests.support.webhook import SECRET, WebhookReceiver
 
 KILLS = 20            # kills of the log writer and of the checkpoint writer
 SIDECAR_KILLS = 6     # kills of the whole sidecar

@@ -22,9 +22,8 @@ from agent.demo.data import load_images
 from agent.logs import ThrottledLog
 from agent.metrics import ProxyMetrics
 from agent.protocol.client import InferenceClient
-from tests.test_detector_faults import MODEL, InProcessSidecar, _config
-from tests.test_detector_faults import model_port as model_port  # noqa: F401 - the fixture, shared
-from tests.test_tap import _record
+from tests.support.in_process import MODEL, InProcessSidecar, sidecar_config
+from tests.support.tap_records import tap_record
 
 
 def wait_for(condition, what: str, timeout: float = 20.0):
@@ -83,7 +82,7 @@ def test_raising_sink_is_counted_every_time_and_logged_once(caplog):
     with caplog.at_level(logging.ERROR, logger="agent.dataplane.tap"):
         tap.start()
         for _ in range(200):
-            assert tap.offer(_record())
+            assert tap.offer(tap_record())
         wait_for(lambda: len(delivered) == 200, "every copy at the healthy sink")
         tap.stop()
     assert _value(registry, "sidewatch_tap_sink_errors_total", sink="broken") == 200
@@ -106,12 +105,12 @@ def test_hung_sink_is_given_up_on_the_others_go_on_and_it_resumes_when_it_return
     tap.add_sink("collector", delivered.append)
     with caplog.at_level(logging.WARNING, logger="agent.dataplane.tap"):
         tap.start()
-        assert tap.offer(_record())
+        assert tap.offer(tap_record())
         wait_for(lambda: hung_calls, "the first call into the hanging sink")
         # Given up on after the timeout: the collector gets copies again, the hung sink none.
         wait_for(lambda: _value(registry, "sidewatch_tap_sink_timeouts_total", sink="hangs") == 1, "the timeout")
         for _ in range(20):
-            assert tap.offer(_record())
+            assert tap.offer(tap_record())
         wait_for(lambda: len(delivered) == 20, "copies at the healthy sink while the other hangs")
         assert len(hung_calls) == 1
         assert len(_lines(caplog, "tap sink hangs has not returned")) == 1
@@ -119,7 +118,7 @@ def test_hung_sink_is_given_up_on_the_others_go_on_and_it_resumes_when_it_return
         release.set()                         # the hung call returns: the sink gets copies again
         wait_for(lambda: _lines(caplog, "tap sink hangs returned"), "the hung call to return")
         for _ in range(5):
-            assert tap.offer(_record())
+            assert tap.offer(tap_record())
         wait_for(lambda: len(delivered) == 25 and len(hung_calls) == 6, "both sinks fed again")
         tap.stop()
     assert _value(registry, "sidewatch_tap_sink_timeouts_total", sink="hangs") == 1
@@ -141,14 +140,14 @@ def test_slow_sink_fills_the_queue_drops_are_counted_and_logged_once_then_it_cat
     tap.add_sink("slow", sink)
     with caplog.at_level(logging.WARNING, logger="agent.dataplane.tap"):
         tap.start()
-        offered = [tap.offer(_record()) for _ in range(100)]     # faster than 20 copies a second
+        offered = [tap.offer(tap_record()) for _ in range(100)]     # faster than 20 copies a second
         assert not all(offered)                                   # the queue filled: offer never waited
         dropped = _value(registry, "sidewatch_tap_dropped_total")
         assert dropped == offered.count(False) > 0
         assert len(_lines(caplog, "tap queue full")) == 1
         slow.clear()                                              # the detector is fast again
         wait_for(lambda: len(seen) == offered.count(True), "the queue to drain")
-        assert all(tap.offer(_record()) for _ in range(8))
+        assert all(tap.offer(tap_record()) for _ in range(8))
         wait_for(lambda: len(seen) == offered.count(True) + 8, "new copies processed")
         tap.stop()
     assert _value(registry, "sidewatch_tap_sink_timeouts_total", sink="slow") == 0
@@ -157,8 +156,8 @@ def test_slow_sink_fills_the_queue_drops_are_counted_and_logged_once_then_it_cat
 # --- a whole sidecar in shadow mode, one real detector broken ----------------------------------------
 
 
-def _shadow_sidecar(model_port, queue_size=8):
-    config = _config(model_port, "shadow")
+def _shadow_sidecar(model_server, queue_size=8):
+    config = sidecar_config(model_server, "shadow")
     config.tap.queue_size = queue_size
     config.tap.sink_timeout_seconds = 1.0
     return config
@@ -173,18 +172,18 @@ def _call_many(client, images, expected, count: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def traffic(model_port):  # noqa: F811 - the fixture imported above
+def traffic(model_server):
     images = load_images()[0][:50]
-    direct = InferenceClient(f"127.0.0.1:{model_port}")
+    direct = InferenceClient(f"127.0.0.1:{model_server}")
     expected = direct.infer(MODEL, {"input": images}, version="1")[0]["probabilities"]
     direct.close()
     return images, expected
 
 
-def test_hanging_detector_leaves_calls_and_the_drift_detectors_untouched_and_resumes(model_port, traffic, caplog):  # noqa: F811
+def test_hanging_detector_leaves_calls_and_the_drift_detectors_untouched_and_resumes(model_server, traffic, caplog):
     images, expected = traffic
     release = threading.Event()
-    with caplog.at_level(logging.WARNING), InProcessSidecar(_shadow_sidecar(model_port)) as running:
+    with caplog.at_level(logging.WARNING), InProcessSidecar(_shadow_sidecar(model_server)) as running:
         for calibrated in running.sidecar.watch.registry:
             healthy = calibrated.detector.score
 
@@ -218,11 +217,11 @@ def test_hanging_detector_leaves_calls_and_the_drift_detectors_untouched_and_res
     assert running.value("sidewatch_tap_sink_errors_total", sink="adversarial") == 0
 
 
-def test_slow_detector_drops_copies_not_calls_and_catches_up(model_port, traffic, caplog):  # noqa: F811
+def test_slow_detector_drops_copies_not_calls_and_catches_up(model_server, traffic, caplog):
     images, expected = traffic
     slow = threading.Event()
     slow.set()
-    with caplog.at_level(logging.WARNING), InProcessSidecar(_shadow_sidecar(model_port)) as running:
+    with caplog.at_level(logging.WARNING), InProcessSidecar(_shadow_sidecar(model_server)) as running:
         for calibrated in running.sidecar.watch.registry:
             healthy = calibrated.detector.score
 
@@ -251,9 +250,9 @@ def test_slow_detector_drops_copies_not_calls_and_catches_up(model_port, traffic
     assert running.value("sidewatch_requests_total", model=MODEL, version="1", method="ModelInfer", code="OK") == 320
 
 
-def test_raising_drift_sink_is_counted_logged_once_and_the_adversarial_detector_goes_on(model_port, traffic, caplog):  # noqa: F811
+def test_raising_drift_sink_is_counted_logged_once_and_the_adversarial_detector_goes_on(model_server, traffic, caplog):
     images, expected = traffic
-    with caplog.at_level(logging.WARNING), InProcessSidecar(_shadow_sidecar(model_port, queue_size=1024)) as running:
+    with caplog.at_level(logging.WARNING), InProcessSidecar(_shadow_sidecar(model_server, queue_size=1024)) as running:
         for drift in running.sidecar.drift.models.values():
             def broken(inference):
                 raise RuntimeError("injected drift failure")
@@ -268,12 +267,12 @@ def test_raising_drift_sink_is_counted_logged_once_and_the_adversarial_detector_
         assert len(_lines(caplog, "tap sink drift failed")) == 1
 
 
-def test_shutdown_with_a_hung_detector_finishes(model_port, traffic):  # noqa: F811
+def test_shutdown_with_a_hung_detector_finishes(model_server, traffic):
     """SIGTERM while the drift sink hangs: the sidecar stops (calls drained, the adversarial detector's
     last batch scored) instead of hanging in that sink's final flush."""
     images, expected = traffic
     release = threading.Event()
-    running = InProcessSidecar(_shadow_sidecar(model_port))
+    running = InProcessSidecar(_shadow_sidecar(model_server))
     with running:
         for drift in running.sidecar.drift.models.values():
             drift.flush = lambda: release.wait(120)      # the next micro-batch of 64 rows never returns

@@ -11,7 +11,7 @@ import pytest
 
 from agent.alerts.hooks import HookCall, HookFailed, command
 from agent.config.rollback import CommandHook
-from tests.test_rollback_webhook import make_incident
+from tests.support.webhook import make_incident
 
 # Writes its arguments and environment as JSON to the file named by its first argument.
 RECORDER = """

@@ -18,7 +18,7 @@ import time
 
 from agent.alerts.audit import AuditLog
 from tests.support.harness import Process
-from tests.test_rollback_webhook import SECRET, WebhookReceiver
+from tests.support.webhook import SECRET, WebhookReceiver
 
 DRIVER = """
 import json, sys, time

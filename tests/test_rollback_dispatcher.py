@@ -18,7 +18,7 @@ from agent.alerts.incident import Alert, alert_key
 from agent.config.rollback import RollbackConfig
 from agent.dataplane.routes import RouteTable
 from agent.metrics import AlertMetrics
-from tests.test_rollback_webhook import SECRET, WebhookReceiver
+from tests.support.webhook import SECRET, WebhookReceiver
 
 # Appends one line to the file named by its argument: the number of lines is the number of runs.
 COUNTER = "import sys; open(sys.argv[1], 'a').write('ran\\n')"

@@ -17,7 +17,7 @@ from agent.alerts.hooks import HookCall, HookFailed, argo_rollouts, kubernetes
 from agent.config.rollback import ArgoRolloutsHook, KubernetesHook
 from tests.support import kube_api
 from tests.support.kube_api import KubeAPI
-from tests.test_rollback_webhook import make_incident
+from tests.support.webhook import make_incident
 
 NS = "models"
 TOKEN = "sidewatch-token"

@@ -16,7 +16,7 @@ from agent.protocol import oip_pb2, paths
 from agent.protocol.client import InferenceClient
 from tests.support.alert_harness import admin_config, admin_request, metric, read_audit, wait_until, write_config, write_token
 from tests.support.harness import Process, free_port, sidewatch, start_sidecar
-from tests.test_rollback_webhook import SECRET, WebhookReceiver
+from tests.support.webhook import SECRET, WebhookReceiver
 
 MODEL = "mnist_cnn"
 

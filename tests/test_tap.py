@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from agent.dataplane.tap import Tap, TapRecord
+from agent.dataplane.tap import Tap
 from agent.metrics import ProxyMetrics
-from agent.protocol import codec, oip_pb2
+from agent.protocol import oip_pb2
+from tests.support.tap_records import tap_record
 
 
 @pytest.fixture
@@ -22,27 +23,13 @@ def _tap(registry, size=4) -> Tap:
     return Tap(ProxyMetrics(registry, max_models=8), size, poll_seconds=0.001)
 
 
-def _record(method="ModelInfer", request=None, response=None) -> TapRecord:
-    if request is None:
-        req = oip_pb2.ModelInferRequest(model_name="m", model_version="1")
-        codec.add_input(req, "x", np.arange(6, dtype=np.float32).reshape(2, 3))
-        request = req.SerializeToString()
-    if response is None:
-        resp = oip_pb2.ModelInferResponse(model_name="m", model_version="1")
-        codec.add_output(resp, "y", np.array([[0.25, 0.75]], dtype=np.float32))
-        response = resp.SerializeToString()
-        if method == "ModelStreamInfer":
-            response = oip_pb2.ModelStreamInferResponse(infer_response=resp).SerializeToString()
-    return TapRecord(method, "m", "1", request, response, time.time(), 0.001)
-
-
 def _value(registry, name, **labels):
     return registry.get_sample_value(name, labels) or 0.0
 
 
 def test_full_queue_drops_and_counts_without_blocking(registry):
     tap = _tap(registry, size=2)
-    results = [tap.offer(_record()) for _ in range(5)]
+    results = [tap.offer(tap_record()) for _ in range(5)]
     assert results == [True, True, False, False, False]
     assert _value(registry, "sidewatch_tap_dropped_total") == 3
     assert _value(registry, "sidewatch_tap_enqueued_total") == 2
@@ -50,7 +37,7 @@ def test_full_queue_drops_and_counts_without_blocking(registry):
 
 
 def test_decode_unary_record(registry):
-    inference = _tap(registry).decode(_record())
+    inference = _tap(registry).decode(tap_record())
     np.testing.assert_array_equal(inference.inputs["x"], np.arange(6, dtype=np.float32).reshape(2, 3))
     np.testing.assert_array_equal(inference.outputs["y"], [[0.25, 0.75]])
     assert (inference.model, inference.version) == ("m", "1")
@@ -58,18 +45,18 @@ def test_decode_unary_record(registry):
 
 def test_decode_streamed_record_unwraps_the_stream_response(registry):
     tap = _tap(registry)
-    inference = tap.decode(_record(method="ModelStreamInfer"))
+    inference = tap.decode(tap_record(method="ModelStreamInfer"))
     np.testing.assert_array_equal(inference.outputs["y"], [[0.25, 0.75]])
     error = oip_pb2.ModelStreamInferResponse(error_message="model failed").SerializeToString()
-    inference = tap.decode(_record(method="ModelStreamInfer", response=error))
+    inference = tap.decode(tap_record(method="ModelStreamInfer", response=error))
     assert inference.outputs == {} and inference.inputs["x"].shape == (2, 3)
 
 
 @pytest.mark.parametrize("part, record", [
-    ("request", _record(request=b"\xff\xff\xff")),
-    ("response", _record(response=b"\x0a\xff")),
+    ("request", tap_record(request=b"\xff\xff\xff")),
+    ("response", tap_record(response=b"\x0a\xff")),
     # Shape says 4 elements, the bytes hold 6 floats.
-    ("request", _record(request=oip_pb2.ModelInferRequest(
+    ("request", tap_record(request=oip_pb2.ModelInferRequest(
         model_name="m", inputs=[oip_pb2.ModelInferRequest.InferInputTensor(name="x", datatype="FP32", shape=[4])],
         raw_input_contents=[np.zeros(6, np.float32).tobytes()]).SerializeToString())),
 ])
@@ -89,7 +76,7 @@ def test_consumer_delivers_to_every_sink_and_counts_a_failing_one(registry):
     tap.add_sink("collector", delivered.append)
     tap.start()
     for _ in range(3):
-        assert tap.offer(_record())
+        assert tap.offer(tap_record())
     deadline = time.monotonic() + 5
     while len(delivered) < 3 and time.monotonic() < deadline:
         time.sleep(0.005)
@@ -104,7 +91,7 @@ def test_stop_drains_what_is_queued(registry):
     delivered = []
     tap.add_sink("collector", delivered.append)
     for _ in range(50):
-        tap.offer(_record())
+        tap.offer(tap_record())
     tap.start()
     tap.stop()
     assert len(delivered) == 50
