@@ -23,7 +23,7 @@ from tritonclient.utils import serialize_byte_tensor
 from agent.protocol import codec, oip_pb2, paths
 from agent.protocol.codec import CodecError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 NUMERIC = ["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64"]
 ALL = NUMERIC + ["BF16", "BYTES"]
 
