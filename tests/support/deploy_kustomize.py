@@ -7,7 +7,7 @@ folders), `namespace` (objects, and ServiceAccount subjects of RoleBindings), `l
 them in pod templates, and `patches` as strategic merge patches (maps merged, null deletes, lists of
 containers, volumes, mounts, env and ports merged by key, `$patch: delete` for list items and whole
 objects). Anything else in a kustomization.yaml is refused, so that the deployment cannot grow a feature
-this builder ignores. tests/test_deploy_k8s.py checks its output against `kubectl kustomize` where
+this builder ignores. tests/integration/test_deploy_k8s.py checks its output against `kubectl kustomize` where
 kubectl is installed.
 """
 

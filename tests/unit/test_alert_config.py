@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import subprocess
-
 import pytest
 
 from agent.admin.server import TOKEN_ENV, admin_token
 from agent.config import ConfigError, load_config
-from tests.support.harness import sidewatch
 
 RULE = """
 alerts:
@@ -74,14 +71,6 @@ def test_alertmanager_hooks_without_a_token_are_refused(tmp_path, monkeypatch):
     config = _load(tmp_path, HOOKS + "admin:\n  alertmanager_hooks:\n    FleetDrift: [pin-v1]\n")
     with pytest.raises(ValueError, match="needs a token"):
         admin_token(config.admin)
-
-
-def test_check_config_reads_the_token_file(tmp_path):
-    path = tmp_path / "c.yaml"
-    path.write_text(f"admin:\n  token_file: {tmp_path / 'missing'}\n")
-    done = subprocess.run(sidewatch("serve", "--config", str(path), "--check-config"), capture_output=True, text=True)
-    assert done.returncode == 2
-    assert "admin.token_file" in done.stderr and "missing" in done.stderr
 
 
 def test_commented_examples_in_the_shipped_config_are_valid():

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import subprocess
-
 import pytest
 
 from agent.config import ConfigError, load_config
-from tests.support.harness import sidewatch
 
 
 def test_defaults_are_valid():
@@ -37,23 +34,3 @@ def test_bad_config_names_the_key(tmp_path, text, key):
     with pytest.raises(ConfigError) as raised:
         load_config(path)
     assert key in str(raised.value)
-
-
-def test_check_config_command(tmp_path):
-    good = tmp_path / "good.yaml"
-    good.write_text("upstream:\n  address: 127.0.0.1:8001\n")
-    ok = subprocess.run(sidewatch("serve", "--config", str(good), "--check-config"), capture_output=True, text=True)
-    assert ok.returncode == 0, ok.stderr
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("max_message_bytes: 10\n")
-    refused = subprocess.run(sidewatch("serve", "--config", str(bad), "--check-config"), capture_output=True, text=True)
-    assert refused.returncode == 2
-    assert "max_message_bytes" in refused.stderr
-
-
-def test_shipped_config_is_accepted():
-    from tests.support.harness import REPO
-
-    done = subprocess.run(sidewatch("serve", "--config", str(REPO / "deploy" / "sidewatch.yaml"), "--check-config"),
-                          capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
