@@ -1,6 +1,8 @@
 # Two commands do all the set-up on a fresh Debian/Ubuntu machine with Python 3.11:
-#   make demo   runs the demo
-#   make test   runs the whole test suite
+#   make demo        runs the demo
+#   make test        runs the whole test suite: ruff, then every test and the docstring examples of agent/
+# and one for the edit-test loop:
+#   make test-fast   the unit tests and docstring examples only, no processes or servers (FAST_TIMING)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -12,13 +14,21 @@ ALIBI_VENV := .venv-alibi
 # Debian packages the tests and benchmarks start as real peers.
 DEBIAN_PACKAGES := prometheus prometheus-alertmanager nginx nghttp2-client openssl
 
-.PHONY: demo test venv system-deps mlserver-venv alibi-venv proto model bench clean
+.PHONY: demo test test-fast lint venv system-deps mlserver-venv alibi-venv proto model bench clean
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/sidewatch demo
 
-test: $(VENV)/.installed $(MLSERVER_VENV)/.installed system-deps
+# pytest collects tests/ and agent/ (for the docstring examples); see [tool.pytest.ini_options] in pyproject.toml.
+test: lint $(VENV)/.installed $(MLSERVER_VENV)/.installed system-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The unit lane: tests/conftest.py marks tests/integration `integration`; the rest needs no peers.
+test-fast: lint
+	$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check agent tests bench
 
 venv: $(VENV)/.installed
 
