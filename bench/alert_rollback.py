@@ -53,8 +53,8 @@ sys.path.insert(0, str(ROOT))
 from agent.demo.data import BENIGN_STREAM, load_adversarial, load_images  # noqa: E402
 from agent.modelserver.repository import BUNDLED_REPOSITORY  # noqa: E402
 from agent.protocol.client import InferenceClient  # noqa: E402
-from tests.alert_harness import admin_config, admin_request, write_config, write_token  # noqa: E402
-from tests.harness import (  # noqa: E402
+from tests.support.alert_harness import admin_config, admin_request, write_config, write_token  # noqa: E402
+from tests.support.harness import (  # noqa: E402
     Process,
     prometheus_query,
     shipped_alertmanager_config,

@@ -122,7 +122,7 @@ def throughput(version: str, images: np.ndarray, batch: int, repeats: int) -> di
 
 def latency(images: np.ndarray, calls: int, tmp: Path) -> dict:
     from agent.protocol.client import InferenceClient
-    from tests.harness import start_model_server, start_sidecar
+    from tests.support.harness import start_model_server, start_sidecar
 
     model_server, model_port = start_model_server(tmp)
     sidecars = {}

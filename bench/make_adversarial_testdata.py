@@ -42,8 +42,7 @@ for path in (ROOT, ROOT / "bench"):
 
 import adversarial  # noqa: E402
 import mnist_torch  # noqa: E402
-
-from agent.demo.train_mnist import save_npz  # noqa: E402
+from train_mnist import save_npz  # noqa: E402
 
 OUT = ROOT / "tests" / "data" / "adversarial_mnist.npz"
 VERSION = "1"

@@ -3,7 +3,7 @@
 
 Attacks need gradients, and the served model is an ONNX file; so this reads the ONNX file's
 initializers (the ``onnx`` package) and loads them into the training architecture
-(``agent.demo.train_mnist.build_model``). The ONNX graph ends in a Softmax; the torch module
+(``build_model`` in bench/train_mnist.py). The ONNX graph ends in a Softmax; the torch module
 returns the logits before it, which is what gradient attacks (and ART's PyTorchClassifier with a
 cross-entropy loss) want: ``softmax(module(x))`` equals the ONNX model's ``probabilities``.
 
@@ -26,10 +26,11 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for path in (ROOT, ROOT / "bench"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
 
-from agent.demo import train_mnist  # noqa: E402
+import train_mnist  # noqa: E402  (bench/train_mnist.py: the architecture, the MNIST pickle)
 
 MODEL_DIR = ROOT / "agent" / "demo" / "models" / "mnist_cnn"
 ONNX_PREFIX = "0."

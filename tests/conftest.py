@@ -1,12 +1,31 @@
-"""Fixtures shared by several test modules: real model servers on loopback."""
+"""The lanes (a marker for each test, from its folder) and the fixtures shared by several test modules: real
+model servers on loopback. Helpers that are not fixtures live in tests/support."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from tests.harness import REPO, start_model_server
+from tests.support.harness import REPO, start_model_server
 
 MODEL = "mnist_cnn"
+TESTS = Path(__file__).resolve().parent
+
+
+def _lane(path: Path) -> str:
+    if path.is_relative_to(TESTS / "integration"):
+        return "integration"
+    if path.is_relative_to(TESTS / "unit") or not path.is_relative_to(TESTS):
+        return "unit"  # outside tests/: the docstring examples of agent/
+    raise pytest.UsageError(f"{path}: test modules go in tests/unit (no processes, servers or sockets) "
+                            "or tests/integration")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every test `unit` or `integration` by where it lives, so `-m "not integration"` is the fast lane."""
+    for item in items:
+        item.add_marker(_lane(Path(item.path)))
 
 
 @pytest.fixture(scope="module")

@@ -6,12 +6,15 @@ from pathlib import Path
 
 import numpy as np
 
-DATA_DIR = Path(__file__).resolve().parent / "data"
+DEMO_DIR = Path(__file__).resolve().parent
+DATA_DIR = DEMO_DIR / "data"
+# The bundled model's two versions (bench/train_mnist.py trains them), each with its calibration.
+MODEL_DIR = DEMO_DIR / "models" / "mnist_cnn"
 TEST_SAMPLE = DATA_DIR / "mnist_test_sample.npz"
 REFERENCE = DATA_DIR / "mnist_reference.npz"
 # Validation images after the reference: the demo's benign traffic, unseen by calibration.
 BENIGN_STREAM = DATA_DIR / "mnist_benign_stream.npz"
-# Adversarial examples against version 2 of the bundled model (bench/make_adversarial_testdata.py).
+# Adversarial examples against version 2 of the bundled model (bench/make_demo_adversarial.py).
 ADVERSARIAL = DATA_DIR / "mnist_adversarial.npz"
 
 

@@ -1,6 +1,6 @@
 """Write base/prometheusrule.yaml from deploy/prometheus/{recording,alert}-rules.yml: the same rule groups,
 as a Prometheus Operator PrometheusRule. Run it after changing the rules; `--check` says whether the file is
-up to date (tests/test_deploy_k8s.py checks it too).
+up to date (tests/integration/test_deploy_k8s.py checks it too).
 
     python deploy/k8s/sync-prometheus-rules.py [--check]
 """

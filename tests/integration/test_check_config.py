@@ -1,0 +1,37 @@
+"""`sidewatch serve --check-config`, the command itself: a good file passes, a bad value or a missing file it
+names fails with the key. (Parsing the configuration in-process: tests/unit/test_config.py and
+tests/unit/test_alert_config.py.)"""
+
+from __future__ import annotations
+
+import subprocess
+
+from tests.support.harness import sidewatch
+
+
+def test_check_config_command(tmp_path):
+    good = tmp_path / "good.yaml"
+    good.write_text("upstream:\n  address: 127.0.0.1:8001\n")
+    ok = subprocess.run(sidewatch("serve", "--config", str(good), "--check-config"), capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("max_message_bytes: 10\n")
+    refused = subprocess.run(sidewatch("serve", "--config", str(bad), "--check-config"), capture_output=True, text=True)
+    assert refused.returncode == 2
+    assert "max_message_bytes" in refused.stderr
+
+
+def test_shipped_config_is_accepted():
+    from tests.support.harness import REPO
+
+    done = subprocess.run(sidewatch("serve", "--config", str(REPO / "deploy" / "sidewatch.yaml"), "--check-config"),
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_check_config_reads_the_token_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"admin:\n  token_file: {tmp_path / 'missing'}\n")
+    done = subprocess.run(sidewatch("serve", "--config", str(path), "--check-config"), capture_output=True, text=True)
+    assert done.returncode == 2
+    assert "admin.token_file" in done.stderr and "missing" in done.stderr

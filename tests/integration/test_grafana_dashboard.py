@@ -1,0 +1,441 @@
+"""The Grafana dashboard (grafana/), checked without Grafana: its JSON's structure, and every query it makes
+run against a real Prometheus scraping a real sidecar.
+
+The stack: the bundled model server; a sidecar detecting on the bundled model, with an alert rule of its own
+that pins the model to version 1 when the adversarial share goes up; a real Prometheus loading
+deploy/prometheus/prometheus.yml and its rules; a real Alertmanager loading deploy/alertmanager/alertmanager.yml,
+whose rollback route posts to the sidecar's receiver. Only what cannot stay as shipped is changed: addresses,
+the token file, intervals of 1 s instead of 15 s, and `for: 0s` on the alert rules so that they fire within
+the test (promtool's unit tests in tests/prometheus_rules/ check each rule's `for`). Benign, drifted,
+malformed and adversarial traffic goes through the sidecar; then every panel's, annotation's and variable's
+query, with Grafana's variables filled in as Grafana would, must bring data back.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+
+import grpc
+import numpy as np
+import pytest
+import yaml
+
+from agent.demo.data import BENIGN_STREAM, load_adversarial, load_images
+from agent.demo.run import drifted
+from agent.modelserver.repository import BUNDLED_REPOSITORY
+from agent.protocol.client import InferenceClient
+from tests.support.alert_harness import admin_config, metric, wait_until, write_config, write_token
+from tests.support.harness import (
+    REPO,
+    Process,
+    shipped_alertmanager_config,
+    start_alertmanager,
+    start_model_server,
+    start_shipped_prometheus,
+    start_sidecar,
+)
+
+DASHBOARD = REPO / "grafana" / "dashboards" / "sidewatch.json"
+DATASOURCES = REPO / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
+PROVIDERS = REPO / "grafana" / "provisioning" / "dashboards" / "sidewatch.yml"
+PROMETHEUS_DIR = REPO / "deploy" / "prometheus"
+MODEL = "mnist_cnn"
+PANEL_TYPES = {"row", "timeseries", "stat", "heatmap", "table"}
+DATASOURCE_REF = {"type": "prometheus", "uid": "${datasource}"}
+ROLLBACK_ALERT = "SidewatchAdversarialRateHigh"
+# Variable references in Grafana's three syntaxes: $name, ${name} or ${name:format}, [[name]].
+VARIABLE_REF = re.compile(r"\$\{(\w+)(?::\w+)?\}|\$(\w+)|\[\[(\w+)\]\]")
+SCRAPE_SECONDS = 1
+
+
+def _dashboard() -> dict:
+    return json.loads(DASHBOARD.read_text())
+
+
+def _panels(dashboard: dict) -> list[dict]:
+    """Every panel, those nested in collapsed rows included."""
+    found = []
+    for panel in dashboard["panels"]:
+        found.append(panel)
+        found.extend(panel.get("panels", []))
+    return found
+
+
+def _variables(dashboard: dict) -> dict[str, dict]:
+    return {variable["name"]: variable for variable in dashboard["templating"]["list"]}
+
+
+def _variable_query(variable: dict) -> str:
+    query = variable["query"]
+    return query["query"] if isinstance(query, dict) else query
+
+
+def _strings(node) -> list[str]:
+    if isinstance(node, str):
+        return [node]
+    if isinstance(node, dict):
+        return [text for value in node.values() for text in _strings(value)]
+    if isinstance(node, list):
+        return [text for value in node for text in _strings(value)]
+    return []
+
+
+def _references(text: str) -> set[str]:
+    return {next(group for group in match.groups() if group) for match in VARIABLE_REF.finditer(text)}
+
+
+# --- structure ------------------------------------------------------------------------------------------------
+
+def test_dashboard_structure():
+    dashboard = _dashboard()
+    assert dashboard["uid"] == "sidewatch" and dashboard["schemaVersion"] >= 36
+    panels = _panels(dashboard)
+    ids = [panel["id"] for panel in panels]
+    assert len(ids) == len(set(ids)), "panel ids repeat"
+    occupied: dict[tuple[int, int], str] = {}
+    for panel in panels:
+        title = panel["title"]
+        assert panel["type"] in PANEL_TYPES, title
+        grid = panel["gridPos"]
+        assert all(isinstance(grid[key], int) for key in ("h", "w", "x", "y")), title
+        assert grid["x"] >= 0 and grid["w"] > 0 and grid["x"] + grid["w"] <= 24, title
+        for cell in ((x, y) for x in range(grid["x"], grid["x"] + grid["w"]) for y in range(grid["y"], grid["y"] + grid["h"])):
+            assert cell not in occupied, f"{title} overlaps {occupied[cell]}"
+            occupied[cell] = title
+        if panel["type"] == "row":
+            continue
+        assert panel["datasource"] == DATASOURCE_REF, title
+        assert panel["targets"], title
+        ref_ids = [target["refId"] for target in panel["targets"]]
+        assert len(ref_ids) == len(set(ref_ids)), title
+        for target in panel["targets"]:
+            assert target.get("datasource", DATASOURCE_REF) == DATASOURCE_REF, title
+            assert target["expr"].strip(), title
+    for annotation in dashboard["annotations"]["list"]:
+        assert annotation["datasource"] == DATASOURCE_REF, annotation["name"]
+        assert annotation["expr"].strip() and annotation["enable"], annotation["name"]
+    # The issue's panels are there.
+    types = {panel["type"] for panel in panels}
+    assert {"timeseries", "stat", "heatmap", "table"} <= types
+    titles = " ".join(panel["title"] for panel in panels)
+    for needed in ("Requests", "latency", "Adversarial score", "Drift statistic / threshold", "Fleet PSI",
+                   "Anomaly score", "alert", "Rollback"):
+        assert needed in titles, needed
+    assert {annotation["name"] for annotation in dashboard["annotations"]["list"]} >= {"Rollbacks",
+                                                                                        "Prometheus alerts firing"}
+
+
+def test_dashboard_variables_are_defined_and_used():
+    dashboard = _dashboard()
+    variables = _variables(dashboard)
+    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    for name in ("model", "version", "instance"):
+        assert variables[name]["type"] == "query", name
+        assert variables[name]["datasource"] == DATASOURCE_REF, name
+        assert _variable_query(variables[name]).startswith("label_values("), name
+    # Used anywhere but in its own definition (another variable's query counts: the chain model -> version).
+    used: set[str] = set()
+    for name, variable in variables.items():
+        used |= {ref for text in _strings({k: v for k, v in variable.items() if k != "current"}) for ref in _references(text)
+                 if ref != name}
+    used |= {ref for text in _strings(dashboard["panels"]) + _strings(dashboard["annotations"]) for ref in _references(text)}
+    grafana_globals = {ref for ref in used if ref.startswith("__")}
+    assert grafana_globals <= {"__rate_interval", "__interval", "__range"}, grafana_globals
+    assert used - grafana_globals == set(variables), "variables used but not defined, or defined but not used"
+    # Multi-value variables become regular expressions: every query matches them with =~.
+    exprs = [_variable_query(v) for v in variables.values() if v["type"] == "query"]
+    exprs += [t["expr"] for p in _panels(dashboard) for t in p.get("targets", [])]
+    exprs += [a["expr"] for a in dashboard["annotations"]["list"]]
+    for expr in exprs:
+        for match in re.finditer(r"\$(model|version|instance|detector)\b", expr):
+            assert expr[:match.start()].endswith('=~"'), f"${match.group(1)} not matched with =~ in {expr}"
+
+
+def test_provisioning_points_at_the_dashboards_and_the_prometheus():
+    datasources = yaml.safe_load(DATASOURCES.read_text())
+    assert datasources["apiVersion"] == 1
+    (prometheus,) = datasources["datasources"]
+    assert prometheus["type"] == "prometheus" and prometheus["url"] == "http://prometheus:9090"
+    # The dashboard's datasource variable defaults to the provisioned data source.
+    assert _variables(_dashboard())["datasource"]["current"]["value"] == prometheus["uid"]
+    providers = yaml.safe_load(PROVIDERS.read_text())
+    (provider,) = providers["providers"]
+    assert provider["type"] == "file" and provider["options"]["path"].startswith("/")
+    readme = (REPO / "grafana" / "README.md").read_text()
+    assert provider["options"]["path"] in readme, "grafana/README.md says where to mount the dashboards"
+
+
+# --- Grafana's variable interpolation -------------------------------------------------------------------------
+
+def _regex_escape(value: str) -> str:
+    """A value as Grafana writes a multi-value variable into PromQL: regex characters escaped, and the escaping
+    backslash doubled for PromQL's string literal."""
+    return re.sub(r"([$^*{}\[\]+?.()|\\])", r"\\\\\1", value)
+
+
+def _format(variable: dict, value: list[str] | str) -> str:
+    if value == "$__all":
+        return variable["allValue"]
+    values = [value] if isinstance(value, str) else value
+    escaped = [_regex_escape(v) for v in values]
+    return escaped[0] if len(escaped) == 1 else "(" + "|".join(escaped) + ")"
+
+
+def _interpolate(text: str, variables: dict[str, dict], selected: dict[str, str | list[str]],
+                 grafana_globals: dict[str, str]) -> str:
+    def replace(match: re.Match) -> str:
+        name = next(group for group in match.groups() if group)
+        if name.startswith("__"):
+            return grafana_globals[name]
+        return _format(variables[name], selected[name])
+
+    return VARIABLE_REF.sub(replace, text)
+
+
+# --- the stack --------------------------------------------------------------------------------------------------
+
+def _fast_rules(tmp_path) -> list:
+    """The shipped rule files, evaluated every second, with alerts firing as soon as their condition holds."""
+    paths = []
+    for name in ("recording-rules.yml", "alert-rules.yml"):
+        rules = yaml.safe_load((PROMETHEUS_DIR / name).read_text())
+        for group in rules["groups"]:
+            group["interval"] = f"{SCRAPE_SECONDS}s"
+            for rule in group["rules"]:
+                if "alert" in rule:
+                    rule["for"] = "0s"
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(rules, sort_keys=False))
+        paths.append(path)
+    return paths
+
+
+def _start_prometheus(tmp_path, sidecar_metrics: str, alertmanager_port: int) -> tuple[Process, int]:
+    """deploy/prometheus/prometheus.yml with this test's addresses and 1 s intervals."""
+    interval = f"{SCRAPE_SECONDS}s"
+    return start_shipped_prometheus(tmp_path, sidecar_metrics, alertmanager_port, _fast_rules(tmp_path),
+                                    interval, interval)
+
+
+def _start_alertmanager(tmp_path, admin_port: int, token_file) -> tuple[Process, int]:
+    """deploy/alertmanager/alertmanager.yml with the sidecar's receiver address and this test's token file."""
+    return start_alertmanager(tmp_path, shipped_alertmanager_config(admin_port, token_file))
+
+
+def _sidecar_config(tmp_path, token_file) -> tuple[dict, int]:
+    admin, admin_port = admin_config(tmp_path, token_file, alertmanager_hooks={ROLLBACK_ALERT: ["pin-v1"]})
+    return {
+        "alerts": {"evaluation_interval_seconds": 0.5, "rules": [{
+            # Over 20% of the inputs of the last 5 s flagged, four times the calibrated false positives: the
+            # traffic takes about a second, so the window holds the attack and the traffic before it.
+            "name": "AdversarialBurst", "kind": "ratio", "numerator": "sidewatch_adversarial_detections_total",
+            "denominator": "sidewatch_adversarial_inputs_total", "window_seconds": 5, "min_denominator": 10,
+            "above": 0.2, "for_seconds": 1, "clear_for_seconds": 60, "severity": "critical", "hooks": ["pin-v1"],
+        }]},
+        "rollback": {"audit_log": str(tmp_path / "audit.jsonl"), "cooldown_seconds": 0, "max_per_hour": 100,
+                     "hooks": {"pin-v1": {"type": "route", "model": MODEL, "version": "1"}}},
+        "admin": admin,
+    }, admin_port
+
+
+def _send_traffic(port: int) -> None:
+    client = InferenceClient(f"127.0.0.1:{port}")
+    try:
+        benign = load_images(BENIGN_STREAM)[0]
+        for batch in (benign[:150], drifted(benign[150:300])):
+            for i in range(len(batch)):
+                client.infer(MODEL, {"input": batch[i:i + 1]}, version="2", timeout=10)
+        # Inputs of the wrong shape: the model server refuses them (calls not OK), the detectors skip them.
+        for _ in range(5):
+            with pytest.raises(grpc.RpcError):
+                client.infer(MODEL, {"input": np.zeros((1, 3), np.float32)}, version="2", timeout=10)
+        attack = load_adversarial()[0]
+        for i in range(120):
+            client.infer(MODEL, {"input": attack[i:i + 1]}, version="2", timeout=10)
+    finally:
+        client.close()
+
+
+def _api(port: int, path: str, **params: str) -> list | dict:
+    url = f"http://127.0.0.1:{port}/api/v1/{path}?" + urllib.parse.urlencode(params, doseq=True)
+    try:
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            body = json.loads(reply.read())
+    except urllib.error.HTTPError as err:
+        raise AssertionError(f"Prometheus refused {params}: {err.read().decode()}") from None
+    assert body["status"] == "success", body
+    return body["data"]
+
+
+def _query(port: int, query: str) -> list[dict]:
+    return _api(port, "query", query=query)["result"]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("stack")
+    processes = []
+    try:
+        model_server, model_port = start_model_server(tmp_path)
+        processes.append(model_server)
+        _, token_file = write_token(tmp_path)
+        config, admin_port = _sidecar_config(tmp_path, token_file)
+        sidecar, port, metrics_port = start_sidecar(tmp_path, model_port, "--model-repository", str(BUNDLED_REPOSITORY),
+                                                    config=write_config(tmp_path, config))
+        processes.append(sidecar)
+        sidecar.wait_listening(admin_port)
+        alertmanager, alertmanager_port = _start_alertmanager(tmp_path, admin_port, token_file)
+        processes.append(alertmanager)
+        instance = f"127.0.0.1:{metrics_port}"
+        prometheus, prometheus_port = _start_prometheus(tmp_path, instance, alertmanager_port)
+        processes.append(prometheus)
+        wait_until(lambda: _query(prometheus_port, f'up{{instance="{instance}"}} == 1'), 30,
+                   "Prometheus's first scrape of the sidecar", interval=0.2)
+        started = time.time()
+        _send_traffic(port)
+        # The sidecar's own rule pins the model to version 1 ...
+        wait_until(lambda: metric(metrics_port, "sidewatch_route_pinned", model=MODEL, version="1") == 1, 30,
+                   "the sidecar's rule to pin the route")
+        # ... Prometheus's alert fires, and Alertmanager delivers it to the sidecar's receiver.
+        wait_until(lambda: _query(prometheus_port, f'ALERTS{{alertname="{ROLLBACK_ALERT}",alertstate="firing"}}'), 30,
+                   f"Prometheus to fire {ROLLBACK_ALERT}", interval=0.5)
+        incident = f'sidewatch_incidents_total{{alert="{ROLLBACK_ALERT}",source="alertmanager"}}'
+        wait_until(lambda: _query(prometheus_port, incident), 40,
+                   "the alert to reach the sidecar through Alertmanager, and Prometheus to scrape the incident",
+                   interval=0.5)
+        yield {"prometheus_port": prometheus_port, "alertmanager_port": alertmanager_port, "metrics_port": metrics_port,
+               "instance": instance, "started": started}
+    finally:
+        for process in reversed(processes):
+            process.stop()
+
+
+# --- every query against the real Prometheus ---------------------------------------------------------------------
+
+def _label_values(port: int, query: str, start: float, end: float) -> list[str]:
+    """Grafana's label_values(selector, label) and label_values(label), through Prometheus's HTTP API."""
+    match = re.fullmatch(r"label_values\((?:(.+),\s*)?(\w+)\)", query.strip())
+    assert match, f"a variable query this test cannot run: {query}"
+    selector, label = match.groups()
+    if selector is None:
+        return _api(port, f"label/{label}/values", start=str(start), end=str(end))
+    series = _api(port, "series", **{"match[]": selector, "start": str(start), "end": str(end)})
+    return sorted({s[label] for s in series if s.get(label)})
+
+
+def _has_finite_data(result: list[dict]) -> bool:
+    values = [float(v[1]) for series in result for v in series.get("values", [series.get("value")]) if v]
+    return any(math.isfinite(v) for v in values)
+
+
+def _selections(stack, variables: dict[str, dict], start: float, end: float) -> list[tuple[dict, dict]]:
+    """Two ways a user picks: this test's sidecar, model and version, each detector in turn; and All."""
+    port = stack["prometheus_port"]
+    picked: dict[str, str | list[str]] = {"datasource": "prometheus"}
+    globals_ = {"__rate_interval": f"{4 * SCRAPE_SECONDS}s", "__interval": f"{SCRAPE_SECONDS}s",
+                "__range": f"{int(end - start)}s"}
+    wanted = {"instance": stack["instance"], "model": MODEL, "version": "2"}
+    detectors: list[str] = []
+    for name, variable in variables.items():
+        if variable["type"] != "query":
+            continue
+        values = _label_values(port, _interpolate(_variable_query(variable), variables, picked, globals_), start, end)
+        assert values, f"variable {name} has no values"
+        if name in wanted:
+            assert wanted[name] in values, f"{wanted[name]} not among variable {name}'s values {values}"
+            picked[name] = [wanted[name]]
+        else:
+            detectors = values
+            picked[name] = values
+    assert {"inputs_mmd", "inputs_cvm", "class_mix"} <= set(detectors)
+    everything = {name: ("$__all" if variables[name]["type"] == "query" else value) for name, value in picked.items()}
+    one_by_one = [{**picked, "detector": [detector]} for detector in detectors]
+    return [(selection, globals_) for selection in one_by_one + [everything]]
+
+
+def _queries(dashboard: dict) -> list[tuple[str, list[tuple[str, bool]]]]:
+    """(what, [(PromQL, instant), ...]) for every panel and every annotation."""
+    queries = []
+    for panel in _panels(dashboard):
+        if panel.get("targets"):
+            queries.append((f"panel {panel['title']!r}", [(t["expr"], t.get("instant", False)) for t in panel["targets"]]))
+    for annotation in dashboard["annotations"]["list"]:
+        queries.append((f"annotation {annotation['name']!r}", [(annotation["expr"], False)]))
+    return queries
+
+
+def test_every_panel_annotation_and_variable_query_returns_data(stack):
+    """Every query brings series back, and every panel some finite value (ADWIN's threshold, for one, is NaN:
+    it has none, and its panel shows the statistic alone)."""
+    dashboard = _dashboard()
+    variables = _variables(dashboard)
+    port = stack["prometheus_port"]
+    start, end = stack["started"] - 5, time.time()
+    results: dict[tuple[str, bool], list[dict]] = {}
+    empty: dict[str, None] = {}  # ordered, each failure once (most panels do not depend on the detector)
+    for selected, globals_ in _selections(stack, variables, start, end):
+        for what, targets in _queries(dashboard):
+            finite = False
+            for expr, instant in targets:
+                query = _interpolate(expr, variables, selected, globals_)
+                if (query, instant) not in results:
+                    if instant:
+                        results[query, instant] = _api(port, "query", query=query, time=str(end))["result"]
+                    else:
+                        results[query, instant] = _api(port, "query_range", query=query, start=str(start),
+                                                       end=str(end), step=f"{SCRAPE_SECONDS}s")["result"]
+                result = results[query, instant]
+                if not result:
+                    empty[f"{what}: {query}"] = None
+                finite = finite or _has_finite_data(result)
+            if not finite:
+                empty[f"{what} with {selected}: no finite value"] = None
+    assert len(results) > 50
+    assert list(empty) == [], "queries without data:\n" + "\n".join(empty)
+
+
+def test_rollbacks_and_alert_firings_show_as_annotations(stack):
+    dashboard = _dashboard()
+    variables = _variables(dashboard)
+    annotations = {annotation["name"]: annotation["expr"] for annotation in dashboard["annotations"]["list"]}
+    selected = {"instance": "$__all"}
+    start, end = stack["started"] - 5, time.time()
+
+    def series(name: str) -> list[dict]:
+        query = _interpolate(annotations[name], variables, selected, {})
+        return _api(stack["prometheus_port"], "query_range", query=query, start=str(start), end=str(end),
+                    step="1s")["result"]
+
+    rollbacks = series("Rollbacks")
+    assert {s["metric"]["hook"] for s in rollbacks} == {"pin-v1"}
+    # The sidecar rule's rollback is marked from the first scrape after the hook ran, not before.
+    (marked,) = [s for s in rollbacks if s["metric"]["alert"] == "AdversarialBurst"]
+    ran_at = metric(stack["metrics_port"], "sidewatch_rollback_last_timestamp_seconds", alert="AdversarialBurst",
+                    hook="pin-v1")
+    assert ran_at - 0.5 <= marked["values"][0][0] <= ran_at + 2 * SCRAPE_SECONDS + 2
+    assert ROLLBACK_ALERT in {s["metric"]["alertname"] for s in series("Prometheus alerts firing")}
+    assert {s["metric"]["alert"] for s in series("Sidecar alerts firing")} == {"AdversarialBurst"}
+
+
+def test_prometheus_alert_reaches_the_sidecar_through_alertmanager(stack):
+    """The shipped routes: the rollback alert goes to the sidecar's receiver with the token, and only it."""
+    am = f"http://127.0.0.1:{stack['alertmanager_port']}/api/v2/alerts"
+    with urllib.request.urlopen(am, timeout=10) as reply:
+        alerts = json.loads(reply.read())
+    routed = {alert["labels"]["alertname"]: sorted(r["name"] for r in alert["receivers"]) for alert in alerts}
+    assert routed[ROLLBACK_ALERT] == ["sidewatch-notify", "sidewatch-rollback"]
+    assert all(receivers == ["sidewatch-notify"] for name, receivers in routed.items() if name != ROLLBACK_ALERT)
+    metrics_port = stack["metrics_port"]
+    assert metric(metrics_port, "sidewatch_alertmanager_requests_total", result="ok") >= 1
+    assert metric(metrics_port, "sidewatch_alertmanager_requests_total", result="unauthorized") == 0
+    assert metric(metrics_port, "sidewatch_incidents_total", alert=ROLLBACK_ALERT, source="alertmanager") == 1
+    # Alerts without rollback="true" never reached the receiver.
+    for name in routed:
+        if name != ROLLBACK_ALERT:
+            assert metric(metrics_port, "sidewatch_incidents_total", alert=name, source="alertmanager") == 0
