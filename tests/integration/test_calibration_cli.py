@@ -8,7 +8,7 @@ import sys
 import numpy as np
 
 from agent.demo.data import MODEL_DIR, REFERENCE
-from agent.detect.calibration import ARTIFACT_FILE, load_artifact
+from agent.detect.calibration.artifact import ARTIFACT_FILE, load_artifact
 
 MNIST_V1 = MODEL_DIR / "1" / "model.onnx"
 
