@@ -67,11 +67,12 @@ class Sidecar:
         from agent.detect.registry import DetectorRegistry
 
         detectors = DetectorRegistry(config.detection.model_repository, config.detection.device)
-        watch = AdversarialWatch(detectors, config, DetectionMetrics(self.registry), self.metrics.bounded)
+        watch = AdversarialWatch(detectors, config.detection, DetectionMetrics(self.registry), self.metrics.bounded,
+                                 config.adversarial_modes())
         self.tap.add_sink("adversarial", watch)
         drift = None
         if config.drift.enabled:
-            drift = DriftWatch(detectors, config, DriftMetrics(self.registry), self.metrics.bounded)
+            drift = DriftWatch(detectors, config.drift, DriftMetrics(self.registry), self.metrics.bounded)
             self.tap.add_sink("drift", drift)
             watch.score_listeners.append(drift.observe_scores)
         return watch, drift

@@ -95,7 +95,7 @@ def throughput(version: str, images: np.ndarray, batch: int, repeats: int) -> di
     config = load_config(overrides={"detection.model_repository": str(BUNDLED_REPOSITORY),
                                     "detection.max_batch_size": batch, "detection.device": "cpu"})
     registry = DetectorRegistry(BUNDLED_REPOSITORY, "cpu")
-    watch = AdversarialWatch(registry, config, DetectionMetrics(CollectorRegistry()), BoundedModels(8))
+    watch = AdversarialWatch(registry, config.detection, DetectionMetrics(CollectorRegistry()), BoundedModels(8))
     tapped = [TappedInference(MODEL, version, {"input": images[i:i + 1]}, {}, None, None, 0.0, 0.0)
               for i in range(n)]
 

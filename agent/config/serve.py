@@ -161,11 +161,11 @@ class ServeConfig(Strict):
             self.rollback.check_hook_names(hooks, f"admin.alertmanager_hooks.{name}")
         return self
 
-    def adversarial_mode(self, model: str) -> str:
-        settings = self.models.get(model)
-        if settings is not None and settings.adversarial_mode is not None:
-            return settings.adversarial_mode
-        return self.detection.adversarial_mode
+    def adversarial_modes(self) -> dict[str, str]:
+        """The models whose adversarial mode is their own (``models.<name>.adversarial_mode``); the rest
+        have ``detection.adversarial_mode``."""
+        return {name: settings.adversarial_mode for name, settings in self.models.items()
+                if settings.adversarial_mode is not None}
 
 
 def _format_validation_error(error: ValidationError, source: str) -> str:

@@ -110,7 +110,7 @@ from agent.dataplane.tap import TappedInference
 repository, state = sys.argv[1], sys.argv[2]
 config = load_config(overrides={"detection.model_repository": repository, "drift.checkpoint_dir": state})
 detectors = DetectorRegistry(Path(repository), "cpu")
-watch = DriftWatch(detectors, config, DriftMetrics(CollectorRegistry()), ProxyMetrics(CollectorRegistry()).bounded)
+watch = DriftWatch(detectors, config.drift, DriftMetrics(CollectorRegistry()), ProxyMetrics(CollectorRegistry()).bounded)
 model = watch.models[("mnist_cnn", "1")]
 images = load_images()[0]
 probabilities = np.full((64, 10), 0.01, np.float32)

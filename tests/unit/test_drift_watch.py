@@ -38,7 +38,7 @@ def _watch(registry, tmp_path=None) -> tuple[DriftWatch, CollectorRegistry]:
     if tmp_path is not None:
         overrides["drift.checkpoint_dir"] = str(tmp_path)
     metrics_registry = CollectorRegistry()
-    watch = DriftWatch(registry, load_config(overrides=overrides), DriftMetrics(metrics_registry), BoundedModels(8))
+    watch = DriftWatch(registry, load_config(overrides=overrides).drift, DriftMetrics(metrics_registry), BoundedModels(8))
     return watch, metrics_registry
 
 

@@ -40,8 +40,9 @@ class Consumer:
                                         "detection.device": "cpu", "detection.max_batch_size": 1})
         self.metrics = ProxyMetrics(self.registry, max_models=8)
         detectors = DetectorRegistry(BUNDLED_REPOSITORY, "cpu")
-        self.watch = AdversarialWatch(detectors, config, DetectionMetrics(self.registry), self.metrics.bounded)
-        self.drift = DriftWatch(detectors, config, DriftMetrics(self.registry), self.metrics.bounded)
+        self.watch = AdversarialWatch(detectors, config.detection, DetectionMetrics(self.registry), self.metrics.bounded,
+                                      config.adversarial_modes())
+        self.drift = DriftWatch(detectors, config.drift, DriftMetrics(self.registry), self.metrics.bounded)
         self.watch.score_listeners.append(self.drift.observe_scores)
         self.tap = Tap(self.metrics, 1024, poll_seconds=0.001)
         self.tap.add_sink("adversarial", self.watch)

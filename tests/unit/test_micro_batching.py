@@ -21,7 +21,7 @@ LABELS = {"model": "mnist_cnn", "version": "1", "detector": "feature_squeezing"}
 def _watch(registry, max_batch=4, max_wait=0.05):
     config = load_config(overrides={"detection.model_repository": str(BUNDLED_REPOSITORY),
                                     "detection.max_batch_size": max_batch, "detection.max_wait_seconds": max_wait})
-    return AdversarialWatch(DetectorRegistry(BUNDLED_REPOSITORY, "cpu"), config, DetectionMetrics(registry),
+    return AdversarialWatch(DetectorRegistry(BUNDLED_REPOSITORY, "cpu"), config.detection, DetectionMetrics(registry),
                             BoundedModels(8))
 
 

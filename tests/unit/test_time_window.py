@@ -63,7 +63,7 @@ def test_drift_watch_exports_the_time_window_psi():
     config = load_config(overrides={"detection.model_repository": str(BUNDLED_REPOSITORY),
                                     "drift.window_seconds": 300})
     metrics = CollectorRegistry()
-    watch = DriftWatch(registry, config, DriftMetrics(metrics), BoundedModels(8))
+    watch = DriftWatch(registry, config.drift, DriftMetrics(metrics), BoundedModels(8))
     images = load_images(REFERENCE)[0][:64]
     probabilities = registry.get("mnist_cnn", "1").detector.score(images).probabilities
     watch(TappedInference("mnist_cnn", "1", {"input": images}, {"probabilities": probabilities}, None, None, 0, 0))

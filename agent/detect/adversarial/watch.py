@@ -14,12 +14,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
-from agent.config import ServeConfig
+from agent.config import Detection
 from agent.dataplane.tap import TappedInference
 from agent.detect.registry import CalibratedDetector, DetectorRegistry
 from agent.logs import ThrottledLog
@@ -75,16 +76,21 @@ class DetectionFailed(Exception):
 
 
 class AdversarialWatch:
-    def __init__(self, registry: DetectorRegistry, config: ServeConfig, metrics: DetectionMetrics,
-                 bounded: BoundedModels) -> None:
+    """The squeezing detectors of a repository on live traffic: a tap sink (shadow mode) and the data
+    plane's inline verdicts (flag and enforce modes). ``settings`` is the ``detection`` section;
+    ``modes`` the models whose mode differs from ``settings.adversarial_mode``."""
+
+    def __init__(self, registry: DetectorRegistry, settings: Detection, metrics: DetectionMetrics,
+                 bounded: BoundedModels, modes: Mapping[str, str] | None = None) -> None:
         self.registry = registry
-        self._config = config
+        self._default_mode = settings.adversarial_mode
+        self._modes = dict(modes or {})
         self._metrics = metrics
         self._bounded = bounded
-        self._max_batch = config.detection.max_batch_size
-        self._max_wait = config.detection.max_wait_seconds
+        self._max_batch = settings.max_batch_size
+        self._max_wait = settings.max_wait_seconds
         self._log = ThrottledLog(log)  # a detector failing on every request logs once a minute
-        self._executor = ThreadPoolExecutor(config.detection.inline_threads, thread_name_prefix="sidewatch-detect")
+        self._executor = ThreadPoolExecutor(settings.inline_threads, thread_name_prefix="sidewatch-detect")
         # Shadow-mode micro-batches, per calibrated detector: rows waiting and when the oldest arrived.
         self._pending: dict[tuple[str, str], tuple[list[np.ndarray], int, float]] = {}
         # Called with (model, version, scores) after each scoring, from the scoring thread.
@@ -95,7 +101,8 @@ class AdversarialWatch:
             metrics.target_fpr.labels(*labels).set(calibrated.artifact.target_fpr)
 
     def mode(self, model: str) -> str:
-        return self._config.adversarial_mode(model)
+        """``shadow``, ``flag`` or ``enforce``: the model's own mode, else the default."""
+        return self._modes.get(model, self._default_mode)
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

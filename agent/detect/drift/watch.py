@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.config import ServeConfig
+from agent.config import Drift
 from agent.dataplane.tap import TappedInference
 from agent.detect.drift.calibrate import build_anomaly, build_detectors
 from agent.detect.drift.fleet import FleetBins
@@ -219,9 +219,8 @@ class ModelDrift:
 class DriftWatch:
     """The tap sink: routes each inference to its model version's detectors; checkpoints their state."""
 
-    def __init__(self, registry: DetectorRegistry, config: ServeConfig, metrics: DriftMetrics,
+    def __init__(self, registry: DetectorRegistry, settings: Drift, metrics: DriftMetrics,
                  bounded: BoundedModels) -> None:
-        settings = config.drift
         self._registry = registry
         self._checkpoint_dir = settings.checkpoint_dir
         self._checkpoint_interval = settings.checkpoint_interval_seconds
