@@ -25,6 +25,7 @@ from agent.detect.adversarial.watch import ERROR_KEY
 from agent.modelserver.repository import BUNDLED_REPOSITORY
 from agent.protocol import codec, oip_pb2, paths
 from agent.protocol.peek import peek_model
+from tests.support.adversarial_data import adversarial_and_benign
 from tests.support.answer import Answer
 from tests.support.harness import http_get, metric_value, start_sidecar
 
@@ -66,6 +67,9 @@ BAD_INPUTS = {
     "empty_message": (b"", 0),
     "wrong_datatype_int64": (_request(np.zeros((1, 1, 28, 28), np.int64)), 0),
     "wrong_datatype_fp64": (_request(np.zeros((1, 1, 28, 28), np.float64)), 0),
+    # An attack example as FP64: the model server refuses the datatype, and enforce mode must not
+    # answer in its place (the detector does not judge what the model would not take).
+    "adversarial_as_fp64": (_request(adversarial_and_benign()[0][:1].astype(np.float64)), 0),
     "bytes_datatype": (_request(datatype="BYTES", shape=[1, 1, 28, 28], raw=b"\x01\x00\x00\x00a"), 0),
     "unknown_datatype": (_request(datatype="FP8", shape=[1, 1, 28, 28]), 0),
     "shape_longer_than_bytes": (_request(shape=[2, 1, 28, 28]), 0),
@@ -82,6 +86,8 @@ BAD_INPUTS = {
     "empty_batch": (_request(np.zeros((0, 1, 28, 28), np.float32)), 0),
 }
 NON_FINITE_ROWS = 3   # all_nan, all_inf, some_nan
+# Numeric inputs of the model's shape in another datatype than its FP32: not judged inline.
+WRONG_DATATYPE = ("wrong_datatype_int64", "wrong_datatype_fp64", "adversarial_as_fp64")
 
 
 @pytest.fixture(scope="module", params=["shadow", "enforce"])
@@ -146,6 +152,7 @@ def test_bad_inputs_pass_through_unchanged_are_counted_and_the_sidecar_goes_on(s
     if mode == "enforce":
         undecodable = [name for name, (request, _) in BAD_INPUTS.items() if not _decodes(request)]
         assert counted("sidewatch_detector_errors_total", reason="undecodable") == len(undecodable)
+        assert counted("sidewatch_detector_errors_total", reason="wrong_datatype") == len(WRONG_DATATYPE)
     else:
         assert counted("sidewatch_drift_skipped_total", reason="non_finite") == NON_FINITE_ROWS
     assert _value(after, "sidewatch_requests_in_flight") == 0
