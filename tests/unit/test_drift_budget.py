@@ -233,6 +233,48 @@ def test_flag_holds_across_looks_and_clears_after_quiet_looks():
     assert look(9, 1.0).drift and test.n_alarms == 2
 
 
+def test_the_flag_clears_on_the_features_that_alarmed_while_others_stay_noisy():
+    rng = np.random.default_rng(12)
+    test = standard_test(3, min_effect=0.5, clear_looks=3, clear_ratio=0.5)
+
+    def look(index: int, shift) -> MomentResult:
+        times = minute(index, 100)
+        return test.update(rng.normal(size=(len(times), 3)) + shift, at=times).look(1e-6)
+
+    assert look(0, [1.0, 0.0, 0.0]).rejected == ("f0",)
+    # f0 is back; f1 sits between the clear bar (0.25) and min_effect (0.5): no alarm of its own, and
+    # it is not what alarmed, so it does not keep the flag up.
+    results = [look(index, [0.0, 0.35, 0.0]) for index in (1, 2, 3)]
+    assert [r.rejected for r in results] == [(), (), ()]
+    assert [r.drift for r in results] == [True, True, False] and test.n_alarms == 1
+    # f1 alarming later is a new alarm, and then f1 is what must go quiet.
+    assert look(4, [0.0, 1.0, 0.0]).rejected == ("f1",) and test.n_alarms == 2
+    assert look(5, [0.0, 0.35, 0.0]).drift                          # f1 above the clear bar: not quiet
+    restored = standard_test(3, min_effect=0.5, clear_looks=3, clear_ratio=0.5).load_state_dict(
+        json.loads(json.dumps(test.state_dict())))
+    assert restored.drift_detected and restored.state_dict()["alarmed"] == ["f1"]
+
+
+def test_the_reference_sample_s_own_error_is_in_the_variance():
+    """Same-source traffic against a reference of 200 rows, 6,000 rows a look: the reference mean is off
+    by ~1/sqrt(200) = 0.07 sd, which such windows resolve. Taking it as exact rejects most looks; with
+    ``reference_rows`` the rejections stay near alpha."""
+    rng = np.random.default_rng(13)
+    reference = rng.normal(size=(200, 4))
+    mean, scale = reference.mean(axis=0), reference.std(axis=0)
+
+    def rejections(reference_rows):
+        test = MomentTest([f"f{i}" for i in range(4)], mean, scale, 0.0, reference_rows=reference_rows)
+        rejected = 0
+        for index in range(40):
+            times = minute(index, 100)
+            rejected += len(test.update(rng.normal(size=(len(times), 4)), at=times).look(0.01).rejected)
+        return rejected / (40 * 4)
+
+    assert rejections(None) > 0.3
+    assert rejections(200) <= 0.05
+
+
 def test_low_traffic_is_skipped_and_carried_into_the_next_look():
     rng = np.random.default_rng(9)
     test = standard_test(2)
