@@ -22,6 +22,7 @@ from agent.repository import LAYOUT, latest_version, model_files
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class CalibratedDetector:
     model: str

@@ -16,6 +16,7 @@ log = logging.getLogger(__name__)
 
 BUNDLED_REPOSITORY = Path(__file__).resolve().parent.parent / "demo" / "models"
 
+
 class ModelNotFound(LookupError):
     pass
 
