@@ -400,3 +400,24 @@ def test_reference_transformed_has_the_reference_moments():
     np.testing.assert_allclose(z.mean(axis=0), features.reference_mean, atol=1e-9)
     np.testing.assert_allclose(z[:, :3].std(axis=0), 1.0, atol=1e-9)   # standardised columns: scale 1
     np.testing.assert_allclose(z[:, 3:].std(axis=0), features.reference_scale[3:], rtol=1e-9)
+
+
+def test_greater_alternative_alarms_on_a_rise_only():
+    """A one-sided test (a share of flagged inputs against its calibrated rate): a fall is no alarm,
+    a rise is, and its threshold is the one-sided critical value."""
+    rng = np.random.default_rng(5)
+    fpr = 0.05
+    test = MomentTest(["flagged"], [fpr], [math.sqrt(fpr * (1 - fpr))], 0.2, alternative="greater")
+    alpha = 1e-6
+    test.update((rng.random(3000) < 0.0).astype(float)[:, None], minute(0, 50))  # nothing flagged: a fall
+    fell = test.look(alpha)
+    assert fell.tested and fell.rejected == () and fell.p_value > 0.5 and not test.drift_detected
+    assert fell.threshold == pytest.approx(stats.t.isf(alpha, fell.slots - 1))
+    test.update((rng.random(3000) < 0.3).astype(float)[:, None], minute(1, 50))  # 30% flagged: a rise
+    rose = test.look(alpha)
+    assert rose.rejected == ("flagged",) and test.drift_detected and rose.statistic > rose.threshold
+    two_sided = MomentTest(["flagged"], [fpr], [math.sqrt(fpr * (1 - fpr))], 0.2)
+    two_sided.update(np.zeros((3000, 1)), minute(0, 50))
+    assert two_sided.look(alpha).rejected == ("flagged",)  # the same fall, two-sided: rejected
+    with pytest.raises(ValueError, match="alternative"):
+        MomentTest(["flagged"], [fpr], [0.2], 0.2, alternative="less")

@@ -178,6 +178,10 @@ class MomentTest(DriftDetector):
     batch, or one per row) to their slot; ``look(alpha)`` tests what was added since the last tested
     look and returns a :class:`MomentResult`.
 
+    ``alternative="greater"`` makes every test one-sided: only a rise of the mean is evidence (a share
+    of flagged inputs above its calibrated rate); ``p`` and the threshold are then one-sided and the
+    effect is the rise (0 for a fall).
+
     The counters are :class:`~agent.detect.drift.base.DriftDetector`'s: ``n`` rows taken, ``n_skipped``,
     ``n_detections`` (the flag's rises, also ``n_alarms``); ``alarm_positions`` stays empty, as alarms
     come at looks, not at rows. ``n_looks`` and ``n_tested`` count looks, ``last`` is the last result.
@@ -188,7 +192,7 @@ class MomentTest(DriftDetector):
     def __init__(self, names: Sequence[str], reference_mean: Any, reference_scale: Any, min_effect: Any,
                  slot_seconds: float = 3.0, min_slots: int = 10, min_rows: int = 30,
                  clear_looks: int = 3, clear_ratio: float = 0.5, groups: Sequence[Any] | None = None,
-                 reference_rows: int | None = None) -> None:
+                 reference_rows: int | None = None, alternative: str = "two-sided") -> None:
         self.names = [str(name) for name in names]
         f = len(self.names)
         if f < 1 or len(set(self.names)) != f:
@@ -214,6 +218,10 @@ class MomentTest(DriftDetector):
         # The reference mean's own variance, in units of the scale (0: the reference taken as exact).
         self.reference_rows = None if reference_rows is None else int(reference_rows)
         self._reference_variance = 0.0 if reference_rows is None else 1.0 / reference_rows
+        if alternative not in ("two-sided", "greater"):
+            raise ValueError(f"sidewatch: alternative must be 'two-sided' or 'greater', got {alternative!r}")
+        # "greater": only a rise of the mean counts (a rate of flagged inputs above its calibrated share).
+        self.alternative = alternative
         self.groups = None if groups is None else [str(g) for g in groups]
         if self.groups is not None and len(self.groups) != f:
             raise ValueError(f"sidewatch: {len(self.groups)} groups for {f} features")
@@ -230,7 +238,8 @@ class MomentTest(DriftDetector):
                 "reference_scale": self.reference_scale.tolist(), "min_effect": self.min_effect.tolist(),
                 "slot_seconds": self.slot_seconds, "min_slots": self.min_slots, "min_rows": self.min_rows,
                 "clear_looks": self.clear_looks, "clear_ratio": self.clear_ratio, "groups": self.groups,
-                "reference_rows": self.reference_rows}
+                "reference_rows": self.reference_rows,
+                **({} if self.alternative == "two-sided" else {"alternative": self.alternative})}
 
     @property
     def n_features(self) -> int:
@@ -338,8 +347,14 @@ class MomentTest(DriftDetector):
         variance = np.maximum(robust, floor / n_rows) + self._reference_variance
         t = mean / np.sqrt(variance)
         df = k - 1
-        p = np.minimum(1.0, 2.0 * stats.t.sf(np.abs(t), df))
-        effects = np.abs(mean)
+        if self.alternative == "greater":
+            p = stats.t.sf(t, df)
+            effects = np.maximum(mean, 0.0)
+            critical = float(stats.t.isf(alpha, df))
+        else:
+            p = np.minimum(1.0, 2.0 * stats.t.sf(np.abs(t), df))
+            effects = np.abs(mean)
+            critical = float(stats.t.isf(alpha / 2, df))
         rejected = (p < alpha) & (effects >= self.min_effect)
         if rejected.any():
             if not self._drift:
@@ -358,10 +373,11 @@ class MomentTest(DriftDetector):
             else:
                 self._quiet = 0
         self.n_tested += 1
-        statistic = float(np.abs(t).max())
+        evidence = t if self.alternative == "greater" else np.abs(t)
+        statistic = float(evidence.max())
         self._last_statistic = statistic
         self.last = MomentResult(
-            tested=True, rows=n_rows, slots=k, statistic=statistic, threshold=float(stats.t.isf(alpha / 2, df)),
+            tested=True, rows=n_rows, slots=k, statistic=statistic, threshold=critical,
             p_value=float(p.min()), effect=float(effects.max()), alpha=float(alpha),
             rejected=tuple(name for name, r in zip(self.names, rejected) if r), drift=self._drift,
             t=t, p=p, effects=effects)
@@ -378,7 +394,8 @@ class MomentTest(DriftDetector):
         if last is None or not last.tested:
             nan = np.full(self.n_features, np.nan)
             return DriftResult(nan, math.nan, nan.copy(), np.zeros(self.n_features, dtype=bool))
-        return DriftResult(np.abs(last.t), last.threshold, last.p, np.isin(self.names, last.rejected))
+        evidence = last.t if self.alternative == "greater" else np.abs(last.t)
+        return DriftResult(evidence, last.threshold, last.p, np.isin(self.names, last.rejected))
 
     # --- persistence ------------------------------------------------------------------------------
 
