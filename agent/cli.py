@@ -103,11 +103,9 @@ def _add_calibrate(commands) -> None:
     calibrate.add_argument("--input-name", help="the image input, when the model has several inputs")
     calibrate.add_argument("--output-name", help="the class-score output, when the model has several outputs")
     calibrate.add_argument("--out", type=Path, help="artifact path (default: sidewatch-calibration.json beside the model)")
-    calibrate.add_argument("--ert", type=float, default=500.0,
-                           help="drift detectors: expected run time, the mean number of requests between false "
-                                "alarms with no drift (default 500)")
-    calibrate.add_argument("--drift-window", type=int, default=100,
-                           help="drift detectors: requests in each sliding window (default 100)")
+    # Gone with the false-alarm budget: refused with a message, not as an unknown flag.
+    calibrate.add_argument("--ert", type=float, help=argparse.SUPPRESS)
+    calibrate.add_argument("--drift-window", type=int, help=argparse.SUPPRESS)
     calibrate.add_argument("--no-drift", action="store_true", help="calibrate the squeezing detector only")
 
     calibrate.set_defaults(run=_run_calibrate)
@@ -121,6 +119,11 @@ def _run_calibrate(args) -> int:
     from agent.detect.calibration.calibrate import calibrate
     from agent.detect.calibration.reference import load_reference
 
+    if args.ert is not None or args.drift_window is not None:
+        print("sidewatch: --ert and --drift-window are gone: drift alarms now spend a false-alarm budget in time "
+              "(drift.false_alarm_budget in the serve config, default 1/30d), not an expected run time in requests; "
+              "calibrate without them", file=sys.stderr)
+        return 2
     try:
         model = load_model(args.model)
         info = inspect_model(model, args.input_name, args.output_name, args.output_kind)
@@ -128,7 +131,7 @@ def _run_calibrate(args) -> int:
         artifact = calibrate(args.model, x, args.squeezers, args.target_fpr, output_kind=args.output_kind,
                              input_name=args.input_name, output_name=args.output_name, device=args.device,
                              reference_source=Path(args.reference).name,
-                             drift=None if args.no_drift else {"ert": args.ert, "window": args.drift_window})
+                             drift=None if args.no_drift else {})
         out = save_artifact(artifact, args.out or default_artifact_path(args.model))
     except (CalibrationError, FusedModelError, SqueezerSpecError, OSError) as err:
         print(err if str(err).startswith("sidewatch:") else f"sidewatch: {err}", file=sys.stderr)

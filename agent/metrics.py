@@ -189,6 +189,32 @@ class DetectionMetrics:
             "The false-positive rate on benign data that the threshold was calibrated for.",
             ["model", "version"], registry=registry,
         )
+        # The alarm on the share of flagged inputs (a one-sided test against target_fpr, under a budget).
+        self.rate_statistic = Gauge(
+            "sidewatch_adversarial_rate_statistic",
+            "Evidence that more inputs are flagged than the calibrated false-positive rate: t at the last look.",
+            ["model", "version"], registry=registry,
+        )
+        self.rate_threshold = Gauge(
+            "sidewatch_adversarial_rate_threshold",
+            "The t the evidence must pass at the false-alarm budget's level.",
+            ["model", "version"], registry=registry,
+        )
+        self.rate_share = Gauge(
+            "sidewatch_adversarial_rate_flagged_ratio",
+            "Share of inputs flagged in the last tested look's window.",
+            ["model", "version"], registry=registry,
+        )
+        self.rate_detected = Gauge(
+            "sidewatch_adversarial_rate_detected",
+            "1 while the flagged share is above the calibrated false-positive rate (held until it is back).",
+            ["model", "version"], registry=registry,
+        )
+        self.rate_alarms = Counter(
+            "sidewatch_adversarial_rate_alarms_total",
+            "Rises of sidewatch_adversarial_rate_detected.",
+            ["model", "version"], registry=registry,
+        )
         self.batch_size = Histogram(
             "sidewatch_detector_batch_size",
             "Inputs per detector call (micro-batches in shadow mode, one request inline).",
@@ -217,21 +243,41 @@ class DriftMetrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         labels = ["model", "version", "detector", "feature"]
-        self.statistic = Gauge("sidewatch_drift_statistic", "The drift detector's latest statistic.", labels,
-                               registry=registry)
-        self.threshold = Gauge("sidewatch_drift_threshold",
-                               "The statistic's threshold, calibrated for the configured expected run time.",
+        version = ["model", "version"]
+        self.statistic = Gauge("sidewatch_drift_statistic",
+                               "The evidence of drift at the last tested look: |t| of the feature's mean test.",
                                labels, registry=registry)
-        self.p_value = Gauge("sidewatch_drift_p_value", "The statistic's p-value, where the method has one.",
+        self.threshold = Gauge("sidewatch_drift_threshold",
+                               "The |t| the evidence must pass at the false-alarm budget's level per test.",
+                               labels, registry=registry)
+        self.p_value = Gauge("sidewatch_drift_p_value", "The statistic's p-value at the last tested look.",
                              labels, registry=registry)
-        self.drift = Gauge("sidewatch_drift_detected", "1 while the detector's statistic is over its threshold.",
+        self.effect = Gauge("sidewatch_drift_effect",
+                            "The drift's size at the last tested look, in reference standard deviations.",
+                            labels, registry=registry)
+        self.drift = Gauge("sidewatch_drift_detected",
+                           "1 while the drift flag is up: raised when the budgeted test finds evidence and an "
+                           "effect of at least sidewatch_drift_min_effect, held until the evidence clears.",
                            labels, registry=registry)
-        self.alarms = Counter("sidewatch_drift_alarms_total",
-                              "Times a detector went over its threshold (0 -> 1 transitions).",
+        self.alarms = Counter("sidewatch_drift_alarms_total", "Rises of the drift flag (0 -> 1 transitions).",
                               ["model", "version", "detector"], registry=registry)
-        self.expected_run_time = Gauge("sidewatch_drift_expected_run_time_samples",
-                                       "The configured mean number of samples between false alarms with no drift.",
-                                       ["model", "version", "detector"], registry=registry)
+        self.min_effect = Gauge("sidewatch_drift_min_effect",
+                                "The smallest effect (reference standard deviations) that may raise the flag.",
+                                version, registry=registry)
+        self.budget = Gauge("sidewatch_drift_false_alarm_budget_seconds",
+                            "Seconds of benign traffic per false drift alarm allowed (the false-alarm budget).",
+                            version, registry=registry)
+        self.alpha = Gauge("sidewatch_drift_alpha", "Each test's level at a look: the budget shared by every test "
+                           "and look.", version, registry=registry)
+        self.looks = Counter("sidewatch_drift_looks_total",
+                             "Looks at the evidence; untested: too few requests, carried to the next look.",
+                             ["model", "version", "result"], registry=registry)
+        self.last_alarm = Gauge("sidewatch_drift_last_alarm_timestamp_seconds",
+                                "Unix time of the last rise of a drift flag of the version (absent: none yet).",
+                                version, registry=registry)
+        self.watching_since = Gauge("sidewatch_drift_watching_since_timestamp_seconds",
+                                    "Unix time drift watching of the version began (kept across restarts).",
+                                    version, registry=registry)
         self.samples = Counter("sidewatch_drift_samples_total", "Samples fed to the drift detectors.",
                                ["model", "version"], registry=registry)
         self.skipped = Counter("sidewatch_drift_skipped_total",

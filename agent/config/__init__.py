@@ -6,9 +6,11 @@ It sits at the bottom of the package: it imports nothing else of sidewatch, and 
 ``serve``     ServeConfig, the whole configuration of ``sidewatch serve``, and load_config
 ``alerts``    the ``alerts:`` section (rules of the in-sidecar alert engine)
 ``rollback``  the ``rollback:`` section (safety limits and the named hooks)
+``budget``    AlarmBudget, a false-alarm budget in time (``1/30d``)
 """
 
 from agent.config.base import ConfigError, Strict, split_address
+from agent.config.budget import AlarmBudget
 from agent.config.serve import (
     Admin,
     AdversarialMode,
@@ -17,6 +19,7 @@ from agent.config.serve import (
     ListenerTLS,
     Metrics,
     ModelSettings,
+    RateAlarm,
     ServeConfig,
     Tap,
     Upstream,
@@ -24,5 +27,6 @@ from agent.config.serve import (
     load_config,
 )
 
-__all__ = ["Admin", "AdversarialMode", "ConfigError", "Detection", "Drift", "ListenerTLS", "Metrics", "ModelSettings",
-           "ServeConfig", "Strict", "Tap", "Upstream", "UpstreamTLS", "load_config", "split_address"]
+__all__ = ["Admin", "AdversarialMode", "AlarmBudget", "ConfigError", "Detection", "Drift", "ListenerTLS", "Metrics",
+           "ModelSettings", "RateAlarm", "ServeConfig", "Strict", "Tap", "Upstream", "UpstreamTLS", "load_config",
+           "split_address"]

@@ -13,6 +13,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from agent.config.alerts import AlertsConfig
 from agent.config.base import ConfigError, Strict, check_address
+from agent.config.budget import AlarmBudget
 from agent.config.rollback import RollbackConfig
 
 
@@ -65,6 +66,26 @@ class Metrics(Strict):
 AdversarialMode = Literal["shadow", "flag", "enforce"]
 
 
+def check_budget(value: str) -> str:
+    """A field validator: ``value`` must parse as an :class:`AlarmBudget` (``1/30d``)."""
+    AlarmBudget.parse(value)
+    return value
+
+
+class RateAlarm(Strict):
+    """The alarm on the share of inputs flagged adversarial: a one-sided test of that share against the
+    calibrated false-positive rate, under a false-alarm budget in time like drift's. It alarms when the
+    share is above the rate by the evidence the budget asks for and by at least ``min_excess`` (0.05:
+    five percentage points), and holds until the share is back."""
+
+    false_alarm_budget: str = "1/30d"
+    look_interval_seconds: float = Field(10.0, gt=0)
+    slot_seconds: float = Field(1.0, gt=0)
+    min_excess: float = Field(0.05, gt=0, lt=1)
+
+    _budget = field_validator("false_alarm_budget")(check_budget)
+
+
 class Detection(Strict):
     """The detectors: where the models and their calibration artifacts are, and how they run."""
 
@@ -80,12 +101,29 @@ class Detection(Strict):
     max_wait_seconds: float = Field(0.005, ge=0)
     # Threads scoring inline (flag/enforce) requests; ONNX Runtime releases the GIL while it runs.
     inline_threads: int = Field(2, ge=1)
+    rate_alarm: RateAlarm = RateAlarm()
 
 
 class Drift(Strict):
-    """The drift and anomaly detectors (calibrated by `sidewatch calibrate` with the squeezing detector)."""
+    """The drift and anomaly detectors (calibrated by `sidewatch calibrate` with the squeezing detector).
+
+    Every model version's drift tests share one false-alarm budget in time: at most
+    ``false_alarm_budget`` false drift alarms on benign traffic (``1/30d``: one per 30 days), whatever
+    the request rate. Tests run at looks, one per ``look_interval_seconds``; an alarm needs evidence
+    under the budget and an effect of at least ``min_effect`` reference standard deviations, and then
+    holds until ``clear_looks`` looks in a row find the effect below half of ``min_effect``.
+    (agent/detect/drift/budget.py and moments.py give the reasoning.)
+    """
 
     enabled: bool = True
+    # Per model version and per replica: a fleet of R replicas may see up to R times this in total.
+    false_alarm_budget: str = "1/30d"
+    look_interval_seconds: float = Field(60.0, gt=0)
+    # Time slots within a look, the clusters of the variance estimate: longer than benign bursts.
+    slot_seconds: float = Field(3.0, gt=0)
+    # The smallest effect that may alarm, in reference standard deviations (for a share, binomial ones).
+    min_effect: float = Field(0.3, ge=0)
+    clear_looks: int = Field(3, ge=1)
     # Detector state is written here periodically and at shutdown, and read back at start.
     checkpoint_dir: Path | None = None
     checkpoint_interval_seconds: float = Field(30.0, gt=0)
@@ -99,6 +137,8 @@ class Drift(Strict):
     # feature against its reference (detector "psi_time_window"); unset, there is none.
     window_seconds: float | None = Field(None, gt=0)
     psi_threshold: float = Field(0.2, gt=0)
+
+    _budget = field_validator("false_alarm_budget")(check_budget)
 
 
 class ModelSettings(Strict):

@@ -152,6 +152,12 @@ def test_cli_calibrate_refuses_too_little_data_for_drift(tmp_path, capsys):
     assert not (tmp_path / "a.json").exists()
 
 
+def test_cli_calibrate_refuses_the_expected_run_time_flags_with_what_replaced_them(tmp_path, capsys):
+    for flag in (["--ert", "500"], ["--drift-window", "100"]):
+        assert cli_main(["calibrate", "--model", str(MNIST_V1), "--reference", str(tmp_path / "r.npy"), *flag]) == 2
+        assert "drift.false_alarm_budget" in capsys.readouterr().err
+
+
 def test_cli_calibrate_errors(tmp_path, capsys):
     ref = tmp_path / "ref.npy"
     np.save(ref, np.zeros((4, 28, 28), np.uint8))

@@ -22,6 +22,7 @@ import numpy as np
 
 from agent.config import Detection
 from agent.dataplane.tap import TappedInference
+from agent.detect.adversarial.rate import FlaggedShareWatch
 from agent.detect.registry import CalibratedDetector, DetectorRegistry
 from agent.logs import ThrottledLog
 from agent.metrics import BoundedModels, DetectionMetrics
@@ -95,6 +96,8 @@ class AdversarialWatch:
         self._pending: dict[tuple[str, str], tuple[list[np.ndarray], int, float]] = {}
         # Called with (model, version, scores) after each scoring, from the scoring thread.
         self.score_listeners: list = []
+        # The alarm on the share of flagged inputs, fed by every scoring, looked at from tick().
+        self.flagged_share = FlaggedShareWatch(registry, settings.rate_alarm, metrics, bounded)
         for calibrated in registry:
             labels = bounded(calibrated.model, calibrated.version)
             metrics.threshold.labels(*labels).set(calibrated.threshold)
@@ -128,7 +131,9 @@ class AdversarialWatch:
             # out of the histogram and the drift detectors (one NaN would spoil the histogram's sum for good).
             metrics.errors.labels(*labels, DETECTOR, "non_finite").inc(len(scores) - len(finite))
         metrics.inputs.labels(*labels, mode).inc(len(finite))
-        detected = int(np.count_nonzero(finite > calibrated.threshold))
+        flagged = finite > calibrated.threshold
+        self.flagged_share.record(calibrated.model, calibrated.version, flagged)
+        detected = int(np.count_nonzero(flagged))
         if detected:
             metrics.detections.labels(*labels, mode).inc(detected)
         histogram = metrics.score.labels(*labels)
@@ -221,12 +226,14 @@ class AdversarialWatch:
             self._pending[key] = (waiting, count, since)
 
     def tick(self, max_wait: float | None = None) -> None:
-        """Close the micro-batches that have waited long enough (the tap calls this between copies)."""
+        """Close the micro-batches that have waited long enough, and look at the flagged shares when a look
+        is due (the tap calls this between copies)."""
         max_wait = self._max_wait if max_wait is None else max_wait
         now = time.monotonic()
         for key in [key for key, (_, _, since) in self._pending.items() if now - since >= max_wait]:
             waiting, _, _ = self._pending.pop(key)
             self._run_batch(self.registry.get(*key), waiting)
+        self.flagged_share.look()
 
     def flush(self) -> None:
         """Score every waiting micro-batch now (at shutdown)."""

@@ -29,7 +29,7 @@ from agent.detect.calibration import CalibrationError
 from agent.detect.calibration.artifact import CalibrationArtifact, model_sha256
 from agent.detect.calibration.reference import reference_summary, round_floats
 from agent.detect.calibration.threshold import threshold_at_fpr
-from agent.detect.drift.calibrate import ReferenceFeatures, calibrate_drift, minimum_reference
+from agent.detect.drift.calibrate import MINIMUM_REFERENCE, ReferenceFeatures, calibrate_drift
 from agent.detect.features import REGION_GRID
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ def calibrate(model_path: str | Path | bytes, reference_x: np.ndarray,
     """Score benign ``reference_x`` with the fused detector and set the threshold at ``target_fpr``.
 
     ``drift``, when given, holds keyword arguments for agent.detect.drift.calibrate.calibrate_drift
-    (e.g. ``{"ert": 500, "window": 100}``): the drift detectors are calibrated on the same reference.
+    (``{}`` for its defaults): the drift detectors are calibrated on the same reference.
     """
     if not 0.0 <= target_fpr < 1.0:
         raise CalibrationError(f"sidewatch: target false-positive rate must be in [0, 1), got {target_fpr}")
@@ -89,9 +89,7 @@ def calibrate(model_path: str | Path | bytes, reference_x: np.ndarray,
 
 
 def _calibrate_drift(x: np.ndarray, probabilities: np.ndarray, scores: np.ndarray, options: dict) -> dict:
-    needed = minimum_reference(options.get("window", 100))
-    if len(x) < needed:
-        raise CalibrationError(f"sidewatch: the drift detectors need at least {needed} reference inputs for a "
-                               f"window of {options.get('window', 100)}, got {len(x)}; give more reference data, "
-                               f"a smaller --drift-window, or --no-drift")
+    if len(x) < MINIMUM_REFERENCE:
+        raise CalibrationError(f"sidewatch: the drift detectors need at least {MINIMUM_REFERENCE} reference inputs, "
+                               f"got {len(x)}; give more reference data, or --no-drift")
     return calibrate_drift(ReferenceFeatures.of(x, probabilities, scores), **options)

@@ -1,8 +1,19 @@
 """Calibrating the drift and anomaly detectors on the reference data, and rebuilding them from an artifact.
 
-``sidewatch calibrate`` runs this after scoring the reference with the squeezing detector: every
-threshold (each set for the configured expected run time by simulation) is computed here, at
-calibration time, and stored in the artifact's ``drift`` section, so the sidecar only loads them.
+``sidewatch calibrate`` runs this after scoring the reference with the squeezing detector. Drift is
+watched by budgeted moment tests (:mod:`agent.detect.drift.moments`): calibration fits their features
+on the reference (means, scales, bin edges, projections) and stores them in the artifact's ``drift``
+section, format 2. Nothing here depends on the false-alarm budget or the request rate: the budget is
+a setting of ``sidewatch serve`` (``drift.false_alarm_budget``), spent at run time, so changing it needs
+no recalibration. Three parts, each one :class:`~agent.detect.drift.moments.MomentFeatures`, so that
+each is fed when its data arrives:
+
+``inputs``   the image block means (groups ``continuous`` and ``projections``)
+``outputs``  the top-1 confidence and the entropy (their reference-decile bins) and the class shares
+``score``    the squeezing detector's score (its reference-decile bins; the scores arrive on their own)
+
+Artifacts of format 1 (sidewatch before the budget: ERT-calibrated detectors counted in requests) are
+refused for drift with :class:`OutdatedDriftCalibration`, whose message says how to recalibrate.
 """
 
 from __future__ import annotations
@@ -13,16 +24,16 @@ from typing import Any
 import numpy as np
 
 from agent.detect.anomaly import AnomalyScorer
-from agent.detect.drift.change import AdwinChange, PageHinkleyChange
 from agent.detect.drift.fleet import reference_bins
-from agent.detect.drift.mmd import OnlineMMD
-from agent.detect.drift.prediction import ClassMixDrift, ScalarWindowDrift
-from agent.detect.drift.univariate import WindowedCVM
+from agent.detect.drift.moments import MomentFeatures
 from agent.detect.features import OUTPUT_FEATURES, input_features, output_features, region_names
 
-DETECTOR_CLASSES = {cls.__name__: cls for cls in (WindowedCVM, OnlineMMD, ClassMixDrift, ScalarWindowDrift,
-                                                  PageHinkleyChange, AdwinChange)}
-
+FORMAT = 2
+# Squared random projections of the standardised block means: variance and correlation changes.
+PROJECTIONS = 16
+# The fewest reference rows drift is calibrated on: deciles and scales need some hundreds, and the anomaly
+# scorer holds out 30% to set its threshold at 1%.
+MINIMUM_REFERENCE = 500
 # Features whose bin counts every replica exports for the fleet PSI, unless configured otherwise.
 DEFAULT_FLEET_FEATURES = ("confidence", "entropy", "score")
 
@@ -53,58 +64,45 @@ class ReferenceFeatures:
         return self.regions[:, self.region_names.index(name)]
 
 
-# Reference points the online MMD keeps; it holds out the rest to simulate no-drift streams.
-MMD_REFERENCE_POINTS = 300
+class OutdatedDriftCalibration(ValueError):
+    """An artifact whose drift section an older sidewatch wrote: it cannot be watched under a budget."""
 
 
-def minimum_reference(window: int) -> int:
-    """Reference inputs the drift calibration needs: the MMD keeps some and simulates streams from the rest."""
-    return MMD_REFERENCE_POINTS + 2 * window
-
-
-def calibrate_drift(features: ReferenceFeatures, ert: float = 500.0, window: int = 100,
-                    anomaly_fpr: float = 0.01, seed: int = 0) -> dict[str, Any]:
-    """Fit and calibrate every drift detector; returns the artifact's ``drift`` section."""
-    plans: list[tuple[str, str, Any, Any]] = [
-        # (name, source, detector, fit argument)
-        ("inputs_cvm", "regions", WindowedCVM(window=window, ert=ert, seed=seed), features.regions),
-        ("inputs_mmd", "regions", OnlineMMD(ert=ert, window_size=window, n_ref=MMD_REFERENCE_POINTS, seed=seed),
-         features.regions),
-        ("class_mix", "classes", ClassMixDrift(window=max(window, 2 * features.n_classes * 10), ert=ert, seed=seed),
-         None),
-        ("confidence", "confidence", ScalarWindowDrift(window=window, ert=ert, seed=seed), features.confidence),
-        ("entropy", "entropy", ScalarWindowDrift(window=window, ert=ert, seed=seed), features.entropy),
-        ("score_change", "score", PageHinkleyChange(ert=ert, seed=seed), features.scores),
-        ("confidence_change", "confidence", AdwinChange(seed=seed), features.confidence),
-    ]
-    detectors = {}
-    for name, source, detector, reference in plans:
-        if name == "class_mix":
-            detector.fit(features.classes, n_classes=features.n_classes)
-        else:
-            detector.fit(reference)
-        detectors[name] = {"class": type(detector).__name__, "source": source,
-                           "calibration": detector.calibration_dict()}
+def calibrate_drift(features: ReferenceFeatures, anomaly_fpr: float = 0.01, seed: int = 0) -> dict[str, Any]:
+    """Fit the moment features, the anomaly scorer and the fleet bins; returns the artifact's ``drift`` section."""
+    if len(features.classes) < MINIMUM_REFERENCE:
+        raise ValueError(f"sidewatch: drift calibration needs at least {MINIMUM_REFERENCE} reference inputs, "
+                         f"got {len(features.classes)}")
+    moments = {
+        "inputs": MomentFeatures(projections=PROJECTIONS, seed=seed).fit(
+            continuous=features.regions, continuous_names=features.region_names),
+        "outputs": MomentFeatures(n_classes=features.n_classes, seed=seed).fit(
+            scalars={"confidence": features.confidence, "entropy": features.entropy}, classes=features.classes),
+        "score": MomentFeatures(seed=seed).fit(scalars={"score": features.scores}),
+    }
     anomaly = AnomalyScorer(target_fpr=anomaly_fpr, seed=seed).fit(features.regions)
     fleet = {name: reference_bins(features.scalar(name))
              for name in (*DEFAULT_FLEET_FEATURES, *features.region_names)}
-    return {"ert": ert, "window": window, "region_names": features.region_names, "detectors": detectors,
+    return {"format": FORMAT, "region_names": features.region_names,
+            "moments": {part: f.calibration_dict() for part, f in moments.items()},
             "anomaly": {"source": "regions", "calibration": anomaly.calibration_dict()}, "fleet_bins": fleet}
 
 
-def build_detectors(section: dict[str, Any]) -> dict[str, tuple[str, Any]]:
-    """name -> (source, detector) from an artifact's ``drift`` section."""
-    built = {}
-    for name, entry in section["detectors"].items():
-        cls = DETECTOR_CLASSES.get(entry["class"])
-        if cls is None:
-            raise ValueError(f"sidewatch: drift detector {name} has an unknown class {entry['class']!r}")
-        built[name] = (entry["source"], cls.from_calibration(entry["calibration"]))
-    return built
+def build_moment_features(section: dict[str, Any]) -> dict[str, MomentFeatures]:
+    """part -> fitted MomentFeatures, from an artifact's ``drift`` section (format 2)."""
+    if section.get("format") != FORMAT or "moments" not in section:
+        raise OutdatedDriftCalibration(
+            "its drift calibration is from a sidewatch before false-alarm budgets (detectors calibrated to an "
+            "expected run time in requests, a false alarm every few hundred requests); drift is now tested "
+            "under a budget in time (drift.false_alarm_budget, default 1/30d) and needs a new calibration: "
+            "rerun `sidewatch calibrate --model MODEL.onnx --reference REFERENCE.npz` (the squeezing "
+            "threshold and everything else in the artifact are unchanged)")
+    return {part: MomentFeatures.from_calibration(d) for part, d in section["moments"].items()}
 
 
 def build_anomaly(section: dict[str, Any]) -> AnomalyScorer:
     return AnomalyScorer.from_calibration(section["anomaly"]["calibration"])
 
 
-__all__ = ["ReferenceFeatures", "calibrate_drift", "build_detectors", "build_anomaly", "OUTPUT_FEATURES"]
+__all__ = ["ReferenceFeatures", "calibrate_drift", "build_moment_features", "build_anomaly", "OutdatedDriftCalibration",
+           "OUTPUT_FEATURES"]

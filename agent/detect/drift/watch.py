@@ -1,10 +1,12 @@
-"""Drift and anomaly detection on live traffic: a tap sink, one set of detectors per model version.
+"""Drift and anomaly detection on live traffic: a tap sink, one set of tests per model version.
 
-Every tapped inference of a calibrated model version feeds its detectors: the block means of the
-input, the predicted class, the top-1 confidence and the entropy of the output, and (from the
-squeezing detector) the adversarial score. Metrics are refreshed at most once a second, not per
-request. Detector state is checkpointed to disk periodically and at shutdown, and restored at start,
-so a restart does not reset the windows.
+Every tapped inference of a calibrated model version feeds its drift tests
+(:class:`~agent.detect.drift.budgeted.BudgetedDrift`: the block means of the input, the top-1
+confidence, entropy and class of the output, and the squeezing detector's score), the anomaly scorer
+and the fleet bins. The tests look at the evidence once per ``drift.look_interval_seconds``, under the
+version's false-alarm budget; metrics are refreshed at most once a second, not per request. State
+(the tests' windows and flags, the look clock) is checkpointed to disk periodically and at shutdown,
+and restored at start, so a restart neither resets the windows nor adds a look.
 """
 
 from __future__ import annotations
@@ -12,14 +14,16 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
 import numpy as np
 
-from agent.config import Drift
+from agent.config import AlarmBudget, Drift
 from agent.dataplane.tap import TappedInference
-from agent.detect.drift.calibrate import build_anomaly, build_detectors
+from agent.detect.drift.budgeted import BudgetedDrift, Detector
+from agent.detect.drift.calibrate import OutdatedDriftCalibration, build_anomaly, build_moment_features
 from agent.detect.drift.fleet import FleetBins
 from agent.detect.drift.window import TimeWindowPSI
 from agent.detect.features import input_features, output_features, softmax
@@ -29,26 +33,39 @@ from agent.metrics import BoundedModels, DriftMetrics
 
 log = logging.getLogger(__name__)
 
+STATE_FORMAT = 2
+
 
 class ModelDrift:
-    """The drift detectors of one calibrated model version, and their metrics."""
+    """The drift tests, anomaly scorer and fleet bins of one calibrated model version, and their metrics.
+
+    Raises :class:`OutdatedDriftCalibration` for an artifact an older sidewatch wrote.
+    """
 
     def __init__(self, calibrated: CalibratedDetector, metrics: DriftMetrics, labels: tuple[str, str],
-                 top_k: int, fleet_features: list[str], window_seconds: float | None = None,
-                 psi_threshold: float = 0.2, batch_rows: int = 64) -> None:
+                 settings: Drift, batch_rows: int = 64, clock=time.time) -> None:
         section = calibrated.artifact.drift
         self.calibrated = calibrated
         self.labels = labels
         self.metrics = metrics
-        self.top_k = top_k
-        self.detectors = build_detectors(section)
+        self.top_k = settings.top_k_features
+        self.clock = clock
+        budget = AlarmBudget.parse(settings.false_alarm_budget)
+        features = build_moment_features(section)
+
+        def new_tests() -> BudgetedDrift:
+            return BudgetedDrift(features, budget, settings.look_interval_seconds, settings.min_effect,
+                                 slot_seconds=settings.slot_seconds, clear_looks=settings.clear_looks)
+
+        self._new_tests = new_tests
+        self.tests = new_tests()
         self.anomaly = build_anomaly(section)
         self.region_names: list[str] = section["region_names"]
-        fleet = {name: section["fleet_bins"][name] for name in fleet_features if name in section["fleet_bins"]}
+        fleet = {name: section["fleet_bins"][name] for name in settings.fleet_features if name in section["fleet_bins"]}
         self.fleet = FleetBins(fleet, metrics, *labels)
         # One PSI over the last T seconds per fleet feature, when a time window is configured.
-        self.time_windows = {} if window_seconds is None else {
-            name: TimeWindowPSI(bins["edges"], bins["ratios"], window_seconds, psi_threshold)
+        self.time_windows = {} if settings.window_seconds is None else {
+            name: TimeWindowPSI(bins["edges"], bins["ratios"], settings.window_seconds, settings.psi_threshold)
             for name, bins in fleet.items()}
         self._was_drifting: dict[str, bool] = {}
         self.seen = 0
@@ -57,11 +74,14 @@ class ModelDrift:
         self._pending_p: list[np.ndarray] = []
         self._pending_rows = 0
         self._exported_features: dict[str, set[str]] = {}
+        self._alarms_exported = dict.fromkeys(self.tests.alarms, 0)
         metrics.anomaly_threshold.labels(*labels).set(self.anomaly.threshold_)
-        for name, (_, detector) in self.detectors.items():
-            ert = getattr(detector, "ert", None)
-            if ert is not None:
-                metrics.expected_run_time.labels(*labels, name).set(ert)
+        metrics.min_effect.labels(*labels).set(settings.min_effect)
+        metrics.budget.labels(*labels).set(budget.period_seconds / budget.alarms)
+        metrics.alpha.labels(*labels).set(self.tests.alpha)
+        for detector in self.tests.detectors:  # every flag exists from the start, at 0
+            metrics.drift.labels(*labels, detector.name, "all").set(0.0)
+            metrics.alarms.labels(*labels, detector.name)
 
     def observe(self, inference: TappedInference) -> None:
         artifact_model = self.calibrated.artifact.model
@@ -114,10 +134,10 @@ class ModelDrift:
         self._pending_x, self._pending_p, self._pending_rows = [], [], 0
         regions = input_features(x)
         classes, confidence, entropy = output_features(probabilities)
-        sources = {"regions": regions, "classes": classes, "confidence": confidence, "entropy": entropy}
-        for source, detector in self.detectors.values():
-            if source in sources:
-                detector.update(sources[source])
+        sources = {"confidence": confidence, "entropy": entropy}
+        at = self.clock()
+        self.tests.update("inputs", at, continuous=regions)
+        self.tests.update("outputs", at, scalars=sources, classes=classes)
         scores = self.anomaly.score(regions)
         histogram = self.metrics.anomaly_score.labels(*self.labels)
         for score in scores.tolist():
@@ -134,9 +154,9 @@ class ModelDrift:
         self.seen += len(x)
 
     def observe_scores(self, scores: np.ndarray) -> None:
-        for source, detector in self.detectors.values():
-            if source == "score":
-                detector.update(scores)
+        scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+        if scores.size:
+            self.tests.update("score", self.clock(), scalars={"score": scores})
         if "score" in self.fleet.features:
             self._observe_feature("score", scores)
 
@@ -145,71 +165,89 @@ class ModelDrift:
         if feature in self.time_windows:
             self.time_windows[feature].update(values)
 
+    def look(self) -> bool:
+        """Test the evidence if a look is due; count the look. True when one was."""
+        results = self.tests.look(self.clock())
+        if results is None:
+            return False
+        tested = any(result.tested for result in results.values())
+        self.metrics.looks.labels(*self.labels, "tested" if tested else "untested").inc()
+        return True
+
     def export(self) -> None:
-        """Statistic, threshold, p-value and drift flag of every detector, as gauges."""
+        """Flags, evidence, thresholds, p-values and effects of every detector, as gauges."""
         m = self.metrics
-        if not self.seen:
-            return  # nothing to report for a version no traffic has reached
-        for name, (_, detector) in self.detectors.items():
-            result = detector.result
-            if result is None:
-                continue
-            drifting = bool(np.any(result.drift))
-            if drifting and not self._was_drifting.get(name, False):
-                m.alarms.labels(*self.labels, name).inc()
-            self._was_drifting[name] = drifting
-            if np.ndim(result.statistic) == 0:
-                self._set(name, "all", result.statistic, result.threshold, result.p_value, result.drift)
-            else:
-                self._export_per_feature(name, result)
+        tests = self.tests
+        for detector in tests.detectors:
+            flag = tests.flags[detector.name]
+            m.drift.labels(*self.labels, detector.name, "all").set(1.0 if flag else 0.0)
+            rises = tests.alarms[detector.name] - self._alarms_exported[detector.name]
+            if rises > 0:
+                m.alarms.labels(*self.labels, detector.name).inc(rises)
+                self._alarms_exported[detector.name] = tests.alarms[detector.name]
+            result = tests.last_tested.get(detector.part)
+            if result is not None:
+                self._export_detector(detector, result, flag)
+        if tests.last_alarm_at is not None:
+            m.last_alarm.labels(*self.labels).set(tests.last_alarm_at)
+        if tests.watching_since is not None:
+            m.watching_since.labels(*self.labels).set(tests.watching_since)
         for feature, window in self.time_windows.items():
             result = window.result
             if result.statistic == result.statistic:  # NaN while the window is empty
-                self._set("psi_time_window", feature, result.statistic, result.threshold, None, result.drift)
+                self._set("psi_time_window", feature, result.statistic, result.threshold, None, None,
+                          bool(np.any(result.drift)))
 
-    def _export_per_feature(self, name: str, result) -> None:
-        statistic = np.asarray(result.statistic, dtype=np.float64)
-        threshold = np.broadcast_to(np.asarray(result.threshold, dtype=np.float64), statistic.shape)
-        p_values = None if result.p_value is None else np.broadcast_to(np.asarray(result.p_value), statistic.shape)
-        # The detector as a whole: the feature closest to (or furthest over) its threshold.
-        ratio = np.where(threshold > 0, statistic / np.where(threshold > 0, threshold, 1), 0.0)
-        worst = int(np.argmax(ratio))
-        self._set(name, "all", statistic[worst], threshold[worst],
-                  None if p_values is None else np.min(p_values), np.any(result.drift))
-        # Per-feature series only for the top-k by statistic/threshold; features that drop out are removed.
-        top = {self.region_names[i] if i < len(self.region_names) else str(i): i
-               for i in np.argsort(-ratio)[:self.top_k]}
-        for feature in self._exported_features.get(name, set()) - set(top):
-            for gauge in (self.metrics.statistic, self.metrics.threshold, self.metrics.p_value, self.metrics.drift):
+    def _export_detector(self, detector: Detector, result, flag: bool) -> None:
+        index = detector.index
+        evidence = np.abs(result.t[index])
+        p_values, effects = result.p[index], result.effects[index]
+        self._set(detector.name, "all", evidence.max(), result.threshold, p_values.min(), effects.max(), flag,
+                  flag_set=False)
+        # Per-feature series only for the top-k by evidence; features that drop out are removed.
+        top = {detector.features[i]: i for i in np.argsort(-evidence, kind="stable")[:self.top_k]}
+        rejected = set(result.rejected)
+        for feature in self._exported_features.get(detector.name, set()) - set(top):
+            for gauge in (self.metrics.statistic, self.metrics.threshold, self.metrics.p_value, self.metrics.effect,
+                          self.metrics.drift):
                 try:
-                    gauge.remove(*self.labels, name, feature)
+                    gauge.remove(*self.labels, detector.name, feature)
                 except KeyError:
                     pass
         for feature, i in top.items():
-            self._set(name, feature, statistic[i], threshold[i], None if p_values is None else p_values[i],
-                      bool(np.asarray(result.drift).reshape(-1)[i]))
-        self._exported_features[name] = set(top)
+            self._set(detector.name, feature, evidence[i], result.threshold, p_values[i], effects[i],
+                      flag and feature in rejected)
+        self._exported_features[detector.name] = set(top)
 
-    def _set(self, name, feature, statistic, threshold, p_value, drift) -> None:
+    def _set(self, name, feature, statistic, threshold, p_value, effect, drift, flag_set: bool = True) -> None:
         labels = (*self.labels, name, feature)
         self.metrics.statistic.labels(*labels).set(float(statistic))
         self.metrics.threshold.labels(*labels).set(float(threshold))
-        if p_value is not None and np.isfinite(p_value):
+        if p_value is not None and math.isfinite(p_value):
             self.metrics.p_value.labels(*labels).set(float(p_value))
-        self.metrics.drift.labels(*labels).set(1.0 if bool(np.any(drift)) else 0.0)
+        if effect is not None and math.isfinite(effect):
+            self.metrics.effect.labels(*labels).set(float(effect))
+        if flag_set:
+            self.metrics.drift.labels(*labels).set(1.0 if drift else 0.0)
 
     def state(self) -> dict:
         self.flush()
-        return {"model_sha256": self.calibrated.artifact.model["sha256"],
-                "detectors": {name: detector.state_dict() for name, (_, detector) in self.detectors.items()},
+        return {"format": STATE_FORMAT, "model_sha256": self.calibrated.artifact.model["sha256"],
+                "tests": self.tests.state_dict(),
                 "time_windows": {name: window.state_dict() for name, window in self.time_windows.items()}}
 
     def restore(self, state: dict) -> bool:
         if state.get("model_sha256") != self.calibrated.artifact.model["sha256"]:
             return False  # state of another model: start afresh
-        for name, detector_state in state.get("detectors", {}).items():
-            if name in self.detectors:
-                self.detectors[name][1].load_state_dict(detector_state)
+        if state.get("format") != STATE_FORMAT:
+            log.warning("sidewatch: drift state of %s version %s is from an older sidewatch (detectors calibrated "
+                        "to an expected run time); starting afresh under the false-alarm budget", *self.labels)
+            return False
+        try:
+            self.tests.load_state_dict(state["tests"])
+        except (ValueError, KeyError, TypeError):
+            self.tests = self._new_tests()  # nothing half-restored
+            raise
         for name, window_state in state.get("time_windows", {}).items():
             if name in self.time_windows:
                 self.time_windows[name].load_state_dict(window_state)
@@ -217,10 +255,12 @@ class ModelDrift:
 
 
 class DriftWatch:
-    """The tap sink: routes each inference to its model version's detectors; checkpoints their state."""
+    """The tap sink: routes each inference to its model version's tests, looks when a look is due,
+    exports, and checkpoints their state. Versions whose artifact an older sidewatch wrote are not
+    watched for drift (a warning says how to recalibrate)."""
 
     def __init__(self, registry: DetectorRegistry, settings: Drift, metrics: DriftMetrics,
-                 bounded: BoundedModels) -> None:
+                 bounded: BoundedModels, clock=time.time) -> None:
         self._registry = registry
         self._checkpoint_dir = settings.checkpoint_dir
         self._checkpoint_interval = settings.checkpoint_interval_seconds
@@ -236,8 +276,12 @@ class DriftWatch:
                             "drift is not watched", calibrated.model, calibrated.version)
                 continue
             labels = bounded(calibrated.model, calibrated.version)
-            model = ModelDrift(calibrated, metrics, labels, settings.top_k_features, list(settings.fleet_features),
-                               settings.window_seconds, settings.psi_threshold)
+            try:
+                model = ModelDrift(calibrated, metrics, labels, settings, clock=clock)
+            except OutdatedDriftCalibration as err:
+                log.warning("sidewatch: %s version %s: drift is not watched: %s", calibrated.model,
+                            calibrated.version, err)
+                continue
             self.models[(calibrated.model, calibrated.version)] = model
             self._restore(model)
 
@@ -263,8 +307,9 @@ class DriftWatch:
             watched = self._model(model, version)
             if watched is not None:
                 watched.observe_scores(scores)
+        looked = [model.look() for model in self.models.values()]
         now = time.monotonic()
-        if now - self._last_export >= self._export_interval:
+        if any(looked) or now - self._last_export >= self._export_interval:
             self._last_export = now
             for model in self.models.values():
                 model.export()
