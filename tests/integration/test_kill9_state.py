@@ -115,20 +115,20 @@ model = watch.models[("mnist_cnn", "1")]
 images = load_images()[0]
 probabilities = np.full((64, 10), 0.01, np.float32)
 probabilities[:, 0] = 0.91
-class_mix = model.detectors["class_mix"][1]
-print("restored", class_mix.n, flush=True)
+outputs = model.tests.tests["outputs"]
+print("restored", outputs.n, flush=True)
 for step in range(10**9):
     start = (step * 64) % (len(images) - 64)
     rows = images[start:start + 64]
     watch(TappedInference("mnist_cnn", "1", {"input": rows}, {"probabilities": probabilities}, None, None, 0.0, 0.0))
     watch.checkpoint()
-    print("checkpointed", class_mix.n, flush=True)   # after checkpoint() returned
+    print("checkpointed", outputs.n, flush=True)   # after checkpoint() returned
 """
 
 
 def _checkpointed_n(path: Path) -> int:
-    """Rows the class-mix drift detector had seen in a checkpoint (every row of traffic feeds it)."""
-    return json.loads(path.read_text())["detectors"]["class_mix"]["n"]
+    """Rows the outputs drift test had taken in a checkpoint (every row of traffic feeds it)."""
+    return json.loads(path.read_text())["tests"]["tests"]["outputs"]["alarm"]["n"]
 
 
 def test_drift_checkpoint_always_loads_after_random_kills(tmp_path):
