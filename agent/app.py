@@ -169,11 +169,22 @@ async def serve(config: ServeConfig) -> None:
     await sidecar.stop()
 
 
-def check_config(config: ServeConfig) -> None:
+def check_config(config: ServeConfig) -> list[str]:
     """Everything ``serve`` would refuse at start, without binding anything: every model and artifact
-    loads (a hash mismatch or a broken model fails here, not in production), and the admin token reads."""
+    loads (a hash mismatch or a broken model fails here, not in production), and the admin token reads.
+    Returns warnings: what ``serve`` would start without (drift of a version whose artifact predates
+    false-alarm budgets)."""
+    warnings = []
     if config.detection.model_repository is not None:
+        from agent.detect.drift.calibrate import OutdatedDriftCalibration, build_moment_features
         from agent.detect.registry import DetectorRegistry
 
-        DetectorRegistry(config.detection.model_repository, config.detection.device)
+        for calibrated in DetectorRegistry(config.detection.model_repository, config.detection.device):
+            if not (config.drift.enabled and calibrated.artifact.drift):
+                continue
+            try:
+                build_moment_features(calibrated.artifact.drift)
+            except OutdatedDriftCalibration as err:
+                warnings.append(f"{calibrated.model} version {calibrated.version}: drift will not be watched: {err}")
     admin_token(config.admin)  # a token file that cannot be read, or one too short, fails here
+    return warnings

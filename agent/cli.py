@@ -43,7 +43,8 @@ def _run_serve(args) -> int:
         "log_requests": args.log_requests,
     }, adversarial_mode_for_every_model=args.adversarial_mode)
     if args.check_config:
-        check_config(config)
+        for warning in check_config(config):
+            print(f"sidewatch: warning: {warning}", file=sys.stderr)
         print("sidewatch: configuration is valid")
         return 0
     run_event_loop(serve(config))

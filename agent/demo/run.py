@@ -36,13 +36,17 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-# The drift detectors the display follows, by their names in the calibration artifact.
-SHOWN_DETECTORS = ("inputs_mmd", "inputs_cvm", "confidence", "class_mix")
+# The drift detectors the display follows (agent/detect/drift/budgeted.py names them).
+SHOWN_DETECTORS = ("inputs_mean", "inputs_shape", "confidence", "class_mix")
+# Per-version series the display reads, for the demo's version.
+SHOWN_SERIES = ("sidewatch_drift_statistic{", "sidewatch_drift_threshold{", "sidewatch_drift_detected{",
+                "sidewatch_drift_false_alarm_budget_seconds{", "sidewatch_adversarial_rate_detected{")
 
 
 def _scrape(url: str) -> dict[str, float]:
-    """Sum each sidewatch metric over its labels (inference calls only, where a method is named); and each
-    shown drift detector's statistic and threshold, as "statistic:NAME" and "threshold:NAME"."""
+    """Sum each sidewatch metric over its labels (inference calls only, where a method is named); and, for
+    the demo's version, each shown drift detector's evidence, threshold and flag ("statistic:NAME",
+    "threshold:NAME", "detected:NAME"), the drift budget and the flagged-share flag."""
     totals: dict[str, float] = {}
     try:
         with urllib.request.urlopen(url, timeout=1) as reply:
@@ -50,11 +54,16 @@ def _scrape(url: str) -> dict[str, float]:
     except OSError:
         return totals
     for line in text.splitlines():
-        if line.startswith(("sidewatch_drift_statistic{", "sidewatch_drift_threshold{")) and 'feature="all"' in line:
-            detector = line.split('detector="', 1)[1].split('"', 1)[0]
-            if detector in SHOWN_DETECTORS and f'version="{DEMO_VERSION}"' in line:
-                kind = "statistic" if line.startswith("sidewatch_drift_statistic") else "threshold"
-                totals[f"{kind}:{detector}"] = float(line.rsplit(" ", 1)[1])
+        if line.startswith(SHOWN_SERIES):
+            if f'version="{DEMO_VERSION}"' in line:
+                name = line.split("{", 1)[0].removeprefix("sidewatch_")
+                value = float(line.rsplit(" ", 1)[1])
+                if 'detector="' in line:
+                    detector = line.split('detector="', 1)[1].split('"', 1)[0]
+                    if detector in SHOWN_DETECTORS and 'feature="all"' in line:
+                        totals[f"{name.removeprefix('drift_')}:{detector}"] = value
+                else:
+                    totals[name] = value
             continue
         if line.startswith(("sidewatch_alert_active{", "sidewatch_route_pinned{")):
             totals[line.rsplit(" ", 1)[0]] = float(line.rsplit(" ", 1)[1])
@@ -266,15 +275,28 @@ def _frame(elapsed: float, duration: float, traffic: str, sent: int, correct: in
         f"  squeeze   scored {metrics.get('sidewatch_adversarial_inputs_total', 0):6.0f}   "
         f"adversarial detections {metrics.get('sidewatch_adversarial_detections_total', 0):6.0f}   "
         f"now [{bar(detection_rate, 20)}] {detection_rate:6.1%} of inputs flagged",
+        f"  alarms    false-alarm budget {_budget(metrics)} per model version   "
+        f"flagged share {'ALARM' if metrics.get('adversarial_rate_detected') else 'ok'}",
         "  drift     " + "   ".join(_drift_cell(metrics, name) for name in SHOWN_DETECTORS)
         + f"   anomalies {metrics.get('sidewatch_anomalies_total', 0):5.0f}",
         "  rollback  " + rollback.describe(metrics),
     ]
 
 
+def _budget(metrics: dict[str, float]) -> str:
+    seconds = metrics.get("drift_false_alarm_budget_seconds")
+    if not seconds:
+        return "-"
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"1/{seconds / size:g}{unit}"
+    return f"1/{seconds:g}s"
+
+
 def _drift_cell(metrics: dict[str, float], name: str) -> str:
+    """The detector's evidence against its threshold at the last tested look, and its held flag."""
     statistic, threshold = metrics.get(f"statistic:{name}"), metrics.get(f"threshold:{name}")
-    if statistic is None or threshold is None or statistic != statistic:  # NaN: window still filling
-        return f"{name} filling"
-    mark = "DRIFT" if statistic > threshold else "ok"
+    mark = "DRIFT" if metrics.get(f"detected:{name}") else "ok"
+    if statistic is None or threshold is None or statistic != statistic:  # no tested look yet
+        return f"{name} waiting {mark}"
     return f"{name} {statistic:.3g}/{threshold:.3g} {mark}"

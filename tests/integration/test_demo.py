@@ -1,5 +1,6 @@
-"""The one-command demo end to end: traffic flows through the sidecar, the tap decodes it, the attack is
-seen, its alert fires and the route hook moves the traffic from version 2 to version 1."""
+"""The one-command demo end to end: traffic flows through the sidecar, the tap decodes it, nothing alarms
+on the benign traffic, the drift is flagged, the attack is seen, its alert fires and the route hook moves
+the traffic from version 2 to version 1."""
 
 from __future__ import annotations
 
@@ -10,11 +11,20 @@ from tests.support.harness import sidewatch
 
 
 def test_demo_runs_and_shows_traffic():
-    # 14 s: the attack gets the last 30% (4.2 s), time for the demo's rule (5 s window, 1 s `for`) to fire.
-    done = subprocess.run(sidewatch("demo", "--duration", "14", "--rate", "40"), capture_output=True, text=True,
+    # 36 s: benign for 14.4 s, drift for 10.8 s (drift looks every 5 s: two whole looks), the attack for
+    # the last 10.8 s (flagged-share looks every 2 s).
+    done = subprocess.run(sidewatch("demo", "--duration", "36", "--rate", "40"), capture_output=True, text=True,
                           timeout=180)
     assert done.returncode == 0, done.stderr
-    last = done.stdout.strip().split("\n\n")[-1]
+    frames = done.stdout.strip().split("\n\n")
+    last = frames[-1]
+    benign = [frame for frame in frames if "traffic: benign" in frame]
+    assert len(benign) >= 10
+    for frame in benign:  # the benign phase: no drift flag, no flagged-share alarm, no alert
+        assert "DRIFT" not in frame.split("traffic:", 1)[1] and "flagged share ok" in frame, frame
+        assert "alerts firing: none" in frame, frame
+    assert any(re.search(r"drift .*DRIFT", frame) for frame in frames if "traffic: DRIFT" in frame)
+    assert "budget 1/30d" in last
     sent = int(re.search(r"sent\s+(\d+)", last).group(1))
     errors = int(re.search(r"errors\s+(\d+)", last).group(1))
     forwarded = float(re.search(r"forwarded\s+(\d+)", last).group(1))

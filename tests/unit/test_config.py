@@ -11,6 +11,7 @@ def test_defaults_are_valid():
     config = load_config()
     assert config.upstream.address == "127.0.0.1:8001"
     assert config.tap.queue_size > 0
+    assert config.drift.false_alarm_budget == "1/30d" and config.detection.rate_alarm.false_alarm_budget == "1/30d"
 
 
 def test_flags_override_the_file(tmp_path):
@@ -27,6 +28,10 @@ def test_flags_override_the_file(tmp_path):
     ("listen: nowhere\n", "listen"),
     ("tap:\n  queue_size: 0\n", "tap.queue_size"),
     ("tls:\n  cert_file: a.pem\n", "tls.key_file"),
+    ("drift:\n  false_alarm_budget: 1/30m\n", "drift.false_alarm_budget"),      # minutes or months?
+    ("drift:\n  false_alarm_budget: 0/1d\n", "drift.false_alarm_budget"),
+    ("drift:\n  min_effect: -1\n", "drift.min_effect"),
+    ("detection:\n  rate_alarm:\n    false_alarm_budget: often\n", "detection.rate_alarm.false_alarm_budget"),
 ])
 def test_bad_config_names_the_key(tmp_path, text, key):
     path = tmp_path / "c.yaml"

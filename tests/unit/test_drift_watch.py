@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
+from agent.app import check_config
 from agent.config import load_config
 from agent.dataplane.tap import TappedInference
 from agent.demo.data import REFERENCE, load_images
@@ -154,7 +155,8 @@ def test_a_restart_with_other_settings_or_an_older_state_starts_afresh(registry,
     assert "from an older sidewatch" in caplog.text
 
 
-def test_an_artifact_from_before_the_budget_is_not_watched_and_says_how_to_recalibrate(tmp_path, caplog):
+def _outdated_repository(tmp_path):
+    """The bundled repository, version 1's artifact with the drift section sidewatch 0.x wrote."""
     repository = tmp_path / "models"
     shutil.copytree(BUNDLED_REPOSITORY / MODEL, repository / MODEL)
     artifact_path = repository / MODEL / "1" / "sidewatch-calibration.json"
@@ -163,11 +165,20 @@ def test_an_artifact_from_before_the_budget_is_not_watched_and_says_how_to_recal
                          "detectors": {"inputs_mmd": {"class": "OnlineMMD", "source": "regions", "calibration": {}}},
                          "anomaly": artifact["drift"]["anomaly"], "fleet_bins": artifact["drift"]["fleet_bins"]}
     artifact_path.write_text(json.dumps(artifact))
+    return repository
+
+
+def test_an_artifact_from_before_the_budget_is_not_watched_and_says_how_to_recalibrate(tmp_path, caplog):
+    repository = _outdated_repository(tmp_path)
     with caplog.at_level(logging.WARNING):
         watch = DriftWatch(DetectorRegistry(repository, "cpu"), load_config().drift, DriftMetrics(CollectorRegistry()),
                            BoundedModels(8))
     assert (MODEL, "1") not in watch.models and (MODEL, "2") in watch.models
     assert "rerun `sidewatch calibrate" in caplog.text and "false_alarm_budget" in caplog.text
+    # `serve --check-config` says so before the start, and the configuration is still valid.
+    warnings = check_config(load_config(overrides={"detection.model_repository": str(repository)}))
+    assert len(warnings) == 1 and warnings[0].startswith("mnist_cnn version 1: drift will not be watched")
+    assert check_config(load_config(overrides={"detection.model_repository": str(BUNDLED_REPOSITORY)})) == []
 
 
 def test_non_finite_inputs_are_counted_and_skipped(registry, traffic):
