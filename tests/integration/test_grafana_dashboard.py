@@ -141,7 +141,7 @@ def test_dashboard_structure():
 # Series the dashboard must not read any more: the ERT calibration's expected run time, and the share of 5 minutes
 # over threshold that worked around its flickering flags (issue 11).
 REMOVED = {"sidewatch_drift_expected_run_time_samples", "sidewatch:drift_detected:avg5m"}
-METRIC_NAME = re.compile(r"\bsidewatch[_:][A-Za-z0-9_:]*")
+METRIC_NAME = re.compile(r"\bsidewatch[_:][A-Za-z0-9_][A-Za-z0-9_:]*")
 
 
 def _exported() -> set[str]:
