@@ -1,20 +1,24 @@
 #!/usr/bin/env python3
 """How fast does an attack roll a model back? Two alerting paths, end to end, same traffic.
 
+Both paths alarm on the sidecar's flagged-share test (agent/detect/adversarial/rate.py: the share of
+inputs over the squeezing threshold against the calibrated false-positive rate, one-sided, under the
+default false-alarm budget 1/30d), with the demo's looks every 2 s (``detection.rate_alarm`` in
+agent/demo/sidewatch-demo.yaml).
+
 ``--path sidecar``: the sidecar's own alert engine, with the demo's alerting
-(agent/demo/sidewatch-demo.yaml): adversarial detections over inputs, 5 s window, pending 1 s,
-evaluated every 0.5 s, and its route hook (pin the alert's model to version 1).
+(agent/demo/sidewatch-demo.yaml): a gauge rule on ``sidewatch_adversarial_rate_detected``, evaluated
+every 0.5 s, and its route hook (pin the alert's model to version 1).
 
 ``--path alertmanager``: the alert is computed by a real Prometheus (Debian's) scraping the sidecar's
 /metrics and delivered by a real Alertmanager to the sidecar's receiver (POST /alertmanager on its
 admin API, bearer token from Alertmanager's credentials_file), which maps SidewatchAdversarialRateHigh
 to the same route hook. The sidecar has no alert rule of its own. Prometheus loads
-deploy/prometheus/recording-rules.yml as shipped and deploy/prometheus/alert-rules.yml as shipped except
-SidewatchAdversarialRateHigh, whose expression keeps its shape but reads recording rules over a short
-range (``--rule-range``, written alongside: the shipped 5-minute ones, renamed) and whose ``for`` is
-``--rule-for``. Alertmanager runs deploy/alertmanager/alertmanager.yml with the rollback route's
-group_wait set to ``--group-wait``. The figure is bounded below by the scrape and evaluation intervals
-(``--scrape-interval``, ``--evaluation-interval``), which the JSON states with everything else.
+deploy/prometheus/recording-rules.yml and alert-rules.yml as shipped (SidewatchAdversarialRateHigh:
+the sidecar's flag, ``for: 0s``). Alertmanager runs deploy/alertmanager/alertmanager.yml with the
+rollback route's group_wait set to ``--group-wait``. The figure is bounded below by the look interval,
+the scrape and the evaluation intervals (``--scrape-interval``, ``--evaluation-interval``), which the
+JSON states with everything else.
 
 Each run starts everything afresh. A client sends unversioned requests at a steady rate (the demo's
 50/s): benign MNIST digits for the benign period, then adversarial ones. The model server answers
@@ -68,9 +72,8 @@ CONFIG = ROOT / "agent" / "demo" / "sidewatch-demo.yaml"
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
 MODEL = "mnist_cnn"
 ALERT = "SidewatchAdversarialRateHigh"
-# The shipped recording rules the alert reads, by name; the bench records them again over its short range.
-ADVERSARIAL_RECORDS = ("sidewatch:adversarial_inputs:rate5m", "sidewatch:adversarial_detections:rate5m",
-                       "sidewatch:adversarial_detections:ratio_rate5m")
+# The sidecar's flagged-share test, as in the demo's config: looks every 2 s, the default budget (1/30d).
+RATE_ALARM = yaml.safe_load(CONFIG.read_text())["detection"]["rate_alarm"]
 DEFAULT_BENIGN_SECONDS = {"sidecar": 8.0, "alertmanager": 15.0}
 
 
@@ -140,46 +143,15 @@ def seconds_text(seconds: float) -> str:
     return f"{int(seconds)}s" if float(seconds).is_integer() else f"{round(seconds * 1000)}ms"
 
 
-def bench_rules(directory: Path, rule_range: str, rule_for: str) -> tuple[list[Path], dict]:
-    """The rule files Prometheus loads, and what was changed in them (for the JSON).
-
-    recording-rules.yml is loaded as shipped. The adversarial rates it records over 5 minutes are recorded
-    again over ``rule_range`` in a group of their own, in the same order (rates, then the ratio of them),
-    and SidewatchAdversarialRateHigh in alert-rules.yml reads those instead, with ``for: rule_for``.
-    """
-    suffix = rule_range
-    shipped = yaml.safe_load((PROMETHEUS_DIR / "recording-rules.yml").read_text())
-    short_rules = []
-    for group in shipped["groups"]:
-        for rule in group["rules"]:
-            if rule.get("record") in ADVERSARIAL_RECORDS:
-                short_rules.append({"record": rule["record"].replace("rate5m", f"rate{suffix}"),
-                                    "expr": rule["expr"].replace("[5m]", f"[{rule_range}]")
-                                    .replace("rate5m", f"rate{suffix}")})
-    if len(short_rules) != len(ADVERSARIAL_RECORDS):
-        raise RuntimeError(f"recording-rules.yml no longer records all of {ADVERSARIAL_RECORDS}")
-    recording = directory / "bench-recording-rules.yml"
-    recording.write_text(yaml.safe_dump({"groups": [{"name": "bench-adversarial-short-range", "rules": short_rules}]},
-                                        sort_keys=False))
-
-    alerts = yaml.safe_load((PROMETHEUS_DIR / "alert-rules.yml").read_text())
-    changed = None
-    for group in alerts["groups"]:
-        for rule in group["rules"]:
-            if rule.get("alert") == ALERT:
-                shipped_rule = {"expr": rule["expr"], "for": rule["for"]}
-                rule["expr"] = rule["expr"].replace("rate5m", f"rate{suffix}")
-                rule["for"] = rule_for
-                changed = {"shipped": shipped_rule, "bench": {"expr": rule["expr"], "for": rule["for"]}}
-    if changed is None:
-        raise RuntimeError(f"alert-rules.yml has no {ALERT}")
-    alert_path = directory / "bench-alert-rules.yml"
-    alert_path.write_text(yaml.safe_dump(alerts, sort_keys=False))
-    paths = [PROMETHEUS_DIR / "recording-rules.yml", recording, alert_path]
-    promtool = shutil.which("promtool")
-    if promtool is not None:
-        subprocess.run([promtool, "check", "rules", *map(str, paths)], check=True, capture_output=True)
-    return paths, {"recording_rules_added": short_rules, ALERT: changed}
+def bench_rules(directory: Path) -> list[Path]:
+    """The rule files Prometheus loads: the shipped ones, copied into ``directory`` (a new path per run:
+    Prometheus offsets each rule group's evaluations by a hash of its file and name)."""
+    files = []
+    for name in ("recording-rules.yml", "alert-rules.yml"):
+        copy = directory / f"bench-{name}"
+        copy.write_text((PROMETHEUS_DIR / name).read_text())
+        files.append(copy)
+    return files
 
 
 def start_shipped_alertmanager(directory: Path, admin_port: int, token_file: Path,
@@ -208,6 +180,8 @@ def alertmanager_run(directory: Path, args) -> dict:
         admin, admin_port = admin_config(directory, token_file, alertmanager_hooks={ALERT: ["pin-v1"]})
         config = write_config(directory, {
             "alerts": {"rules": []},
+            # The demo's flagged-share looks (agent/demo/sidewatch-demo.yaml), under the default budget.
+            "detection": {"rate_alarm": RATE_ALARM},
             # The demo's hook: the alert's model (its `model` label), pinned to version 1.
             "rollback": {"audit_log": str(directory / "audit.jsonl"), "cooldown_seconds": 60,
                          "hooks": {"pin-v1": {"type": "route", "version": "1"}}},
@@ -222,7 +196,7 @@ def alertmanager_run(directory: Path, args) -> dict:
         instance = f"127.0.0.1:{metrics_port}"
         # Written afresh in each run's directory: Prometheus offsets each rule group's evaluations by a hash
         # of its file and name, so a new path per run samples a new phase of the recording and alert groups.
-        rule_files, _ = bench_rules(directory, args.rule_range, args.rule_for)
+        rule_files = bench_rules(directory)
         prometheus, prometheus_port = start_shipped_prometheus(directory, instance, alertmanager_port, rule_files,
                                                        args.scrape_interval_text, args.evaluation_interval_text)
         processes.append(prometheus)
@@ -247,10 +221,6 @@ def alertmanager_run(directory: Path, args) -> dict:
             "route_hook_finished": round(finished - first_wall, 3) if finished else None,
         }
         result["hook_result"] = hook["result"]
-        # What the ratio was compared with: three times the calibrated false-positive rate, as exported.
-        threshold = prometheus_query(prometheus_port, "3 * max by (model, version) "
-                                     f'(sidewatch_adversarial_target_false_positive_ratio{{model="{MODEL}",version="2"}})')
-        result["alert_threshold"] = round(float(threshold[0]["value"][1]), 6) if threshold else None
         return result
     finally:
         for process in reversed(processes):
@@ -275,9 +245,6 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=90.0)
     parser.add_argument("--scrape-interval", type=float, default=1.0, help="Prometheus's, in seconds")
     parser.add_argument("--evaluation-interval", type=float, default=1.0, help="Prometheus's, in seconds")
-    parser.add_argument("--rule-range", default=None,
-                        help="range of the alert's rates (default: the larger of 10s and 4 scrape intervals)")
-    parser.add_argument("--rule-for", default="0s", help="the alert rule's `for`")
     parser.add_argument("--group-wait", default="0s", help="group_wait of Alertmanager's rollback route")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -286,38 +253,32 @@ def main() -> int:
                            for path, default in DEFAULT_BENIGN_SECONDS.items()}
     args.scrape_interval_text = seconds_text(args.scrape_interval)
     args.evaluation_interval_text = seconds_text(args.evaluation_interval)
-    if args.rule_range is None:
-        # rate() needs two samples in its range; four scrape intervals keeps two even with scrape jitter.
-        args.rule_range = seconds_text(max(10.0, 4 * args.scrape_interval))
 
     result: dict = {"benchmark": "alert_rollback", "rate_per_second": args.rate, "runs_per_path": args.runs,
                     "goal_seconds": 5.0, "paths": {}}
-    with tempfile.TemporaryDirectory(prefix="sidewatch-bench-rules-") as rules_directory:
-        if "alertmanager" in paths:
-            # What the runs load, checked (promtool) and described once before they start.
-            _, rule_changes = bench_rules(Path(rules_directory), args.rule_range, args.rule_for)
-        for path in paths:
-            runs = []
-            for number in range(args.runs):
-                with tempfile.TemporaryDirectory(prefix=f"sidewatch-bench-rollback-{path}-") as directory:
-                    run = sidecar_run if path == "sidecar" else alertmanager_run
-                    runs.append(run(Path(directory), args))
-                print(f"{path} run {number + 1}: {runs[-1]}", flush=True)
-            entry = {"benign_seconds": args.benign_seconds[path], **summary(runs), "runs": runs}
-            if path == "sidecar":
-                entry = {"config": str(CONFIG.relative_to(ROOT)),
-                         "alerting": "the sidecar's alert engine: 5 s window, for 1 s, evaluated every 0.5 s", **entry}
-            else:
-                entry = {"alerting": "Prometheus -> Alertmanager -> POST /alertmanager on the sidecar's admin API",
-                         "intervals": {"scrape_interval": args.scrape_interval_text,
-                                       "evaluation_interval": args.evaluation_interval_text,
-                                       "rule_range": args.rule_range, "rule_for": args.rule_for,
-                                       "alertmanager_group_wait": args.group_wait},
-                         "rules": rule_changes,
-                         "versions": {"prometheus": version_of("prometheus"),
-                                      "alertmanager": version_of("prometheus-alertmanager")},
-                         **entry}
-            result["paths"][path] = entry
+    for path in paths:
+        runs = []
+        for number in range(args.runs):
+            with tempfile.TemporaryDirectory(prefix=f"sidewatch-bench-rollback-{path}-") as directory:
+                run = sidecar_run if path == "sidecar" else alertmanager_run
+                runs.append(run(Path(directory), args))
+            print(f"{path} run {number + 1}: {runs[-1]}", flush=True)
+        entry = {"benign_seconds": args.benign_seconds[path], **summary(runs), "runs": runs}
+        if path == "sidecar":
+            entry = {"config": str(CONFIG.relative_to(ROOT)),
+                     "alerting": "the sidecar's alert engine on its flagged-share flag (looks every "
+                                 f"{RATE_ALARM['look_interval_seconds']} s, budget 1/30d), evaluated every 0.5 s",
+                     **entry}
+        else:
+            entry = {"alerting": "Prometheus -> Alertmanager -> POST /alertmanager on the sidecar's admin API",
+                     "intervals": {"scrape_interval": args.scrape_interval_text,
+                                   "evaluation_interval": args.evaluation_interval_text,
+                                   "alertmanager_group_wait": args.group_wait},
+                     "rules": "deploy/prometheus/*.yml as shipped", "rate_alarm": RATE_ALARM,
+                     "versions": {"prometheus": version_of("prometheus"),
+                                  "alertmanager": version_of("prometheus-alertmanager")},
+                     **entry}
+        result["paths"][path] = entry
     result["machine"] = {"python": platform.python_version(), "processor": platform.processor() or platform.machine(),
                          "cpus": len(os.sched_getaffinity(0))}
     args.out.parent.mkdir(parents=True, exist_ok=True)

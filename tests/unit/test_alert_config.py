@@ -95,9 +95,13 @@ def test_demo_alerting_config_is_valid():
     from tests.support.harness import REPO
 
     config = load_config(REPO / "agent" / "demo" / "sidewatch-demo.yaml")
-    [rule] = config.alerts.rules
-    # Rolls back within 5 s of the first adversarial request: an attack outweighs benign traffic in the
-    # window at once; then the rule is pending for for_seconds, seen at evaluation granularity.
-    assert rule.for_seconds + 2 * config.alerts.evaluation_interval_seconds <= 5
-    assert rule.window_seconds <= 5
-    assert config.rollback.hooks[rule.hooks[0]].type == "route"
+    rules = {rule.name: rule for rule in config.alerts.rules}
+    adversarial, drift = rules["AdversarialRateHigh"], rules["DriftDetected"]
+    # Rolls back within 5 s of the first adversarial request: the flagged-share flag rises at the first
+    # look after an attack outweighs benign traffic in a look's window, then one evaluation sees it.
+    assert adversarial.metric == "sidewatch_adversarial_rate_detected" and adversarial.for_seconds == 0
+    assert config.detection.rate_alarm.look_interval_seconds + 2 * config.alerts.evaluation_interval_seconds <= 5
+    assert config.rollback.hooks[adversarial.hooks[0]].type == "route"
+    # Both flags spend the default budget; only the looks are short.
+    assert config.drift.false_alarm_budget == config.detection.rate_alarm.false_alarm_budget == "1/30d"
+    assert drift.metric == "sidewatch_drift_detected" and drift.matchers == {"feature": "all"} and not drift.hooks
