@@ -14,6 +14,7 @@ from agent.demo.data import BENIGN_STREAM, load_adversarial, load_images
 from agent.modelserver.repository import BUNDLED_REPOSITORY
 from agent.protocol.client import InferenceClient
 from tests.support.harness import http_get, metric_value, start_model_server, start_sidecar
+from tests.support.pacing import send_paced
 
 MODEL = "mnist_cnn"
 RATE = 60.0  # iterations per second, one request to each version in each
@@ -26,21 +27,12 @@ def _drifted(images: np.ndarray) -> np.ndarray:
 
 
 def _send(client, v1: np.ndarray, v2: np.ndarray, seconds: float, until=None) -> None:
-    """Paced traffic: one request to version 1 and one to version 2 every 1/RATE s, for ``seconds``
-    (or until ``until()`` holds, checked every second)."""
-    started = time.monotonic()
-    next_check = started + 1.0
-    for i in range(10**9):
-        now = time.monotonic()
-        if now - started >= seconds:
-            return
-        if until is not None and now >= next_check:
-            next_check = now + 1.0
-            if until():
-                return
+    """One request to version 1 and one to version 2 every 1/RATE s, for ``seconds`` or until ``until()``."""
+    def send(i: int) -> None:
         client.infer(MODEL, {"input": v1[i % len(v1):i % len(v1) + 1]}, version="1")
         client.infer(MODEL, {"input": v2[i % len(v2):i % len(v2) + 1]}, version="2")
-        time.sleep(max(0.0, started + (i + 1) / RATE - time.monotonic()))
+
+    send_paced(send, RATE, seconds, until)
 
 
 def test_benign_traffic_stays_quiet_and_drift_and_attacks_raise_their_flags(tmp_path):

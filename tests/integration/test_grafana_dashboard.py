@@ -45,6 +45,7 @@ from tests.support.harness import (
     start_shipped_prometheus,
     start_sidecar,
 )
+from tests.support.pacing import send_paced
 
 DASHBOARD = REPO / "grafana" / "dashboards" / "sidewatch.json"
 DATASOURCES = REPO / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
@@ -313,19 +314,9 @@ def _drift_flag_up(metrics_port: int) -> bool:
 
 
 def _paced(client: InferenceClient, images: np.ndarray, seconds: float, until=None) -> None:
-    """One request to version 2 every 1/RATE s, for ``seconds`` or until ``until()`` holds (checked every second)."""
-    started = time.monotonic()
-    next_check = started + 1.0
-    for i in range(10**9):
-        now = time.monotonic()
-        if now - started >= seconds:
-            return
-        if until is not None and now >= next_check:
-            next_check = now + 1.0
-            if until():
-                return
-        client.infer(MODEL, {"input": images[i % len(images):i % len(images) + 1]}, version="2", timeout=10)
-        time.sleep(max(0.0, started + (i + 1) / RATE - time.monotonic()))
+    """One request to version 2 every 1/RATE s, for ``seconds`` or until ``until()`` holds."""
+    send_paced(lambda i: client.infer(MODEL, {"input": images[i % len(images):i % len(images) + 1]}, version="2",
+                                      timeout=10), RATE, seconds, until)
 
 
 def _send_traffic(port: int, metrics_port: int) -> None:
