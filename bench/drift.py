@@ -187,12 +187,12 @@ def model_probabilities(images: np.ndarray) -> np.ndarray:
 
 
 def image_arrays(images: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
-    """Per image: block-mean features, predicted class, top-1 confidence, true label."""
+    """Per image: block-mean features, predicted class, top-1 confidence, entropy (nats), true label."""
     from agent.detect.features import input_features, output_features
 
-    classes, confidence, _ = output_features(model_probabilities(images))
+    classes, confidence, entropy = output_features(model_probabilities(images))
     return {"features": input_features(images), "class": classes.astype(np.int64),
-            "confidence": confidence, "label": labels}
+            "confidence": confidence, "entropy": entropy, "label": labels}
 
 
 def mnist_arrays(seed: int) -> dict[str, np.ndarray]:
