@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """False drift alarms against a budget stated in time, on simulated traffic; delays at the default budget.
 
-    .venv/bin/python bench/false_alarms.py --out bench-results/false_alarms.json    # 8-15 minutes on 2 cores
-    .venv/bin/python bench/false_alarms.py --quick --out /tmp/false_alarms.json     # smoke run, about 1 minute
+    .venv/bin/python bench/false_alarms.py --out bench-results/false_alarms.json    # 20-25 minutes on 2 cores
+    .venv/bin/python bench/false_alarms.py --only delay,benign,ert --out bench-results/false_alarms-c.json
+    .venv/bin/python bench/false_alarms.py --only false_alarms --rates 10 --out bench-results/false_alarms-a10.json
+    .venv/bin/python bench/false_alarms.py --quick --out /tmp/false_alarms.json     # smoke run, about 1.5 minutes
 
 What it runs: sidewatch's budgeted drift test as the sidecar runs it, one per model version:
 ``MomentFeatures`` (agent/detect/drift/moments.py) turns each request into moment features,
@@ -48,6 +50,14 @@ Figures (the issue's "Figures for the closing note"; bench/README.md has the det
    standardised mean difference over features), benign and drifted, against ``min_effect``.
 5. ``cost``: microseconds per request of ``transform`` + ``update`` in micro-batches of 64 (and of 1),
    and per look.
+6. ``ert`` and ``cost_before_after`` (part ``ert``, bench/ert_baseline.py): today's ERT-calibrated
+   detector set (``calibrate_drift``'s) at ``--ert`` ERTs (500 and 2,000): its delays on the same
+   scenarios beside the budgeted test's (lower bounds on its delays at the budget: the ERT that
+   matches 1/30d is out of reach of calibration), and the cost per request of all drift detectors of a
+   model version before and after, in the same run.
+
+``--test-kwargs`` passes other ``MomentTest`` keywords (``cluster_rows``, ``slot_seconds``, ``effect_se``,
+``min_slots``...); ``--sources``, ``--kinds`` and ``--rates`` narrow the false-alarm streams.
 """
 
 from __future__ import annotations
