@@ -46,18 +46,78 @@ each feature's variance is also floored at the group's median design effect (rob
 ``1 / N``) times ``1 / N``. Simulated, 10 classes in runs of 20, 3 s slots, 60 s looks: at 10
 requests/s false rejections at ``alpha = 1e-3`` are 43 times ``alpha`` per class share without the
 group floor and below ``alpha`` with it; at 100 requests/s, 2 times and below; i.i.d. traffic is
-unaffected (its design effects are near 1). Dependence longer than a slot (runs of 20 at 1 request/s)
-is beyond either: ``slot_seconds`` must exceed the bursts of benign traffic.
+unaffected (its design effects are near 1).
 
-A look needs ``min_rows`` rows in ``min_slots`` slots. With less it is *not tested*: its alpha is
-left unspent and its rows are carried into the next look (low traffic: a window with three requests).
+Clusters and the window
+-----------------------
+Dependence that reaches across clusters is what the robust variance cannot see: with runs of ``L``
+similar rows and clusters of ``b`` rows it misses about ``L / (3 b)`` of the variance (the covariance
+of neighbouring clusters, from the runs cut by their boundary). Slots alone are clusters of a fixed
+*time*, so the rows they hold fall with the rate; bench/false_alarms.py's bursty traffic at 10
+requests/s (runs of 20 of one class, and a daily trough at 5 requests/s where a run lasts 4 s, longer
+than a 3 s slot) broke the budget that way: 1.0 rejecting looks per 10 minutes and 1.8 per hour
+against budgets of one, and 3 p-values below the 1/30d alpha in 4 simulated days of MNIST traffic
+(0.13 expected; 22 below 1e-5 where 4.9 were expected). Three remedies were weighed:
+
+* longer slots: clusters then grow in rows at high rates too, where they need not, and a 60 s look
+  holds fewer of them (3 slots of 20 s: 2 degrees of freedom, a critical ``|t|`` in the thousands at
+  ``alpha ~ 1e-7``);
+* clusters of at least ``cluster_rows`` rows, whole consecutive slots merged until they hold that
+  many: at 100 requests/s and above every 3 s slot is a cluster (the look, its delays and its
+  degrees of freedom as before); at 10/s a look of 600 rows makes only about 14 clusters of 40;
+* so the window reaches back: a look tests every row since the last tested look and, when those make
+  fewer than ``min_slots`` clusters, the clusters just before them (already tested at earlier looks,
+  which the union bound allows: it needs no independence between looks). At 10 requests/s a window
+  holds about 1,100 rows (two looks); at 1 request/s about 14 minutes; at 100/s one look.
+
+Measured with the last two (bench/false_alarms.py, 4 simulated days at 10/s, bursty, both sources;
+20 clusters a window): p-values below 1e-5 observed / expected (MNIST; synthetic), looks with some
+p < alpha per period at 1/10min and 1/1h (MNIST), and the mean delay at 10/s over the shifts, the
+class mix and brightened MNIST (the correlation change apart) at ``min_effect`` 0.3:
+
+======================  ==============  ================  ======================
+clusters                p < 1e-5        evidence looks    delay at 10/s
+======================  ==============  ================  ======================
+slots (before)          22/4.9; 1/3.2   1.08; 1.78        80 s (correlation 457)
+30 rows                 7/4.9; 2/3.2    0.70; 0.67        100 s (139)
+40 rows (the default)   1/4.9; 1/3.2    0.68; 0.53        122 s (151)
+60 rows                 0/4.9; 1/3.2    0.61; 0.45        146 s (151)
+100 rows                2/4.9; 2/3.2    0.66; 0.58        -
+======================  ==============  ================  ======================
+
+The delays at 100/s did not move (68-79 s). 40 rows is the least that put the deep tail below its
+nominal rate on both sources. It assumes benign runs shorter than about half a cluster; a unit test
+(runs of 20 at 5 rows/s, on columns that owe half their variance to the class) has slots as clusters
+reject at 5 times alpha = 0.01 and clusters of 40 rows at under 2 times. Traffic with longer runs of
+similar requests needs a larger ``cluster_rows``. More clusters a window would lower the critical
+value (6.7 at 29 degrees of freedom instead of 7.7 at 19) but lengthen the windows at low rates, and
+a change's effect is diluted by the rows before it until they leave the window.
+
+A look is tested when at least ``min_rows`` rows came since the last tested look and the window holds
+``min_slots`` clusters; otherwise it is *not tested*: its alpha is left unspent and its rows wait for
+the next look (low traffic: a window with three requests). Rows older than the last tested window are
+dropped: no later window reaches further back.
 
 Drift that matters
 ------------------
 With enough rows every tiny difference is significant. Each feature's effect is the standardised
 mean difference ``|mean| = |x_mean - mu_ref| / scale``, and a feature rejects only if ``p < alpha``
-*and* ``effect >= min_effect``. Every scale is a reference standard deviation (for a share, the
+*and* the effect less ``effect_se`` standard errors reaches ``min_effect``:
+``|mean| - effect_se * sqrt(V) >= min_effect`` (a lower confidence bound on the effect, 97.7% one-sided
+at the default ``effect_se = 2``). Every scale is a reference standard deviation (for a share, the
 binomial ``sqrt(p (1 - p))``), so ``min_effect`` is in standard deviations for every feature.
+
+Why the bound and not the plain effect: the plain effect of a window scatters by ``sqrt(V)``, about
+0.03 at 10 requests/s (about 1,100 rows a window) on top of the population effect. The MNIST test
+sample against the validation reference (same source: benign for the product) has a population effect
+of 0.23 (bench/false_alarms.py); at 10/s its window effects reached 0.31, and with the plain effect
+gated at 0.3 it alarmed once in 200,000 requests (4 rejecting looks); gated on the bound, with
+``effect_se`` 1 or 2, no benign stream alarmed (the test sample, the demo's benign stream, held-out
+synthetic draws, 200,000 requests each at 10 and 100/s). The bound costs delay where the drift's own
+effect is near ``min_effect``: the correlation change (population effect 0.37) took 151 s at 10/s
+with the plain effect, 175 s with ``effect_se`` 1 and 253 s with 2; the other scenarios (0.48 and
+more) moved by less than 10 s. The default ``min_effect`` of the sidecar (0.3, with ``effect_se`` 2)
+sits between the benign streams (population effects up to 0.23) and the drifts (from 0.37).
 
 A flag that holds
 -----------------
@@ -123,6 +183,12 @@ from agent.detect.drift.base import DriftDetector
 from agent.detect.drift.result import DriftResult
 
 STATE_KIND = "sidewatch-drift-state"
+# Defaults of MomentTest (module docstring, "Clusters and the window"): a cluster holds at least
+# CLUSTER_ROWS rows (whole slots), and a window at least MIN_CLUSTERS clusters.
+CLUSTER_ROWS = 40
+MIN_CLUSTERS = 20
+# A feature's effect counts at EFFECT_SE standard errors below its estimate ("Drift that matters").
+EFFECT_SE = 2.0
 CALIBRATION_KIND = "sidewatch-drift-calibration"
 FORMAT_VERSION = 1
 
@@ -159,13 +225,16 @@ class MomentResult:
     t: np.ndarray
     p: np.ndarray
     effects: np.ndarray
+    # Each feature's effect less effect_se standard errors: what min_effect gates (None before it existed).
+    effect_bounds: np.ndarray | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-friendly copy (arrays as lists; NaN stays NaN)."""
         return {"tested": self.tested, "rows": self.rows, "slots": self.slots, "statistic": self.statistic,
                 "threshold": self.threshold, "p_value": self.p_value, "effect": self.effect, "alpha": self.alpha,
                 "rejected": list(self.rejected), "drift": self.drift,
-                "t": self.t.tolist(), "p": self.p.tolist(), "effects": self.effects.tolist()}
+                "t": self.t.tolist(), "p": self.p.tolist(), "effects": self.effects.tolist(),
+                "effect_bounds": None if self.effect_bounds is None else self.effect_bounds.tolist()}
 
 
 class MomentTest(DriftDetector):
@@ -175,8 +244,10 @@ class MomentTest(DriftDetector):
     ``min_effect`` (a number or one per feature) is the smallest effect, in reference sds, that may
     alarm; ``groups`` (one label per feature, optional) pools the design-effect floor over features
     that share a label. ``update(values [n, F], at)`` adds rows arriving at time ``at`` (seconds; one time for the
-    batch, or one per row) to their slot; ``look(alpha)`` tests what was added since the last tested
-    look and returns a :class:`MomentResult`.
+    batch, or one per row) to their slot of ``slot_seconds``; ``look(alpha)`` tests what was added since the
+    last tested look, with the rows before it when needed to make ``min_slots`` clusters of at least
+    ``cluster_rows`` rows (module docstring), and returns a :class:`MomentResult` (its ``slots`` are the
+    window's clusters, its ``rows`` the window's rows). A look needs ``min_rows`` new rows to be tested.
 
     ``alternative="greater"`` makes every test one-sided: only a rise of the mean is evidence (a share
     of flagged inputs above its calibrated rate); ``p`` and the threshold are then one-sided and the
@@ -190,9 +261,10 @@ class MomentTest(DriftDetector):
     kind = "moment_test"
 
     def __init__(self, names: Sequence[str], reference_mean: Any, reference_scale: Any, min_effect: Any,
-                 slot_seconds: float = 3.0, min_slots: int = 10, min_rows: int = 30,
+                 slot_seconds: float = 3.0, min_slots: int = MIN_CLUSTERS, min_rows: int = 30,
                  clear_looks: int = 3, clear_ratio: float = 0.5, groups: Sequence[Any] | None = None,
-                 reference_rows: int | None = None, alternative: str = "two-sided") -> None:
+                 reference_rows: int | None = None, alternative: str = "two-sided",
+                 cluster_rows: int = CLUSTER_ROWS, effect_se: float = EFFECT_SE) -> None:
         self.names = [str(name) for name in names]
         f = len(self.names)
         if f < 1 or len(set(self.names)) != f:
@@ -206,9 +278,14 @@ class MomentTest(DriftDetector):
             raise ValueError("sidewatch: min_effect must be >= 0")
         if not (math.isfinite(slot_seconds) and slot_seconds > 0):
             raise ValueError(f"sidewatch: slot_seconds must be > 0, got {slot_seconds!r}")
-        if min_slots < 2 or min_rows < 1 or clear_looks < 1 or not 0 < clear_ratio <= 1:
-            raise ValueError("sidewatch: need min_slots >= 2, min_rows >= 1, clear_looks >= 1, 0 < clear_ratio <= 1")
+        if min_slots < 2 or min_rows < 1 or clear_looks < 1 or not 0 < clear_ratio <= 1 or cluster_rows < 1:
+            raise ValueError("sidewatch: need min_slots >= 2, min_rows >= 1, cluster_rows >= 1, clear_looks >= 1, "
+                             "0 < clear_ratio <= 1")
         self.slot_seconds = float(slot_seconds)
+        self.cluster_rows = int(cluster_rows)
+        if not (math.isfinite(effect_se) and effect_se >= 0):
+            raise ValueError(f"sidewatch: effect_se must be >= 0, got {effect_se!r}")
+        self.effect_se = float(effect_se)
         self.min_slots = int(min_slots)
         self.min_rows = int(min_rows)
         self.clear_looks = int(clear_looks)
@@ -239,7 +316,9 @@ class MomentTest(DriftDetector):
                 "slot_seconds": self.slot_seconds, "min_slots": self.min_slots, "min_rows": self.min_rows,
                 "clear_looks": self.clear_looks, "clear_ratio": self.clear_ratio, "groups": self.groups,
                 "reference_rows": self.reference_rows,
-                **({} if self.alternative == "two-sided" else {"alternative": self.alternative})}
+                **({} if self.alternative == "two-sided" else {"alternative": self.alternative}),
+                **({} if self.cluster_rows == 1 else {"cluster_rows": self.cluster_rows}),
+                **({} if self.effect_se == 0 else {"effect_se": self.effect_se})}
 
     @property
     def n_features(self) -> int:
@@ -250,6 +329,9 @@ class MomentTest(DriftDetector):
         self._slot_row: dict[int, int] = {}       # slot id -> row in _counts / _sums (insertion order)
         self._counts = np.zeros(32, dtype=np.int64)
         self._sums = np.zeros((32, self.n_features))  # sums of (x - mu_ref) / scale per slot
+        # Rows added since the last tested look, and the earliest slot they fell in (every window holds them).
+        self._new_rows = 0
+        self._new_from: int | None = None
         self._quiet = 0
         # The features that rejected while the flag has been up: the ones whose quiet clears it.
         self._alarmed = np.zeros(self.n_features, dtype=bool)
@@ -265,7 +347,12 @@ class MomentTest(DriftDetector):
 
     @property
     def pending_rows(self) -> int:
-        """Rows waiting for the next look."""
+        """Rows added since the last tested look: the next tested window holds all of them."""
+        return self._new_rows
+
+    @property
+    def kept_rows(self) -> int:
+        """Rows kept for the next window: the new ones and the older ones a window may reach back to."""
         return int(self._counts[:len(self._slot_row)].sum())
 
     # --- feeding ----------------------------------------------------------------------------------
@@ -280,6 +367,9 @@ class MomentTest(DriftDetector):
             self._slot_row[slot] = row
         self._counts[row] += count
         self._sums[row] += (raw_sums - count * self.reference_mean) * self._inv_scale
+        self._new_rows += count
+        if self._new_from is None or slot < self._new_from:
+            self._new_from = slot
 
     def update(self, values: Any, at: Any) -> Self:
         """Add rows ``[n, F]`` (or one row ``[F]``) that arrived at ``at`` (seconds, one for all or one
@@ -324,16 +414,68 @@ class MomentTest(DriftDetector):
 
     # --- looking ----------------------------------------------------------------------------------
 
+    def _window(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
+        """The window a look tests, from the slots kept: every slot since the last tested look, then
+        older ones back to ``min_slots`` clusters (module docstring). Returns the clusters' counts and
+        sums, the kept slots' positions in time order, the first of them in the window, and whether the
+        look can be tested (``min_rows`` new rows, ``min_slots`` clusters) as 0/1."""
+        k = len(self._slot_row)
+        ids = np.fromiter(self._slot_row.keys(), dtype=np.int64, count=k)
+        order = np.argsort(ids, kind="stable")
+        counts = self._counts[:k][order]
+        if self._new_rows == 0 or self._new_from is None:
+            return np.zeros(0, dtype=np.int64), np.zeros((0, self.n_features)), order, k, 0
+        first_new = int(np.searchsorted(ids[order], self._new_from))
+        # Clusters of whole slots, at least cluster_rows rows each, built from the newest slot back.
+        starts: list[int] = []
+        rows = 0
+        complete = 0
+        for i in range(k - 1, -1, -1):
+            rows += int(counts[i])
+            if rows >= self.cluster_rows:
+                starts.append(i)
+                rows = 0
+                if i <= first_new and len(starts) >= self.min_slots:
+                    complete = 1
+                    break
+        if not complete and rows:                 # the oldest rows, too few for a cluster of their own
+            if starts:
+                starts[-1] = 0
+            else:
+                starts.append(0)
+            complete = int(len(starts) >= self.min_slots)
+        complete &= int(self._new_rows >= self.min_rows)
+        starts.reverse()
+        if not starts:
+            return np.zeros(0, dtype=np.int64), np.zeros((0, self.n_features)), order, k, 0
+        sums = self._sums[:k][order[starts[0]:]]
+        cuts = np.asarray(starts) - starts[0]
+        return (np.add.reduceat(counts[starts[0]:], cuts), np.add.reduceat(sums, cuts, axis=0), order,
+                starts[0], complete)
+
+    def _keep_from(self, order: np.ndarray, first: int) -> None:
+        """Drop the slots before position ``first`` (time order): no later window reaches them."""
+        keep = order[first:]
+        ids = np.fromiter(self._slot_row.keys(), dtype=np.int64, count=len(self._slot_row))
+        counts, sums = self._counts[keep].copy(), self._sums[keep].copy()
+        cap = max(32, 1 << max(0, len(keep) - 1).bit_length())
+        self._counts = np.zeros(cap, dtype=np.int64)
+        self._sums = np.zeros((cap, self.n_features))
+        self._counts[:len(keep)] = counts
+        self._sums[:len(keep)] = sums
+        self._slot_row = {int(slot): i for i, slot in enumerate(ids[keep].tolist())}
+
     def look(self, alpha: float) -> MomentResult:
-        """Test the rows added since the last tested look, each feature at level ``alpha``; update the
-        flag; start a new window (or, when there were too few rows or slots, carry this one over)."""
+        """Test the window (every row added since the last tested look, and older rows back to
+        ``min_slots`` clusters), each feature at level ``alpha``; update the flag. When the window
+        cannot be completed (too few rows or clusters) the look is not tested and its rows wait."""
         if not 0 < alpha < 1:
             raise ValueError(f"sidewatch: alpha must be in (0, 1), got {alpha!r}")
         self.n_looks += 1
-        k = len(self._slot_row)
-        counts, sums = self._counts[:k], self._sums[:k]
+        counts, sums, order, first, complete = self._window()
+        k = len(counts)
         n_rows = int(counts.sum())
-        if n_rows < self.min_rows or k < self.min_slots:
+        if not complete:
             nan = np.full(self.n_features, np.nan)
             self.last = MomentResult(False, n_rows, k, math.nan, math.nan, math.nan, math.nan, float(alpha),
                                      (), self._drift, nan, nan.copy(), nan.copy())
@@ -355,7 +497,9 @@ class MomentTest(DriftDetector):
             p = np.minimum(1.0, 2.0 * stats.t.sf(np.abs(t), df))
             effects = np.abs(mean)
             critical = float(stats.t.isf(alpha / 2, df))
-        rejected = (p < alpha) & (effects >= self.min_effect)
+        # The gate: the effect less effect_se standard errors (a lower confidence bound) >= min_effect.
+        bounds = (mean if self.alternative == "greater" else effects) - self.effect_se * np.sqrt(variance)
+        rejected = (p < alpha) & (bounds >= self.min_effect)
         if rejected.any():
             if not self._drift:
                 self.n_detections += 1
@@ -380,10 +524,10 @@ class MomentTest(DriftDetector):
             tested=True, rows=n_rows, slots=k, statistic=statistic, threshold=critical,
             p_value=float(p.min()), effect=float(effects.max()), alpha=float(alpha),
             rejected=tuple(name for name, r in zip(self.names, rejected) if r), drift=self._drift,
-            t=t, p=p, effects=effects)
-        self._slot_row.clear()
-        self._counts[:] = 0
-        self._sums[:] = 0.0
+            t=t, p=p, effects=effects, effect_bounds=bounds)
+        self._keep_from(order, first)
+        self._new_rows = 0
+        self._new_from = None
         return self.last
 
     @property
@@ -400,12 +544,14 @@ class MomentTest(DriftDetector):
     # --- persistence ------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """The window (slot ids, rows and sums, exact), the flag and the counters, JSON-serialisable."""
+        """The slots kept (ids, rows and sums, exact; the new rows among them), the flag and the counters,
+        JSON-serialisable."""
         k = len(self._slot_row)
         return {
             "kind": STATE_KIND, "detector": self.kind, "format_version": FORMAT_VERSION,
             "config_sha256": self._fingerprint,
             "slots": list(self._slot_row), "counts": self._counts[:k].tolist(), "sums": self._sums[:k].tolist(),
+            "new_rows": self._new_rows, "new_from": self._new_from,
             "alarm": self._alarm_state(), "quiet_looks": self._quiet,
             "alarmed": [name for name, a in zip(self.names, self._alarmed) if a],
             "n_looks": self.n_looks, "n_tested": self.n_tested,
@@ -432,6 +578,10 @@ class MomentTest(DriftDetector):
         self._counts[:len(slots)] = counts
         self._sums[:len(slots)] = sums
         self._slot_row = {slot: i for i, slot in enumerate(slots)}
+        # A state without them (every slot kept was new) is read as such.
+        self._new_rows = int(state.get("new_rows", counts.sum()))
+        new_from = state.get("new_from", min(slots) if slots else None)
+        self._new_from = None if new_from is None or self._new_rows == 0 else int(new_from)
         self._load_alarm_state(state["alarm"])
         self._quiet = int(state["quiet_looks"])
         self._alarmed = np.isin(self.names, state.get("alarmed", []))
