@@ -1,7 +1,8 @@
 """Today's ERT-calibrated drift detectors, for bench/false_alarms.py's same-run comparison (``--only ert``).
 
 Before the false-alarm budget, the sidecar ran per model version the detectors that
-``agent.detect.drift.calibrate.calibrate_drift`` builds (``WindowedCVM`` and ``OnlineMMD`` on the
+``agent.detect.drift.calibrate.calibrate_drift`` built (:func:`ert_detector_set` here builds them the same
+way, now that the sidecar no longer does: ``WindowedCVM`` and ``OnlineMMD`` on the
 inputs' block means, ``ClassMixDrift`` on the predicted class, ``ScalarWindowDrift`` on the
 confidence and on the entropy, ``PageHinkleyChange`` on the squeezing score, ``AdwinChange`` on
 the confidence), each set to an expected run time (ERT) in requests, 500 by default, and fed in
@@ -38,6 +39,8 @@ import numpy as np
 
 BATCH = 64
 WINDOW = 100  # calibrate_drift's default window
+# Reference points the online MMD kept (calibrate_drift's); it held out the rest to simulate no-drift streams.
+MMD_REFERENCE_POINTS = 300
 # Detectors whose delays are measured (the score detector is left out: no real score here).
 MNIST_DELAY_DETECTORS = ("inputs_cvm", "inputs_mmd", "class_mix", "confidence", "entropy", "confidence_change")
 SYNTHETIC_DELAY_DETECTORS = ("inputs_cvm", "inputs_mmd")
@@ -49,20 +52,35 @@ def views(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             "entropy": arrays["entropy"], "score": 1.0 - arrays["confidence"]}
 
 
-def mnist_set(reference: dict[str, np.ndarray], ert: float, seed: int) -> dict[str, tuple[str, Any]]:
-    """calibrate_drift's detectors at ``ert`` on the MNIST reference arrays: name -> (source, detector)."""
-    from agent.detect.drift.calibrate import ReferenceFeatures, build_detectors, calibrate_drift
-    from agent.detect.features import region_names
+def ert_detector_set(v: dict[str, np.ndarray], n_classes: int, ert: float, window: int = WINDOW,
+                     seed: int = 0) -> dict[str, tuple[str, Any]]:
+    """The detectors the sidecar ran per model version before the budget, fitted as its calibration did:
+    name -> (source, detector), sources as in :func:`views`."""
+    from agent.detect.drift.change import AdwinChange, PageHinkleyChange
+    from agent.detect.drift.mmd import OnlineMMD
+    from agent.detect.drift.prediction import ClassMixDrift, ScalarWindowDrift
+    from agent.detect.drift.univariate import WindowedCVM
 
-    v = views(reference)
-    features = ReferenceFeatures(v["regions"], region_names(1), v["classes"], 10, v["confidence"], v["entropy"],
-                                 v["score"])
-    return build_detectors(calibrate_drift(features, ert=ert, window=WINDOW, seed=seed))
+    return {
+        "inputs_cvm": ("regions", WindowedCVM(window=window, ert=ert, seed=seed).fit(v["regions"])),
+        "inputs_mmd": ("regions", OnlineMMD(ert=ert, window_size=window, n_ref=MMD_REFERENCE_POINTS,
+                                            seed=seed).fit(v["regions"])),
+        "class_mix": ("classes", ClassMixDrift(window=max(window, 2 * n_classes * 10), ert=ert, seed=seed)
+                      .fit(v["classes"], n_classes=n_classes)),
+        "confidence": ("confidence", ScalarWindowDrift(window=window, ert=ert, seed=seed).fit(v["confidence"])),
+        "entropy": ("entropy", ScalarWindowDrift(window=window, ert=ert, seed=seed).fit(v["entropy"])),
+        "score_change": ("score", PageHinkleyChange(ert=ert, seed=seed).fit(v["score"])),
+        "confidence_change": ("confidence", AdwinChange(seed=seed).fit(v["confidence"])),
+    }
+
+
+def mnist_set(reference: dict[str, np.ndarray], ert: float, seed: int) -> dict[str, tuple[str, Any]]:
+    """The ERT detector set at ``ert`` on the MNIST reference arrays: name -> (source, detector)."""
+    return ert_detector_set(views(reference), 10, ert, seed=seed)
 
 
 def synthetic_set(reference: np.ndarray, ert: float, seed: int) -> dict[str, tuple[str, Any]]:
-    """The input detectors of calibrate_drift (CVM, MMD) on a model-less synthetic reference."""
-    from agent.detect.drift.calibrate import MMD_REFERENCE_POINTS
+    """The input detectors of the ERT set (CVM, MMD) on a model-less synthetic reference."""
     from agent.detect.drift.mmd import OnlineMMD
     from agent.detect.drift.univariate import WindowedCVM
 

@@ -155,7 +155,7 @@ def make_params(args: argparse.Namespace) -> Params:
         params = Params(quick=True, stream_hours={"10": 48.0, "100": 6.0, "1000": 2.0},
                         max_run_hours={"100": 3.0, "1000": 1.0}, delay_runs=3,
                         delay_horizon_seconds=2 * 3600.0, benign_requests=100_000, benign_rates=(100.0,),
-                        cost_rows=5_000, cost_looks=50, ert_levels=(500.0,), ert_runs=5, **common)
+                        cost_rows=5_000, cost_looks=50, ert_runs=5, **{"ert_levels": (500.0,), **common})
     else:
         params = Params(quick=False, **common)
     params.stream_hours.update(parse_hours(args.hours))

@@ -38,8 +38,10 @@ def _send(client, v1: np.ndarray, v2: np.ndarray, seconds: float, until=None) ->
 def test_benign_traffic_stays_quiet_and_drift_and_attacks_raise_their_flags(tmp_path):
     config = tmp_path / "sidewatch.yaml"
     config.write_text(yaml.safe_dump({
-        "drift": {"look_interval_seconds": 3, "slot_seconds": 0.25, "export_interval_seconds": 0.5},
-        "detection": {"rate_alarm": {"look_interval_seconds": 2, "slot_seconds": 0.2}}}))
+        "drift": {"look_interval_seconds": 3, "slot_seconds": 0.25, "export_interval_seconds": 0.5,
+                  "cluster_rows": 15, "min_clusters": 10},
+        "detection": {"rate_alarm": {"look_interval_seconds": 2, "slot_seconds": 0.2, "cluster_rows": 10,
+                                     "min_clusters": 10}}}))
     model_server, model_port = start_model_server(tmp_path)
     sidecar, port, metrics_port = start_sidecar(tmp_path, model_port, "--model-repository", str(BUNDLED_REPOSITORY),
                                                 config=config)

@@ -42,7 +42,9 @@ def test_an_attack_is_caught_and_a_fall_or_a_small_rise_is_not():
     assert not any(r.rejected for r in _run(share, rng, 300, 0.08, start=60))  # 3 points above: under min_excess
     assert not share.test.drift_detected
     caught = _run(share, rng, 30, 0.5, start=360)                        # half the inputs flagged
-    assert caught[0].rejected == ("flagged",) and share.test.drift_detected and share.test.n_alarms == 1
+    # Within two looks (the first window may still reach back over benign rows).
+    assert ("flagged",) in [r.rejected for r in caught[:2]] and share.test.drift_detected
+    assert share.test.n_alarms == 1
     assert abs(share.share - 0.5) < 0.1
     _run(share, rng, 60, Q, start=390)                                   # the attack stops: the flag clears
     assert not share.test.drift_detected and share.test.n_alarms == 1

@@ -15,7 +15,7 @@ reference sds), and holds until the share is back for a few looks. This replaces
 >>> from agent.config import RateAlarm
 >>> alarm = FlaggedShare(0.05, 5000, RateAlarm(look_interval_seconds=10, slot_seconds=1))
 >>> rng = np.random.default_rng(0)
->>> for second in range(100, 160):        # a minute at 50 inputs/s: 5% flagged, then 60% from second 140
+>>> for second in range(100, 180):        # 50 inputs/s: 5% flagged, then 60% from second 140
 ...     share = 0.6 if second >= 140 else 0.05
 ...     alarm.record(rng.random(50) < share, at=second)
 ...     _ = alarm.look(second + 0.5)
@@ -49,7 +49,8 @@ class FlaggedShare:
         self.scale = math.sqrt(q * (1.0 - q))
         self.test = MomentTest(["flagged"], [q], [self.scale], settings.min_excess / self.scale,
                                slot_seconds=settings.slot_seconds, alternative="greater",
-                               reference_rows=max(int(reference_count), 1))
+                               reference_rows=max(int(reference_count), 1), cluster_rows=settings.cluster_rows,
+                               min_slots=settings.min_clusters)
         self.clock = LookClock(settings.look_interval_seconds)
         self.alpha = AlarmBudget.parse(settings.false_alarm_budget).alpha(settings.look_interval_seconds, 1)
         # Inputs and flags in the window (carried with it when a look is not tested): the share shown.

@@ -98,18 +98,19 @@ class BudgetedDrift:
 
     ``update(part, at, **inputs)`` feeds rows of one part (``MomentFeatures.transform``'s arguments)
     that arrived at ``at`` (unix seconds); ``look(now)`` tests every part when a look is due and returns
-    the results by part (None when no look was due). ``flags``, ``alarms`` (rises per detector),
+    the results by part (None when no look was due). ``test_options`` go to every MomentTest
+    (``cluster_rows``, ``min_slots``, ...). ``flags``, ``alarms`` (rises per detector),
     ``last_alarm_at`` and ``watching_since`` are what the metrics show; ``last_tested`` holds each part's
     last tested look.
     """
 
     def __init__(self, features: Mapping[str, MomentFeatures], budget: AlarmBudget, look_seconds: float,
-                 min_effect: float, slot_seconds: float = 3.0, clear_looks: int = 3) -> None:
+                 min_effect: float, slot_seconds: float = 3.0, clear_looks: int = 3, **test_options: Any) -> None:
         if not features:
             raise ValueError("sidewatch: BudgetedDrift needs at least one part")
         self.features = dict(features)
         self.tests: dict[str, MomentTest] = {
-            part: fitted.make_test(min_effect, slot_seconds=slot_seconds, clear_looks=clear_looks)
+            part: fitted.make_test(min_effect, slot_seconds=slot_seconds, clear_looks=clear_looks, **test_options)
             for part, fitted in self.features.items()}
         self.budget = budget
         self.min_effect = float(min_effect)

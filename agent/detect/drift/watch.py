@@ -55,7 +55,8 @@ class ModelDrift:
 
         def new_tests() -> BudgetedDrift:
             return BudgetedDrift(features, budget, settings.look_interval_seconds, settings.min_effect,
-                                 slot_seconds=settings.slot_seconds, clear_looks=settings.clear_looks)
+                                 slot_seconds=settings.slot_seconds, clear_looks=settings.clear_looks,
+                                 cluster_rows=settings.cluster_rows, min_slots=settings.min_clusters)
 
         self._new_tests = new_tests
         self.tests = new_tests()
