@@ -7,10 +7,11 @@ floors each column's scale at a share of the *group's* root mean square sd: with
 different sizes (an area in the thousands beside a smoothness near 0.1) the small columns would be
 floored out of sight.
 
-Shares (values in [0, 1] per row, whose means are rates):
+Shares (0 or 1 per row, whose means are rates; a rate of rows, not of values, so that one column
+going missing in 20% of the rows is a 20% rate whatever the number of columns):
 
-``missing``       the row's share of missing values (NaN or Inf);
-``out_of_range``  the row's share of (finite) values outside the reference's range, widened by
+``missing``       1 if the row has a missing value (NaN or Inf);
+``out_of_range``  1 if the row has a (finite) value outside the reference's range, widened by
                   ``margin`` times its width on each side (so that a held-out row from the same source
                   rarely leaves it, while a unit change, a sentinel such as -999 or a new regime does).
 
@@ -24,7 +25,7 @@ A row with an element that is not a number (a string where a number is expected)
 >>> block.continuous_names, block.continuous[:, 1].round(2).tolist()
 (['age', 'income'], [0.0, 10326.17, 0.01])
 >>> block.shares["missing"].tolist(), block.shares["out_of_range"].tolist(), block.valid.tolist()
-([0.5, 0.0, 0.5], [0.0, 0.5, 0.0], [True, True, True])
+([1.0, 0.0, 1.0], [0.0, 1.0, 0.0], [True, True, True])
 >>> tab.transform(np.array([["10", "x"]], dtype=object)).valid.tolist()   # not a number: unreadable
 [False]
 """
@@ -100,8 +101,8 @@ class NumericFeatures(TensorFeatures):
         z = np.where(finite, (values - self.mean) / self.scale, 0.0)
         with np.errstate(invalid="ignore"):
             outside = finite & ((values < self.low) | (values > self.high))
-        missing = 1.0 - finite.mean(axis=1)
-        out_of_range = outside.mean(axis=1)
+        missing = (~finite).any(axis=1).astype(np.float64)
+        out_of_range = outside.any(axis=1).astype(np.float64)
         z[~ok], missing[~ok], out_of_range[~ok] = np.nan, np.nan, np.nan
         return FeatureBlock(valid=ok, continuous=z, continuous_names=list(self.columns),
                             shares={"missing": missing, "out_of_range": out_of_range})

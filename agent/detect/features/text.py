@@ -7,7 +7,7 @@ character are decoded), at most ``max_tokens`` tokens are looked up. Continuous 
 ``letters``, ``digits``, ``whitespace``, ``punctuation``, ``non_ascii``   the shares of the characters
     that are ASCII letters, ASCII digits, whitespace (ASCII), other printable ASCII, and beyond ASCII
     (a text in another alphabet moves ``non_ascii`` and ``letters``);
-``oov``          the share of the row's tokens (lower-cased runs of word characters, ``\\w+``) that are
+``oov``          the share of the row's tokens (lower-cased runs of letters of any alphabet) that are
     not in the reference's vocabulary, a :class:`~agent.detect.features.block.HashedSet` of
     ``buckets`` bits (deterministic CRC-32 hashes); a row without tokens has 0.
 
@@ -36,7 +36,7 @@ import numpy as np
 from agent.detect.features.block import FeatureBlock, HashedSet, TensorFeatures, TensorShapeError, as_items
 
 MAX_CHARS = 10_000
-_TOKEN = re.compile(r"\w+")
+_TOKEN = re.compile(r"[^\W\d_]+")      # runs of letters (any alphabet): numbers are not words
 NAMES = ["log_length", "letters", "digits", "whitespace", "punctuation", "non_ascii", "oov"]
 
 # Class of each ASCII code point: 0 other (control), 1 letter, 2 digit, 3 whitespace, 4 punctuation.
