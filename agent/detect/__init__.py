@@ -1,6 +1,6 @@
 """Detectors that watch a copy of the inference traffic: adversarial inputs, drift and anomalies.
 
-``features``      features computed from decoded tensors: softmax, entropy, image block means (written once)
+``features/``     features by tensor kind (numeric, categorical, image, text, outputs, embedding), chosen from metadata
 ``anomaly``       AnomalyScorer: isolation-forest anomaly scores of feature vectors, flagged at a target FPR
 ``registry``      DetectorRegistry: the calibrated squeezing detector of every model version in a repository
 ``adversarial/``  feature squeezing: numpy squeezers, the fused ONNX graph, the live watch (shadow/flag/enforce)

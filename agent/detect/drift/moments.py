@@ -142,7 +142,10 @@ matrix ``X [n, D]`` (image block means, tabular columns):
     even with every marginal mean unchanged;
 (c) for chosen scalar columns (confidence, entropy, a score), the shares of the reference-decile bins
     (every bin holds reference values): shape changes of the scalar;
-(d) the share of each predicted class (``n_classes``).
+(d) the share of each predicted class (``n_classes``);
+(e) named shares (``shares``, optional): per-row values in [0, 1] whose mean is a rate (a missing-value
+    indicator, the share of a category, an out-of-vocabulary rate), each in its own group or in the group
+    ``share_groups`` names. A rate that is 0 in the reference is still tested, which decile bins cannot do.
 
 Share features take the binomial sd of their reference share, smoothed (``(c + 1/2) / (n + 1)``) so
 that a bin or class absent from the reference keeps a finite scale. A live row with NaN or Inf (or a
@@ -618,6 +621,8 @@ class MomentFeatures:
         self.column_scale = np.ones(0)
         self.projection_vectors = np.zeros((0, 0))
         self.scalar_edges: list[np.ndarray] = []
+        self.share_names: list[str] = []
+        self.share_groups: list[str] = []
         self.names: list[str] = []
         self.reference_mean = np.zeros(0)
         self.reference_scale = np.ones(0)
@@ -626,13 +631,18 @@ class MomentFeatures:
     # --- fitting ----------------------------------------------------------------------------------
 
     def fit(self, continuous: Any = None, scalars: Mapping[str, Any] | None = None, classes: Any = None,
-            continuous_names: Sequence[str] | None = None) -> Self:
+            continuous_names: Sequence[str] | None = None, shares: Mapping[str, Any] | None = None,
+            share_groups: Mapping[str, str] | None = None) -> Self:
         """Fit on reference rows: ``continuous [n, D]``, ``scalars`` ``{name: [n]}``, ``classes [n]`` (class
-        ids, needed when ``n_classes > 0``). Rows with NaN, Inf or a class id out of range are dropped."""
+        ids, needed when ``n_classes > 0``), ``shares`` ``{name: [n]}`` (values in [0, 1]; ``share_groups``
+        ``{name: group}``, a share's own name by default). Rows with NaN, Inf, a class id or a share out of
+        range are dropped."""
         if scalars is not None and not isinstance(scalars, Mapping):
             raise ValueError("sidewatch: reference scalars must be a mapping {name: values}")
-        if continuous is None and not scalars and self.n_classes == 0:
-            raise ValueError("sidewatch: MomentFeatures needs continuous columns, scalars or classes")
+        if shares is not None and not isinstance(shares, Mapping):
+            raise ValueError("sidewatch: reference shares must be a mapping {name: values}")
+        if continuous is None and not scalars and not shares and self.n_classes == 0:
+            raise ValueError("sidewatch: MomentFeatures needs continuous columns, scalars, shares or classes")
         if self.n_classes and classes is None:
             raise ValueError(f"sidewatch: n_classes={self.n_classes} needs the reference's class ids")
         self.continuous_names, self.column_mean, self.column_scale = [], np.zeros(0), np.ones(0)
@@ -642,8 +652,12 @@ class MomentFeatures:
             raise ValueError(f"sidewatch: continuous reference must be [n, D], got shape {x.shape}")
         self.scalar_names = [str(name) for name in (scalars or {})]
         s = self._scalar_matrix(scalars, fitting=True)
+        self.share_names = [str(name) for name in (shares or {})]
+        groups = dict(share_groups or {})
+        self.share_groups = [str(groups.get(name, name)) for name in self.share_names]
+        h = self._share_matrix(shares)
         c = None if not self.n_classes else np.asarray(classes, dtype=np.float64).reshape(-1)
-        n = {len(a) for a in (x, s, c) if a is not None}
+        n = {len(a) for a in (x, s, c, h) if a is not None}
         if len(n) != 1:
             raise ValueError(f"sidewatch: reference inputs differ in rows: {sorted(n)}")
         ok = np.ones(n.pop(), dtype=bool)
@@ -652,9 +666,11 @@ class MomentFeatures:
                 ok &= np.isfinite(a).all(axis=1)
         if c is not None:
             ok &= self._valid_classes(c)
+        if h is not None:
+            ok &= ~np.isnan(h).any(axis=1)
         if ok.sum() < 10:
             raise ValueError(f"sidewatch: need at least 10 finite reference rows, got {int(ok.sum())}")
-        x, s, c = (None if a is None else a[ok] for a in (x, s, c))
+        x, s, c, h = (None if a is None else a[ok] for a in (x, s, c, h))
         self.n_reference = int(ok.sum())
 
         if x is not None:
@@ -670,7 +686,7 @@ class MomentFeatures:
         self.scalar_edges = [] if s is None else [self._edges(s[:, i]) for i in range(s.shape[1])]
 
         self.names = self._feature_names()
-        reference = self._features(x, s, c)
+        reference = self._features(x, s, c, h)
         self.reference_mean = reference.mean(axis=0)
         scale = np.empty(len(self.names))
         d, k = len(self.continuous_names), self.projection_vectors.shape[0] if x is not None else 0
@@ -702,7 +718,7 @@ class MomentFeatures:
         for name, edges in zip(self.scalar_names, self.scalar_edges):
             names += [f"{name}_bin{b}" for b in range(len(edges) + 1)]
         names += [f"class_{c}" for c in range(self.n_classes)]
-        return names
+        return names + list(self.share_names)
 
     def _valid_classes(self, c: np.ndarray) -> np.ndarray:
         with np.errstate(invalid="ignore"):
@@ -726,8 +742,22 @@ class MomentFeatures:
             raise ValueError(f"sidewatch: scalars must be [n, {len(self.scalar_names)}], got shape {s.shape}")
         return s
 
-    def _features(self, x: np.ndarray | None, s: np.ndarray | None, c: np.ndarray | None) -> np.ndarray:
-        n = next(len(a) for a in (x, s, c) if a is not None)
+    def _share_matrix(self, shares: Any) -> np.ndarray | None:
+        """``{name: [n]}`` in :attr:`share_names` order -> ``[n, H]``; a value outside [0, 1] becomes NaN."""
+        if not self.share_names:
+            if shares:
+                raise ValueError("sidewatch: these MomentFeatures were fitted without shares")
+            return None
+        if not isinstance(shares, Mapping) or set(shares) != set(self.share_names):
+            raise ValueError(f"sidewatch: shares must be a mapping with keys {self.share_names}")
+        h = np.stack([np.asarray(shares[name], dtype=np.float64).reshape(-1) for name in self.share_names], axis=1)
+        with np.errstate(invalid="ignore"):
+            h[~((h >= 0) & (h <= 1))] = np.nan
+        return h
+
+    def _features(self, x: np.ndarray | None, s: np.ndarray | None, c: np.ndarray | None,
+                  h: np.ndarray | None = None) -> np.ndarray:
+        n = next(len(a) for a in (x, s, c, h) if a is not None)
         out = np.empty((n, len(self.names)))
         col = 0
         if x is not None:
@@ -753,12 +783,16 @@ class MomentFeatures:
             ok = self._valid_classes(c)
             block[np.flatnonzero(ok), c[ok].astype(np.int64)] = 1.0
             block[~ok] = np.nan
+        if h is not None:
+            out[:, len(self.names) - h.shape[1]:] = h
         return out
 
-    def transform(self, continuous: Any = None, scalars: Any = None, classes: Any = None) -> np.ndarray:
+    def transform(self, continuous: Any = None, scalars: Any = None, classes: Any = None,
+                  shares: Mapping[str, Any] | None = None) -> np.ndarray:
         """Live rows -> moment features ``[n, F]`` (the inputs :meth:`fit` had: ``continuous [n, D]``,
-        ``scalars`` as ``{name: [n]}`` or ``[n, S]`` in :attr:`scalar_names` order, ``classes [n]``).
-        A bad value (NaN, Inf, a class id out of range) makes its row's features from it NaN."""
+        ``scalars`` as ``{name: [n]}`` or ``[n, S]`` in :attr:`scalar_names` order, ``classes [n]``,
+        ``shares`` ``{name: [n]}``). A bad value (NaN, Inf, a class id or a share out of range) makes its
+        row's features from it NaN."""
         if not self.names:
             raise ValueError("sidewatch: MomentFeatures is not fitted")
         x = None
@@ -779,9 +813,10 @@ class MomentFeatures:
             c = np.asarray(classes, dtype=np.float64).reshape(-1)
         elif classes is not None:
             raise ValueError("sidewatch: these MomentFeatures were fitted without classes")
-        if len({len(a) for a in (x, s, c) if a is not None}) != 1:
+        h = self._share_matrix(shares)
+        if len({len(a) for a in (x, s, c, h) if a is not None}) != 1:
             raise ValueError("sidewatch: inputs differ in rows")
-        return self._features(x, s, c)
+        return self._features(x, s, c, h)
 
     def make_test(self, min_effect: Any, **kwargs: Any) -> MomentTest:
         """A :class:`MomentTest` on these features (``kwargs``: its other parameters)."""
@@ -792,12 +827,12 @@ class MomentFeatures:
     @property
     def groups(self) -> list[str]:
         """Each feature's group, for :class:`MomentTest`'s design-effect floor: ``continuous``,
-        ``projections``, one per scalar (its bins), ``classes``."""
+        ``projections``, one per scalar (its bins), ``classes``, and ``share:<group>`` per share."""
         groups = ["continuous"] * len(self.continuous_names)
         groups += ["projections"] * (self.projection_vectors.shape[0] if self.continuous_names else 0)
         for name, edges in zip(self.scalar_names, self.scalar_edges):
             groups += [f"scalar:{name}"] * (len(edges) + 1)
-        return groups + ["classes"] * self.n_classes
+        return groups + ["classes"] * self.n_classes + [f"share:{g}" for g in self.share_groups]
 
     # --- persistence ------------------------------------------------------------------------------
 
@@ -812,6 +847,7 @@ class MomentFeatures:
             "continuous_names": self.continuous_names, "column_mean": self.column_mean.tolist(),
             "column_scale": self.column_scale.tolist(), "projection_vectors": self.projection_vectors.tolist(),
             "scalar_names": self.scalar_names, "scalar_edges": [e.tolist() for e in self.scalar_edges],
+            "share_names": self.share_names, "share_groups": self.share_groups,
             "names": self.names, "reference_mean": self.reference_mean.tolist(),
             "reference_scale": self.reference_scale.tolist(),
         }
@@ -835,6 +871,10 @@ class MomentFeatures:
         features.projection_vectors = vectors.reshape(-1, dim) if dim else np.zeros((0, 0))
         features.scalar_names = [str(v) for v in d["scalar_names"]]
         features.scalar_edges = [np.asarray(e, dtype=np.float64).reshape(-1) for e in d["scalar_edges"]]
+        features.share_names = [str(v) for v in d.get("share_names", [])]
+        features.share_groups = [str(v) for v in d.get("share_groups", features.share_names)]
+        if len(features.share_groups) != len(features.share_names):
+            raise ValueError("sidewatch: moment_features calibration: one group per share expected")
         features.names = [str(v) for v in d["names"]]
         if features.names != features._feature_names() or len(features.scalar_edges) != len(features.scalar_names):
             raise ValueError("sidewatch: moment_features calibration: names do not match its columns, scalars and classes")

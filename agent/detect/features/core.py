@@ -1,4 +1,4 @@
-"""Features computed from decoded tensors: what the detectors and the calibration look at, written once.
+"""The image classifier's features (block means; class, confidence, entropy), written once.
 
 Images are summarised by a bounded set of features: the means of a 7 x 7 grid of blocks (for
 MNIST, 4 x 4 pixels each; per channel for colour images): coarse enough to be stable per request,
@@ -61,14 +61,17 @@ def region_means(x: np.ndarray, grid: int = REGION_GRID) -> tuple[np.ndarray, li
     >>> features, rows, cols = region_means(np.arange(36.0).reshape(1, 6, 6), grid=2)
     >>> features.tolist(), rows, cols
     ([[7.0, 10.0, 25.0, 28.0]], [3, 3], [3, 3])
+    >>> region_means(np.arange(6.0).reshape(1, 2, 3), grid=3)[0].tolist()   # smaller than the grid
+    [[0.0, 1.0, 2.0, 0.0, 1.0, 2.0, 3.0, 4.0, 5.0]]
     """
     x = np.asarray(x, dtype=np.float64)
     n, height, width = x.shape[0], x.shape[-2], x.shape[-1]
     x = x.reshape(n, -1, height, width)
     rows = (np.arange(grid) * height) // grid
     cols = (np.arange(grid) * width) // grid
-    row_sizes = np.diff(np.append(rows, height))
-    col_sizes = np.diff(np.append(cols, width))
+    # A grid finer than the image (height < grid): a block of no rows takes its first row (reduceat's rule).
+    row_sizes = np.maximum(np.diff(np.append(rows, height)), 1)
+    col_sizes = np.maximum(np.diff(np.append(cols, width)), 1)
     sums = np.add.reduceat(np.add.reduceat(x, rows, axis=2), cols, axis=3)
     means = sums / (row_sizes[:, None] * col_sizes[None, :])
     return means.reshape(n, -1), row_sizes.tolist(), col_sizes.tolist()
