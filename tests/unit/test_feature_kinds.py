@@ -41,10 +41,10 @@ ALPHA = 1e-7
 
 
 def look(reference_block, live_block, min_effect=0.2):
-    """The MomentTest's verdict on the live rows (spread over 60 slots of 3 s: a 3-minute look) against the
-    reference, at alpha 1e-7."""
+    """The MomentTest's verdict on the live rows (spread over 60 slots of 3 s: a 3-minute look, each slot a
+    cluster: these rows are independent draws) against the reference, at alpha 1e-7."""
     moments = fit_moments(reference_block, projections=4)
-    test = moments.make_test(min_effect)
+    test = moments.make_test(min_effect, cluster_rows=1)
     rows = moment_rows(moments, live_block)
     for i, chunk in enumerate(np.array_split(rows, 60)):
         test.update(chunk, at=3.0 * i)
