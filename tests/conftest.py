@@ -46,3 +46,15 @@ def fallback_server(tmp_path_factory):
     process, port = start_model_server(tmp_path_factory.mktemp("fallback"), root)
     yield port
     process.stop()
+
+
+@pytest.fixture(scope="session")
+def sklearn_mlserver(tmp_path_factory):
+    """MLServer (its own virtual environment) serving the scikit-learn models of tests/support/sklearn_models.py
+    (flare, diabetes, topics), trained at the start of the session; yields a sklearn_models.MLServer
+    (``.grpc_port``, ``.http_port``)."""
+    from tests.support.sklearn_models import start_sklearn_mlserver
+
+    server = start_sklearn_mlserver(tmp_path_factory.mktemp("sklearn-mlserver"))
+    yield server
+    server.stop()

@@ -10,9 +10,9 @@ import pytest
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
-from tests.support.harness import REPO, Process, free_port, start_sidecar, wait_for_http
+from tests.support.harness import start_sidecar
+from tests.support.sklearn_models import mlserver_python, start_mlserver
 
-MLSERVER_VENV = REPO / ".venv-mlserver"
 MODEL = "iris"
 STREAM_MODEL = "doubler"
 
@@ -51,9 +51,7 @@ joblib.dump(LogisticRegression(max_iter=500).fit(x, y), sys.argv[1])
 
 @pytest.fixture(scope="module")
 def mlserver(tmp_path_factory):
-    python = MLSERVER_VENV / "bin" / "python"
-    if not python.exists():
-        pytest.fail("MLServer's virtual environment is missing: run `make test`, which builds .venv-mlserver")
+    python = mlserver_python()
     root = tmp_path_factory.mktemp("mlserver")
     model_dir = root / "models" / MODEL
     model_dir.mkdir(parents=True)
@@ -68,22 +66,9 @@ def mlserver(tmp_path_factory):
     (stream_dir / "doubler.py").write_text(_STREAMING_RUNTIME)
     (stream_dir / "model-settings.json").write_text(json.dumps({"name": STREAM_MODEL,
                                                                  "implementation": "doubler.Doubler"}))
-    grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
-    (root / "models" / "settings.json").write_text(json.dumps({
-        "grpc_port": grpc_port, "http_port": http_port, "metrics_port": metrics_port,
-        "parallel_workers": 0, "host": "127.0.0.1",
-    }))
-    process = Process([str(MLSERVER_VENV / "bin" / "mlserver"), "start", str(root / "models")], root / "mlserver.log")
-    try:
-        for name in (MODEL, STREAM_MODEL):
-            wait_for_http(f"http://127.0.0.1:{http_port}/v2/models/{name}/ready", timeout=90)
-        process.wait_listening(grpc_port)
-    except Exception:
-        print(process.log()[-3000:])
-        process.stop()
-        raise
-    yield grpc_port
-    process.stop()
+    server = start_mlserver(root, [MODEL, STREAM_MODEL])
+    yield server.grpc_port
+    server.stop()
 
 
 @pytest.fixture(scope="module")
