@@ -56,25 +56,29 @@ class Sidecar:
         self._metrics_server = None
 
     def _detectors(self):
-        """The adversarial watch and the drift watch, as tap sinks; (None, None) without a model repository."""
+        """The adversarial watch (None without a model repository) and the drift watch (None with drift off),
+        as tap sinks."""
         config = self.config
-        if config.detection.model_repository is None:
-            return None, None
-        # Imported here: without a model repository the sidecar needs neither onnx nor the detectors,
-        # and an edge device without them still forwards and exports its metrics.
-        from agent.detect.adversarial.watch import AdversarialWatch
-        from agent.detect.drift.watch import DriftWatch
-        from agent.detect.registry import DetectorRegistry
+        watch = drift = detectors = None
+        if config.detection.model_repository is not None:
+            # Imported here: without a model repository the sidecar runs no model of its own (drift of the
+            # upstream's models is learned from their traffic).
+            from agent.detect.adversarial.watch import AdversarialWatch
+            from agent.detect.registry import DetectorRegistry
 
-        detectors = DetectorRegistry(config.detection.model_repository, config.detection.device)
-        watch = AdversarialWatch(detectors, config.detection, DetectionMetrics(self.registry), self.metrics.bounded,
-                                 config.adversarial_modes())
-        self.tap.add_sink("adversarial", watch)
-        drift = None
+            detectors = DetectorRegistry(config.detection.model_repository, config.detection.device)
+            watch = AdversarialWatch(detectors, config.detection, DetectionMetrics(self.registry),
+                                     self.metrics.bounded, config.adversarial_modes())
+            self.tap.add_sink("adversarial", watch)
         if config.drift.enabled:
-            drift = DriftWatch(detectors, config.drift, DriftMetrics(self.registry), self.metrics.bounded)
+            from agent.detect.drift.watch import DriftWatch
+
+            drift = DriftWatch(detectors, config.drift, DriftMetrics(self.registry), self.metrics.bounded,
+                               overrides={name: model.tensors for name, model in config.models.items()},
+                               max_live=config.metrics.max_models)
             self.tap.add_sink("drift", drift)
-            watch.score_listeners.append(drift.observe_scores)
+            if watch is not None:
+                watch.score_listeners.append(drift.observe_scores)
         return watch, drift
 
     def _alerts(self) -> None:
@@ -93,7 +97,8 @@ class Sidecar:
         if token is not None:
             receiver = AlertmanagerReceiver(config.admin.alertmanager_hooks, config.rollback.hooks, self.dispatcher,
                                             self.alert_metrics)
-            self.admin = AdminServer(config.admin, token, self.dispatcher, self.engine, receiver, self.alert_metrics)
+            self.admin = AdminServer(config.admin, token, self.dispatcher, self.engine, receiver, self.alert_metrics,
+                                     baseline_reset=None if self.drift is None else self.drift.reset_baseline)
         elif config.admin.enabled:
             log.warning("sidewatch: admin API off: no token (set admin.token_file or SIDEWATCH_ADMIN_TOKEN)")
 

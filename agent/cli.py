@@ -1,4 +1,4 @@
-"""The ``sidewatch`` command: serve, model-server, demo, calibrate, alerts status, route undo."""
+"""The ``sidewatch`` command: serve, model-server, demo, calibrate, alerts status, route undo, baseline reset."""
 
 from __future__ import annotations
 
@@ -223,6 +223,24 @@ def _add_route(commands) -> None:
     undo.set_defaults(run=_run_admin(run_undo))
 
 
+def _add_baseline(commands) -> None:
+    baseline = commands.add_parser("baseline", help="drift baselines, through the sidecar's admin API")
+    actions = baseline.add_subparsers(dest="action", required=True)
+    reset = actions.add_parser("reset", help="re-baseline a model version after an intended change: a version "
+                                             "learned from traffic learns again; a calibrated one restarts its tests")
+    _admin_options(reset)
+    reset.add_argument("model")
+    reset.add_argument("version")
+    reset.add_argument("--actor", help="who resets it, for the log (default user@host)")
+
+    def run_reset(client, args) -> int:
+        client.reset_baseline(args.model, args.version, args.actor)
+        print(f"sidewatch: drift baseline of {args.model} version {args.version} reset")
+        return 0
+
+    reset.set_defaults(run=_run_admin(run_reset))
+
+
 def _add_log_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
     """The log options, before the command or (for the long-running ones) after it."""
     parser.add_argument("--log-level", default="INFO" if defaults else argparse.SUPPRESS,
@@ -242,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_calibrate(commands)
     _add_alerts(commands)
     _add_route(commands)
+    _add_baseline(commands)
     return parser
 
 

@@ -275,6 +275,9 @@ class DriftMetrics:
         self.last_alarm = Gauge("sidewatch_drift_last_alarm_timestamp_seconds",
                                 "Unix time of the last rise of a drift flag of the version (absent: none yet).",
                                 version, registry=registry)
+        self.baseline_state = Gauge("sidewatch_drift_baseline_state",
+                                    "1 for the state of a baseline learned from traffic: collecting, calibrating "
+                                    "or watching.", ["model", "version", "state"], registry=registry)
         self.watching_since = Gauge("sidewatch_drift_watching_since_timestamp_seconds",
                                     "Unix time drift watching of the version began (kept across restarts).",
                                     version, registry=registry)

@@ -1,4 +1,4 @@
-"""A client of the admin API, for ``sidewatch alerts status`` and ``sidewatch route undo``."""
+"""A client of the admin API, for ``sidewatch alerts status``, ``route undo`` and ``baseline reset``."""
 
 from __future__ import annotations
 
@@ -66,6 +66,10 @@ class AdminClient:
 
     def undo_route(self, model: str, actor: str | None = None) -> dict:
         return self._request("POST", "/routes/undo", {"model": model, "actor": actor or default_actor()})
+
+    def reset_baseline(self, model: str, version: str, actor: str | None = None) -> dict:
+        return self._request("POST", "/baseline/reset",
+                             {"model": model, "version": version, "actor": actor or default_actor()})
 
 
 def default_actor() -> str:

@@ -2,6 +2,7 @@
 
     GET  /status          alerts (state, since, value, labels) and the dispatcher's incidents and pins
     POST /routes/undo     {"model": "mnist_cnn", "actor": "alice"}: remove the model's route pin
+    POST /baseline/reset  {"model": "credit", "version": "3", "actor": "alice"}: re-baseline a version's drift
     POST /alertmanager    Alertmanager's webhook payload (version 4)
 
 Every request needs ``Authorization: Bearer <token>`` (compared in constant time); without it the
@@ -20,7 +21,7 @@ import socket
 import ssl
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from agent import tls as tls_setup
 from agent.admin.token import MIN_TOKEN_CHARS, TOKEN_ENV, read_token
@@ -39,7 +40,7 @@ SOCKET_TIMEOUT_SECONDS = 10.0
 MAX_CONNECTIONS = 32
 
 _ENDPOINTS = {"/status": ("status", "GET"), "/routes/undo": ("routes_undo", "POST"),
-              "/alertmanager": ("alertmanager", "POST")}
+              "/baseline/reset": ("baseline_reset", "POST"), "/alertmanager": ("alertmanager", "POST")}
 
 
 def load_token(config: Admin) -> str | None:
@@ -218,6 +219,24 @@ class _Handler(BaseHTTPRequestHandler):
             return 200, {"model": model, "undone": True}
         return 404, {"model": model, "undone": False, "error": f"sidewatch: model {model} has no route pin"}
 
+    def _baseline_reset(self, admin: "AdminServer", body: bytes) -> tuple[int, dict]:
+        try:
+            request = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            request = None
+        if not isinstance(request, dict) or not all(isinstance(request.get(key), str) for key in ("model", "version")):
+            return 400, {"error": "sidewatch: the body must be JSON naming a model and a version: "
+                                  "{\"model\": \"...\", \"version\": \"...\"}"}
+        model, version, actor = request["model"], request["version"], request.get("actor")
+        if admin.baseline_reset is None:
+            return 404, {"error": "sidewatch: drift is not watched by this sidecar"}
+        who = f"{actor if isinstance(actor, str) and actor else 'admin-api'}@{self.client_address[0]}"
+        if admin.baseline_reset(model, version):
+            log.warning("sidewatch: drift baseline of %s version %s reset by %s", model, version, who)
+            return 200, {"model": model, "version": version, "reset": True}
+        return 404, {"model": model, "version": version, "reset": False,
+                     "error": f"sidewatch: drift of {model} version {version} is not watched"}
+
     @staticmethod
     def _alertmanager(admin: "AdminServer", body: bytes) -> tuple[int, dict]:
         return admin.receiver.handle(body)
@@ -244,7 +263,8 @@ class AdminServer:
     """The admin API on its own thread. ``start`` binds; ``stop`` closes the listener and waits for it."""
 
     def __init__(self, config: Admin, token: str, dispatcher: "RollbackDispatcher", engine: "AlertEngine | None",
-                 receiver: "AlertmanagerReceiver", metrics: "AlertMetrics") -> None:
+                 receiver: "AlertmanagerReceiver", metrics: "AlertMetrics",
+                 baseline_reset: "Callable[[str, str], bool] | None" = None) -> None:
         if len(token) < MIN_TOKEN_CHARS:
             raise ValueError(f"sidewatch: the admin token must have at least {MIN_TOKEN_CHARS} characters")
         self.config = config
@@ -253,10 +273,12 @@ class AdminServer:
         self.engine = engine
         self.receiver = receiver
         self.metrics = metrics
+        # Re-baselines a model version's drift (the drift watch's), or None without one.
+        self.baseline_reset = baseline_reset
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self.port: int | None = None
-        for endpoint in ("status", "routes_undo", "alertmanager"):
+        for endpoint in ("status", "routes_undo", "baseline_reset", "alertmanager"):
             metrics.admin_requests.labels(endpoint, "401")
 
     def authorized(self, header: str) -> bool:

@@ -15,6 +15,7 @@ from agent.config.alerts import AlertsConfig
 from agent.config.base import ConfigError, Strict, check_address
 from agent.config.budget import AlarmBudget
 from agent.config.rollback import RollbackConfig
+from agent.config.tensors import TensorOverride
 
 
 class ListenerTLS(Strict):
@@ -106,6 +107,17 @@ class Detection(Strict):
     rate_alarm: RateAlarm = RateAlarm()
 
 
+class Baseline(Strict):
+    """A baseline learned from traffic, for a model version with no calibration artifact: its first
+    ``rows`` rows (or, after ``max_seconds``, at least ``min_rows``), kept in at most ``max_bytes``."""
+
+    enabled: bool = True
+    rows: int = Field(2000, ge=10)
+    min_rows: int = Field(500, ge=10)
+    max_seconds: float = Field(600.0, gt=0)
+    max_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+
+
 class Drift(Strict):
     """The drift and anomaly detectors (calibrated by `sidewatch calibrate` with the squeezing detector).
 
@@ -131,6 +143,7 @@ class Drift(Strict):
     # The smallest effect that may alarm, in reference standard deviations (for a share, binomial ones).
     min_effect: float = Field(0.3, ge=0)
     clear_looks: int = Field(3, ge=1)
+    baseline: Baseline = Baseline()
     # Detector state is written here periodically and at shutdown, and read back at start.
     checkpoint_dir: Path | None = None
     checkpoint_interval_seconds: float = Field(30.0, gt=0)
@@ -152,6 +165,8 @@ class ModelSettings(Strict):
     """Per-model settings, keyed by model name; unset values come from ``detection``."""
 
     adversarial_mode: AdversarialMode | None = None
+    # Per input or output tensor, how its drift features are chosen (agent/detect/features/choose.py).
+    tensors: dict[str, TensorOverride] = {}
 
 
 class Admin(Strict):

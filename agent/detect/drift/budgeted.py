@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping, Self
+from typing import Any, Callable, Mapping, Self
 
 import numpy as np
 
@@ -79,13 +79,19 @@ class Detector:
     features: tuple[str, ...]
 
 
-def _detectors(features: Mapping[str, MomentFeatures]) -> list[Detector]:
+def default_detector_name(part: str, group: str) -> str:
+    """The detector a feature group is shown as (DETECTOR_OF_GROUP, else the group without its kind)."""
+    return DETECTOR_OF_GROUP.get(group, group.split(":", 1)[-1])
+
+
+def _detectors(features: Mapping[str, MomentFeatures],
+               detector_name: Callable[[str, str], str] = default_detector_name) -> list[Detector]:
     detectors = []
     for part, fitted in features.items():
         groups = np.asarray(fitted.groups)
         for group in dict.fromkeys(fitted.groups):
             index = np.flatnonzero(groups == group)
-            name = DETECTOR_OF_GROUP.get(group, group.replace("scalar:", ""))
+            name = detector_name(part, group)
             detectors.append(Detector(name, part, index, tuple(fitted.names[i] for i in index)))
     names = [d.name for d in detectors]
     if len(set(names)) != len(names):
@@ -99,13 +105,15 @@ class BudgetedDrift:
     ``update(part, at, **inputs)`` feeds rows of one part (``MomentFeatures.transform``'s arguments)
     that arrived at ``at`` (unix seconds); ``look(now)`` tests every part when a look is due and returns
     the results by part (None when no look was due). ``test_options`` go to every MomentTest
-    (``cluster_rows``, ``min_slots``, ...). ``flags``, ``alarms`` (rises per detector),
+    (``cluster_rows``, ``min_slots``, ...); ``detector_name(part, group)`` names the detectors (by default
+    :data:`DETECTOR_OF_GROUP`). ``flags``, ``alarms`` (rises per detector),
     ``last_alarm_at`` and ``watching_since`` are what the metrics show; ``last_tested`` holds each part's
     last tested look.
     """
 
     def __init__(self, features: Mapping[str, MomentFeatures], budget: AlarmBudget, look_seconds: float,
-                 min_effect: float, slot_seconds: float = 3.0, clear_looks: int = 3, **test_options: Any) -> None:
+                 min_effect: float, slot_seconds: float = 3.0, clear_looks: int = 3,
+                 detector_name: Callable[[str, str], str] | None = None, **test_options: Any) -> None:
         if not features:
             raise ValueError("sidewatch: BudgetedDrift needs at least one part")
         self.features = dict(features)
@@ -117,7 +125,7 @@ class BudgetedDrift:
         self.clock = LookClock(look_seconds)
         self.n_tests = sum(len(fitted.names) for fitted in self.features.values())
         self.alpha = budget.alpha(look_seconds, self.n_tests)
-        self.detectors = _detectors(self.features)
+        self.detectors = _detectors(self.features, detector_name or default_detector_name)
         self.flags = {d.name: False for d in self.detectors}
         self.alarms = {d.name: 0 for d in self.detectors}
         self.last_alarm_at: float | None = None
@@ -128,6 +136,13 @@ class BudgetedDrift:
         if self.watching_since is None:
             self.watching_since = float(at)
         self.tests[part].update(self.features[part].transform(**inputs), at)
+        return self
+
+    def update_rows(self, part: str, at: float, rows: np.ndarray) -> Self:
+        """Feed moment-feature rows already transformed (NaN rows are skipped and counted by the test)."""
+        if self.watching_since is None:
+            self.watching_since = float(at)
+        self.tests[part].update(rows, at)
         return self
 
     def look(self, now: float) -> dict[str, MomentResult] | None:

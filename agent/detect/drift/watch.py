@@ -12,31 +12,33 @@ and restored at start, so a restart neither resets the windows nor adds a look.
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import logging
-import math
 import time
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 
-from agent.config import AlarmBudget, Drift
+from agent.config import Drift
 from agent.dataplane.tap import TappedInference
-from agent.detect.drift.budgeted import BudgetedDrift, Detector
+from agent.detect.drift.baseline import LiveDrift
 from agent.detect.drift.calibrate import OutdatedDriftCalibration, build_anomaly, build_moment_features
 from agent.detect.drift.fleet import FleetBins
+from agent.detect.drift.version import VersionDrift
 from agent.detect.drift.window import TimeWindowPSI
 from agent.detect.features import input_features, output_features, softmax
 from agent.detect.registry import CalibratedDetector, DetectorRegistry
 from agent.durable import fsync_directory, write_atomic
-from agent.metrics import BoundedModels, DriftMetrics
+from agent.metrics import OTHER, BoundedModels, DriftMetrics
 
 log = logging.getLogger(__name__)
 
 STATE_FORMAT = 2
 
 
-class ModelDrift:
+class ModelDrift(VersionDrift):
     """The drift tests, anomaly scorer and fleet bins of one calibrated model version, and their metrics.
 
     Raises :class:`OutdatedDriftCalibration` for an artifact an older sidewatch wrote.
@@ -45,21 +47,9 @@ class ModelDrift:
     def __init__(self, calibrated: CalibratedDetector, metrics: DriftMetrics, labels: tuple[str, str],
                  settings: Drift, batch_rows: int = 64, clock=time.time) -> None:
         section = calibrated.artifact.drift
+        super().__init__(metrics, labels, settings, clock)
         self.calibrated = calibrated
-        self.labels = labels
-        self.metrics = metrics
-        self.top_k = settings.top_k_features
-        self.clock = clock
-        budget = AlarmBudget.parse(settings.false_alarm_budget)
-        features = build_moment_features(section)
-
-        def new_tests() -> BudgetedDrift:
-            return BudgetedDrift(features, budget, settings.look_interval_seconds, settings.min_effect,
-                                 slot_seconds=settings.slot_seconds, clear_looks=settings.clear_looks,
-                                 cluster_rows=settings.cluster_rows, min_slots=settings.min_clusters)
-
-        self._new_tests = new_tests
-        self.tests = new_tests()
+        self.start_tests(build_moment_features(section))
         self.anomaly = build_anomaly(section)
         self.region_names: list[str] = section["region_names"]
         fleet = {name: section["fleet_bins"][name] for name in settings.fleet_features if name in section["fleet_bins"]}
@@ -68,21 +58,12 @@ class ModelDrift:
         self.time_windows = {} if settings.window_seconds is None else {
             name: TimeWindowPSI(bins["edges"], bins["ratios"], settings.window_seconds, settings.psi_threshold)
             for name, bins in fleet.items()}
-        self._was_drifting: dict[str, bool] = {}
         self.seen = 0
         self.batch_rows = batch_rows
         self._pending_x: list[np.ndarray] = []
         self._pending_p: list[np.ndarray] = []
         self._pending_rows = 0
-        self._exported_features: dict[str, set[str]] = {}
-        self._alarms_exported = dict.fromkeys(self.tests.alarms, 0)
         metrics.anomaly_threshold.labels(*labels).set(self.anomaly.threshold_)
-        metrics.min_effect.labels(*labels).set(settings.min_effect)
-        metrics.budget.labels(*labels).set(budget.period_seconds / budget.alarms)
-        metrics.alpha.labels(*labels).set(self.tests.alpha)
-        for detector in self.tests.detectors:  # every flag exists from the start, at 0
-            metrics.drift.labels(*labels, detector.name, "all").set(0.0)
-            metrics.alarms.labels(*labels, detector.name)
 
     def observe(self, inference: TappedInference) -> None:
         artifact_model = self.calibrated.artifact.model
@@ -166,71 +147,6 @@ class ModelDrift:
         if feature in self.time_windows:
             self.time_windows[feature].update(values)
 
-    def look(self) -> bool:
-        """Test the evidence if a look is due; count the look. True when one was."""
-        results = self.tests.look(self.clock())
-        if results is None:
-            return False
-        tested = any(result.tested for result in results.values())
-        self.metrics.looks.labels(*self.labels, "tested" if tested else "untested").inc()
-        return True
-
-    def export(self) -> None:
-        """Flags, evidence, thresholds, p-values and effects of every detector, as gauges."""
-        m = self.metrics
-        tests = self.tests
-        for detector in tests.detectors:
-            flag = tests.flags[detector.name]
-            m.drift.labels(*self.labels, detector.name, "all").set(1.0 if flag else 0.0)
-            rises = tests.alarms[detector.name] - self._alarms_exported[detector.name]
-            if rises > 0:
-                m.alarms.labels(*self.labels, detector.name).inc(rises)
-                self._alarms_exported[detector.name] = tests.alarms[detector.name]
-            result = tests.last_tested.get(detector.part)
-            if result is not None:
-                self._export_detector(detector, result, flag)
-        if tests.last_alarm_at is not None:
-            m.last_alarm.labels(*self.labels).set(tests.last_alarm_at)
-        if tests.watching_since is not None:
-            m.watching_since.labels(*self.labels).set(tests.watching_since)
-        for feature, window in self.time_windows.items():
-            result = window.result
-            if result.statistic == result.statistic:  # NaN while the window is empty
-                self._set("psi_time_window", feature, result.statistic, result.threshold, None, None,
-                          bool(np.any(result.drift)))
-
-    def _export_detector(self, detector: Detector, result, flag: bool) -> None:
-        index = detector.index
-        evidence = np.abs(result.t[index])
-        p_values, effects = result.p[index], result.effects[index]
-        self._set(detector.name, "all", evidence.max(), result.threshold, p_values.min(), effects.max(), flag,
-                  flag_set=False)
-        # Per-feature series only for the top-k by evidence; features that drop out are removed.
-        top = {detector.features[i]: i for i in np.argsort(-evidence, kind="stable")[:self.top_k]}
-        rejected = set(result.rejected)
-        for feature in self._exported_features.get(detector.name, set()) - set(top):
-            for gauge in (self.metrics.statistic, self.metrics.threshold, self.metrics.p_value, self.metrics.effect,
-                          self.metrics.drift):
-                try:
-                    gauge.remove(*self.labels, detector.name, feature)
-                except KeyError:
-                    pass
-        for feature, i in top.items():
-            self._set(detector.name, feature, evidence[i], result.threshold, p_values[i], effects[i],
-                      flag and feature in rejected)
-        self._exported_features[detector.name] = set(top)
-
-    def _set(self, name, feature, statistic, threshold, p_value, effect, drift, flag_set: bool = True) -> None:
-        labels = (*self.labels, name, feature)
-        self.metrics.statistic.labels(*labels).set(float(statistic))
-        self.metrics.threshold.labels(*labels).set(float(threshold))
-        if p_value is not None and math.isfinite(p_value):
-            self.metrics.p_value.labels(*labels).set(float(p_value))
-        if effect is not None and math.isfinite(effect):
-            self.metrics.effect.labels(*labels).set(float(effect))
-        if flag_set:
-            self.metrics.drift.labels(*labels).set(1.0 if drift else 0.0)
-
     def state(self) -> dict:
         self.flush()
         return {"format": STATE_FORMAT, "model_sha256": self.calibrated.artifact.model["sha256"],
@@ -244,11 +160,7 @@ class ModelDrift:
             log.warning("sidewatch: drift state of %s version %s is from an older sidewatch (detectors calibrated "
                         "to an expected run time); starting afresh under the false-alarm budget", *self.labels)
             return False
-        try:
-            self.tests.load_state_dict(state["tests"])
-        except (ValueError, KeyError, TypeError):
-            self.tests = self._new_tests()  # nothing half-restored
-            raise
+        self.restore_tests(state["tests"])
         for name, window_state in state.get("time_windows", {}).items():
             if name in self.time_windows:
                 self.time_windows[name].load_state_dict(window_state)
@@ -257,12 +169,24 @@ class ModelDrift:
 
 class DriftWatch:
     """The tap sink: routes each inference to its model version's tests, looks when a look is due,
-    exports, and checkpoints their state. Versions whose artifact an older sidewatch wrote are not
-    watched for drift (a warning says how to recalibrate)."""
+    exports, and checkpoints their state.
 
-    def __init__(self, registry: DetectorRegistry, settings: Drift, metrics: DriftMetrics,
-                 bounded: BoundedModels, clock=time.time) -> None:
+    Versions with a calibration artifact (``registry``) are watched as calibrated (``models``); versions
+    without one, from a baseline learned from their own traffic (``live``, agent/detect/drift/baseline.py),
+    at most ``max_live`` of them, keyed by the version that answered. Versions whose artifact an older
+    sidewatch wrote are not watched for drift (a warning says how to recalibrate).
+    """
+
+    def __init__(self, registry: DetectorRegistry | None, settings: Drift, metrics: DriftMetrics,
+                 bounded: BoundedModels, clock=time.time, overrides: Mapping[str, Mapping] | None = None,
+                 max_live: int = 64) -> None:
         self._registry = registry
+        self._settings = settings
+        self._metrics = metrics
+        self._bounded = bounded
+        self._clock = clock
+        self._overrides = dict(overrides or {})
+        self._max_live = max_live
         self._checkpoint_dir = settings.checkpoint_dir
         self._checkpoint_interval = settings.checkpoint_interval_seconds
         self._export_interval = settings.export_interval_seconds
@@ -270,8 +194,11 @@ class DriftWatch:
         # Adversarial scores arrive from the detector's threads; the tap thread feeds them to the
         # detectors (which are not thread-safe) at its next tick.
         self._pending_scores: collections.deque = collections.deque(maxlen=10_000)
+        # Operator requests (baseline resets) from the admin thread, applied by the tap thread.
+        self._pending_resets: collections.deque = collections.deque(maxlen=100)
         self.models: dict[tuple[str, str], ModelDrift] = {}
-        for calibrated in registry:
+        self.live: dict[tuple[str, str], LiveDrift] = {}
+        for calibrated in registry or ():
             if not calibrated.artifact.drift:
                 log.warning("sidewatch: %s version %s has no drift calibration (rerun sidewatch calibrate); "
                             "drift is not watched", calibrated.model, calibrated.version)
@@ -285,19 +212,50 @@ class DriftWatch:
                 continue
             self.models[(calibrated.model, calibrated.version)] = model
             self._restore(model)
+        self._restore_baselines()
 
     def _model(self, model: str, version: str) -> ModelDrift | None:
-        calibrated = self._registry.get(model, version)
+        calibrated = None if self._registry is None else self._registry.get(model, version)
         return None if calibrated is None else self.models.get((calibrated.model, calibrated.version))
+
+    def _live(self, model: str, version: str) -> LiveDrift | None:
+        """The live baseline of a version without an artifact; made at its first answered request."""
+        key = (model, version)
+        watched = self.live.get(key)
+        if watched is None and self._settings.baseline.enabled and len(self.live) < self._max_live:
+            labels = self._bounded(model, version)
+            if labels == (OTHER, OTHER):
+                return None
+            watched = self.live[key] = LiveDrift(model, version, self._metrics, labels, self._settings,
+                                                 self._overrides.get(model), clock=self._clock)
+        return watched
 
     def __call__(self, inference: TappedInference) -> None:
         model = self._model(inference.model, inference.version)
         if model is not None:
             model.observe(inference)
+            return
+        if self._registry is not None and self._registry.get(inference.model, inference.version) is not None:
+            return  # calibrated, but its drift is not watched (no drift section, or an outdated one)
+        version = inference.version or (inference.response.model_version if inference.response else "")
+        live = self._live(inference.model, version)
+        if live is not None:
+            live.observe(inference)
 
     def observe_scores(self, model: str, version: str, scores: np.ndarray) -> None:
         """Called from any thread: queue the scores for the tap thread."""
         self._pending_scores.append((model, version, scores))
+
+    def reset_baseline(self, model: str, version: str) -> bool:
+        """Called from any thread (the admin API): re-baseline a version at the tap thread's next tick.
+        False when the version is not watched."""
+        if (model, version) not in self.live and (model, version) not in self.models:
+            return False
+        self._pending_resets.append((model, version))
+        return True
+
+    def _watched(self) -> list[VersionDrift]:
+        return [*self.models.values(), *self.live.values()]
 
     def tick(self) -> None:
         # Rows first, then the scores of those rows: both arrive in order, each in its own stream.
@@ -308,28 +266,54 @@ class DriftWatch:
             watched = self._model(model, version)
             if watched is not None:
                 watched.observe_scores(scores)
-        looked = [model.look() for model in self.models.values()]
+        while self._pending_resets:
+            self._reset(*self._pending_resets.popleft())
+        looked = [model.look() for model in self._watched()]
         now = time.monotonic()
         if any(looked) or now - self._last_export >= self._export_interval:
             self._last_export = now
-            for model in self.models.values():
+            for model in self._watched():
                 model.export()
         if self._checkpoint_dir is not None and now - self._last_checkpoint >= self._checkpoint_interval:
             self._last_checkpoint = now
             self.checkpoint()
+
+    def _reset(self, model: str, version: str) -> None:
+        """Re-baseline: a live version collects its baseline again; a calibrated one restarts its tests (its
+        reference is the artifact's: recalibrate to change it). Either way every flag drops."""
+        live = self.live.get((model, version))
+        if live is not None:
+            live.collect()
+            live.export_flags_down()
+            if self._checkpoint_dir is not None:
+                self._baseline_path(model, version).unlink(missing_ok=True)
+        elif (model, version) in self.models:
+            watched = self.models[(model, version)]
+            watched.tests = watched._new_tests()
+            watched.export()
+        log.info("sidewatch: drift baseline of %s version %s reset by an operator", model, version)
 
     # --- state on disk ----------------------------------------------------------------------------
 
     def _path(self, model: ModelDrift) -> Path:
         return Path(self._checkpoint_dir) / f"drift-{model.calibrated.model}-{model.calibrated.version}.json"
 
+    def _baseline_path(self, model: str, version: str) -> Path:
+        # Names come from traffic: the file is named by their hash, and holds them.
+        digest = hashlib.sha256(f"{model}\0{version}".encode()).hexdigest()[:24]
+        return Path(self._checkpoint_dir) / f"baseline-{digest}.json"
+
     def checkpoint(self) -> None:
-        """Write every model's detector state; atomically, so a crash mid-write leaves the last good file."""
+        """Write every model's state; atomically, so a crash mid-write leaves the last good file."""
         if self._checkpoint_dir is None:
             return
         Path(self._checkpoint_dir).mkdir(parents=True, exist_ok=True)
         for model in self.models.values():
             write_atomic(self._path(model), json.dumps(model.state()), sync_directory=False)
+        for (name, version), live in self.live.items():
+            state = live.state_dict()
+            if state is not None:
+                write_atomic(self._baseline_path(name, version), json.dumps(state), sync_directory=False)
         fsync_directory(Path(self._checkpoint_dir))  # the renames, durable past a power cut too
 
     def _restore(self, model: ModelDrift) -> None:
@@ -344,8 +328,25 @@ class DriftWatch:
             log.info("sidewatch: restored drift state of %s version %s", model.calibrated.model,
                      model.calibrated.version)
 
+    def _restore_baselines(self) -> None:
+        """The baselines learned before a restart: watched again at once, no new collection."""
+        if self._checkpoint_dir is None or not self._settings.baseline.enabled:
+            return
+        for path in sorted(Path(self._checkpoint_dir).glob("baseline-*.json"))[:self._max_live]:
+            try:
+                state = json.loads(path.read_text())
+                live = self._live(str(state["model"]), str(state["version"]))
+                if live is None:
+                    continue
+                live.load_state_dict(state)
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                log.warning("sidewatch: cannot restore the drift baseline in %s (%s); it is learned again", path, err)
+                continue
+            log.info("sidewatch: restored the drift baseline of %s version %s", live.model, live.version)
+
     def close(self) -> None:
         for model in self.models.values():
             model.flush()
+        for model in self._watched():
             model.export()
         self.checkpoint()

@@ -1,0 +1,210 @@
+"""A model version watched from a baseline learned from its own traffic: no model file, no artifact.
+
+A version the sidecar has no calibration for (a Triton model from TensorRT or a Python backend, a
+scikit-learn model on MLServer, a regressor, a text classifier) goes through three states, exported
+as ``sidewatch_drift_baseline_state{model,version,state}``:
+
+``collecting``   its first ``drift.baseline.rows`` requests' tensors are kept (a copy, bounded in rows,
+                 in bytes and in time: ``max_bytes``, ``max_seconds`` with at least ``min_rows``);
+``calibrating``  the features of each tensor's kind (agent/detect/features: chosen from the request's and
+                 response's names, datatypes and shapes, overridable per tensor in
+                 ``models.<name>.tensors``) and the moment features of the drift tests are fitted on them;
+``watching``     the version's tests (an ``inputs`` and an ``outputs`` part, under the false-alarm budget,
+                 agent/detect/drift/budgeted.py) are fed every later request and look as drift always does.
+
+Rows the features cannot read (strings where numbers are expected, ragged BYTES, NaN) are invalid:
+left out of the baseline's fit and skipped (counted) by the tests, so they never poison the baseline.
+The fitted baseline is written with the drift checkpoints and read back at start; an operator re-baselines
+after an intended change (``sidewatch baseline reset MODEL VERSION``), which starts collecting again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Mapping
+
+import numpy as np
+
+from agent.config import Drift
+from agent.config.tensors import TensorOverride
+from agent.dataplane.tap import TappedInference
+from agent.detect.drift.blocks import fit_moments, moment_rows
+from agent.detect.drift.moments import MomentFeatures
+from agent.detect.drift.version import VersionDrift
+from agent.detect.features import ModelFeatures, TensorShapeError, choose_kinds
+from agent.metrics import DriftMetrics
+
+log = logging.getLogger(__name__)
+
+STATES = ("collecting", "calibrating", "watching")
+STATE_KIND = "sidewatch-live-baseline"
+FORMAT_VERSION = 1
+# Tensors of one request considered at most, and the longest tensor name taken: names become labels.
+MAX_TENSORS = 16
+MAX_NAME = 64
+PARTS = {"input": "inputs", "output": "outputs"}
+
+
+def live_detector_name(part: str, group: str) -> str:
+    """Detectors of a live baseline: ``inputs_mean`` / ``inputs_shape`` (and ``outputs_*``) for the
+    continuous columns and their projections; otherwise the feature group, named by its tensor
+    (``features.missing``, ``probabilities.confidence``, ``text.oov``...)."""
+    if group in ("continuous", "projections"):
+        return f"{part}_{'mean' if group == 'continuous' else 'shape'}"
+    return group.split(":", 1)[-1]
+
+
+def _metadata(tensors) -> list[tuple[str, str, list[int]]]:
+    return [(t.name, t.datatype, [-1, *list(t.shape)[1:]]) for t in list(tensors)[:MAX_TENSORS]
+            if len(t.name) <= MAX_NAME]
+
+
+class LiveDrift(VersionDrift):
+    """The baseline and the tests of one version without an artifact (module docstring)."""
+
+    def __init__(self, model: str, version: str, metrics: DriftMetrics, labels: tuple[str, str], settings: Drift,
+                 overrides: Mapping[str, TensorOverride] | None = None, clock=time.time) -> None:
+        super().__init__(metrics, labels, settings, clock)
+        self.model, self.version = model, version
+        self.overrides = dict(overrides or {})
+        self.collect()
+
+    # --- states -----------------------------------------------------------------------------------
+
+    def _set_state(self, state: str) -> None:
+        self.state = state
+        for name in STATES:
+            self.metrics.baseline_state.labels(*self.labels, name).set(1.0 if name == state else 0.0)
+
+    def collect(self) -> None:
+        """(Re)start collecting a baseline: forget the features, the tests and what was kept."""
+        self.features: ModelFeatures | None = None
+        self.moments: dict[str, MomentFeatures] = {}
+        self.tests = None
+        self._kept: dict[str, dict[str, list[np.ndarray]]] = {"input": {}, "output": {}}
+        self._rows = self._bytes = 0
+        self._started: float | None = None
+        self.specs = None
+        self._set_state("collecting")
+
+    def _tensors(self, inference: TappedInference) -> dict[str, dict[str, np.ndarray]] | None:
+        """The watched tensors of a copy by role, or None (counted) when their batch sizes disagree."""
+        if self.specs is None:
+            if inference.response is None:
+                return None
+            self.specs = choose_kinds(_metadata(inference.request.inputs), _metadata(inference.response.outputs),
+                                      self.overrides)
+        tensors = {"input": {}, "output": {}}
+        for spec in self.specs:
+            source = inference.inputs if spec.role == "input" else inference.outputs
+            if spec.name in source:
+                tensors[spec.role][spec.name] = np.asarray(source[spec.name])
+        rows = {len(a) for role in tensors.values() for a in role.values() if np.ndim(a) > 0}
+        if len(rows) != 1 or any(np.ndim(a) == 0 for role in tensors.values() for a in role.values()):
+            self.metrics.skipped.labels(*self.labels, "wrong_shape").inc()
+            return None
+        return tensors
+
+    def observe(self, inference: TappedInference) -> None:
+        tensors = self._tensors(inference)
+        if tensors is None:
+            return
+        n = len(next(a for role in tensors.values() for a in role.values()))
+        if n == 0:
+            return
+        if self.state == "collecting":
+            self._keep(tensors, n)
+        elif self.state == "watching":
+            self._feed(tensors, n)
+
+    def _keep(self, tensors: dict[str, dict[str, np.ndarray]], n: int) -> None:
+        baseline = self.settings.baseline
+        now = self.clock()
+        if self._started is None:
+            self._started = now
+        size = sum(a.nbytes if a.dtype != object else sum(len(x) if isinstance(x, bytes) else 8 for x in a.flat)
+                   for role in tensors.values() for a in role.values())
+        if self._bytes + size <= baseline.max_bytes:
+            for role, arrays in tensors.items():
+                for name, array in arrays.items():
+                    self._kept[role].setdefault(name, []).append(array.copy())
+            self._rows += n
+            self._bytes += size
+        full = self._rows >= baseline.rows or self._bytes + size > baseline.max_bytes
+        late = now - self._started >= baseline.max_seconds and self._rows >= baseline.min_rows
+        if full or late:
+            self.calibrate()
+
+    def calibrate(self) -> bool:
+        """Fit the baseline on what was kept and start watching; back to collecting if it cannot be fitted."""
+        self._set_state("calibrating")
+        kept = {role: {name: np.concatenate(parts) for name, parts in arrays.items()}
+                for role, arrays in self._kept.items()}
+        self._kept = {"input": {}, "output": {}}
+        try:
+            features = ModelFeatures(self.specs)
+            moments = {}
+            for role, part in PARTS.items():
+                if not kept[role]:
+                    continue
+                try:
+                    features.fit(role, kept[role])
+                except ValueError:
+                    continue  # nothing of this role to watch (every tensor ignored)
+                moments[part] = fit_moments(features.transform(role, kept[role]), seed=0)
+            if not moments:
+                raise ValueError("no tensor to watch")
+        except (ValueError, TensorShapeError) as err:
+            log.warning("sidewatch: cannot learn a drift baseline for %s version %s from %d requests' rows (%s); "
+                        "collecting again", self.model, self.version, self._rows, err)
+            self.collect()
+            return False
+        self._start(features, moments)
+        log.info("sidewatch: learned a drift baseline for %s version %s from %d rows; watching", self.model,
+                 self.version, self._rows)
+        return True
+
+    def _start(self, features: ModelFeatures, moments: dict[str, MomentFeatures]) -> None:
+        self.features, self.moments = features, moments
+        self.start_tests(moments, live_detector_name)
+        self._set_state("watching")
+
+    def _feed(self, tensors: dict[str, dict[str, np.ndarray]], n: int) -> None:
+        at = self.clock()
+        for role, part in PARTS.items():
+            if part not in self.moments:
+                continue
+            try:
+                block = self.features.transform(role, tensors[role])
+            except (TensorShapeError, ValueError):
+                self.metrics.skipped.labels(*self.labels, "wrong_shape").inc(n)
+                return
+            self.tests.update_rows(part, at, moment_rows(self.moments[part], block))
+        self.metrics.samples.labels(*self.labels).inc(n)
+
+    # --- persistence ------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """The fitted baseline and the tests' state (None while collecting: a restart collects again)."""
+        if self.state != "watching":
+            return None
+        return {"kind": STATE_KIND, "format_version": FORMAT_VERSION, "model": self.model, "version": self.version,
+                "features": self.features.state_dict(),
+                "moments": {part: m.calibration_dict() for part, m in self.moments.items()},
+                "tests": self.tests.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a baseline (and its tests' state when they match); raises ValueError for another state."""
+        if state.get("kind") != STATE_KIND or state.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"sidewatch: not a {STATE_KIND} state of format {FORMAT_VERSION}")
+        if (state.get("model"), state.get("version")) != (self.model, self.version):
+            raise ValueError("sidewatch: a baseline of another model version")
+        features = ModelFeatures.from_state(state["features"])
+        moments = {part: MomentFeatures.from_calibration(d) for part, d in state["moments"].items()}
+        self.specs = features.specs
+        self._start(features, moments)
+        try:
+            self.restore_tests(state["tests"])
+        except (ValueError, KeyError, TypeError):
+            log.warning("sidewatch: drift tests of %s version %s restarted (other settings)", self.model, self.version)
