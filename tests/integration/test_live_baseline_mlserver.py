@@ -1,0 +1,82 @@
+"""Drift of models sidewatch has no file for, end to end: client -> sidewatch serve (no model repository) ->
+MLServer serving scikit-learn models trained here (tests/support/sklearn_models.py). Each model's baseline is
+learned from its first requests; benign traffic from the same source then keeps every flag down, and a
+realistic change is flagged on what changed: a Zurich class never seen before on the tabular classifier (its
+BYTES [N, 3] input declared categorical in the config, as an operator would), Cyrillic text on the text
+classifier (the text's character mix and out-of-vocabulary rate). Short looks, so that it takes seconds; the
+budget is the default (1/30d)."""
+
+from __future__ import annotations
+
+import yaml
+
+from agent.protocol.client import InferenceClient
+from tests.support import scenarios
+from tests.support.harness import http_get, start_sidecar
+from tests.support.pacing import send_paced
+
+RATE = 60.0  # iterations per second, one request to each model in each: 600 rows of each per 10-s look
+
+
+def _flags(text: str, model: str, feature: str = "all") -> dict[str, float]:
+    """Held flags of ``model`` by detector (``feature="all"``) or by feature (``feature=None``), from /metrics."""
+    flags = {}
+    for line in text.splitlines():
+        if line.startswith("sidewatch_drift_detected{") and f'model="{model}"' in line:
+            detector = line.split('detector="', 1)[1].split('"', 1)[0]
+            name = line.split('feature="', 1)[1].split('"', 1)[0]
+            if feature is None and name != "all":
+                flags[name] = float(line.rsplit(" ", 1)[1])
+            elif name == feature:
+                flags[detector] = float(line.rsplit(" ", 1)[1])
+    return flags
+
+
+def _state(text: str, model: str) -> str | None:
+    for line in text.splitlines():
+        if line.startswith("sidewatch_drift_baseline_state{") and f'model="{model}"' in line and line.endswith(" 1.0"):
+            return line.split('state="', 1)[1].split('"', 1)[0]
+    return None
+
+
+def test_baselines_learned_from_traffic_stay_quiet_on_benign_and_flag_what_changed(tmp_path, sklearn_mlserver):
+    config = tmp_path / "sidewatch.yaml"
+    config.write_text(yaml.safe_dump({"drift": {
+        "look_interval_seconds": 10, "slot_seconds": 0.25, "cluster_rows": 10, "min_clusters": 20,
+        "export_interval_seconds": 0.5, "baseline": {"rows": 600}},
+        "models": {"flare": {"tensors": {"categorical": {
+            "kind": "categorical", "columns": ["zurich", "spot_size", "distribution"]}}}}}))
+    sidecar, port, metrics_port = start_sidecar(tmp_path, sklearn_mlserver.grpc_port, config=config)
+    client = InferenceClient(f"127.0.0.1:{port}")
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+
+    def send(flare: dict, topics: dict):
+        def one(i: int) -> None:
+            client.infer("flare", {name: a[i % len(a):i % len(a) + 1] for name, a in flare.items()})
+            client.infer("topics", {name: a[i % len(a):i % len(a) + 1] for name, a in topics.items()})
+        return one
+
+    try:
+        send_paced(send(scenarios.resample(scenarios.reference("flare"), 2000, seed=1),
+                        scenarios.resample(scenarios.reference("topics"), 2000, seed=1)), RATE, 11)
+        text = http_get(url)
+        assert _state(text, "flare") == "watching" and _state(text, "topics") == "watching"
+        send_paced(send(scenarios.resample(scenarios.benign("flare"), 2000, seed=2),
+                        scenarios.resample(scenarios.benign("topics"), 2000, seed=2)), RATE, 21)
+        text = http_get(url)
+        for model in ("flare", "topics"):
+            flags = _flags(text, model)
+            assert flags and not any(flags.values()), (model, flags)
+
+        def flagged() -> bool:
+            text = http_get(url)
+            return _flags(text, "flare", None).get("categorical.zurich=<unseen>") == 1 and \
+                any(_flags(text, "topics", None).get(f) == 1 for f in ("text.non_ascii", "text.oov", "text.letters"))
+
+        send_paced(send(scenarios.drift("flare", "new_category"), scenarios.drift("topics", "foreign")), RATE, 45,
+                   until=flagged)
+        text = http_get(url)
+        assert flagged(), (_flags(text, "flare"), _flags(text, "flare", None), _flags(text, "topics", None))
+    finally:
+        client.close()
+        sidecar.stop()
