@@ -9,7 +9,8 @@
 What it runs: sidewatch's budgeted drift test as the sidecar runs it, one per model version:
 ``MomentFeatures`` (agent/detect/drift/moments.py) turns each request into moment features,
 ``MomentTest.update(values, at)`` takes them in micro-batches stamped with their time, and at every
-``--look-seconds`` (60) interval of wall-clock time, when ``LookClock.due`` says so,
+``--look-seconds`` interval of wall-clock time (the sidecar's ``drift.look_interval_seconds``, 15),
+when ``LookClock.due`` says so,
 ``MomentTest.look(alpha)`` tests each feature at the level ``AlarmBudget.alpha(T, tests=features)``
 gives (agent/detect/drift/budget.py). All of it in *simulated* time: requests get arrival times from
 a simulated clock and nothing sleeps, so a month of traffic takes a minute or two.
@@ -57,7 +58,8 @@ Figures (the issue's "Figures for the closing note"; bench/README.md has the det
    model version before and after, in the same run.
 
 ``--test-kwargs`` passes other ``MomentTest`` keywords (``cluster_rows``, ``slot_seconds``, ``effect_se``,
-``min_slots``...); ``--sources``, ``--kinds`` and ``--rates`` narrow the false-alarm streams.
+``min_slots``...; by default the sidecar's: ``drift.slot_seconds``, ``cluster_rows``, ``min_clusters``);
+``--sources``, ``--kinds`` and ``--rates`` narrow the false-alarm streams.
 """
 
 from __future__ import annotations
@@ -83,6 +85,8 @@ for _path in (ROOT, ROOT / "bench"):
 
 import drift as drift_bench  # noqa: E402  bench/drift.py: data loading, scenarios, machine info
 
+from agent.config import Drift  # noqa: E402
+
 DAY = 86400.0
 CLASSES = 10
 SYNTHETIC_CENTRE_SCALE = 0.5  # class centres N(0, scale^2) per feature: classes overlap, confidence varies
@@ -98,12 +102,18 @@ DELAY_SCENARIOS = {"synthetic": ("shift_0.5", "shift_1.0", "correlation_0.9"),
 # --- parameters -----------------------------------------------------------------------------------
 
 
+# The sidecar's drift settings (agent/config/serve.py, Drift): what the runs test by default.
+SIDECAR = Drift()
+SIDECAR_TEST_KWARGS = {"slot_seconds": SIDECAR.slot_seconds, "cluster_rows": SIDECAR.cluster_rows,
+                       "min_slots": SIDECAR.min_clusters}
+
+
 @dataclass
 class Params:
     quick: bool
     seed: int
     jobs: int
-    look_seconds: float = 60.0
+    look_seconds: float = 15.0
     min_effect: float = 0.3
     default_budget: str = "1/30d"
     short_budgets: tuple[str, ...] = ("1/10min", "1/1h")
@@ -1322,12 +1332,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--jobs", type=int, default=min(2, len(os.sched_getaffinity(0))),
                         help="worker processes (default: 2, or fewer cores)")
-    parser.add_argument("--look-seconds", type=float, default=60.0, help="look interval T")
+    parser.add_argument("--look-seconds", type=float, default=SIDECAR.look_interval_seconds,
+                        help="look interval T (default: the sidecar's, drift.look_interval_seconds)")
     parser.add_argument("--min-effect", type=float, default=0.3, help="smallest effect that may alarm (reference sds)")
     parser.add_argument("--feed", choices=("slots", "stamped", "batches"), default="slots",
                         help="how micro-batches reach update() (Params.feed; all give the same windows)")
-    parser.add_argument("--test-kwargs", default="{}", metavar="JSON",
-                        help='MomentTest keywords besides min_effect, e.g. \'{"cluster_rows": 30}\' (default: its defaults)')
+    parser.add_argument("--test-kwargs", default=json.dumps(SIDECAR_TEST_KWARGS), metavar="JSON",
+                        help='MomentTest keywords besides min_effect, e.g. \'{"cluster_rows": 30}\' (default: the '
+                             "sidecar's drift settings)")
     parser.add_argument("--sources", default=",".join(SOURCES), help="comma-separated: synthetic,mnist")
     parser.add_argument("--rates", default="", help="comma-separated false-alarm stream rates (default 10,100,1000)")
     parser.add_argument("--kinds", default=",".join(KINDS), help="comma-separated false-alarm traffic kinds: iid,bursty")

@@ -132,13 +132,13 @@ class Drift(Strict):
     enabled: bool = True
     # Per model version and per replica: a fleet of R replicas may see up to R times this in total.
     false_alarm_budget: str = "1/30d"
-    look_interval_seconds: float = Field(60.0, gt=0)
+    look_interval_seconds: float = Field(15.0, gt=0)
     # The variance of a window's mean is estimated from clusters: consecutive time slots of slot_seconds,
     # merged until each holds cluster_rows rows (more than twice the longest run of similar requests in
     # benign traffic); a look tests at least min_clusters of them, reaching back over earlier looks when
     # the new rows make fewer (moments.py, "Clusters and the window").
-    slot_seconds: float = Field(3.0, gt=0)
-    cluster_rows: int = Field(40, ge=1)
+    slot_seconds: float = Field(1.0, gt=0)
+    cluster_rows: int = Field(60, ge=1)
     min_clusters: int = Field(20, ge=2)
     # The smallest effect that may alarm, in reference standard deviations (for a share, binomial ones).
     min_effect: float = Field(0.3, ge=0)

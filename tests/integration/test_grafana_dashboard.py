@@ -294,8 +294,10 @@ def _sidecar_config(tmp_path, token_file) -> tuple[dict, int]:
     return {
         # Looks every 2 s instead of every minute (drift) or 10 s (the adversarial rate), so that the flags can
         # rise within the test; the budgets are the defaults.
-        "drift": {"look_interval_seconds": 2, "slot_seconds": 0.25, "export_interval_seconds": 0.5},
-        "detection": {"rate_alarm": {"look_interval_seconds": 2, "slot_seconds": 0.2}},
+        "drift": {"look_interval_seconds": 2, "slot_seconds": 0.25, "export_interval_seconds": 0.5,
+                  "cluster_rows": 10, "min_clusters": 10},
+        "detection": {"rate_alarm": {"look_interval_seconds": 2, "slot_seconds": 0.2, "cluster_rows": 10,
+                                     "min_clusters": 10}},
         "alerts": {"evaluation_interval_seconds": 0.5, "rules": [{
             # The shipped form (deploy/k8s/base/sidewatch.yaml): the budgeted adversarial-rate flag.
             "name": SIDECAR_ALERT, "kind": "gauge", "metric": "sidewatch_adversarial_rate_detected", "above": 0.5,
