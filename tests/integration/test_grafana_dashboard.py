@@ -136,7 +136,9 @@ def test_dashboard_structure():
                    # the effect against their thresholds, the held flags, the looks, the adversarial-rate test.
                    "Drift false-alarm budget", "Since the last drift alarm", "Drift effect / min effect",
                    "Held drift flags", "Drift looks", "Adversarial rate test: statistic / threshold",
-                   "Adversarial rate flag"):
+                   "Adversarial rate flag",
+                   # Baselines learned from traffic (issue 12).
+                   "Drift baselines"):
         assert needed in titles, needed
     assert {annotation["name"] for annotation in dashboard["annotations"]["list"]} >= {"Rollbacks",
                                                                                         "Prometheus alerts firing"}
