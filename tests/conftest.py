@@ -11,6 +11,8 @@ from tests.support.harness import REPO, start_model_server
 
 MODEL = "mnist_cnn"
 TESTS = Path(__file__).resolve().parent
+# Runs inside MLServer's own virtual environment (it imports mlserver), never in the suite's.
+collect_ignore = ["support/mlserver_runtime.py"]
 
 
 def _lane(path: Path) -> str:
