@@ -35,22 +35,13 @@ from agent.detect.features import (
     choose_kinds,
     features_from_state,
 )
+from tests.support.moment_checks import rejected_features
 
 pytestmark = pytest.mark.unit
-ALPHA = 1e-7
 
 
 def look(reference_block, live_block, min_effect=0.2):
-    """The MomentTest's verdict on the live rows (spread over 60 slots of 3 s: a 3-minute look, each slot a
-    cluster: these rows are independent draws) against the reference, at alpha 1e-7."""
-    moments = fit_moments(reference_block, projections=4)
-    test = moments.make_test(min_effect, cluster_rows=1)
-    rows = moment_rows(moments, live_block)
-    for i, chunk in enumerate(np.array_split(rows, 60)):
-        test.update(chunk, at=3.0 * i)
-    result = test.look(ALPHA)
-    assert result.tested
-    return result.rejected
+    return rejected_features(reference_block, live_block, min_effect)
 
 
 def longer(x, n=1500, seed=9):

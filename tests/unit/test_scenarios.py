@@ -11,26 +11,16 @@ import functools
 import numpy as np
 import pytest
 
-from agent.detect.drift.blocks import fit_moments, moment_rows
 from agent.detect.features import CategoricalFeatures, ClassifierOutput, NumericFeatures, TextFeatures, ValueOutput
 from agent.protocol import codec, oip_pb2
 from tests.support import scenarios
+from tests.support.moment_checks import rejected_features
 from tests.support.sklearn_models import training_data
 from tests.support.sklearn_train import fit_all
 
-ALPHA = 1e-7
 
-
-def rejected(reference_block, live_block, min_effect=0.2) -> tuple[str, ...]:
-    """The features the MomentTest rejects: the live rows spread over 60 slots of 3 s, each slot a cluster."""
-    moments = fit_moments(reference_block, projections=4)
-    test = moments.make_test(min_effect, cluster_rows=1)
-    rows = moment_rows(moments, live_block)
-    for i, chunk in enumerate(np.array_split(rows, 60)):
-        test.update(chunk, at=3.0 * i)
-    result = test.look(ALPHA)
-    assert result.tested
-    return result.rejected
+def rejected(reference_block, live_block, min_effect=0.2):
+    return rejected_features(reference_block, live_block, min_effect)
 
 
 @functools.cache
