@@ -64,10 +64,13 @@ class LiveDrift(VersionDrift):
     """The baseline and the tests of one version without an artifact (module docstring)."""
 
     def __init__(self, model: str, version: str, metrics: DriftMetrics, labels: tuple[str, str], settings: Drift,
-                 overrides: Mapping[str, TensorOverride] | None = None, clock=time.time) -> None:
+                 overrides: Mapping[str, TensorOverride] | None = None, clock=time.time, batch_rows: int = 64) -> None:
         super().__init__(metrics, labels, settings, clock)
         self.model, self.version = model, version
         self.overrides = dict(overrides or {})
+        self.batch_rows = batch_rows
+        self._pending: list[tuple[dict[str, dict[str, np.ndarray]], int]] = []
+        self._pending_rows = 0
         self.collect()
 
     # --- states -----------------------------------------------------------------------------------
@@ -82,6 +85,7 @@ class LiveDrift(VersionDrift):
         self.features: ModelFeatures | None = None
         self.moments: dict[str, MomentFeatures] = {}
         self.tests = None
+        self._pending, self._pending_rows = [], 0
         self._kept: dict[str, dict[str, list[np.ndarray]]] = {"input": {}, "output": {}}
         self._rows = self._bytes = 0
         self._started: float | None = None
@@ -116,6 +120,25 @@ class LiveDrift(VersionDrift):
         if self.state == "collecting":
             self._keep(tensors, n)
         elif self.state == "watching":
+            # Features cost tens of microseconds per call but about one per row in a batch: gather rows,
+            # feed them in micro-batches (flushed at batch_rows rows or at the tap's next tick).
+            self._pending.append((tensors, n))
+            self._pending_rows += n
+            if self._pending_rows >= self.batch_rows:
+                self.flush()
+
+    def flush(self) -> None:
+        """Feed the gathered rows to the tests."""
+        if not self._pending:
+            return
+        pending, self._pending, self._pending_rows = self._pending, [], 0
+        try:
+            merged = {role: {name: np.concatenate([t[role][name] for t, _ in pending])
+                             for name in pending[0][0][role]} for role in PARTS}
+            batches = [(merged, sum(n for _, n in pending))]
+        except (ValueError, KeyError):
+            batches = pending  # tensors of other shapes (dynamic dimensions) or names: one at a time
+        for tensors, n in batches:
             self._feed(tensors, n)
 
     def _keep(self, tensors: dict[str, dict[str, np.ndarray]], n: int) -> None:
@@ -189,6 +212,7 @@ class LiveDrift(VersionDrift):
         """The fitted baseline and the tests' state (None while collecting: a restart collects again)."""
         if self.state != "watching":
             return None
+        self.flush()
         return {"kind": STATE_KIND, "format_version": FORMAT_VERSION, "model": self.model, "version": self.version,
                 "features": self.features.state_dict(),
                 "moments": {part: m.calibration_dict() for part, m in self.moments.items()},

@@ -59,6 +59,9 @@ class VersionDrift:
             m.drift.labels(*labels, detector.name, "all").set(0.0)
             m.alarms.labels(*labels, detector.name)
 
+    def flush(self) -> None:
+        """Feed rows gathered for the next micro-batch (a subclass that gathers them overrides it)."""
+
     def export_flags_down(self) -> None:
         """Every flag of the tests the version had, at 0 (after a reset, before new tests exist)."""
         for name in self._alarms_exported:

@@ -259,7 +259,7 @@ class DriftWatch:
 
     def tick(self) -> None:
         # Rows first, then the scores of those rows: both arrive in order, each in its own stream.
-        for model in self.models.values():
+        for model in self._watched():
             model.flush()
         while self._pending_scores:
             model, version, scores = self._pending_scores.popleft()
@@ -345,7 +345,7 @@ class DriftWatch:
             log.info("sidewatch: restored the drift baseline of %s version %s", live.model, live.version)
 
     def close(self) -> None:
-        for model in self.models.values():
+        for model in self._watched():
             model.flush()
         for model in self._watched():
             model.export()
