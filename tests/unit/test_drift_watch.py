@@ -111,6 +111,16 @@ def test_benign_traffic_stays_quiet_and_a_drift_raises_a_flag_that_holds(registr
     assert _value(metrics, "sidewatch_drift_detected", detector="inputs_mean", feature="all") == 0
     assert _value(metrics, "sidewatch_drift_alarms_total", detector="inputs_mean") == 1
 
+    # An operator's reset during a drift drops the flag; the next rise is counted as a second alarm.
+    _feed(watch, clock, drifted, drifted_p, seconds=120)
+    assert _value(metrics, "sidewatch_drift_alarms_total", detector="inputs_mean") == 2
+    assert watch.reset_baseline(MODEL, "1")
+    watch.tick()
+    assert _value(metrics, "sidewatch_drift_detected", detector="inputs_mean", feature="all") == 0
+    _feed(watch, clock, drifted, drifted_p, seconds=120)
+    assert _value(metrics, "sidewatch_drift_detected", detector="inputs_mean", feature="all") == 1
+    assert _value(metrics, "sidewatch_drift_alarms_total", detector="inputs_mean") == 3
+
 
 def test_checkpoint_and_restore_continue_like_an_uninterrupted_run(registry, traffic, tmp_path):
     images, probabilities, _, _ = traffic
@@ -136,6 +146,20 @@ def test_checkpoint_and_restore_continue_like_an_uninterrupted_run(registry, tra
     assert json.dumps(state(second)[0]["inputs"], sort_keys=True) == \
         json.dumps(state(uninterrupted)[0]["inputs"], sort_keys=True)
     assert state(second)[1] == state(uninterrupted)[1]  # the restart added no look
+
+
+def test_a_flag_held_across_a_restart_is_not_counted_as_a_new_alarm(registry, traffic, tmp_path):
+    images, probabilities, drifted, drifted_p = traffic
+    clock = Clock()
+    first, first_metrics = _watch(registry, clock, tmp_path)
+    _feed(first, clock, images, probabilities, seconds=120)
+    _feed(first, clock, drifted, drifted_p, seconds=120)
+    assert _value(first_metrics, "sidewatch_drift_alarms_total", detector="inputs_mean") == 1
+    first.close()
+    second, metrics = _watch(registry, clock, tmp_path)  # restart: the flag is still up, restored
+    _feed(second, clock, drifted, drifted_p, seconds=30)
+    assert _value(metrics, "sidewatch_drift_detected", detector="inputs_mean", feature="all") == 1
+    assert _value(metrics, "sidewatch_drift_alarms_total", detector="inputs_mean") == 0
 
 
 def test_a_restart_with_other_settings_or_an_older_state_starts_afresh(registry, traffic, tmp_path, caplog):

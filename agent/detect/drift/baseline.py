@@ -92,6 +92,13 @@ class LiveDrift(VersionDrift):
         self.specs = None
         self._set_state("collecting")
 
+    def reset(self) -> None:
+        """An operator's re-baseline: collect a new baseline; the old tests' flags drop."""
+        flags = list(self._alarms_exported)
+        self.collect()
+        for name in flags:
+            self.metrics.drift.labels(*self.labels, name, "all").set(0.0)
+
     def _tensors(self, inference: TappedInference) -> dict[str, dict[str, np.ndarray]] | None:
         """The watched tensors of a copy by role, or None (counted) when their batch sizes disagree."""
         if self.specs is None:

@@ -62,18 +62,25 @@ class VersionDrift:
     def flush(self) -> None:
         """Feed rows gathered for the next micro-batch (a subclass that gathers them overrides it)."""
 
-    def export_flags_down(self) -> None:
-        """Every flag of the tests the version had, at 0 (after a reset, before new tests exist)."""
-        for name in self._alarms_exported:
-            self.metrics.drift.labels(*self.labels, name, "all").set(0.0)
+    def _restart_tests(self) -> None:
+        """Fresh tests on the same features: empty windows, flags down, no alarms yet."""
+        self.tests = self._new_tests()
+        self._alarms_exported = dict.fromkeys(self.tests.alarms, 0)
+
+    def reset(self) -> None:
+        """An operator's re-baseline: the tests start afresh on the same reference, every flag drops."""
+        self._restart_tests()
+        self.export()
 
     def restore_tests(self, state: dict[str, Any]) -> None:
-        """Load the tests' state; on a state of other tests, start them afresh (nothing half-restored) and raise."""
+        """Load the tests' state; on a state of other tests, start them afresh (nothing half-restored) and raise.
+        Alarms restored are not counted again: the alarm counter counts rises seen by this process."""
         try:
             self.tests.load_state_dict(state)
         except (ValueError, KeyError, TypeError):
-            self.tests = self._new_tests()
+            self._restart_tests()
             raise
+        self._alarms_exported = dict(self.tests.alarms)
 
     def look(self) -> bool:
         """Test the evidence if a look is due; count the look. True when one was."""

@@ -214,8 +214,11 @@ class DriftWatch:
             self._restore(model)
         self._restore_baselines()
 
+    def _calibrated(self, model: str, version: str) -> CalibratedDetector | None:
+        return None if self._registry is None else self._registry.get(model, version)
+
     def _model(self, model: str, version: str) -> ModelDrift | None:
-        calibrated = None if self._registry is None else self._registry.get(model, version)
+        calibrated = self._calibrated(model, version)
         return None if calibrated is None else self.models.get((calibrated.model, calibrated.version))
 
     def _live(self, model: str, version: str) -> LiveDrift | None:
@@ -231,12 +234,13 @@ class DriftWatch:
         return watched
 
     def __call__(self, inference: TappedInference) -> None:
-        model = self._model(inference.model, inference.version)
-        if model is not None:
-            model.observe(inference)
+        calibrated = self._calibrated(inference.model, inference.version)
+        if calibrated is not None:
+            # Not in models: calibrated, but its drift is not watched (no drift section, or an outdated one).
+            model = self.models.get((calibrated.model, calibrated.version))
+            if model is not None:
+                model.observe(inference)
             return
-        if self._registry is not None and self._registry.get(inference.model, inference.version) is not None:
-            return  # calibrated, but its drift is not watched (no drift section, or an outdated one)
         version = inference.version or (inference.response.model_version if inference.response else "")
         live = self._live(inference.model, version)
         if live is not None:
@@ -281,16 +285,12 @@ class DriftWatch:
     def _reset(self, model: str, version: str) -> None:
         """Re-baseline: a live version collects its baseline again; a calibrated one restarts its tests (its
         reference is the artifact's: recalibrate to change it). Either way every flag drops."""
-        live = self.live.get((model, version))
-        if live is not None:
-            live.collect()
-            live.export_flags_down()
-            if self._checkpoint_dir is not None:
-                self._baseline_path(model, version).unlink(missing_ok=True)
-        elif (model, version) in self.models:
-            watched = self.models[(model, version)]
-            watched.tests = watched._new_tests()
-            watched.export()
+        watched = self.live.get((model, version)) or self.models.get((model, version))
+        if watched is None:
+            return
+        watched.reset()
+        if (model, version) in self.live and self._checkpoint_dir is not None:
+            self._baseline_path(model, version).unlink(missing_ok=True)
         log.info("sidewatch: drift baseline of %s version %s reset by an operator", model, version)
 
     # --- state on disk ----------------------------------------------------------------------------
