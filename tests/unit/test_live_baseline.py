@@ -39,7 +39,7 @@ def _inference(features: np.ndarray, version: str = "") -> TappedInference:
     response does, as MLServer answers."""
     request = oip_pb2.ModelInferRequest(model_name=MODEL, model_version=version)
     codec.add_input(request, "features", features.astype(np.float32))
-    value = (features @ WEIGHTS).astype(np.float32)[:, None]   # NaN in, NaN out
+    value = (features @ WEIGHTS[:features.shape[1]]).astype(np.float32)[:, None]   # NaN in, NaN out
     response = oip_pb2.ModelInferResponse(model_name=MODEL, model_version=VERSION)
     codec.add_output(response, "value", value)
     return TappedInference(MODEL, version, codec.decode_request(request), codec.decode_response(response), request,
@@ -136,4 +136,19 @@ def test_the_baseline_survives_a_restart_and_an_operator_reset_learns_again(traf
     assert second.reset_baseline(MODEL, VERSION) and not second.reset_baseline(MODEL, "v9")
     second.tick()
     assert live.state == "collecting" and not list(tmp_path.glob("baseline-*.json"))
+    assert _value(metrics, "sidewatch_drift_baseline_state", state="collecting") == 1
+
+
+def test_a_baseline_of_rows_that_cannot_be_stacked_is_collected_again(traffic):
+    """A model with a dynamic dimension whose size changed while collecting: the kept rows cannot be stacked,
+    so the baseline is collected again (it used to stay in calibrating for good)."""
+    reference = traffic[0]["features"]
+    clock = Clock()
+    watch, metrics = _watch(clock, **{"drift.baseline.rows": 20})
+    for i in range(19):
+        clock.now += 0.05
+        watch(_inference(reference[i:i + 1]))
+    clock.now += 0.05
+    watch(_inference(reference[19:20, :9]))           # the 20th row: 9 columns instead of 10
+    assert watch.live[(MODEL, VERSION)].state == "collecting"
     assert _value(metrics, "sidewatch_drift_baseline_state", state="collecting") == 1

@@ -169,10 +169,11 @@ class LiveDrift(VersionDrift):
     def calibrate(self) -> bool:
         """Fit the baseline on what was kept and start watching; back to collecting if it cannot be fitted."""
         self._set_state("calibrating")
-        kept = {role: {name: np.concatenate(parts) for name, parts in arrays.items()}
-                for role, arrays in self._kept.items()}
-        self._kept = {"input": {}, "output": {}}
         try:
+            # Rows of other shapes (a dynamic dimension that changed) cannot be stacked: collect again.
+            kept = {role: {name: np.concatenate(parts) for name, parts in arrays.items()}
+                    for role, arrays in self._kept.items()}
+            self._kept = {"input": {}, "output": {}}
             features = ModelFeatures(self.specs)
             moments = {}
             for role, part in PARTS.items():
