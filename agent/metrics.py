@@ -278,6 +278,10 @@ class DriftMetrics:
         self.baseline_state = Gauge("sidewatch_drift_baseline_state",
                                     "1 for the state of a baseline learned from traffic: collecting, calibrating "
                                     "or watching.", ["model", "version", "state"], registry=registry)
+        self.canary_state = Gauge("sidewatch_drift_canary_state",
+                                  "1 for the state of a canary's comparison with the stable version that serves "
+                                  "beside it: collecting (the stable version's rows to fit on) or watching.",
+                                  ["model", "version", "stable_version", "state"], registry=registry)
         self.watching_since = Gauge("sidewatch_drift_watching_since_timestamp_seconds",
                                     "Unix time drift watching of the version began (kept across restarts).",
                                     version, registry=registry)

@@ -118,6 +118,19 @@ class Baseline(Strict):
     max_bytes: int = Field(64 * 1024 * 1024, ge=1024)
 
 
+class Canary(Strict):
+    """Canary against stable: while two versions of a model answer traffic, the newest version's live inputs
+    and outputs are compared with the oldest one's, same time, under the drift budget (detectors
+    ``canary.*``). A version answered within ``active_seconds`` is serving; versions order by number when
+    numeric (else by name). The features are fitted on ``fit_rows`` of the stable version's rows, then both
+    are compared. At most ``max_comparisons`` models are compared at once."""
+
+    enabled: bool = True
+    active_seconds: float = Field(60.0, gt=0)
+    fit_rows: int = Field(500, ge=50)
+    max_comparisons: int = Field(8, ge=1, le=64)
+
+
 class Drift(Strict):
     """The drift and anomaly detectors (calibrated by `sidewatch calibrate` with the squeezing detector).
 
@@ -144,6 +157,7 @@ class Drift(Strict):
     min_effect: float = Field(0.3, ge=0)
     clear_looks: int = Field(3, ge=1)
     baseline: Baseline = Baseline()
+    canary: Canary = Canary()
     # Detector state is written here periodically and at shutdown, and read back at start.
     checkpoint_dir: Path | None = None
     checkpoint_interval_seconds: float = Field(30.0, gt=0)

@@ -60,8 +60,21 @@ def _metadata(tensors) -> list[tuple[str, str, list[int]]]:
             if len(t.name) <= MAX_NAME]
 
 
+def merge_pending(pending: list[tuple[dict[str, dict[str, np.ndarray]], int]]) -> list[tuple[dict, int]]:
+    """Gathered ``(tensors by role, rows)`` as one batch, or one by one when their shapes or names differ
+    (a dynamic dimension)."""
+    try:
+        merged = {role: {name: np.concatenate([t[role][name] for t, _ in pending])
+                         for name in pending[0][0][role]} for role in PARTS}
+        return [(merged, sum(n for _, n in pending))]
+    except (ValueError, KeyError):
+        return pending
+
+
 class LiveDrift(VersionDrift):
     """The baseline and the tests of one version without an artifact (module docstring)."""
+
+    learned = "a drift baseline"   # what calibrate() logs it learned
 
     def __init__(self, model: str, version: str, metrics: DriftMetrics, labels: tuple[str, str], settings: Drift,
                  overrides: Mapping[str, TensorOverride] | None = None, clock=time.time, batch_rows: int = 64) -> None:
@@ -139,13 +152,7 @@ class LiveDrift(VersionDrift):
         if not self._pending:
             return
         pending, self._pending, self._pending_rows = self._pending, [], 0
-        try:
-            merged = {role: {name: np.concatenate([t[role][name] for t, _ in pending])
-                             for name in pending[0][0][role]} for role in PARTS}
-            batches = [(merged, sum(n for _, n in pending))]
-        except (ValueError, KeyError):
-            batches = pending  # tensors of other shapes (dynamic dimensions) or names: one at a time
-        for tensors, n in batches:
+        for tensors, n in merge_pending(pending):
             self._feed(tensors, n)
 
     def _keep(self, tensors: dict[str, dict[str, np.ndarray]], n: int) -> None:
@@ -192,7 +199,7 @@ class LiveDrift(VersionDrift):
             self.collect()
             return False
         self._start(features, moments)
-        log.info("sidewatch: learned a drift baseline for %s version %s from %d rows; watching", self.model,
+        log.info("sidewatch: learned %s for %s version %s from %d rows; watching", self.learned, self.model,
                  self.version, self._rows)
         return True
 
@@ -201,7 +208,8 @@ class LiveDrift(VersionDrift):
         self.start_tests(moments, live_detector_name)
         self._set_state("watching")
 
-    def _feed(self, tensors: dict[str, dict[str, np.ndarray]], n: int) -> None:
+    def _feed(self, tensors: dict[str, dict[str, np.ndarray]], n: int, **options: Any) -> None:
+        """Transform a batch and feed it to the tests (``options``: to their ``update``)."""
         at = self.clock()
         for role, part in PARTS.items():
             if part not in self.moments:
@@ -211,7 +219,7 @@ class LiveDrift(VersionDrift):
             except (TensorShapeError, ValueError):
                 self.metrics.skipped.labels(*self.labels, "wrong_shape").inc(n)
                 return
-            self.tests.update_rows(part, at, moment_rows(self.moments[part], block))
+            self.tests.update_rows(part, at, moment_rows(self.moments[part], block), **options)
         self.metrics.samples.labels(*self.labels).inc(n)
 
     # --- persistence ------------------------------------------------------------------------------

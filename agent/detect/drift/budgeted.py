@@ -138,11 +138,12 @@ class BudgetedDrift:
         self.tests[part].update(self.features[part].transform(**inputs), at)
         return self
 
-    def update_rows(self, part: str, at: float, rows: np.ndarray) -> Self:
-        """Feed moment-feature rows already transformed (NaN rows are skipped and counted by the test)."""
+    def update_rows(self, part: str, at: float, rows: np.ndarray, **options: Any) -> Self:
+        """Feed moment-feature rows already transformed (NaN rows are skipped and counted by the test);
+        ``options`` go to the test's ``update`` (a two-sample test's ``stream``)."""
         if self.watching_since is None:
             self.watching_since = float(at)
-        self.tests[part].update(rows, at)
+        self.tests[part].update(rows, at, **options)
         return self
 
     def look(self, now: float) -> dict[str, MomentResult] | None:

@@ -486,10 +486,24 @@ class MomentTest(DriftDetector):
         mean = sums.sum(axis=0) / n_rows
         dev = sums - counts[:, None] * mean
         robust = k / (k - 1) * np.einsum("bf,bf->f", dev, dev) / n_rows**2
+        variance = self._floored_variance(robust, 1.0 / n_rows) + self._reference_variance
+        self.last = self._decide(mean, variance, n_rows, k, alpha)
+        self._keep_from(order, first)
+        self._new_rows = 0
+        self._new_from = None
+        return self.last
+
+    def _floored_variance(self, robust: np.ndarray, iid: float) -> np.ndarray:
+        """The robust variance of each feature's mean, floored at the i.i.d. variance ``iid`` times the
+        group's median design effect (module docstring, "Bursts shared by a group of features")."""
         floor = np.ones(self.n_features)          # design effect: robust variance over the i.i.d. one
         for members in self._group_members:
-            floor[members] = max(1.0, float(np.median(robust[members])) * n_rows)
-        variance = np.maximum(robust, floor / n_rows) + self._reference_variance
+            floor[members] = max(1.0, float(np.median(robust[members])) / iid)
+        return np.maximum(robust, floor * iid)
+
+    def _decide(self, mean: np.ndarray, variance: np.ndarray, n_rows: int, k: int, alpha: float) -> MomentResult:
+        """Test each feature's ``mean`` (in units of its scale) with ``variance`` and ``k - 1`` degrees of
+        freedom at ``alpha``, gate it on its effect, and update the held flag."""
         t = mean / np.sqrt(variance)
         df = k - 1
         if self.alternative == "greater":
@@ -523,15 +537,11 @@ class MomentTest(DriftDetector):
         evidence = t if self.alternative == "greater" else np.abs(t)
         statistic = float(evidence.max())
         self._last_statistic = statistic
-        self.last = MomentResult(
+        return MomentResult(
             tested=True, rows=n_rows, slots=k, statistic=statistic, threshold=critical,
             p_value=float(p.min()), effect=float(effects.max()), alpha=float(alpha),
             rejected=tuple(name for name, r in zip(self.names, rejected) if r), drift=self._drift,
             t=t, p=p, effects=effects, effect_bounds=bounds)
-        self._keep_from(order, first)
-        self._new_rows = 0
-        self._new_from = None
-        return self.last
 
     @property
     def result(self) -> DriftResult:
@@ -819,10 +829,12 @@ class MomentFeatures:
         return self._features(x, s, c, h)
 
     def make_test(self, min_effect: Any, **kwargs: Any) -> MomentTest:
-        """A :class:`MomentTest` on these features (``kwargs``: its other parameters)."""
+        """A :class:`MomentTest` on these features (``kwargs``: its other parameters; ``test_class``, a
+        subclass to make instead, e.g. the two-sample test of agent/detect/drift/two_sample.py)."""
+        test_class = kwargs.pop("test_class", MomentTest)
         kwargs.setdefault("groups", self.groups)
         kwargs.setdefault("reference_rows", self.n_reference or None)
-        return MomentTest(self.names, self.reference_mean, self.reference_scale, min_effect, **kwargs)
+        return test_class(self.names, self.reference_mean, self.reference_scale, min_effect, **kwargs)
 
     @property
     def groups(self) -> list[str]:

@@ -24,6 +24,10 @@ from agent.metrics import DriftMetrics
 class VersionDrift:
     """The tests of one model version and their metrics; a subclass fits and feeds them."""
 
+    # Whether the version-wide gauges (budget, alpha, minimum effect, looks, last alarm, watching since) are
+    # this object's to set: not for a comparison that shares its version's labels with the version's own tests.
+    version_gauges = True
+
     def __init__(self, metrics: DriftMetrics, labels: tuple[str, str], settings: Drift, clock=time.time) -> None:
         self.metrics = metrics
         self.labels = labels
@@ -38,23 +42,25 @@ class VersionDrift:
         self._new_tests: Callable[[], BudgetedDrift] | None = None
 
     def start_tests(self, features: Mapping[str, MomentFeatures],
-                    detector_name: Callable[[str, str], str] | None = None) -> None:
-        """Build the tests on fitted ``features`` (part -> MomentFeatures) and show their settings."""
+                    detector_name: Callable[[str, str], str] | None = None, **test_options: Any) -> None:
+        """Build the tests on fitted ``features`` (part -> MomentFeatures) and show their settings
+        (``test_options``: more for every test, e.g. ``test_class``)."""
         settings = self.settings
 
         def new_tests() -> BudgetedDrift:
             return BudgetedDrift(features, self.budget, settings.look_interval_seconds, settings.min_effect,
                                  slot_seconds=settings.slot_seconds, clear_looks=settings.clear_looks,
                                  detector_name=detector_name, cluster_rows=settings.cluster_rows,
-                                 min_slots=settings.min_clusters)
+                                 min_slots=settings.min_clusters, **test_options)
 
         self._new_tests = new_tests
         self.tests = new_tests()
         self._alarms_exported = dict.fromkeys(self.tests.alarms, 0)
         m, labels = self.metrics, self.labels
-        m.min_effect.labels(*labels).set(settings.min_effect)
-        m.budget.labels(*labels).set(self.budget.period_seconds / self.budget.alarms)
-        m.alpha.labels(*labels).set(self.tests.alpha)
+        if self.version_gauges:
+            m.min_effect.labels(*labels).set(settings.min_effect)
+            m.budget.labels(*labels).set(self.budget.period_seconds / self.budget.alarms)
+            m.alpha.labels(*labels).set(self.tests.alpha)
         for detector in self.tests.detectors:  # every flag exists from the start, at 0
             m.drift.labels(*labels, detector.name, "all").set(0.0)
             m.alarms.labels(*labels, detector.name)
@@ -90,7 +96,8 @@ class VersionDrift:
         if results is None:
             return False
         tested = any(result.tested for result in results.values())
-        self.metrics.looks.labels(*self.labels, "tested" if tested else "untested").inc()
+        if self.version_gauges:
+            self.metrics.looks.labels(*self.labels, "tested" if tested else "untested").inc()
         return True
 
     def export(self) -> None:
@@ -109,9 +116,9 @@ class VersionDrift:
             result = tests.last_tested.get(detector.part)
             if result is not None:
                 self._export_detector(detector, result, flag)
-        if tests.last_alarm_at is not None:
+        if self.version_gauges and tests.last_alarm_at is not None:
             m.last_alarm.labels(*self.labels).set(tests.last_alarm_at)
-        if tests.watching_since is not None:
+        if self.version_gauges and tests.watching_since is not None:
             m.watching_since.labels(*self.labels).set(tests.watching_since)
         for feature, window in self.time_windows.items():
             result = window.result

@@ -25,6 +25,7 @@ from agent.config import Drift
 from agent.dataplane.tap import TappedInference
 from agent.detect.drift.baseline import LiveDrift
 from agent.detect.drift.calibrate import OutdatedDriftCalibration, build_anomaly, build_moment_features
+from agent.detect.drift.canary import CanaryWatch
 from agent.detect.drift.fleet import FleetBins
 from agent.detect.drift.version import VersionDrift
 from agent.detect.drift.window import TimeWindowPSI
@@ -198,6 +199,8 @@ class DriftWatch:
         self._pending_resets: collections.deque = collections.deque(maxlen=100)
         self.models: dict[tuple[str, str], ModelDrift] = {}
         self.live: dict[tuple[str, str], LiveDrift] = {}
+        # Two versions of a model serving at once: the newer compared live with the older.
+        self.canaries = CanaryWatch(settings, metrics, bounded, self._overrides, clock=clock)
         for calibrated in registry or ():
             if not calibrated.artifact.drift:
                 log.warning("sidewatch: %s version %s has no drift calibration (rerun sidewatch calibrate); "
@@ -234,6 +237,8 @@ class DriftWatch:
         return watched
 
     def __call__(self, inference: TappedInference) -> None:
+        answered = (inference.response.model_version if inference.response else "") or inference.version
+        self.canaries.observe(inference, answered)
         calibrated = self._calibrated(inference.model, inference.version)
         if calibrated is not None:
             # Not in models: calibrated, but its drift is not watched (no drift section, or an outdated one).
@@ -259,9 +264,10 @@ class DriftWatch:
         return True
 
     def _watched(self) -> list[VersionDrift]:
-        return [*self.models.values(), *self.live.values()]
+        return [*self.models.values(), *self.live.values(), *self.canaries.comparisons.values()]
 
     def tick(self) -> None:
+        self.canaries.update()
         # Rows first, then the scores of those rows: both arrive in order, each in its own stream.
         for model in self._watched():
             model.flush()
