@@ -15,6 +15,10 @@ Models (version "v1" each):
 * ``diabetes``: input ``features`` FP32 [-1, 10]; output ``value`` FP32 [-1, 1]. Median imputer + ridge.
 * ``topics``: input ``text`` BYTES [-1, 1]; output ``probabilities`` FP32 [-1, 3] (sport, food, computing).
   Hashing vectorizer + logistic regression.
+
+and ``ridge``, diabetes's signature in three versions served side by side, for canary against stable:
+``1`` and ``2`` are diabetes's regressor, ``3`` one fitted with its feature columns in reverse order (a
+canary whose predictions diverge).
 """
 
 from __future__ import annotations
@@ -34,6 +38,9 @@ MLSERVER_VENV = REPO / ".venv-mlserver"
 SUPPORT = Path(__file__).resolve().parent
 RUNTIME_MODULE = "sidewatch_sklearn"
 VERSION = "v1"
+
+CANARY_MODEL = "ridge"
+CANARY_VERSIONS = {"1": "diabetes", "2": "diabetes", "3": "ridge_swapped"}
 
 SIGNATURES: dict[str, dict] = {
     "flare": {"inputs": [("numeric", "FP32", [-1, 6]), ("categorical", "BYTES", [-1, 3])],
@@ -90,6 +97,19 @@ def write_repository(root: Path) -> Path:
                 "inputs": [spec[0] for spec in signature["inputs"]], "output": signature["outputs"][0][0],
                 "method": signature["method"], "text": signature["text"]}},
         }, indent=1))
+    for version, trained_name in CANARY_VERSIONS.items():
+        folder = models / f"{CANARY_MODEL}-{version}"
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(trained / f"{trained_name}.joblib", folder / "model.joblib")
+        shutil.copy(SUPPORT / "mlserver_runtime.py", folder / f"{RUNTIME_MODULE}.py")
+        signature = SIGNATURES["diabetes"]
+        (folder / "model-settings.json").write_text(json.dumps({
+            "name": CANARY_MODEL, "implementation": f"{RUNTIME_MODULE}.SklearnTensors",
+            "inputs": _tensors(signature["inputs"]), "outputs": _tensors(signature["outputs"]),
+            "parameters": {"uri": "./model.joblib", "version": version, "extra": {
+                "inputs": [spec[0] for spec in signature["inputs"]], "output": signature["outputs"][0][0],
+                "method": signature["method"], "text": signature["text"]}},
+        }, indent=1))
     return models
 
 
@@ -125,6 +145,14 @@ def start_mlserver(root: Path, models: list[str], timeout: float = 90.0) -> MLSe
 
 
 def start_sklearn_mlserver(root: Path) -> MLServer:
-    """write_repository + start_mlserver: MLServer serving flare, diabetes and topics."""
+    """write_repository + start_mlserver: MLServer serving flare, diabetes, topics and ridge's three versions."""
     write_repository(root)
-    return start_mlserver(root, list(SIGNATURES))
+    server = start_mlserver(root, list(SIGNATURES))
+    try:
+        for version in CANARY_VERSIONS:
+            wait_for_http(f"http://127.0.0.1:{server.http_port}/v2/models/{CANARY_MODEL}/versions/{version}/ready",
+                          timeout=60)
+    except Exception:
+        server.stop()
+        raise
+    return server

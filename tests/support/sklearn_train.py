@@ -47,6 +47,9 @@ def fit_all(data) -> dict:
         "flare": fit_flare(data["flare_numeric"], data["flare_categorical"], data["flare_labels"]),
         "diabetes": fit_diabetes(data["diabetes_features"], data["diabetes_target"]),
         "topics": fit_topics(data["topics_text"], data["topics_labels"]),
+        # A canary built with its feature columns in the wrong order: served the same requests, it answers
+        # otherwise (tests/support/sklearn_models.py serves it as version 3 of "ridge").
+        "ridge_swapped": fit_diabetes(data["diabetes_features"][:, ::-1], data["diabetes_target"]),
     }
 
 
