@@ -129,6 +129,12 @@ class Canary(Strict):
     active_seconds: float = Field(60.0, gt=0)
     fit_rows: int = Field(500, ge=50)
     max_comparisons: int = Field(8, ge=1, le=64)
+    # How the router splits requests: "sticky" (a client stays on one version: clusters hold cluster_rows rows
+    # of each version) or "random" (per request: cluster_rows of both together, faster at a small canary share;
+    # agent/detect/drift/two_sample.py measures why sticky is the safe default).
+    routing: Literal["sticky", "random"] = "sticky"
+    # Each window holds at least this many rows of each version.
+    window_rows: int = Field(300, ge=30)
 
 
 class Drift(Strict):

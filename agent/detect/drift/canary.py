@@ -115,7 +115,9 @@ class CanaryDrift(LiveDrift):
 
     def _start(self, features: ModelFeatures, moments: dict[str, MomentFeatures]) -> None:
         self.features, self.moments = features, moments
-        self.start_tests(moments, canary_detector_name, test_class=TwoSampleMomentTest)
+        canary = self.settings.canary
+        self.start_tests(moments, canary_detector_name, test_class=TwoSampleMomentTest,
+                         sticky=canary.routing == "sticky", window_rows=canary.window_rows)
         self._set_state("watching")
 
     def state_dict(self) -> None:

@@ -17,16 +17,29 @@ changed in the traffic. The floor is the i.i.d. variance of a difference of two 
 median design effect, as in MomentTest. There is no reference term: both means are estimated from the
 window, and both sampling errors are in ``V``.
 
-A cluster is consecutive slots holding at least ``cluster_rows`` rows of *each* stream (the canary, with
-its share of the traffic, sets the pace), and a window reaches back until it holds ``min_slots`` clusters;
-a look needs ``min_rows`` new rows of each stream. The effect gate, the flag that holds and the results
+Clusters are consecutive slots, and what they must hold depends on how requests are split between the
+versions, because the dependence they must span is runs of similar requests (a client's burst):
+
+* ``sticky=True`` (the default): a router that keeps a client (a session, a header) on one version puts
+  whole runs into one stream, so a cluster holds at least ``cluster_rows`` rows of *each* stream, as a
+  MomentTest's clusters do. The canary's share sets the pace: at 10% of 10 requests/s, 20 clusters of 60
+  canary rows are a 20-minute window.
+* ``sticky=False``: a split per request (a weighted random router) shares every run between the versions,
+  and ``cluster_rows`` rows of the two streams together span the runs. Simulated (runs of 20 requests at
+  10/s, 10% to the canary, clusters of 60 rows): p-values below 0.01 and 0.001 at 0.57 and 0.19 times
+  their nominal rate with a random split; with sticky runs counted this way, 1.4 and 2.4 times (too many):
+  hence the default.
+
+A window reaches back until it holds ``min_slots`` clusters *and* ``window_rows`` rows of each stream (so a
+window never resolves less than about ``1 / sqrt(window_rows)`` reference sds: 0.06 at the default 300).
+A look needs ``min_rows`` new rows of each stream. The effect gate, the flag that holds and the results
 are MomentTest's. The state is not saved: a comparison lasts as long as two versions serve, and after a
 restart it starts again on fresh rows.
 
 >>> import numpy as np
 >>> rng = np.random.default_rng(0)
 >>> test = TwoSampleMomentTest(["x", "y"], reference_mean=[0, 0], reference_scale=[1, 1], min_effect=0.3,
-...                            slot_seconds=1, cluster_rows=20, min_slots=10)
+...                            slot_seconds=1, cluster_rows=20, min_slots=10, window_rows=300)
 >>> for second in range(60):                  # canary (a) and stable (b) answer alike...
 ...     _ = test.update(rng.normal(size=(30, 2)), at=second, stream="a")
 ...     _ = test.update(rng.normal(size=(90, 2)), at=second, stream="b")
@@ -51,6 +64,8 @@ import numpy as np
 from agent.detect.drift.moments import MomentResult, MomentTest
 
 STREAMS = {"a": 0, "b": 1}
+# The fewest rows of each stream a window holds (module docstring).
+WINDOW_ROWS = 300
 
 
 class TwoSampleMomentTest(MomentTest):
@@ -63,9 +78,16 @@ class TwoSampleMomentTest(MomentTest):
 
     kind = "two_sample_moment_test"
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, window_rows: int = WINDOW_ROWS, sticky: bool = True, **kwargs: Any) -> None:
         kwargs.pop("reference_rows", None)    # both means come from the window: no reference term
+        if window_rows < 1:
+            raise ValueError(f"sidewatch: window_rows must be >= 1, got {window_rows!r}")
+        self.window_rows = int(window_rows)
+        self.sticky = bool(sticky)
         super().__init__(*args, **kwargs)
+
+    def _config(self) -> dict[str, Any]:
+        return {**super()._config(), "window_rows": self.window_rows, "sticky": self.sticky}
 
     def reset(self) -> Self:
         super().reset()
@@ -106,8 +128,8 @@ class TwoSampleMomentTest(MomentTest):
             self._new_from = slot
 
     def _window(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
-        """MomentTest's window with clusters of at least ``cluster_rows`` rows of each stream; counts are
-        ``[clusters, 2]`` and sums ``[clusters, 2, F]``."""
+        """MomentTest's window, reaching back until it also holds ``window_rows`` rows of each stream;
+        counts are ``[clusters, 2]`` and sums ``[clusters, 2, F]``."""
         k = len(self._slot_row)
         ids = np.fromiter(self._slot_row.keys(), dtype=np.int64, count=k)
         order = np.argsort(ids, kind="stable")
@@ -118,13 +140,15 @@ class TwoSampleMomentTest(MomentTest):
         first_new = int(np.searchsorted(ids[order], self._new_from))
         starts: list[int] = []
         rows = np.zeros(2, dtype=np.int64)
+        held = np.zeros(2, dtype=np.int64)
         complete = 0
         for i in range(k - 1, -1, -1):
             rows += counts[i]
-            if (rows >= self.cluster_rows).all():
+            held += counts[i]
+            if (rows >= self.cluster_rows).all() if self.sticky else rows.sum() >= self.cluster_rows:
                 starts.append(i)
                 rows[:] = 0
-                if i <= first_new and len(starts) >= self.min_slots:
+                if i <= first_new and len(starts) >= self.min_slots and (held >= self.window_rows).all():
                     complete = 1
                     break
         if not complete and rows.any():
@@ -132,7 +156,7 @@ class TwoSampleMomentTest(MomentTest):
                 starts[-1] = 0
             else:
                 starts.append(0)
-            complete = int(len(starts) >= self.min_slots)
+            complete = int(len(starts) >= self.min_slots and (held >= self.window_rows).all())
         complete &= int(self._new_both.min() >= self.min_rows)
         starts.reverse()
         if not starts:
