@@ -84,6 +84,8 @@ class Question:
         if not self._future.done():
             self._future.cancel()
             return None, "no answer in time"
+        if self._future.cancelled():
+            return None, "the question was cancelled (shutting down)"
         return self._future.result()
 
 
