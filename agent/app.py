@@ -59,7 +59,7 @@ class Sidecar:
         """The adversarial watch (None without a model repository) and the drift watch (None with drift off),
         as tap sinks."""
         config = self.config
-        watch = drift = detectors = None
+        watch = drift = detectors = self._metadata = None
         if config.detection.model_repository is not None:
             # Imported here: without a model repository the sidecar runs no model of its own (drift of the
             # upstream's models is learned from their traffic).
@@ -71,11 +71,14 @@ class Sidecar:
                                      self.metrics.bounded, config.adversarial_modes())
             self.tap.add_sink("adversarial", watch)
         if config.drift.enabled:
+            from agent.dataplane.metadata import UpstreamMetadata
             from agent.detect.drift.watch import DriftWatch
 
+            # Live baselines choose their tensors' kinds from the upstream's ModelMetadata (off the hot path).
+            self._metadata = UpstreamMetadata(config, config.drift.baseline.metadata_timeout_seconds)
             drift = DriftWatch(detectors, config.drift, DriftMetrics(self.registry), self.metrics.bounded,
                                overrides={name: model.tensors for name, model in config.models.items()},
-                               max_live=config.metrics.max_models)
+                               max_live=config.metrics.max_models, metadata=self._metadata)
             self.tap.add_sink("drift", drift)
             if watch is not None:
                 watch.score_listeners.append(drift.observe_scores)
@@ -143,6 +146,8 @@ class Sidecar:
         if self.drift is not None and "drift" not in stuck:
             self.drift.tick()  # the last scores
             self.drift.close()  # and the last checkpoint
+        if self._metadata is not None:
+            self._metadata.close()
         # Lets a hook that is running finish (or stop at its timeout) and flushes the audit log.
         self.dispatcher.close()
         if self._metrics_server is not None:

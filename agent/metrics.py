@@ -282,6 +282,11 @@ class DriftMetrics:
                                   "1 for the state of a canary's comparison with the stable version that serves "
                                   "beside it: collecting (the stable version's rows to fit on) or watching.",
                                   ["model", "version", "stable_version", "state"], registry=registry)
+        # source: metadata (the upstream's ModelMetadata) or traffic (the first request's tensors); reason:
+        # answered, or why not (no_lookup, unavailable, unusable). Both bounded.
+        self.specs = Counter("sidewatch_drift_specs_total",
+                             "Tensor kinds chosen for a baseline learned from traffic, by where they came from.",
+                             ["model", "version", "source", "reason"], registry=registry)
         self.watching_since = Gauge("sidewatch_drift_watching_since_timestamp_seconds",
                                     "Unix time drift watching of the version began (kept across restarts).",
                                     version, registry=registry)

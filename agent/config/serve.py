@@ -109,13 +109,18 @@ class Detection(Strict):
 
 class Baseline(Strict):
     """A baseline learned from traffic, for a model version with no calibration artifact: its first
-    ``rows`` rows (or, after ``max_seconds``, at least ``min_rows``), kept in at most ``max_bytes``."""
+    ``rows`` rows (or, after ``max_seconds``, at least ``min_rows``), kept in at most ``max_bytes``.
+
+    The kind of each tensor comes from the upstream's ModelMetadata of the version, asked once off the hot
+    path with a deadline of ``metadata_timeout_seconds``; without a usable answer, from the first request's
+    tensors (agent/detect/drift/specs.py)."""
 
     enabled: bool = True
     rows: int = Field(2000, ge=10)
     min_rows: int = Field(500, ge=10)
     max_seconds: float = Field(600.0, gt=0)
     max_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    metadata_timeout_seconds: float = Field(2.0, gt=0, le=60)
 
 
 class Canary(Strict):
@@ -171,6 +176,11 @@ class Drift(Strict):
     export_interval_seconds: float = Field(1.0, gt=0)
     # Per-feature series only for this many features per detector, the highest statistic first.
     top_k_features: int = Field(5, ge=0)
+    # Detectors (label values of sidewatch_drift_detected and the others) of one version whose baseline is
+    # learned from traffic: beyond it, feature groups are merged per tensor (agent/detect/drift/live_detectors.py).
+    # With top_k_features, a version has at most max_detectors_per_version x (top_k_features + 1) series per
+    # drift gauge.
+    max_detectors_per_version: int = Field(32, ge=8, le=1024)
     # Features whose reference-decile bin counts are exported for the fleet-wide PSI.
     fleet_features: list[str] = ["confidence", "entropy", "score"]
     # A window in time besides the windows in requests: PSI of the last T seconds of each fleet

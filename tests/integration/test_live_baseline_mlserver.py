@@ -8,11 +8,12 @@ budget is the default (1/30d)."""
 
 from __future__ import annotations
 
+import numpy as np
 import yaml
 
 from agent.protocol.client import InferenceClient
 from tests.support import scenarios
-from tests.support.harness import http_get, start_sidecar
+from tests.support.harness import http_get, metric_value, start_sidecar
 from tests.support.pacing import send_paced
 
 RATE = 60.0  # iterations per second, one request to each model in each: 600 rows of each per 10-s look
@@ -77,6 +78,39 @@ def test_baselines_learned_from_traffic_stay_quiet_on_benign_and_flag_what_chang
                    until=flagged)
         text = http_get(url)
         assert flagged(), (_flags(text, "flare"), _flags(text, "flare", None), _flags(text, "topics", None))
+    finally:
+        client.close()
+        sidecar.stop()
+
+
+def test_the_kinds_of_a_live_baseline_come_from_mlservers_model_metadata(tmp_path, sklearn_mlserver):
+    """MLServer declares diabetes's tensors in model-settings.json (features FP32 [-1, 10], value FP32 [-1, 1]).
+    The client also sends a request id the model ignores: from the traffic alone it would be watched (a column
+    that only grows, an alarm waiting to happen); from the metadata it is not the model's, and not watched."""
+    config = tmp_path / "sidewatch.yaml"
+    config.write_text(yaml.safe_dump({"drift": {"export_interval_seconds": 0.5, "baseline": {"rows": 60}}}))
+    sidecar, port, metrics_port = start_sidecar(tmp_path, sklearn_mlserver.grpc_port, config=config)
+    client = InferenceClient(f"127.0.0.1:{port}")
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    rows = scenarios.resample(scenarios.reference("diabetes"), 200, seed=3)["features"]
+    try:
+        def one(i: int) -> None:
+            client.infer("diabetes", {"features": rows[i % len(rows):i % len(rows) + 1],
+                                      "request_id": np.array([[i]], dtype=np.int64)})
+
+        send_paced(one, RATE, 10, until=lambda: _state(http_get(url), "diabetes") == "watching")
+        text = http_get(url)
+        assert _state(text, "diabetes") == "watching"
+        assert metric_value(text, "sidewatch_drift_specs_total", model="diabetes", source="metadata",
+                            reason="answered") == 1
+        assert not [line for line in text.splitlines() if line.startswith("sidewatch_drift_specs_total{")
+                    and 'model="diabetes"' in line and 'source="traffic"' in line]
+        detectors = set(_flags(text, "diabetes"))
+        assert {"inputs_mean", "features.missing", "features.out_of_range", "outputs_mean"} <= detectors, detectors
+        assert not any(name.startswith("request_id") for name in detectors), detectors
+        log = sidecar.log()
+        assert "drift kinds of diabetes version v1 chosen from its metadata" in log, log[-3000:]
+        assert "not in its ModelMetadata are not watched: request_id" in log, log[-3000:]
     finally:
         client.close()
         sidecar.stop()

@@ -6,11 +6,14 @@ as ``sidewatch_drift_baseline_state{model,version,state}``:
 
 ``collecting``   its first ``drift.baseline.rows`` requests' tensors are kept (a copy, bounded in rows,
                  in bytes and in time: ``max_bytes``, ``max_seconds`` with at least ``min_rows``);
-``calibrating``  the features of each tensor's kind (agent/detect/features: chosen from the request's and
-                 response's names, datatypes and shapes, overridable per tensor in
+``calibrating``  the features of each tensor's kind (agent/detect/features: chosen from the upstream's
+                 ModelMetadata of the version, else from the first request's and response's names,
+                 datatypes and shapes: agent/detect/drift/specs.py; overridable per tensor in
                  ``models.<name>.tensors``) and the moment features of the drift tests are fitted on them;
 ``watching``     the version's tests (an ``inputs`` and an ``outputs`` part, under the false-alarm budget,
                  agent/detect/drift/budgeted.py) are fed every later request and look as drift always does.
+                 Their detectors are bounded in number, ``drift.max_detectors_per_version``, whatever the
+                 tensors (agent/detect/drift/live_detectors.py).
 
 Rows the features cannot read (strings where numbers are expected, ragged BYTES, NaN) are invalid:
 left out of the baseline's fit and skipped (counted) by the tests, so they never poison the baseline.
@@ -30,9 +33,11 @@ from agent.config import Drift
 from agent.config.tensors import TensorOverride
 from agent.dataplane.tap import TappedInference
 from agent.detect.drift.blocks import fit_moments, moment_rows
+from agent.detect.drift.live_detectors import bounded_detector_names
 from agent.detect.drift.moments import MomentFeatures
+from agent.detect.drift.specs import MetadataLookup, Question, choose_specs
 from agent.detect.drift.version import VersionDrift
-from agent.detect.features import ModelFeatures, TensorShapeError, choose_kinds
+from agent.detect.features import ModelFeatures, TensorShapeError
 from agent.metrics import DriftMetrics
 
 log = logging.getLogger(__name__)
@@ -40,24 +45,7 @@ log = logging.getLogger(__name__)
 STATES = ("collecting", "calibrating", "watching")
 STATE_KIND = "sidewatch-live-baseline"
 FORMAT_VERSION = 1
-# Tensors of one request considered at most, and the longest tensor name taken: names become labels.
-MAX_TENSORS = 16
-MAX_NAME = 64
 PARTS = {"input": "inputs", "output": "outputs"}
-
-
-def live_detector_name(part: str, group: str) -> str:
-    """Detectors of a live baseline: ``inputs_mean`` / ``inputs_shape`` (and ``outputs_*``) for the
-    continuous columns and their projections; otherwise the feature group, named by its tensor
-    (``features.missing``, ``probabilities.confidence``, ``text.oov``...)."""
-    if group in ("continuous", "projections"):
-        return f"{part}_{'mean' if group == 'continuous' else 'shape'}"
-    return group.split(":", 1)[-1]
-
-
-def _metadata(tensors) -> list[tuple[str, str, list[int]]]:
-    return [(t.name, t.datatype, [-1, *list(t.shape)[1:]]) for t in list(tensors)[:MAX_TENSORS]
-            if len(t.name) <= MAX_NAME]
 
 
 def merge_pending(pending: list[tuple[dict[str, dict[str, np.ndarray]], int]]) -> list[tuple[dict, int]]:
@@ -77,10 +65,13 @@ class LiveDrift(VersionDrift):
     learned = "a drift baseline"   # what calibrate() logs it learned
 
     def __init__(self, model: str, version: str, metrics: DriftMetrics, labels: tuple[str, str], settings: Drift,
-                 overrides: Mapping[str, TensorOverride] | None = None, clock=time.time, batch_rows: int = 64) -> None:
+                 overrides: Mapping[str, TensorOverride] | None = None, clock=time.time, batch_rows: int = 64,
+                 lookup: MetadataLookup | None = None) -> None:
         super().__init__(metrics, labels, settings, clock)
         self.model, self.version = model, version
         self.overrides = dict(overrides or {})
+        # Asks the upstream's ModelMetadata for the tensors' kinds (None: kinds from the traffic).
+        self.lookup = lookup
         self.batch_rows = batch_rows
         self._pending: list[tuple[dict[str, dict[str, np.ndarray]], int]] = []
         self._pending_rows = 0
@@ -103,6 +94,8 @@ class LiveDrift(VersionDrift):
         self._rows = self._bytes = 0
         self._started: float | None = None
         self.specs = None
+        self.specs_source: str | None = None
+        self._question: Question | None = None   # the ModelMetadata question in flight
         self._set_state("collecting")
 
     def reset(self) -> None:
@@ -114,11 +107,8 @@ class LiveDrift(VersionDrift):
 
     def _tensors(self, inference: TappedInference) -> dict[str, dict[str, np.ndarray]] | None:
         """The watched tensors of a copy by role, or None (counted) when their batch sizes disagree."""
-        if self.specs is None:
-            if inference.response is None:
-                return None
-            self.specs = choose_kinds(_metadata(inference.request.inputs), _metadata(inference.response.outputs),
-                                      self.overrides)
+        if self.specs is None and not self._choose_specs(inference):
+            return None
         tensors = {"input": {}, "output": {}}
         for spec in self.specs:
             source = inference.inputs if spec.role == "input" else inference.outputs
@@ -129,6 +119,34 @@ class LiveDrift(VersionDrift):
             self.metrics.skipped.labels(*self.labels, "wrong_shape").inc()
             return None
         return tensors
+
+    def _choose_specs(self, inference: TappedInference) -> bool:
+        """Choose the tensors' kinds (agent/detect/drift/specs.py); False while the copy cannot be used: no
+        response, or the version's ModelMetadata question is still in flight (the copy is dropped, counted)."""
+        if inference.response is None:
+            return False
+        answer = None
+        if self.lookup is not None:
+            if self._question is None:
+                self._question = self.lookup.ask(self.model, self.version)
+            if not self._question.ready():
+                self.metrics.skipped.labels(*self.labels, "awaiting_metadata").inc()
+                return False
+            answer = self._question.answer()
+        chosen = choose_specs(inference, self.overrides, answer)
+        self.specs, self.specs_source = chosen.specs, chosen.source
+        self.metrics.specs.labels(*self.labels, chosen.source, chosen.reason).inc()
+        kinds = ", ".join(f"{spec.role} {spec.name}={spec.kind}" for spec in chosen.specs)
+        if chosen.reason in ("unavailable", "unusable"):
+            log.warning("sidewatch: drift kinds of %s version %s chosen from its traffic, not its ModelMetadata "
+                        "(%s: %s): %s", self.model, self.version, chosen.reason, chosen.detail, kinds)
+        else:
+            log.info("sidewatch: drift kinds of %s version %s chosen from its %s: %s", self.model, self.version,
+                     chosen.source, kinds)
+        if chosen.ignored:
+            log.info("sidewatch: tensors of %s version %s not in its ModelMetadata are not watched: %s", self.model,
+                     self.version, ", ".join(chosen.ignored))
+        return True
 
     def observe(self, inference: TappedInference) -> None:
         tensors = self._tensors(inference)
@@ -205,7 +223,8 @@ class LiveDrift(VersionDrift):
 
     def _start(self, features: ModelFeatures, moments: dict[str, MomentFeatures]) -> None:
         self.features, self.moments = features, moments
-        self.start_tests(moments, live_detector_name)
+        self.start_tests(moments, bounded_detector_names(moments, features.specs,
+                                                         self.settings.max_detectors_per_version))
         self._set_state("watching")
 
     def _feed(self, tensors: dict[str, dict[str, np.ndarray]], n: int, **options: Any) -> None:
@@ -230,7 +249,7 @@ class LiveDrift(VersionDrift):
             return None
         self.flush()
         return {"kind": STATE_KIND, "format_version": FORMAT_VERSION, "model": self.model, "version": self.version,
-                "features": self.features.state_dict(),
+                "specs_source": self.specs_source, "features": self.features.state_dict(),
                 "moments": {part: m.calibration_dict() for part, m in self.moments.items()},
                 "tests": self.tests.state_dict()}
 
@@ -243,6 +262,7 @@ class LiveDrift(VersionDrift):
         features = ModelFeatures.from_state(state["features"])
         moments = {part: MomentFeatures.from_calibration(d) for part, d in state["moments"].items()}
         self.specs = features.specs
+        self.specs_source = state.get("specs_source")
         self._start(features, moments)
         try:
             self.restore_tests(state["tests"])

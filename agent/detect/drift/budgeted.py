@@ -86,16 +86,21 @@ def default_detector_name(part: str, group: str) -> str:
 
 def _detectors(features: Mapping[str, MomentFeatures],
                detector_name: Callable[[str, str], str] = default_detector_name) -> list[Detector]:
-    detectors = []
+    """One detector per name: the feature groups of one part that ``detector_name`` gives one name are
+    merged into one detector (a live version's bound on detectors does so: live_detectors.py); one name
+    for groups of two parts is an error (a detector belongs to one part's test)."""
+    merged: dict[str, tuple[str, list[int]]] = {}
     for part, fitted in features.items():
         groups = np.asarray(fitted.groups)
         for group in dict.fromkeys(fitted.groups):
-            index = np.flatnonzero(groups == group)
             name = detector_name(part, group)
-            detectors.append(Detector(name, part, index, tuple(fitted.names[i] for i in index)))
-    names = [d.name for d in detectors]
-    if len(set(names)) != len(names):
-        raise ValueError(f"sidewatch: two feature groups map to one detector name: {names}")
+            if name in merged and merged[name][0] != part:
+                raise ValueError(f"sidewatch: feature groups of two parts map to one detector name: {name}")
+            merged.setdefault(name, (part, []))[1].extend(np.flatnonzero(groups == group).tolist())
+    detectors = []
+    for name, (part, positions) in merged.items():
+        index = np.asarray(sorted(positions), dtype=np.int64)
+        detectors.append(Detector(name, part, index, tuple(features[part].names[i] for i in index)))
     return detectors
 
 

@@ -34,8 +34,10 @@ from agent.config import Drift
 from agent.config.serve import Baseline
 from agent.config.tensors import TensorOverride
 from agent.dataplane.tap import TappedInference
-from agent.detect.drift.baseline import LiveDrift, live_detector_name, merge_pending
+from agent.detect.drift.baseline import LiveDrift, merge_pending
+from agent.detect.drift.live_detectors import bounded_detector_names
 from agent.detect.drift.moments import MomentFeatures
+from agent.detect.drift.specs import choose_specs
 from agent.detect.drift.two_sample import TwoSampleMomentTest
 from agent.detect.features import ModelFeatures
 from agent.metrics import OTHER, BoundedModels, DriftMetrics
@@ -47,10 +49,6 @@ PREFIX = "canary."
 MAX_MODELS = 64
 MAX_VERSIONS = 16
 STREAMS = {"canary": "a", "stable": "b"}
-
-
-def canary_detector_name(part: str, group: str) -> str:
-    return PREFIX + live_detector_name(part, group)
 
 
 class CanaryDrift(LiveDrift):
@@ -86,6 +84,14 @@ class CanaryDrift(LiveDrift):
         self._pending_sides = {side: [] for side in STREAMS}
         super().collect()
 
+    def _choose_specs(self, inference: TappedInference) -> bool:
+        """The kinds from the stable version's tensors in the traffic (its own baseline asks ModelMetadata,
+        and counts where its kinds came from)."""
+        if inference.response is None:
+            return False
+        self.specs = choose_specs(inference, self.overrides, None).specs
+        return True
+
     def observe(self, inference: TappedInference, side: str = "canary") -> None:
         if self.specs is None and side != "stable":
             return  # the kinds come from the stable version's tensors
@@ -116,7 +122,9 @@ class CanaryDrift(LiveDrift):
     def _start(self, features: ModelFeatures, moments: dict[str, MomentFeatures]) -> None:
         self.features, self.moments = features, moments
         canary = self.settings.canary
-        self.start_tests(moments, canary_detector_name, test_class=TwoSampleMomentTest,
+        # A learned baseline's detector names (bounded in number), prefixed.
+        named = bounded_detector_names(moments, features.specs, self.settings.max_detectors_per_version)
+        self.start_tests(moments, lambda part, group: PREFIX + named(part, group), test_class=TwoSampleMomentTest,
                          sticky=canary.routing == "sticky", window_rows=canary.window_rows)
         self._set_state("watching")
 
@@ -228,4 +236,4 @@ class CanaryWatch:
             comparison.flush()
 
 
-__all__ = ["CanaryDrift", "CanaryWatch", "canary_detector_name"]
+__all__ = ["CanaryDrift", "CanaryWatch"]

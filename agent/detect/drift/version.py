@@ -5,6 +5,9 @@ under its false-alarm budget), looks when a look is due, and exports flags, evid
 p-values and effects with bounded labels (the top-k features of each detector). A version calibrated
 offline (agent/detect/drift/watch.py: ``ModelDrift``) and one whose baseline is learned from its own
 traffic (agent/detect/drift/baseline.py: ``LiveDrift``) differ only in how their tests are fitted and fed.
+The detectors of a calibrated version are fixed by its artifact; those of a live version are at most
+``drift.max_detectors_per_version`` (agent/detect/drift/live_detectors.py), so each drift gauge holds at most
+``max_detectors_per_version x (top_k_features + 1)`` series of a version.
 """
 
 from __future__ import annotations

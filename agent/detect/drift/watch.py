@@ -27,6 +27,7 @@ from agent.detect.drift.baseline import LiveDrift
 from agent.detect.drift.calibrate import OutdatedDriftCalibration, build_anomaly, build_moment_features
 from agent.detect.drift.canary import CanaryWatch
 from agent.detect.drift.fleet import FleetBins
+from agent.detect.drift.specs import Metadata, MetadataLookup
 from agent.detect.drift.version import VersionDrift
 from agent.detect.drift.window import TimeWindowPSI
 from agent.detect.features import input_features, output_features, softmax
@@ -174,13 +175,15 @@ class DriftWatch:
 
     Versions with a calibration artifact (``registry``) are watched as calibrated (``models``); versions
     without one, from a baseline learned from their own traffic (``live``, agent/detect/drift/baseline.py),
-    at most ``max_live`` of them, keyed by the version that answered. Versions whose artifact an older
+    at most ``max_live`` of them, keyed by the version that answered; their tensors' kinds come from
+    ``metadata(model, version)`` (the upstream's ModelMetadata, asked on worker threads: specs.py), or from
+    their traffic without it. Versions whose artifact an older
     sidewatch wrote are not watched for drift (a warning says how to recalibrate).
     """
 
     def __init__(self, registry: DetectorRegistry | None, settings: Drift, metrics: DriftMetrics,
                  bounded: BoundedModels, clock=time.time, overrides: Mapping[str, Mapping] | None = None,
-                 max_live: int = 64) -> None:
+                 max_live: int = 64, metadata: Metadata | None = None) -> None:
         self._registry = registry
         self._settings = settings
         self._metrics = metrics
@@ -188,6 +191,9 @@ class DriftWatch:
         self._clock = clock
         self._overrides = dict(overrides or {})
         self._max_live = max_live
+        # The question may wait for a worker behind other versions' questions, each bounded by its deadline.
+        self._lookup = None if metadata is None else MetadataLookup(
+            metadata, give_up_seconds=3 * settings.baseline.metadata_timeout_seconds + 1.0)
         self._checkpoint_dir = settings.checkpoint_dir
         self._checkpoint_interval = settings.checkpoint_interval_seconds
         self._export_interval = settings.export_interval_seconds
@@ -233,7 +239,7 @@ class DriftWatch:
             if labels == (OTHER, OTHER):
                 return None
             watched = self.live[key] = LiveDrift(model, version, self._metrics, labels, self._settings,
-                                                 self._overrides.get(model), clock=self._clock)
+                                                 self._overrides.get(model), clock=self._clock, lookup=self._lookup)
         return watched
 
     def __call__(self, inference: TappedInference) -> None:
@@ -351,6 +357,8 @@ class DriftWatch:
             log.info("sidewatch: restored the drift baseline of %s version %s", live.model, live.version)
 
     def close(self) -> None:
+        if self._lookup is not None:
+            self._lookup.close()
         for model in self._watched():
             model.flush()
         for model in self._watched():
