@@ -159,7 +159,7 @@ def _strings_as_bytes(array: np.ndarray) -> np.ndarray:
 
 
 def _read_csv(text: str, path: Path, key: str) -> dict[str, np.ndarray]:
-    reader = csv.reader(io.StringIO(text, newline=""))
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     try:
         header = next(reader, None)
         if header is None or not any(h.strip() for h in header):
