@@ -2,7 +2,7 @@
 watch with no model repository, on a simulated clock, fits a version's baseline from a CSV or a JSON-lines file
 at its first request and watches at once; benign traffic stays quiet, a unit change is flagged; a file
 without outputs watches the inputs only; a reset fits from the file again. Every malformed file is refused
-with the key, the file and the line. (Through real processes: tests/integration/test_reference_file.py.)"""
+with the key, the file and the line. (Through real processes: tests/integration/test_reference_file_sidecar.py.)"""
 
 from __future__ import annotations
 
