@@ -72,13 +72,15 @@ class Sidecar:
             self.tap.add_sink("adversarial", watch)
         if config.drift.enabled:
             from agent.dataplane.metadata import UpstreamMetadata
+            from agent.detect.drift.reference_file import read_references
             from agent.detect.drift.watch import DriftWatch
 
             # Live baselines choose their tensors' kinds from the upstream's ModelMetadata (off the hot path).
             self._metadata = UpstreamMetadata(config, config.drift.baseline.metadata_timeout_seconds)
             drift = DriftWatch(detectors, config.drift, DriftMetrics(self.registry), self.metrics.bounded,
                                overrides={name: model.tensors for name, model in config.models.items()},
-                               max_live=config.metrics.max_models, metadata=self._metadata)
+                               max_live=config.metrics.max_models, metadata=self._metadata,
+                               references=read_references(config.models))
             self.tap.add_sink("drift", drift)
             if watch is not None:
                 watch.score_listeners.append(drift.observe_scores)
@@ -181,7 +183,8 @@ async def serve(config: ServeConfig) -> None:
 
 def check_config(config: ServeConfig) -> list[str]:
     """Everything ``serve`` would refuse at start, without binding anything: every model and artifact
-    loads (a hash mismatch or a broken model fails here, not in production), and the admin token reads.
+    loads (a hash mismatch or a broken model fails here, not in production), every reference file parses,
+    and the admin token reads.
     Returns warnings: what ``serve`` would start without (drift of a version whose artifact predates
     false-alarm budgets)."""
     warnings = []
@@ -196,5 +199,9 @@ def check_config(config: ServeConfig) -> list[str]:
                 build_moment_features(calibrated.artifact.drift)
             except OutdatedDriftCalibration as err:
                 warnings.append(f"{calibrated.model} version {calibrated.version}: drift will not be watched: {err}")
+    if config.drift.enabled:
+        from agent.detect.drift.reference_file import read_references
+
+        read_references(config.models)  # a reference file that is missing or cannot be parsed fails here
     admin_token(config.admin)  # a token file that cannot be read, or one too short, fails here
     return warnings

@@ -197,6 +197,10 @@ class ModelSettings(Strict):
     adversarial_mode: AdversarialMode | None = None
     # Per input or output tensor, how its drift features are chosen (agent/detect/features/choose.py).
     tensors: dict[str, TensorOverride] = {}
+    # A drift reference from a file (.npz, .csv or .jsonl: agent/detect/drift/reference_file.py) for the
+    # model's versions without a calibration artifact: fitted at the first request, watched at once (no
+    # baseline learned from traffic). Read at start; a relative path is from the working directory.
+    reference: Path | None = None
 
 
 class Admin(Strict):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import subprocess
 
-from tests.support.harness import sidewatch
+from tests.support.harness import free_port, sidewatch
 
 
 def test_check_config_command(tmp_path):
@@ -35,3 +35,24 @@ def test_check_config_reads_the_token_file(tmp_path):
     done = subprocess.run(sidewatch("serve", "--config", str(path), "--check-config"), capture_output=True, text=True)
     assert done.returncode == 2
     assert "admin.token_file" in done.stderr and "missing" in done.stderr
+
+
+def test_check_config_reads_the_reference_files(tmp_path):
+    """A reference file that is missing, or one with a malformed line, fails --check-config and the start, naming
+    the key and the file (and the line), without a traceback."""
+    missing = tmp_path / "missing.npz"
+    path = tmp_path / "c.yaml"
+    path.write_text(f"models:\n  tabular:\n    reference: {missing}\n")
+    start = ("--upstream", f"127.0.0.1:{free_port()}", "--listen", f"127.0.0.1:{free_port()}", "--metrics-listen",
+             f"127.0.0.1:{free_port()}")
+    for args in (("--check-config",), start):
+        done = subprocess.run(sidewatch("serve", "--config", str(path), *args), capture_output=True, text=True,
+                              timeout=60)
+        assert done.returncode == 2, done.stderr
+        assert "models.tabular.reference" in done.stderr and str(missing) in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"x": 1}\n{"x": 2\n')
+    path.write_text(f"models:\n  tabular:\n    reference: {bad}\n")
+    done = subprocess.run(sidewatch("serve", "--config", str(path), "--check-config"), capture_output=True, text=True)
+    assert done.returncode == 2 and f"models.tabular.reference: {bad}: line 2: not JSON" in done.stderr, done.stderr

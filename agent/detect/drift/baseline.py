@@ -19,6 +19,13 @@ Rows the features cannot read (strings where numbers are expected, ragged BYTES,
 left out of the baseline's fit and skipped (counted) by the tests, so they never poison the baseline.
 The fitted baseline is written with the drift checkpoints and read back at start; an operator re-baselines
 after an intended change (``sidewatch baseline reset MODEL VERSION``), which starts collecting again.
+
+A model with a reference file (``models.<name>.reference``, agent/detect/drift/reference_file.py) skips
+collecting: at the version's first answered request (the specs come from its tensors) the same features and
+moment features are fitted on the file's tensors instead of kept traffic, and it is watched at once. A reset
+fits them from the file again (the file as read at start: restart the sidecar to read a changed file). A
+file that cannot be fitted to the model (no tensor of the model's, shapes the features refuse) is dropped for
+that version with a warning, and its baseline is learned from traffic.
 """
 
 from __future__ import annotations
@@ -35,7 +42,8 @@ from agent.dataplane.tap import TappedInference
 from agent.detect.drift.blocks import fit_moments, moment_rows
 from agent.detect.drift.live_detectors import bounded_detector_names
 from agent.detect.drift.moments import MomentFeatures
-from agent.detect.drift.specs import MetadataLookup, Question, choose_specs
+from agent.detect.drift.reference_file import reference_key, split_roles, unused_keys
+from agent.detect.drift.specs import MAX_TENSORS, MetadataLookup, Question, choose_specs
 from agent.detect.drift.version import VersionDrift
 from agent.detect.features import ModelFeatures, TensorShapeError
 from agent.metrics import DriftMetrics
@@ -66,12 +74,15 @@ class LiveDrift(VersionDrift):
 
     def __init__(self, model: str, version: str, metrics: DriftMetrics, labels: tuple[str, str], settings: Drift,
                  overrides: Mapping[str, TensorOverride] | None = None, clock=time.time, batch_rows: int = 64,
-                 lookup: MetadataLookup | None = None) -> None:
+                 lookup: MetadataLookup | None = None,
+                 reference: Mapping[str, np.ndarray] | None = None) -> None:
         super().__init__(metrics, labels, settings, clock)
         self.model, self.version = model, version
         self.overrides = dict(overrides or {})
         # Asks the upstream's ModelMetadata for the tensors' kinds (None: kinds from the traffic).
         self.lookup = lookup
+        # The tensors of the model's reference file, by key as written (None: learn from traffic).
+        self.reference = reference
         self.batch_rows = batch_rows
         self._pending: list[tuple[dict[str, dict[str, np.ndarray]], int]] = []
         self._pending_rows = 0
@@ -152,6 +163,8 @@ class LiveDrift(VersionDrift):
         tensors = self._tensors(inference)
         if tensors is None:
             return
+        if self.state == "collecting" and self.reference is not None:
+            self.fit_reference()  # the specs are known now; this request is the first one watched
         n = len(next(a for role in tensors.values() for a in role.values()))
         if n == 0:
             return
@@ -194,23 +207,12 @@ class LiveDrift(VersionDrift):
     def calibrate(self) -> bool:
         """Fit the baseline on what was kept and start watching; back to collecting if it cannot be fitted."""
         self._set_state("calibrating")
+        kept, self._kept = self._kept, {"input": {}, "output": {}}
         try:
             # Rows of other shapes (a dynamic dimension that changed) cannot be stacked: collect again.
-            kept = {role: {name: np.concatenate(parts) for name, parts in arrays.items()}
-                    for role, arrays in self._kept.items()}
-            self._kept = {"input": {}, "output": {}}
-            features = ModelFeatures(self.specs)
-            moments = {}
-            for role, part in PARTS.items():
-                if not kept[role]:
-                    continue
-                try:
-                    features.fit(role, kept[role])
-                except ValueError:
-                    continue  # nothing of this role to watch (every tensor ignored)
-                moments[part] = fit_moments(features.transform(role, kept[role]), seed=0)
-            if not moments:
-                raise ValueError("no tensor to watch")
+            stacked = {role: {name: np.concatenate(parts) for name, parts in arrays.items()}
+                       for role, arrays in kept.items()}
+            features, moments = self._fit(stacked)
         except (ValueError, TensorShapeError) as err:
             log.warning("sidewatch: cannot learn a drift baseline for %s version %s from %d requests' rows (%s); "
                         "collecting again", self.model, self.version, self._rows, err)
@@ -220,6 +222,51 @@ class LiveDrift(VersionDrift):
         log.info("sidewatch: learned %s for %s version %s from %d rows; watching", self.learned, self.model,
                  self.version, self._rows)
         return True
+
+    def fit_reference(self) -> bool:
+        """Fit the baseline on the reference file's tensors and start watching. False when they cannot be
+        fitted: the file is dropped for this version and its baseline is learned from traffic."""
+        self._set_state("calibrating")
+        key = reference_key(self.model)
+        inputs = [s.name for s in self.specs if s.role == "input"]
+        outputs = [s.name for s in self.specs if s.role == "output"]
+        unused = unused_keys(self.reference, inputs, outputs)
+        if unused:
+            log.warning("sidewatch: %s: tensors %s of the file are not tensors of %s version %s: left out", key,
+                        unused[:MAX_TENSORS], self.model, self.version)
+        try:
+            features, moments = self._fit(split_roles(self.reference, inputs, outputs))
+        except (ValueError, TensorShapeError) as err:
+            log.warning("sidewatch: %s: cannot fit a drift baseline for %s version %s from the file (%s); learning "
+                        "it from traffic instead", key, self.model, self.version, err)
+            self.reference = None
+            self.collect()
+            return False
+        self._start(features, moments)
+        rows = len(next(iter(self.reference.values())))
+        log.info("sidewatch: fitted the drift baseline of %s version %s from %s (%d rows); watching %s", self.model,
+                 self.version, key, rows, " and ".join(sorted(moments)))
+        if "outputs" not in moments:
+            log.info("sidewatch: %s version %s: only its inputs are watched for drift: %s has no output tensor "
+                     "that can be watched", self.model, self.version, key)
+        return True
+
+    def _fit(self, tensors: Mapping[str, Mapping[str, np.ndarray]]) -> tuple[ModelFeatures, dict[str, MomentFeatures]]:
+        """The features and moment features of each role's reference tensors (``{role: {name: array}}``);
+        ValueError or TensorShapeError when nothing can be watched."""
+        features = ModelFeatures(self.specs)
+        moments = {}
+        for role, part in PARTS.items():
+            if not tensors[role]:
+                continue
+            try:
+                features.fit(role, tensors[role])
+            except ValueError:
+                continue  # nothing of this role to watch (every tensor ignored)
+            moments[part] = fit_moments(features.transform(role, tensors[role]), seed=0)
+        if not moments:
+            raise ValueError("no tensor to watch")
+        return features, moments
 
     def _start(self, features: ModelFeatures, moments: dict[str, MomentFeatures]) -> None:
         self.features, self.moments = features, moments

@@ -177,14 +177,18 @@ class DriftWatch:
     without one, from a baseline learned from their own traffic (``live``, agent/detect/drift/baseline.py),
     at most ``max_live`` of them, keyed by the version that answered; their tensors' kinds come from
     ``metadata(model, version)`` (the upstream's ModelMetadata, asked on worker threads: specs.py), or from
-    their traffic without it. Versions whose artifact an older
-    sidewatch wrote are not watched for drift (a warning says how to recalibrate).
+    their traffic without it; a model with a reference file (``references``) has its versions' baselines
+    fitted from it instead, at their first request. Versions whose artifact an older sidewatch wrote are not
+    watched for drift (a warning says how to recalibrate).
     """
 
     def __init__(self, registry: DetectorRegistry | None, settings: Drift, metrics: DriftMetrics,
                  bounded: BoundedModels, clock=time.time, overrides: Mapping[str, Mapping] | None = None,
-                 max_live: int = 64, metadata: Metadata | None = None) -> None:
+                 max_live: int = 64, metadata: Metadata | None = None,
+                 references: Mapping[str, Mapping[str, np.ndarray]] | None = None) -> None:
         self._registry = registry
+        # Per model, the tensors of its reference file (agent/detect/drift/reference_file.py, read at start).
+        self._references = dict(references or {})
         self._settings = settings
         self._metrics = metrics
         self._bounded = bounded
@@ -239,7 +243,8 @@ class DriftWatch:
             if labels == (OTHER, OTHER):
                 return None
             watched = self.live[key] = LiveDrift(model, version, self._metrics, labels, self._settings,
-                                                 self._overrides.get(model), clock=self._clock, lookup=self._lookup)
+                                                 self._overrides.get(model), clock=self._clock, lookup=self._lookup,
+                                                 reference=self._references.get(model))
         return watched
 
     def __call__(self, inference: TappedInference) -> None:
@@ -295,8 +300,9 @@ class DriftWatch:
             self.checkpoint()
 
     def _reset(self, model: str, version: str) -> None:
-        """Re-baseline: a live version collects its baseline again; a calibrated one restarts its tests (its
-        reference is the artifact's: recalibrate to change it). Either way every flag drops."""
+        """Re-baseline: a live version collects its baseline again (one with a reference file fits it from the
+        file again, at its next request); a calibrated one restarts its tests (its reference is the
+        artifact's: recalibrate to change it). Either way every flag drops."""
         watched = self.live.get((model, version)) or self.models.get((model, version))
         if watched is None:
             return
