@@ -9,8 +9,11 @@ whose rollback route posts to the sidecar's receiver. Only what cannot stay as s
 the token file, intervals of 1 s instead of 15 s, and `for: 0s` on the alert rules so that they fire within
 the test (promtool's unit tests in tests/prometheus_rules/ check each rule's `for`). Benign, drifted,
 malformed and adversarial traffic goes through the sidecar, paced, the drifted traffic until a drift flag rises
-and the adversarial until the pin; then every panel's, annotation's and variable's query, with Grafana's
-variables filled in as Grafana would, must bring data back.
+and the adversarial until the pin. Versions 1 and 2 both serve, version 2 the canary: the benign traffic goes to
+both until their comparison watches, the drifted traffic to version 2 only (version 1's stays benign) until a
+canary.* flag rises too, so that the "Canary against stable" panels and SidewatchCanaryDiverged have a
+comparison to show. Then every panel's, annotation's and variable's query, with Grafana's variables filled in
+as Grafana would, must bring data back.
 """
 
 from __future__ import annotations
@@ -55,6 +58,8 @@ MODEL = "mnist_cnn"
 PANEL_TYPES = {"row", "timeseries", "stat", "heatmap", "table"}
 DATASOURCE_REF = {"type": "prometheus", "uid": "${datasource}"}
 ROLLBACK_ALERT = "SidewatchAdversarialRateHigh"
+# Labelled rollback="true" too, but mapped to no hook here: the receiver gets it and ignores it.
+CANARY_ALERT = "SidewatchCanaryDiverged"
 # Variable references in Grafana's three syntaxes: $name, ${name} or ${name:format}, [[name]].
 VARIABLE_REF = re.compile(r"\$\{(\w+)(?::\w+)?\}|\$(\w+)|\[\[(\w+)\]\]")
 SCRAPE_SECONDS = 1
@@ -138,7 +143,9 @@ def test_dashboard_structure():
                    "Held drift flags", "Drift looks", "Adversarial rate test: statistic / threshold",
                    "Adversarial rate flag",
                    # Baselines learned from traffic (issue 12).
-                   "Drift baselines"):
+                   "Drift baselines",
+                   # Canary against stable.
+                   "Canary against stable", "Canary against stable: held flags"):
         assert needed in titles, needed
     assert {annotation["name"] for annotation in dashboard["annotations"]["list"]} >= {"Rollbacks",
                                                                                         "Prometheus alerts firing"}
@@ -297,7 +304,10 @@ def _sidecar_config(tmp_path, token_file) -> tuple[dict, int]:
         # Looks every 2 s instead of every minute (drift) or 10 s (the adversarial rate), so that the flags can
         # rise within the test; the budgets are the defaults.
         "drift": {"look_interval_seconds": 2, "slot_seconds": 0.25, "export_interval_seconds": 0.5,
-                  "cluster_rows": 10, "min_clusters": 10},
+                  "cluster_rows": 10, "min_clusters": 10,
+                  # The comparison of version 2 with version 1 fits on fewer rows, and outlasts the pin to
+                  # version 1 (after which version 2 answers nothing) until the test's last query.
+                  "canary": {"fit_rows": 50, "active_seconds": 600}},
         "detection": {"rate_alarm": {"look_interval_seconds": 2, "slot_seconds": 0.2, "cluster_rows": 10,
                                      "min_clusters": 10}},
         "alerts": {"evaluation_interval_seconds": 0.5, "rules": [{
@@ -311,26 +321,45 @@ def _sidecar_config(tmp_path, token_file) -> tuple[dict, int]:
     }, admin_port
 
 
-def _drift_flag_up(metrics_port: int) -> bool:
+def _drift_flag_up(metrics_port: int, canary: bool = False) -> bool:
+    """A held flag of version 2's own drift tests is up (``canary``: of its comparison with version 1)."""
     text = http_get(f"http://127.0.0.1:{metrics_port}/metrics")
-    return any(line.startswith("sidewatch_drift_detected{") and 'feature="all"' in line and float(line.split()[-1]) == 1
+    return any(line.startswith("sidewatch_drift_detected{") and 'feature="all"' in line and 'version="2"' in line
+               and ('detector="canary.' in line) == canary and float(line.split()[-1]) == 1
                for line in text.splitlines())
 
 
-def _paced(client: InferenceClient, images: np.ndarray, seconds: float, until=None) -> None:
-    """One request to version 2 every 1/RATE s, for ``seconds`` or until ``until()`` holds."""
-    send_paced(lambda i: client.infer(MODEL, {"input": images[i % len(images):i % len(images) + 1]}, version="2",
-                                      timeout=10), RATE, seconds, until)
+def _canary_watching(metrics_port: int) -> bool:
+    return metric(metrics_port, "sidewatch_drift_canary_state", model=MODEL, version="2", stable_version="1",
+                  state="watching") == 1
+
+
+def _paced(client: InferenceClient, images: np.ndarray, seconds: float, until=None,
+           stable: np.ndarray | None = None) -> None:
+    """One request every 1/RATE s, for ``seconds`` or until ``until()`` holds: to version 2, or with ``stable``,
+    every other one to version 1 with those inputs."""
+    def send(i: int) -> None:
+        version, inputs = ("1", stable) if stable is not None and i % 2 else ("2", images)
+        j = i % len(inputs)
+        client.infer(MODEL, {"input": inputs[j:j + 1]}, version=version, timeout=10)
+
+    send_paced(send, RATE, seconds, until)
 
 
 def _send_traffic(port: int, metrics_port: int) -> None:
     client = InferenceClient(f"127.0.0.1:{port}")
     try:
         benign = load_images(BENIGN_STREAM)[0]
-        _paced(client, benign, 5)
-        # Drifted inputs until a drift flag rises (the drift alarm's panels need one).
-        _paced(client, drifted(benign), 40, until=lambda: _drift_flag_up(metrics_port))
-        assert _drift_flag_up(metrics_port), "no drift flag after 40 s of drifted traffic"
+        # Both versions serve: version 2's comparison with version 1 fits, then watches.
+        _paced(client, benign, 5, stable=benign)
+        _paced(client, benign, 30, until=lambda: _canary_watching(metrics_port), stable=benign)
+        assert _canary_watching(metrics_port), "the comparison of version 2 with version 1 does not watch"
+        # Drifted inputs to version 2 (benign to version 1) until a drift flag of its own rises (the drift
+        # alarm's panels need one) and one of its comparison with version 1 (the canary panels').
+        both = lambda: _drift_flag_up(metrics_port) and _drift_flag_up(metrics_port, canary=True)  # noqa: E731
+        _paced(client, drifted(benign), 60, until=both, stable=benign)
+        assert _drift_flag_up(metrics_port), "no drift flag after 60 s of drifted traffic"
+        assert _drift_flag_up(metrics_port, canary=True), "no canary flag after 60 s of drifted traffic"
         # Inputs of the wrong shape: the model server refuses them (calls not OK), the detectors skip them.
         for _ in range(5):
             with pytest.raises(grpc.RpcError):
@@ -383,8 +412,9 @@ def stack(tmp_path_factory):
         wait_until(lambda: metric(metrics_port, "sidewatch_route_pinned", model=MODEL, version="1") == 1, 30,
                    "the sidecar's rule to pin the route")
         # ... Prometheus's alert fires, and Alertmanager delivers it to the sidecar's receiver.
-        wait_until(lambda: _query(prometheus_port, f'ALERTS{{alertname="{ROLLBACK_ALERT}",alertstate="firing"}}'), 30,
-                   f"Prometheus to fire {ROLLBACK_ALERT}", interval=0.5)
+        for alert in (ROLLBACK_ALERT, CANARY_ALERT):
+            wait_until(lambda: _query(prometheus_port, f'ALERTS{{alertname="{alert}",alertstate="firing"}}'), 30,
+                       f"Prometheus to fire {alert}", interval=0.5)
         incident = f'sidewatch_incidents_total{{alert="{ROLLBACK_ALERT}",source="alertmanager"}}'
         wait_until(lambda: _query(prometheus_port, incident), 40,
                    "the alert to reach the sidecar through Alertmanager, and Prometheus to scrape the incident",
@@ -509,13 +539,14 @@ def test_prometheus_alert_reaches_the_sidecar_through_alertmanager(stack):
     with urllib.request.urlopen(am, timeout=10) as reply:
         alerts = json.loads(reply.read())
     routed = {alert["labels"]["alertname"]: sorted(r["name"] for r in alert["receivers"]) for alert in alerts}
-    assert routed[ROLLBACK_ALERT] == ["sidewatch-notify", "sidewatch-rollback"]
-    assert all(receivers == ["sidewatch-notify"] for name, receivers in routed.items() if name != ROLLBACK_ALERT)
+    rollback = {ROLLBACK_ALERT, CANARY_ALERT}
+    assert all(routed[name] == ["sidewatch-notify", "sidewatch-rollback"] for name in rollback)
+    assert all(receivers == ["sidewatch-notify"] for name, receivers in routed.items() if name not in rollback)
     metrics_port = stack["metrics_port"]
     assert metric(metrics_port, "sidewatch_alertmanager_requests_total", result="ok") >= 1
     assert metric(metrics_port, "sidewatch_alertmanager_requests_total", result="unauthorized") == 0
     assert metric(metrics_port, "sidewatch_incidents_total", alert=ROLLBACK_ALERT, source="alertmanager") == 1
-    # Alerts without rollback="true" never reached the receiver.
+    # Alerts without rollback="true" never reached the receiver; the canary's, mapped to no hook, was ignored.
     for name in routed:
         if name != ROLLBACK_ALERT:
             assert metric(metrics_port, "sidewatch_incidents_total", alert=name, source="alertmanager") == 0

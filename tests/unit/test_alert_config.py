@@ -88,6 +88,7 @@ def test_commented_examples_in_the_shipped_config_are_valid():
         "AdversarialRateHigh", "InputDrift", "DriftStatisticOverThreshold", "AnomalyRateHigh"]
     assert set(config.rollback.hooks) >= {"pin-last-good", "notify", "script", "undo-deployment", "abort-canary"}
     assert config.admin.alertmanager_hooks["SidewatchAdversarialRateHigh"] == ["pin-last-good"]
+    assert config.admin.alertmanager_hooks["SidewatchCanaryDiverged"] == ["pin-last-good", "notify"]
     assert config.admin.token_file is not None
 
 
