@@ -41,12 +41,11 @@ from sklearn.linear_model import LogisticRegression  # noqa: E402
 from sklearn.pipeline import make_pipeline  # noqa: E402
 
 from agent.config import load_config  # noqa: E402
-from agent.dataplane.tap import TappedInference  # noqa: E402
 from agent.detect.drift.watch import DriftWatch  # noqa: E402
 from agent.metrics import BoundedModels, DriftMetrics  # noqa: E402
-from agent.protocol import codec, oip_pb2  # noqa: E402
 from bench.live_baseline import OVERRIDES, predict  # noqa: E402
 from tests.support import scenarios  # noqa: E402
+from tests.support.drift_watch import tapped  # noqa: E402
 from tests.support.sklearn_models import training_data  # noqa: E402
 from tests.support.sklearn_train import fit_all, fit_diabetes, fit_flare  # noqa: E402
 
@@ -66,17 +65,6 @@ def diverging(data: dict) -> dict:
             "flare": flare, "topics": topics}
 
 
-def tapped(model: str, version: str, tensors: dict[str, np.ndarray], outputs: dict[str, np.ndarray]):
-    request = oip_pb2.ModelInferRequest(model_name=model, model_version=version)
-    for name, array in tensors.items():
-        codec.add_input(request, name, array)
-    response = oip_pb2.ModelInferResponse(model_name=model, model_version=version)
-    for name, array in outputs.items():
-        codec.add_output(response, name, array)
-    return TappedInference(model, version, codec.decode_request(request), codec.decode_response(response), request,
-                           response, 0.0, 0.0)
-
-
 def run(model: str, stable, canary, rate: float, share: float, seconds: float, stop_on_flag: bool, seed: int,
         routing: str = "sticky"):
     """Returns (seconds, requests, detectors) at the first canary flag (or None), or the flags raised."""
@@ -90,8 +78,8 @@ def run(model: str, stable, canary, rate: float, share: float, seconds: float, s
     copies = {}
     for version, pipeline in (("1", stable), ("2", canary)):
         outputs = predict({model: pipeline}, model, tensors)
-        copies[version] = [tapped(model, version, {k: v[i:i + 1] for k, v in tensors.items()},
-                                  {k: v[i:i + 1] for k, v in outputs.items()}) for i in range(3000)]
+        copies[version] = [tapped(model, {k: v[i:i + 1] for k, v in tensors.items()},
+                                  {k: v[i:i + 1] for k, v in outputs.items()}, version, version) for i in range(3000)]
     rng = np.random.default_rng(seed)
 
     def flags() -> list[str]:

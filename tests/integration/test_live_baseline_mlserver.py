@@ -13,31 +13,11 @@ import yaml
 
 from agent.protocol.client import InferenceClient
 from tests.support import scenarios
+from tests.support.drift_watch import text_flags, text_state
 from tests.support.harness import http_get, metric_value, start_sidecar
 from tests.support.pacing import send_paced
 
 RATE = 60.0  # iterations per second, one request to each model in each: 600 rows of each per 10-s look
-
-
-def _flags(text: str, model: str, feature: str = "all") -> dict[str, float]:
-    """Held flags of ``model`` by detector (``feature="all"``) or by feature (``feature=None``), from /metrics."""
-    flags = {}
-    for line in text.splitlines():
-        if line.startswith("sidewatch_drift_detected{") and f'model="{model}"' in line:
-            detector = line.split('detector="', 1)[1].split('"', 1)[0]
-            name = line.split('feature="', 1)[1].split('"', 1)[0]
-            if feature is None and name != "all":
-                flags[name] = float(line.rsplit(" ", 1)[1])
-            elif name == feature:
-                flags[detector] = float(line.rsplit(" ", 1)[1])
-    return flags
-
-
-def _state(text: str, model: str) -> str | None:
-    for line in text.splitlines():
-        if line.startswith("sidewatch_drift_baseline_state{") and f'model="{model}"' in line and line.endswith(" 1.0"):
-            return line.split('state="', 1)[1].split('"', 1)[0]
-    return None
 
 
 def test_baselines_learned_from_traffic_stay_quiet_on_benign_and_flag_what_changed(tmp_path, sklearn_mlserver):
@@ -61,23 +41,23 @@ def test_baselines_learned_from_traffic_stay_quiet_on_benign_and_flag_what_chang
         send_paced(send(scenarios.resample(scenarios.reference("flare"), 2000, seed=1),
                         scenarios.resample(scenarios.reference("topics"), 2000, seed=1)), RATE, 11)
         text = http_get(url)
-        assert _state(text, "flare") == "watching" and _state(text, "topics") == "watching"
+        assert text_state(text, "flare") == "watching" and text_state(text, "topics") == "watching"
         send_paced(send(scenarios.resample(scenarios.benign("flare"), 2000, seed=2),
                         scenarios.resample(scenarios.benign("topics"), 2000, seed=2)), RATE, 21)
         text = http_get(url)
         for model in ("flare", "topics"):
-            flags = _flags(text, model)
+            flags = text_flags(text, model)
             assert flags and not any(flags.values()), (model, flags)
 
         def flagged() -> bool:
             text = http_get(url)
-            return _flags(text, "flare", None).get("categorical.zurich=<unseen>") == 1 and \
-                any(_flags(text, "topics", None).get(f) == 1 for f in ("text.non_ascii", "text.oov", "text.letters"))
+            return text_flags(text, "flare", None).get("categorical.zurich=<unseen>") == 1 and \
+                any(text_flags(text, "topics", None).get(f) == 1 for f in ("text.non_ascii", "text.oov", "text.letters"))
 
         send_paced(send(scenarios.drift("flare", "new_category"), scenarios.drift("topics", "foreign")), RATE, 45,
                    until=flagged)
         text = http_get(url)
-        assert flagged(), (_flags(text, "flare"), _flags(text, "flare", None), _flags(text, "topics", None))
+        assert flagged(), (text_flags(text, "flare"), text_flags(text, "flare", None), text_flags(text, "topics", None))
     finally:
         client.close()
         sidecar.stop()
@@ -98,14 +78,14 @@ def test_the_kinds_of_a_live_baseline_come_from_mlservers_model_metadata(tmp_pat
             client.infer("diabetes", {"features": rows[i % len(rows):i % len(rows) + 1],
                                       "request_id": np.array([[i]], dtype=np.int64)})
 
-        send_paced(one, RATE, 10, until=lambda: _state(http_get(url), "diabetes") == "watching")
+        send_paced(one, RATE, 10, until=lambda: text_state(http_get(url), "diabetes") == "watching")
         text = http_get(url)
-        assert _state(text, "diabetes") == "watching"
+        assert text_state(text, "diabetes") == "watching"
         assert metric_value(text, "sidewatch_drift_specs_total", model="diabetes", source="metadata",
                             reason="answered") == 1
         assert not [line for line in text.splitlines() if line.startswith("sidewatch_drift_specs_total{")
                     and 'model="diabetes"' in line and 'source="traffic"' in line]
-        detectors = set(_flags(text, "diabetes"))
+        detectors = set(text_flags(text, "diabetes"))
         assert {"inputs_mean", "features.missing", "features.out_of_range", "outputs_mean"} <= detectors, detectors
         assert not any(name.startswith("request_id") for name in detectors), detectors
         log = sidecar.log()

@@ -21,6 +21,7 @@ import yaml
 
 from agent.protocol.client import InferenceClient
 from tests.support import colour_images, scenarios
+from tests.support.drift_watch import text_flags, text_state
 from tests.support.harness import http_get, start_model_server, start_sidecar
 from tests.support.pacing import send_paced
 
@@ -29,23 +30,6 @@ BATCH = 4        # patches per request: 1,200 patches per 10-s look
 IMAGE_DETECTORS = ("inputs_mean", "inputs_shape")
 SHORT_LOOKS = {"look_interval_seconds": 10, "slot_seconds": 0.25, "cluster_rows": 10, "min_clusters": 20,
                "export_interval_seconds": 0.5}
-
-
-def _flags(text: str, model: str) -> dict[str, float]:
-    """Held flags of ``model`` by detector, from /metrics."""
-    flags = {}
-    for line in text.splitlines():
-        if line.startswith("sidewatch_drift_detected{") and f'model="{model}"' in line and 'feature="all"' in line:
-            detector = line.split('detector="', 1)[1].split('"', 1)[0]
-            flags[detector] = float(line.rsplit(" ", 1)[1])
-    return flags
-
-
-def _state(text: str, model: str) -> str | None:
-    for line in text.splitlines():
-        if line.startswith("sidewatch_drift_baseline_state{") and f'model="{model}"' in line and line.endswith(" 1.0"):
-            return line.split('state="', 1)[1].split('"', 1)[0]
-    return None
 
 
 def _sidecar(tmp_path, upstream_port: int, model: str, reference):
@@ -80,9 +64,9 @@ def test_benign_patches_stay_quiet_from_a_reference_file(tmp_path, colour_server
     try:
         send_paced(_send_patches(client, benign), RATE, 1)
         text = http_get(url)
-        assert _state(text, colour_images.MODEL) == "watching", text[-2000:]
+        assert text_state(text, colour_images.MODEL) == "watching", text[-2000:]
         send_paced(_send_patches(client, benign[np.random.default_rng(1).permutation(len(benign))]), RATE, 21)
-        flags = _flags(http_get(url), colour_images.MODEL)
+        flags = text_flags(http_get(url), colour_images.MODEL)
         assert set(IMAGE_DETECTORS) <= set(flags) and "probabilities.class_mix" in flags, flags
         assert not any(flags.values()), flags
         assert "fitted the drift baseline of colour_patches" in sidecar.log()
@@ -99,11 +83,11 @@ def test_darker_and_turned_patches_are_flagged_by_an_image_detector(tmp_path, co
     drifted = colour_images.DRIFT[scenario](benign[np.random.default_rng(2).permutation(len(benign))])
 
     def flagged() -> bool:
-        return any(_flags(http_get(url), colour_images.MODEL).get(d) == 1 for d in IMAGE_DETECTORS)
+        return any(text_flags(http_get(url), colour_images.MODEL).get(d) == 1 for d in IMAGE_DETECTORS)
 
     try:
         send_paced(_send_patches(client, drifted), RATE, 45, until=flagged)
-        assert flagged(), _flags(http_get(url), colour_images.MODEL)
+        assert flagged(), text_flags(http_get(url), colour_images.MODEL)
     finally:
         client.close()
         sidecar.stop()
@@ -125,14 +109,14 @@ def test_a_regressor_on_mlserver_is_watched_from_a_csv_of_its_inputs(tmp_path, s
         return one
 
     def flagged() -> bool:
-        return _flags(http_get(url), "diabetes").get("features.out_of_range") == 1
+        return text_flags(http_get(url), "diabetes").get("features.out_of_range") == 1
 
     try:
         send_paced(send(rescaled), 60.0, 1)
-        assert _state(http_get(url), "diabetes") == "watching"
+        assert text_state(http_get(url), "diabetes") == "watching"
         assert "only its inputs are watched" in sidecar.log()
         send_paced(send(rescaled), 60.0, 40, until=flagged)
-        flags = _flags(http_get(url), "diabetes")
+        flags = text_flags(http_get(url), "diabetes")
         assert flagged(), flags
         assert not any(d.startswith("outputs") for d in flags), flags
     finally:

@@ -77,6 +77,20 @@ def _tensors(specs) -> list[dict]:
     return [{"name": name, "datatype": datatype, "shape": shape} for name, datatype, shape in specs]
 
 
+def _write_model(folder: Path, name: str, version: str, joblib_file: Path, signature: dict) -> None:
+    """One model version's folder: the pickle, the runtime and model-settings.json (declared tensors)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(joblib_file, folder / "model.joblib")
+    shutil.copy(SUPPORT / "mlserver_runtime.py", folder / f"{RUNTIME_MODULE}.py")
+    (folder / "model-settings.json").write_text(json.dumps({
+        "name": name, "implementation": f"{RUNTIME_MODULE}.SklearnTensors",
+        "inputs": _tensors(signature["inputs"]), "outputs": _tensors(signature["outputs"]),
+        "parameters": {"uri": "./model.joblib", "version": version, "extra": {
+            "inputs": [spec[0] for spec in signature["inputs"]], "output": signature["outputs"][0][0],
+            "method": signature["method"], "text": signature["text"]}},
+    }, indent=1))
+
+
 def write_repository(root: Path) -> Path:
     """Train the three models and write MLServer's repository under ``root/models``; returns that folder."""
     models = root / "models"
@@ -86,30 +100,10 @@ def write_repository(root: Path) -> Path:
     subprocess.run([str(mlserver_python()), str(SUPPORT / "sklearn_train.py"), str(root / "training.npz"),
                     str(trained)], check=True)
     for name, signature in SIGNATURES.items():
-        folder = models / name
-        folder.mkdir(parents=True, exist_ok=True)
-        shutil.copy(trained / f"{name}.joblib", folder / "model.joblib")
-        shutil.copy(SUPPORT / "mlserver_runtime.py", folder / f"{RUNTIME_MODULE}.py")
-        (folder / "model-settings.json").write_text(json.dumps({
-            "name": name, "implementation": f"{RUNTIME_MODULE}.SklearnTensors",
-            "inputs": _tensors(signature["inputs"]), "outputs": _tensors(signature["outputs"]),
-            "parameters": {"uri": "./model.joblib", "version": VERSION, "extra": {
-                "inputs": [spec[0] for spec in signature["inputs"]], "output": signature["outputs"][0][0],
-                "method": signature["method"], "text": signature["text"]}},
-        }, indent=1))
+        _write_model(models / name, name, VERSION, trained / f"{name}.joblib", signature)
     for version, trained_name in CANARY_VERSIONS.items():
-        folder = models / f"{CANARY_MODEL}-{version}"
-        folder.mkdir(parents=True, exist_ok=True)
-        shutil.copy(trained / f"{trained_name}.joblib", folder / "model.joblib")
-        shutil.copy(SUPPORT / "mlserver_runtime.py", folder / f"{RUNTIME_MODULE}.py")
-        signature = SIGNATURES["diabetes"]
-        (folder / "model-settings.json").write_text(json.dumps({
-            "name": CANARY_MODEL, "implementation": f"{RUNTIME_MODULE}.SklearnTensors",
-            "inputs": _tensors(signature["inputs"]), "outputs": _tensors(signature["outputs"]),
-            "parameters": {"uri": "./model.joblib", "version": version, "extra": {
-                "inputs": [spec[0] for spec in signature["inputs"]], "output": signature["outputs"][0][0],
-                "method": signature["method"], "text": signature["text"]}},
-        }, indent=1))
+        _write_model(models / f"{CANARY_MODEL}-{version}", CANARY_MODEL, version, trained / f"{trained_name}.joblib",
+                     SIGNATURES["diabetes"])
     return models
 
 

@@ -15,6 +15,7 @@ from agent.detect.drift.watch import DriftWatch
 from agent.metrics import BoundedModels, DriftMetrics
 from agent.protocol import codec, oip_pb2
 from tests.support import scenarios
+from tests.support.drift_watch import Clock, tapped
 
 MODEL = "diabetes"
 START = 1_800_000_000.0
@@ -23,22 +24,10 @@ WEIGHTS = np.random.default_rng(0).normal(size=10)
 SWAPPED = WEIGHTS[::-1].copy()
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = START
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def _inference(features: np.ndarray, version: str, weights: np.ndarray) -> TappedInference:
     """A copy as the tap hands it over; the request names the version (a client or router splitting traffic)."""
-    request = oip_pb2.ModelInferRequest(model_name=MODEL, model_version=version)
-    codec.add_input(request, "features", features.astype(np.float32))
-    response = oip_pb2.ModelInferResponse(model_name=MODEL, model_version=version)
-    codec.add_output(response, "value", (features @ weights).astype(np.float32)[:, None])
-    return TappedInference(MODEL, version, codec.decode_request(request), codec.decode_response(response), request,
-                           response, 0.0, 0.0)
+    return tapped(MODEL, {"features": features.astype(np.float32)},
+                  {"value": (features @ weights).astype(np.float32)[:, None]}, version, version)
 
 
 def _watch(clock, **overrides):

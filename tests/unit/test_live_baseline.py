@@ -16,8 +16,8 @@ from agent.config import load_config
 from agent.dataplane.tap import TappedInference
 from agent.detect.drift.watch import DriftWatch
 from agent.metrics import BoundedModels, DriftMetrics
-from agent.protocol import codec, oip_pb2
 from tests.support import scenarios
+from tests.support.drift_watch import Clock, registry_flags, tapped
 
 MODEL, VERSION = "diabetes", "v1"
 LABELS = {"model": MODEL, "version": VERSION}
@@ -25,25 +25,12 @@ START = 1_800_000_000.0
 WEIGHTS = np.random.default_rng(0).normal(size=10)
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = START
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def _inference(features: np.ndarray, version: str = "") -> TappedInference:
     """A tapped copy as the tap hands it over: request and response protos, decoded tensors. The model is a
     fixed linear one (MLServer's Ridge in the integration test); the request names no version, the
     response does, as MLServer answers."""
-    request = oip_pb2.ModelInferRequest(model_name=MODEL, model_version=version)
-    codec.add_input(request, "features", features.astype(np.float32))
     value = (features @ WEIGHTS[:features.shape[1]]).astype(np.float32)[:, None]   # NaN in, NaN out
-    response = oip_pb2.ModelInferResponse(model_name=MODEL, model_version=VERSION)
-    codec.add_output(response, "value", value)
-    return TappedInference(MODEL, version, codec.decode_request(request), codec.decode_response(response), request,
-                           response, 0.0, 0.0)
+    return tapped(MODEL, {"features": features.astype(np.float32)}, {"value": value}, version, VERSION)
 
 
 def _watch(clock, tmp_path=None, **overrides):
@@ -67,11 +54,6 @@ def _value(metrics, name, **labels):
     return metrics.get_sample_value(name, {**LABELS, **labels})
 
 
-def _flags(metrics) -> dict[str, float]:
-    return {s.labels["detector"]: s.value for family in metrics.collect() if family.name == "sidewatch_drift_detected"
-            for s in family.samples if s.labels["feature"] == "all"}
-
-
 @pytest.fixture(scope="module")
 def traffic():
     return (scenarios.resample(scenarios.reference("diabetes"), 3000, seed=1),
@@ -92,11 +74,11 @@ def test_a_baseline_learned_from_traffic_keeps_benign_quiet_and_flags_a_unit_cha
     assert set(live.moments) == {"inputs", "outputs"}
     _feed(watch, clock, benign, seconds=300)          # held-out rows of the same source
     assert _value(metrics, "sidewatch_drift_looks_total", result="tested") >= 3
-    flags = _flags(metrics)
+    flags = registry_flags(metrics)
     assert {"inputs_mean", "features.out_of_range", "features.missing", "outputs_mean"} <= set(flags), flags
     assert not any(flags.values()), flags
     _feed(watch, clock, rescaled, seconds=240)        # s5 in other units
-    flags = _flags(metrics)
+    flags = registry_flags(metrics)
     assert flags["features.out_of_range"] == 1, flags
     assert _value(metrics, "sidewatch_drift_alarms_total", detector="features.out_of_range") == 1
 

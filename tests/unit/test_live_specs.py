@@ -18,7 +18,7 @@ from agent.dataplane.tap import TappedInference
 from agent.detect.drift.baseline import LiveDrift
 from agent.detect.drift.watch import DriftWatch
 from agent.metrics import BoundedModels, DriftMetrics
-from agent.protocol import codec, oip_pb2
+from tests.support.drift_watch import tapped
 from tests.support.metadata_upstream import MetadataUpstream, metadata
 
 MODEL, VERSION = "tokens", "1"
@@ -29,14 +29,7 @@ RNG = np.random.default_rng(0)
 
 def _inference(inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray], model: str = MODEL,
                version: str = VERSION) -> TappedInference:
-    request = oip_pb2.ModelInferRequest(model_name=model, model_version=version)
-    for name, array in inputs.items():
-        codec.add_input(request, name, array)
-    response = oip_pb2.ModelInferResponse(model_name=model, model_version=version)
-    for name, array in outputs.items():
-        codec.add_output(response, name, array)
-    return TappedInference(model, version, codec.decode_request(request), codec.decode_response(response), request,
-                           response, 0.0, 0.0)
+    return tapped(model, inputs, outputs, version, version)
 
 
 def _token_copy() -> TappedInference:

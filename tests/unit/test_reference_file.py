@@ -19,8 +19,8 @@ from agent.detect.drift import reference_file
 from agent.detect.drift.reference_file import read_reference, read_references
 from agent.detect.drift.watch import DriftWatch
 from agent.metrics import BoundedModels, DriftMetrics
-from agent.protocol import codec, oip_pb2
 from tests.support import scenarios
+from tests.support.drift_watch import Clock, registry_flags, tapped
 
 MODEL, VERSION = "diabetes", "v1"
 LABELS = {"model": MODEL, "version": VERSION}
@@ -28,22 +28,10 @@ KEY = f"models.{MODEL}.reference"
 WEIGHTS = np.random.default_rng(0).normal(size=10)
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_800_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def _inference(features: np.ndarray) -> TappedInference:
     """A tapped copy of a fixed linear model's call (MLServer's Ridge in the integration tests)."""
-    request = oip_pb2.ModelInferRequest(model_name=MODEL)
-    codec.add_input(request, "features", features.astype(np.float32))
-    response = oip_pb2.ModelInferResponse(model_name=MODEL, model_version=VERSION)
-    codec.add_output(response, "value", (features @ WEIGHTS).astype(np.float32)[:, None])
-    return TappedInference(MODEL, "", codec.decode_request(request), codec.decode_response(response), request,
-                           response, 0.0, 0.0)
+    return tapped(MODEL, {"features": features.astype(np.float32)},
+                  {"value": (features @ WEIGHTS).astype(np.float32)[:, None]}, "", VERSION)
 
 
 def _watch(clock, path):
@@ -63,11 +51,6 @@ def _feed(watch, clock, features, seconds, rate=20.0):
 
 def _value(metrics, name, **labels):
     return metrics.get_sample_value(name, {**LABELS, **labels})
-
-
-def _flags(metrics) -> dict[str, float]:
-    return {s.labels["detector"]: s.value for family in metrics.collect() if family.name == "sidewatch_drift_detected"
-            for s in family.samples if s.labels["feature"] == "all"}
 
 
 def _write_csv(path, features, value):
@@ -98,15 +81,15 @@ def test_a_csv_reference_is_watched_from_the_first_request(traffic, tmp_path):
     assert live.moments["inputs"].n_reference == len(reference)
     _feed(watch, clock, benign, seconds=300)
     assert _value(metrics, "sidewatch_drift_looks_total", result="tested") >= 3
-    flags = _flags(metrics)
+    flags = registry_flags(metrics)
     assert {"inputs_mean", "features.out_of_range", "outputs_mean"} <= set(flags), flags
     assert not any(flags.values()), flags
     _feed(watch, clock, rescaled, seconds=240)       # s5 in other units
-    assert _flags(metrics)["features.out_of_range"] == 1, _flags(metrics)
+    assert registry_flags(metrics)["features.out_of_range"] == 1, registry_flags(metrics)
     # A reset fits from the file again at the next request: watching, every flag down.
     assert watch.reset_baseline(MODEL, VERSION)
     watch.tick()
-    assert live.state == "collecting" and not any(_flags(metrics).values())
+    assert live.state == "collecting" and not any(registry_flags(metrics).values())
     _feed(watch, clock, benign, seconds=0.05)
     assert live.state == "watching" and live.moments["inputs"].n_reference == len(reference)
 
@@ -124,10 +107,10 @@ def test_a_jsonl_reference_without_outputs_watches_the_inputs(traffic, tmp_path)
     _feed(watch, clock, benign, seconds=300)
     live = watch.live[(MODEL, VERSION)]
     assert set(live.moments) == {"inputs"} and live.moments["inputs"].n_reference == len(reference)
-    flags = _flags(metrics)
+    flags = registry_flags(metrics)
     assert flags and not any(flags.values()) and not any(d.startswith("outputs") for d in flags), flags
     _feed(watch, clock, rescaled, seconds=240)
-    assert _flags(metrics)["features.out_of_range"] == 1, _flags(metrics)
+    assert registry_flags(metrics)["features.out_of_range"] == 1, registry_flags(metrics)
 
 
 def test_a_reference_that_fits_no_tensor_is_learned_from_traffic(traffic, tmp_path):

@@ -360,7 +360,8 @@ class MomentTest(DriftDetector):
 
     # --- feeding ----------------------------------------------------------------------------------
 
-    def _add(self, slot: int, count: int, raw_sums: np.ndarray) -> None:
+    def _row(self, slot: int) -> int:
+        """The row of ``slot`` in the counts and sums, added (the arrays doubled when full) if new."""
         row = self._slot_row.get(slot)
         if row is None:
             row = len(self._slot_row)
@@ -368,6 +369,10 @@ class MomentTest(DriftDetector):
                 self._counts = np.concatenate([self._counts, np.zeros_like(self._counts)])
                 self._sums = np.concatenate([self._sums, np.zeros_like(self._sums)])
             self._slot_row[slot] = row
+        return row
+
+    def _add(self, slot: int, count: int, raw_sums: np.ndarray) -> None:
+        row = self._row(slot)
         self._counts[row] += count
         self._sums[row] += (raw_sums - count * self.reference_mean) * self._inv_scale
         self._new_rows += count
@@ -462,8 +467,8 @@ class MomentTest(DriftDetector):
         ids = np.fromiter(self._slot_row.keys(), dtype=np.int64, count=len(self._slot_row))
         counts, sums = self._counts[keep].copy(), self._sums[keep].copy()
         cap = max(32, 1 << max(0, len(keep) - 1).bit_length())
-        self._counts = np.zeros(cap, dtype=np.int64)
-        self._sums = np.zeros((cap, self.n_features))
+        self._counts = np.zeros((cap, *counts.shape[1:]), dtype=np.int64)
+        self._sums = np.zeros((cap, *sums.shape[1:]))
         self._counts[:len(keep)] = counts
         self._sums[:len(keep)] = sums
         self._slot_row = {int(slot): i for i, slot in enumerate(ids[keep].tolist())}

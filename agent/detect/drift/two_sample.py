@@ -112,13 +112,7 @@ class TwoSampleMomentTest(MomentTest):
         return super().update(values, at)
 
     def _add(self, slot: int, count: int, raw_sums: np.ndarray) -> None:
-        row = self._slot_row.get(slot)
-        if row is None:
-            row = len(self._slot_row)
-            if row == len(self._counts):
-                self._counts = np.concatenate([self._counts, np.zeros_like(self._counts)])
-                self._sums = np.concatenate([self._sums, np.zeros_like(self._sums)])
-            self._slot_row[slot] = row
+        row = self._row(slot)
         s = self._stream
         self._counts[row, s] += count
         self._sums[row, s] += (raw_sums - count * self.reference_mean) * self._inv_scale
@@ -191,17 +185,6 @@ class TwoSampleMomentTest(MomentTest):
         self._new_rows = 0
         self._new_from = None
         return self.last
-
-    def _keep_from(self, order: np.ndarray, first: int) -> None:
-        keep = order[first:]
-        ids = np.fromiter(self._slot_row.keys(), dtype=np.int64, count=len(self._slot_row))
-        counts, sums = self._counts[keep].copy(), self._sums[keep].copy()
-        cap = max(32, 1 << max(0, len(keep) - 1).bit_length())
-        self._counts = np.zeros((cap, 2), dtype=np.int64)
-        self._sums = np.zeros((cap, 2, self.n_features))
-        self._counts[:len(keep)] = counts
-        self._sums[:len(keep)] = sums
-        self._slot_row = {int(slot): i for i, slot in enumerate(ids[keep].tolist())}
 
     def state_dict(self) -> dict[str, Any]:
         raise NotImplementedError("sidewatch: a two-sample comparison is not saved (module docstring)")
