@@ -34,8 +34,8 @@ def _inference(features: np.ndarray) -> TappedInference:
                   {"value": (features @ WEIGHTS).astype(np.float32)[:, None]}, "", VERSION)
 
 
-def _watch(clock, path):
-    config = load_config(overrides={"models": {MODEL: {"reference": str(path)}}})
+def _watch(clock, path, **settings):
+    config = load_config(overrides={"models": {MODEL: {"reference": str(path)}}, **settings})
     metrics = CollectorRegistry()
     watch = DriftWatch(None, config.drift, DriftMetrics(metrics), BoundedModels(8), clock=clock,
                        references=read_references(config.models))
@@ -92,6 +92,34 @@ def test_a_csv_reference_is_watched_from_the_first_request(traffic, tmp_path):
     assert live.state == "collecting" and not any(registry_flags(metrics).values())
     _feed(watch, clock, benign, seconds=0.05)
     assert live.state == "watching" and live.moments["inputs"].n_reference == len(reference)
+
+
+def test_a_reference_is_watched_with_learned_baselines_off_and_restored_only_while_the_file_is_the_same(
+        traffic, tmp_path):
+    reference, benign, _ = traffic
+    path = tmp_path / "reference.csv"
+    _write_csv(path, reference.astype(np.float64), (reference.astype(np.float32) @ WEIGHTS).astype(np.float32))
+    settings = {"drift.baseline.enabled": False, "drift.checkpoint_dir": str(tmp_path / "state")}
+    clock = Clock()
+    watch, _ = _watch(clock, path, **settings)
+    _feed(watch, clock, benign, seconds=120)
+    first = watch.live[(MODEL, VERSION)]
+    assert first.state == "watching"      # from a file, though baselines from traffic are off
+    tested = first.tests.tests["inputs"].n_tested
+    assert tested > 0
+    watch.close()
+    # Restarted with the same file: the fitted baseline and its tests come back (the looks go on).
+    restored, _ = _watch(clock, path, **settings)
+    live = restored.live[(MODEL, VERSION)]
+    assert live.state == "watching" and live.tests.tests["inputs"].n_tested == tested
+    # Restarted with a changed file: not restored; fitted from the new file at the first request.
+    _write_csv(path, reference[:200].astype(np.float64),
+               (reference[:200].astype(np.float32) @ WEIGHTS).astype(np.float32))
+    changed, _ = _watch(clock, path, **settings)
+    live = changed.live[(MODEL, VERSION)]
+    assert live.state == "collecting"
+    _feed(changed, clock, benign, seconds=0.05)
+    assert live.state == "watching" and live.moments["inputs"].n_reference == 200
 
 
 def test_a_jsonl_reference_without_outputs_watches_the_inputs(traffic, tmp_path):

@@ -42,7 +42,7 @@ from agent.dataplane.tap import TappedInference
 from agent.detect.drift.blocks import fit_moments, moment_rows
 from agent.detect.drift.live_detectors import bounded_detector_names
 from agent.detect.drift.moments import MomentFeatures
-from agent.detect.drift.reference_file import reference_key, split_roles, unused_keys
+from agent.detect.drift.reference_file import reference_digest, reference_key, split_roles, unused_keys
 from agent.detect.drift.specs import MAX_TENSORS, MetadataLookup, Question, choose_specs
 from agent.detect.drift.version import VersionDrift
 from agent.detect.features import ModelFeatures, TensorShapeError
@@ -83,6 +83,7 @@ class LiveDrift(VersionDrift):
         self.lookup = lookup
         # The tensors of the model's reference file, by key as written (None: learn from traffic).
         self.reference = reference
+        self.reference_sha256 = None if reference is None else reference_digest(reference)
         self.batch_rows = batch_rows
         self._pending: list[tuple[dict[str, dict[str, np.ndarray]], int]] = []
         self._pending_rows = 0
@@ -239,7 +240,7 @@ class LiveDrift(VersionDrift):
         except (ValueError, TensorShapeError) as err:
             log.warning("sidewatch: %s: cannot fit a drift baseline for %s version %s from the file (%s); learning "
                         "it from traffic instead", key, self.model, self.version, err)
-            self.reference = None
+            self.reference = self.reference_sha256 = None
             self.collect()
             return False
         self._start(features, moments)
@@ -296,7 +297,8 @@ class LiveDrift(VersionDrift):
             return None
         self.flush()
         return {"kind": STATE_KIND, "format_version": FORMAT_VERSION, "model": self.model, "version": self.version,
-                "specs_source": self.specs_source, "features": self.features.state_dict(),
+                "specs_source": self.specs_source, "reference_sha256": self.reference_sha256,
+                "features": self.features.state_dict(),
                 "moments": {part: m.calibration_dict() for part, m in self.moments.items()},
                 "tests": self.tests.state_dict()}
 
@@ -306,6 +308,9 @@ class LiveDrift(VersionDrift):
             raise ValueError(f"sidewatch: not a {STATE_KIND} state of format {FORMAT_VERSION}")
         if (state.get("model"), state.get("version")) != (self.model, self.version):
             raise ValueError("sidewatch: a baseline of another model version")
+        if state.get("reference_sha256") != self.reference_sha256:
+            raise ValueError("sidewatch: a baseline fitted on another reference (the model's reference file was "
+                             "changed, added or removed since)")
         features = ModelFeatures.from_state(state["features"])
         moments = {part: MomentFeatures.from_calibration(d) for part, d in state["moments"].items()}
         self.specs = features.specs

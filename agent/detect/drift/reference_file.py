@@ -40,6 +40,7 @@ unreadable, another suffix, a malformed line, ragged columns or rows) is a
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
@@ -121,6 +122,22 @@ def unused_keys(tensors: Mapping[str, np.ndarray], inputs: Iterable[str], output
         if name not in wanted:
             unused.append(key)
     return unused
+
+
+def reference_digest(tensors: Mapping[str, np.ndarray]) -> str:
+    """A SHA-256 of the tensors as read (names, dtypes, shapes, values): a baseline fitted from a file is
+    restored after a restart only while the file holds the same data."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        array = np.asarray(tensors[name])
+        digest.update(f"{name}\0{array.dtype.str}\0{array.shape}\0".encode())
+        if array.dtype == object:
+            for value in array.flat:
+                item = value if isinstance(value, bytes) else str(value).encode()
+                digest.update(len(item).to_bytes(8, "little") + item)
+        else:
+            digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
 
 
 # --- formats ------------------------------------------------------------------------------------------

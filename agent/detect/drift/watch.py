@@ -238,7 +238,9 @@ class DriftWatch:
         """The live baseline of a version without an artifact; made at its first answered request."""
         key = (model, version)
         watched = self.live.get(key)
-        if watched is None and self._settings.baseline.enabled and len(self.live) < self._max_live:
+        # A model with a reference file is watched from it even when baselines from traffic are off.
+        wanted = self._settings.baseline.enabled or model in self._references
+        if watched is None and wanted and len(self.live) < self._max_live:
             labels = self._bounded(model, version)
             if labels == (OTHER, OTHER):
                 return None
@@ -348,7 +350,7 @@ class DriftWatch:
 
     def _restore_baselines(self) -> None:
         """The baselines learned before a restart: watched again at once, no new collection."""
-        if self._checkpoint_dir is None or not self._settings.baseline.enabled:
+        if self._checkpoint_dir is None or not (self._settings.baseline.enabled or self._references):
             return
         for path in sorted(Path(self._checkpoint_dir).glob("baseline-*.json"))[:self._max_live]:
             try:
