@@ -52,7 +52,12 @@ class Sidecar:
         self.watch, self.drift = self._detectors()
         self._alerts()
         self.policy = SidecarPolicy(self.routes, self.tap, CallLog(config.log_requests), verdicts=self.watch)
-        self.dataplane = GrpcDataPlane(config, self.metrics, self.policy)
+        if config.data_plane == "envoy":
+            from agent.dataplane.envoy.plane import EnvoyDataPlane
+
+            self.dataplane = EnvoyDataPlane(config, self.metrics, self.policy)
+        else:
+            self.dataplane = GrpcDataPlane(config, self.metrics, self.policy)
         self._metrics_server = None
 
     def _detectors(self):
@@ -204,4 +209,8 @@ def check_config(config: ServeConfig) -> list[str]:
 
         read_references(config.models)  # a reference file that is missing or cannot be parsed fails here
     admin_token(config.admin)  # a token file that cannot be read, or one too short, fails here
+    if config.data_plane == "envoy":
+        from agent.dataplane.envoy.plane import envoy_binary
+
+        envoy_binary(config)  # no envoy binary fails here
     return warnings

@@ -24,6 +24,8 @@ def _add_serve(commands) -> None:
     serve.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where the detectors run (default auto)")
     serve.add_argument("--log-requests", action="store_true", default=None,
                        help="log every call (request id, model, status, duration; never the payload)")
+    serve.add_argument("--data-plane", choices=["python", "envoy"],
+                       help="who carries the calls: the grpc.aio relay (python, the default) or Envoy")
     serve.add_argument("--check-config", action="store_true", help="validate the configuration and exit")
     _add_log_options(serve, defaults=False)
     serve.set_defaults(run=_run_serve)
@@ -41,6 +43,7 @@ def _run_serve(args) -> int:
         "detection.model_repository": str(args.model_repository) if args.model_repository else None,
         "detection.device": args.device,
         "log_requests": args.log_requests,
+        "data_plane": args.data_plane,
     }, adversarial_mode_for_every_model=args.adversarial_mode)
     if args.check_config:
         for warning in check_config(config):

