@@ -58,6 +58,7 @@ class ProxyMetrics:
     """The data plane's metrics: traffic, latency, errors and the tap."""
 
     def __init__(self, registry: CollectorRegistry, max_models: int = 64) -> None:
+        self.registry = registry  # for a data plane's own metrics (EnvoyMetrics)
         self.bounded = BoundedModels(max_models)
         self._series: dict[tuple[str, str, str], CallSeries] = {}
         self.requests = Counter(
@@ -146,6 +147,23 @@ class ProxyMetrics:
             if series.labels[0] != OTHER:
                 self._series[key] = series
         return series
+
+
+class EnvoyMetrics:
+    """The Envoy data plane's own metrics (agent/dataplane/envoy), beside ProxyMetrics' call series."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.access_logs_dropped = Counter(
+            "sidewatch_envoy_access_logs_dropped_total",
+            "Access-log entries (one per call) that Envoy dropped because sidewatch read them too slowly: "
+            "those calls are missing from sidewatch_requests_total and the latency histogram.",
+            registry=registry,
+        )
+        self.access_logs_written = Counter(
+            "sidewatch_envoy_access_logs_written_total",
+            "Access-log entries (one per call) that Envoy sent to sidewatch.",
+            registry=registry,
+        )
 
 
 # The squeeze score is an L1 distance between two probability vectors: it lies in [0, 2].

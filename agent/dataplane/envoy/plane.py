@@ -21,13 +21,17 @@ from pathlib import Path
 from grpc import aio
 
 from agent.config import ConfigError, ServeConfig
+from agent.dataplane.envoy.access_log import CLUSTER as ACCESS_LOG_CLUSTER
+from agent.dataplane.envoy.access_log import AccessLogMetrics, access_log_config, grpc_stats_filter
 from agent.dataplane.envoy.binary import find_envoy
-from agent.dataplane.envoy.bootstrap import Loopback, build_bootstrap
+from agent.dataplane.envoy.bootstrap import Loopback, build_bootstrap, http2_cluster
+from agent.dataplane.envoy.envoy_stats import EnvoyStats
+from agent.dataplane.envoy.lua import model_peek_filter
 from agent.dataplane.envoy.supervisor import EnvoyError, EnvoyProcess
 from agent.dataplane.health import UpstreamHealth
 from agent.dataplane.policy import Policy
 from agent.dataplane.upstream import open_upstream_channel
-from agent.metrics import ProxyMetrics
+from agent.metrics import EnvoyMetrics, ProxyMetrics
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +63,17 @@ class EnvoyDataPlane:
         self._work_dir: Path | None = None
         self._own_work_dir = False
         self._draining = False
+        self.access_log = AccessLogMetrics(metrics)
+        self.envoy_metrics = EnvoyMetrics(metrics.registry)
+        self._stats: EnvoyStats | None = None
 
     async def start(self) -> None:
         config = self.config
         self._channel = open_upstream_channel(config)
         self._health_server = aio.server()
         self.health = UpstreamHealth(self._health_server, self._channel, config.upstream_health_interval_seconds)
+        # The access-log service shares the loopback server: it is up before Envoy sends its first entry.
+        self.access_log.add_to(self._health_server)
         health_port = self._health_server.add_insecure_port("127.0.0.1:0")
         await self._health_server.start()
         await self.health.start()
@@ -73,7 +82,13 @@ class EnvoyDataPlane:
         else:
             self._work_dir = config.envoy.work_dir
             self._work_dir.mkdir(parents=True, exist_ok=True)
-        bootstrap = build_bootstrap(config, Loopback(admin_port=config.envoy.admin_port, health_port=health_port))
+        # Per-model call metrics: the Lua filter names the model, grpc_stats counts messages, the access log
+        # carries both to self.access_log (access_log.py).
+        bootstrap = build_bootstrap(
+            config, Loopback(admin_port=config.envoy.admin_port, health_port=health_port),
+            http_filters=[model_peek_filter(), grpc_stats_filter()],
+            clusters=[http2_cluster(ACCESS_LOG_CLUSTER, "127.0.0.1", health_port)],
+            access_logs=[access_log_config()])
         path = self._work_dir / "envoy.json"
         path.write_text(json.dumps(bootstrap, indent=1))
         self.envoy = EnvoyProcess(self.binary, path, self._work_dir, config.envoy.concurrency,
@@ -84,6 +99,8 @@ class EnvoyDataPlane:
         except EnvoyError:
             await self._close_loopback()
             raise
+        self._stats = EnvoyStats(self.envoy, self.metrics, self.envoy_metrics)
+        self._stats.start()
         log.info("sidewatch: envoy %s carries the calls on %s (admin %s)", self.binary, config.listen,
                  self.envoy.admin_url())
 
@@ -98,6 +115,8 @@ class EnvoyDataPlane:
         await self.shutting_down()
         if self.envoy is not None:
             await asyncio.to_thread(self._drain_and_stop)
+        if self._stats is not None:
+            await self._stats.stop()
         await self._close_loopback()
         await self.policy.close()
         if self._own_work_dir and self._work_dir is not None:

@@ -1,0 +1,72 @@
+"""Numbers only Envoy knows, read from its admin API once a second: calls in flight, access-log entries
+sent and dropped.
+
+The access log reports a call when it ends, so the calls in flight come from Envoy's gauges: the
+listener's active requests less those on the health route (served by sidewatch's health service, which
+the Python data plane does not count either). Envoy's counters restart at zero when Envoy restarts; a
+value lower than the last one read is taken as a fresh start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+from agent.dataplane.envoy.supervisor import EnvoyError, EnvoyProcess
+from agent.metrics import EnvoyMetrics, ProxyMetrics
+
+log = logging.getLogger(__name__)
+
+ACTIVE = "http.ingress.downstream_rq_active"
+HEALTH_ACTIVE = "cluster.sidewatch_health.upstream_rq_active"
+DROPPED = "access_logs.grpc_access_log.logs_dropped"
+WRITTEN = "access_logs.grpc_access_log.logs_written"
+STATS_PATH = "/stats?format=json&filter=" + "|".join(
+    f"^{name.replace('.', '[.]')}$" for name in (ACTIVE, HEALTH_ACTIVE, DROPPED, WRITTEN))
+
+
+def read_stats(envoy: EnvoyProcess) -> dict[str, int]:
+    """The stats of STATS_PATH by name (absent ones are left out)."""
+    stats = json.loads(envoy.admin(STATS_PATH))["stats"]
+    return {stat["name"]: int(stat["value"]) for stat in stats if "value" in stat}
+
+
+class EnvoyStats:
+    """Copies Envoy's numbers into the metrics every ``interval`` seconds (module docstring)."""
+
+    def __init__(self, envoy: EnvoyProcess, metrics: ProxyMetrics, envoy_metrics: EnvoyMetrics,
+                 interval: float = 1.0) -> None:
+        self.envoy = envoy
+        self.metrics = metrics
+        self.envoy_metrics = envoy_metrics
+        self.interval = interval
+        self._last = {DROPPED: 0, WRITTEN: 0}
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                self.update(await asyncio.to_thread(read_stats, self.envoy))
+            except (EnvoyError, OSError, ValueError, KeyError) as err:
+                log.debug("sidewatch: envoy stats not read: %s", err)
+            await asyncio.sleep(self.interval)
+
+    def update(self, stats: dict[str, int]) -> None:
+        self.metrics.in_flight.set(max(0, stats.get(ACTIVE, 0) - stats.get(HEALTH_ACTIVE, 0)))
+        for name, counter in ((DROPPED, self.envoy_metrics.access_logs_dropped),
+                              (WRITTEN, self.envoy_metrics.access_logs_written)):
+            value = stats.get(name, 0)
+            counter.inc(value - self._last[name] if value >= self._last[name] else value)
+            self._last[name] = value

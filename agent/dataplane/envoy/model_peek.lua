@@ -1,0 +1,96 @@
+-- sidewatch: the model name and version of a model-scoped Open Inference Protocol call, read from the
+-- first request body chunk (agent/protocol/peek.py does the same in Python) and put in dynamic metadata
+-- (namespace "sidewatch", keys "model" and "version"), where the gRPC access log picks them up.
+--
+-- bodyChunks() hands over each chunk as it passes and never buffers the body (body() would wait for all
+-- of it); the loop stops at the first chunk, so the rest of the call streams through untouched. A chunk
+-- that is too short, compressed or malformed leaves the metadata unset: the call is counted with model
+-- "" and never failed. Values are cut to MAX_LABEL bytes; a value with bytes outside printable ASCII is
+-- sent hex-encoded under "model_hex" / "version_hex" (dynamic metadata is a protobuf Struct, whose
+-- strings must be UTF-8) and decoded by sidewatch as the Python data plane decodes it.
+
+local MAX_LABEL = __MAX_LABEL__
+local MAX_FIELDS = 16        -- the names are near the front, the tensors are not (as in peek.py)
+local PEEK_BYTES = 5 + 2 * (MAX_LABEL + 16)  -- frame header, then fields 1 and 2 with their keys
+
+local MODEL_SCOPED = {
+  ["/inference.GRPCInferenceService/ModelInfer"] = true,
+  ["/inference.GRPCInferenceService/ModelStreamInfer"] = true,
+  ["/inference.GRPCInferenceService/ModelMetadata"] = true,
+  ["/inference.GRPCInferenceService/ModelReady"] = true,
+}
+
+local function varint(s, pos, last)
+  local result, scale = 0, 1
+  for _ = 1, 10 do
+    if pos > last then return nil, pos end
+    local byte = s:byte(pos)
+    pos = pos + 1
+    result = result + (byte % 128) * scale
+    if byte < 128 then return result, pos end
+    scale = scale * 128
+  end
+  return nil, pos
+end
+
+-- (name, version) from a gRPC frame's first bytes; nil where the frame cannot be read.
+local function peek(s)
+  if #s < 5 or s:byte(1) ~= 0 then return nil end  -- too short, or a compressed message
+  local length = ((s:byte(2) * 256 + s:byte(3)) * 256 + s:byte(4)) * 256 + s:byte(5)
+  local last = math.min(#s, 5 + length)   -- the bytes of this message we hold
+  local message_end = 5 + length          -- where the message ends, held or not
+  local name, version = "", ""
+  local pos = 6
+  for _ = 1, MAX_FIELDS do
+    if pos > last then break end
+    local key
+    key, pos = varint(s, pos, last)
+    if key == nil then break end
+    local field, wire = math.floor(key / 8), key % 8
+    if wire == 2 then
+      local size
+      size, pos = varint(s, pos, last)
+      if size == nil or pos + size - 1 > message_end then break end  -- longer than the message: malformed
+      if field == 1 or field == 2 then
+        local value = s:sub(pos, math.min(pos + size - 1, pos + MAX_LABEL - 1, last))
+        if field == 1 then name = value else version = value end
+      elseif pos + size - 1 > last then
+        break  -- another field runs past what was peeked; the names come first
+      end
+      pos = pos + size
+      if field >= 2 and name ~= "" then break end
+    elseif wire == 0 then
+      local _
+      _, pos = varint(s, pos, last)
+      if _ == nil then break end
+    elseif wire == 1 then pos = pos + 8
+    elseif wire == 5 then pos = pos + 4
+    else break end
+  end
+  return name, version
+end
+
+local function put(metadata, key, value)
+  if value == "" then return end
+  if value:find("[^\32-\126]") then
+    metadata:set("sidewatch", key .. "_hex", (value:gsub(".", function(c) return string.format("%02x", c:byte()) end)))
+  else
+    metadata:set("sidewatch", key, value)
+  end
+end
+
+function envoy_on_request(handle)
+  if not MODEL_SCOPED[handle:headers():get(":path")] then return end
+  for chunk in handle:bodyChunks() do
+    local size = chunk:length()
+    if size > 0 then
+      local ok, name, version = pcall(peek, chunk:getBytes(0, math.min(size, PEEK_BYTES)))
+      if ok and name ~= nil then
+        local metadata = handle:streamInfo():dynamicMetadata()
+        put(metadata, "model", name)
+        put(metadata, "version", version)
+      end
+    end
+    return  -- the first chunk only: the rest passes through
+  end
+end
