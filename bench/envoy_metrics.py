@@ -4,14 +4,16 @@
     direct         client -> echo model
     envoy          client -> Envoy (sidewatch's bootstrap, no filter) -> echo model
     envoy-lua      client -> Envoy + the Lua model peek (model_peek.lua) -> echo model
+    envoy-lua-stats  the same + the grpc_stats filter (per-call message counts into filter state)
     envoy-lua-als  client -> `sidewatch serve --data-plane envoy` (Lua peek + grpc_stats + the gRPC access
                    log into sidewatch's ALS, which records the metrics) -> echo model
 
 Figures per path (bench/proxy.py's echo model and measurements): sequential latency (Python gRPC client,
 one call at a time: p50, p99), calls/s with 32 calls in flight on one HTTP/2 connection (h2load), and
 the CPU each server used per call; the median over rounds, the paths in rotated order each round. The
-cost of the Lua peek is envoy-lua over envoy; the cost of the access log (Envoy serialising and sending
-entries, sidewatch decoding and counting them) is envoy-lua-als over envoy-lua. After the load, the
+cost of the Lua peek is envoy-lua over envoy; of grpc_stats, envoy-lua-stats over envoy-lua; of the access
+log (Envoy serialising and sending entries, sidewatch decoding and counting them), envoy-lua-als over
+envoy-lua-stats. After the load, the
 sidecar's sidewatch_requests_total must equal the calls it carried (less Envoy's dropped entries).
 
     PYTHONPATH=$PWD .venv/bin/python bench/envoy_metrics.py --out bench-results/envoy_metrics.json
@@ -49,12 +51,13 @@ from proxy import (  # noqa: E402  (bench/proxy.py, beside this file)
 )
 
 from agent.config import load_config  # noqa: E402
+from agent.dataplane.envoy.access_log import grpc_stats_filter  # noqa: E402
 from agent.dataplane.envoy.binary import find_envoy  # noqa: E402
 from agent.dataplane.envoy.bootstrap import Loopback, build_bootstrap  # noqa: E402
 from agent.dataplane.envoy.lua import model_peek_filter  # noqa: E402
 from agent.dataplane.envoy.supervisor import EnvoyProcess  # noqa: E402
 
-PATHS = ("direct", "envoy", "envoy-lua", "envoy-lua-als")
+PATHS = ("direct", "envoy", "envoy-lua", "envoy-lua-stats", "envoy-lua-als")
 
 
 def start_bare_envoy(tmp: Path, upstream: str, http_filters: list[dict], name: str) -> tuple[EnvoyProcess, str]:
@@ -99,7 +102,8 @@ def run(args: argparse.Namespace) -> dict:
         echo, echo_procs = start_echo_upstream(children, tmp, response, request, "h2", 1)
         addresses = {"direct": echo}
         servers: dict[str, dict[str, list[int]]] = {"direct": {}}
-        for name, filters in (("envoy", []), ("envoy-lua", [model_peek_filter()])):
+        for name, filters in (("envoy", []), ("envoy-lua", [model_peek_filter()]),
+                              ("envoy-lua-stats", [model_peek_filter(), grpc_stats_filter()])):
             envoy, addresses[name] = start_bare_envoy(tmp, echo, filters, name)
             envoys.append(envoy)
             servers[name] = {"envoy": [envoy.process.pid]}
@@ -146,7 +150,7 @@ def run(args: argparse.Namespace) -> dict:
                                   "p99_us_over_envoy": round(base[path]["p99_us"] - base["envoy"]["p99_us"], 1),
                                   "calls_per_s_ratio_to_envoy": round(base[path]["calls_per_s"]
                                                                       / base["envoy"]["calls_per_s"], 3)}
-                           for path in ("envoy-lua", "envoy-lua-als")}
+                           for path in ("envoy-lua", "envoy-lua-stats", "envoy-lua-als")}
         return report
     finally:
         for envoy in envoys:
