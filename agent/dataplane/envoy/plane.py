@@ -21,8 +21,10 @@ from pathlib import Path
 from grpc import aio
 
 from agent.config import ConfigError, ServeConfig
+from agent.dataplane.envoy import ext_proc
 from agent.dataplane.envoy.binary import find_envoy
-from agent.dataplane.envoy.bootstrap import Loopback, build_bootstrap
+from agent.dataplane.envoy.bootstrap import UPSTREAM, Loopback, build_bootstrap
+from agent.dataplane.envoy.sampling import Sampler, SamplingController
 from agent.dataplane.envoy.supervisor import EnvoyError, EnvoyProcess
 from agent.dataplane.health import UpstreamHealth
 from agent.dataplane.policy import Policy
@@ -59,6 +61,9 @@ class EnvoyDataPlane:
         self._work_dir: Path | None = None
         self._own_work_dir = False
         self._draining = False
+        # The tap (ext_proc.py): its server, and the sampler that sets the share copied (sampling.py).
+        self._tap_server: aio.Server | None = None
+        self.sampler: Sampler | None = None
 
     async def start(self) -> None:
         config = self.config
@@ -73,7 +78,15 @@ class EnvoyDataPlane:
         else:
             self._work_dir = config.envoy.work_dir
             self._work_dir.mkdir(parents=True, exist_ok=True)
-        bootstrap = build_bootstrap(config, Loopback(admin_port=config.envoy.admin_port, health_port=health_port))
+        tap = {}
+        if self.policy.keeps_copies:
+            self._tap_server, tap_port = ext_proc.start_server(
+                ext_proc.TapProcessor(config, self.metrics, self.policy), config.tap.max_streams)
+            await self._tap_server.start()
+            tap = {"http_filters": [ext_proc.ext_proc_filter()], "clusters": [ext_proc.ext_proc_cluster(tap_port)],
+                   "routes": ext_proc.sampled_routes(UPSTREAM)}
+        bootstrap = build_bootstrap(config, Loopback(admin_port=config.envoy.admin_port, health_port=health_port),
+                                    **tap)
         path = self._work_dir / "envoy.json"
         path.write_text(json.dumps(bootstrap, indent=1))
         self.envoy = EnvoyProcess(self.binary, path, self._work_dir, config.envoy.concurrency,
@@ -84,8 +97,16 @@ class EnvoyDataPlane:
         except EnvoyError:
             await self._close_loopback()
             raise
+        if self._tap_server is not None and config.tap.cpu_budget_cores is not None:
+            self.sampler = Sampler(SamplingController(config.tap.cpu_budget_cores, config.tap.min_sampled_ratio),
+                                   self.metrics, self._set_sampling, self.policy.tap_load,
+                                   config.tap.sampling_interval_seconds)
+            self.sampler.start()
         log.info("sidewatch: envoy %s carries the calls on %s (admin %s)", self.binary, config.listen,
                  self.envoy.admin_url())
+
+    def _set_sampling(self, per_million: int) -> None:
+        self.envoy.admin(f"/runtime_modify?{ext_proc.RUNTIME_KEY}={per_million}", method="POST")
 
     async def shutting_down(self) -> None:
         """Tell health checks that this replica is going away (load balancers stop sending calls)."""
@@ -118,6 +139,10 @@ class EnvoyDataPlane:
 
     async def _close_loopback(self) -> None:
         await self.shutting_down()  # stops the health watcher too
+        if self.sampler is not None:
+            await asyncio.to_thread(self.sampler.stop)
+        if self._tap_server is not None:
+            await self._tap_server.stop(0)
         if self._health_server is not None:
             await self._health_server.stop(0)
         if self._channel is not None:
