@@ -18,6 +18,8 @@ LATENCY_BUCKETS_SECONDS = (
 )
 
 OTHER = "_other"
+# Why a copy from Envoy's tap was dropped before the tap queue (agent/dataplane/envoy/ext_proc.py).
+TAP_DROP_REASONS = ("too_large", "buffer", "compressed", "unpaired")
 
 
 class BoundedModels:
@@ -125,6 +127,8 @@ class ProxyMetrics:
             ["reason"],
             registry=registry,
         )
+        for reason in TAP_DROP_REASONS:  # every reason has a series from the start, 0 until it happens
+            self.tap_copies_dropped.labels(reason)
         self.tap_sampled_ratio = Gauge(
             "sidewatch_tap_sampled_ratio",
             "Share of inference calls the data plane copies to the tap (1: every call; lower when sampling "

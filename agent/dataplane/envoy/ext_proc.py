@@ -33,7 +33,7 @@ from agent.dataplane.envoy.bootstrap import http2_cluster, upstream_route
 from agent.dataplane.envoy.frames import Frames
 from agent.dataplane.policy import Policy
 from agent.dataplane.tap import TapRecord
-from agent.metrics import ProxyMetrics
+from agent.metrics import TAP_DROP_REASONS, ProxyMetrics
 from agent.protocol import paths
 from agent.protocol.peek import peek_model
 
@@ -48,8 +48,6 @@ EXT_PROC_PER_ROUTE = "type.googleapis.com/envoy.extensions.filters.http.ext_proc
 FILTER_CONFIG = "type.googleapis.com/envoy.config.route.v3.FilterConfig"
 # The methods whose calls are copied, with the method label of their TapRecords.
 TAPPED = {paths.MODEL_INFER: "ModelInfer", paths.MODEL_STREAM_INFER: "ModelStreamInfer"}
-# Why a copy was dropped (the label values of sidewatch_tap_copies_dropped_total): bounded.
-DROP_REASONS = ("too_large", "buffer", "compressed", "unpaired")
 
 
 # --- Envoy's side: the filter, its cluster and the sampled routes -----------------------------------
@@ -156,7 +154,7 @@ class TapProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):
         self.metrics = metrics
         self.policy = policy
         self.holdings = Holdings(config.tap.max_buffered_bytes)
-        self._dropped = {reason: metrics.tap_copies_dropped.labels(reason) for reason in DROP_REASONS}
+        self._dropped = {reason: metrics.tap_copies_dropped.labels(reason) for reason in TAP_DROP_REASONS}
 
     async def Process(self, request_iterator, context: aio.ServicerContext) -> None:  # noqa: N802 - gRPC's name
         call: CallCopy | None = None
