@@ -64,8 +64,9 @@ class Tap(Strict):
     # the sidecar process (the tap and the detectors: Envoy carries the calls) uses at most this many
     # cores and the tap queue does not fill. None: every call is copied (a full queue still drops).
     cpu_budget_cores: float | None = Field(1.0, gt=0)
-    # The share never falls below this, so the detectors always see some traffic.
-    min_sampled_ratio: float = Field(0.001, gt=0, le=1)
+    # The share never falls below this, so the detectors always see some traffic (Envoy samples in whole
+    # percent: 0.01 is the least).
+    min_sampled_ratio: float = Field(0.01, ge=0.01, le=1)
     sampling_interval_seconds: float = Field(1.0, gt=0)
 
     @model_validator(mode="after")

@@ -1,5 +1,5 @@
 """The Envoy tap's pure parts: gRPC frames out of body chunks (frames.py) and the sampling controller
-(sampling.py). The whole, with a real Envoy, is tests/integration/test_envoy_tap.py."""
+(sampling.py). The whole, with a real Envoy, is tests/integration/test_envoy_tap_sidecar.py."""
 
 from __future__ import annotations
 
@@ -72,11 +72,11 @@ def test_a_filling_queue_halves_the_share_whatever_the_cpu():
 
 
 def test_the_share_never_falls_below_the_floor():
-    controller = SamplingController(budget_cores=0.01, min_ratio=0.001)
+    controller = SamplingController(budget_cores=0.01, min_ratio=0.01)
     ratio = 1.0
     for _ in range(50):  # a budget that cannot hold: the floor, not zero
         ratio = controller.next_ratio(ratio, cpu_cores=0.5, queue_load=1.0)
-    assert ratio == 0.001
+    assert ratio == 0.01
 
 
 def test_the_share_settles_where_the_budget_holds():
@@ -86,4 +86,4 @@ def test_the_share_settles_where_the_budget_holds():
     ratio = 1.0
     for _ in range(30):
         ratio = controller.next_ratio(ratio, cpu_cores=0.05 + 2.0 * ratio, queue_load=0.0)
-    assert 0.8 * 1.0 - 1e-6 <= 0.05 + 2.0 * ratio <= 1.0
+    assert 0.8 * 1.0 - 0.02 <= 0.05 + 2.0 * ratio <= 1.0  # within a percent step of the aim

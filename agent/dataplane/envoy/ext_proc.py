@@ -7,8 +7,9 @@ Envoy's speed whatever sidewatch does with the copy, and sidewatch answers nothi
 
 The filter is in the chain but disabled (``disabled: true``); only the routes of ModelInfer and
 ModelStreamInfer enable it, and only for the share of calls their ``runtime_fraction`` picks (runtime key
-``sidewatch.tap.per_million``, a number out of 1,000,000 that sampling.py moves through Envoy's admin
-API). Calls that are not picked fall through to the plain upstream route and cost the filter nothing.
+``sidewatch.tap.percent``, a whole percentage that sampling.py moves through Envoy's admin API: a
+runtime value set there is read as a percentage out of 100, so 1% is the finest step).
+Calls that are not picked fall through to the plain upstream route and cost the filter nothing.
 
 :class:`TapProcessor` reassembles the gRPC messages of each copied call (frames.py) and hands the tap the
 same :class:`TapRecord` as the grpc.aio relay: for ModelInfer once the trailers say OK, for
@@ -41,8 +42,7 @@ log = logging.getLogger(__name__)
 
 FILTER = "envoy.filters.http.ext_proc"
 CLUSTER = "sidewatch_tap"
-RUNTIME_KEY = "sidewatch.tap.per_million"
-PER_MILLION = 1_000_000
+RUNTIME_KEY = "sidewatch.tap.percent"
 EXT_PROC = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
 EXT_PROC_PER_ROUTE = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute"
 FILTER_CONFIG = "type.googleapis.com/envoy.config.route.v3.FilterConfig"
@@ -60,6 +60,9 @@ def ext_proc_filter() -> dict[str, Any]:
         # Envoy sends and never waits: the tap cannot slow a call, and a dead sidewatch fails nothing.
         "observability_mode": True,
         "failure_mode_allow": True,
+        # A call that ends without trailers (an error answered trailers-only) leaves its copy's stream
+        # open until Envoy closes it this long after the call: short, since open streams are bounded.
+        "deferred_close_timeout": "1s",
         # No request trailers (gRPC clients send none) and no response headers (an error's trailers-only
         # answer is no copy anyway): fewer messages per call.
         "processing_mode": {"request_header_mode": "SEND", "response_header_mode": "SKIP",
@@ -77,7 +80,7 @@ def sampled_routes(upstream_cluster: str) -> list[dict[str, Any]]:
     """Routes of the tapped methods that enable the filter for the sampled share of calls; matched before
     the others, and the calls they do not pick fall through to the plain upstream route."""
     enable = {FILTER: {"@type": FILTER_CONFIG, "config": {"@type": EXT_PROC_PER_ROUTE, "overrides": {}}}}
-    fraction = {"default_value": {"numerator": PER_MILLION, "denominator": "MILLION"}, "runtime_key": RUNTIME_KEY}
+    fraction = {"default_value": {"numerator": 100, "denominator": "HUNDRED"}, "runtime_key": RUNTIME_KEY}
     routes = []
     for path in TAPPED:
         route = upstream_route({"path": path, "runtime_fraction": fraction}, upstream_cluster)
@@ -174,6 +177,9 @@ class TapProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):
                     self._responses(call, message.response_body.body)
                 elif kind == "response_trailers":
                     self._trailers(call, _header(message.response_trailers.trailers, "grpc-status"))
+                    # The call is over: end the copy's stream now rather than when Envoy closes it
+                    # (deferred_close_timeout later), so that it stops counting against max_streams.
+                    return
         finally:
             if call is not None:
                 call.release()

@@ -105,8 +105,8 @@ class EnvoyDataPlane:
         log.info("sidewatch: envoy %s carries the calls on %s (admin %s)", self.binary, config.listen,
                  self.envoy.admin_url())
 
-    def _set_sampling(self, per_million: int) -> None:
-        self.envoy.admin(f"/runtime_modify?{ext_proc.RUNTIME_KEY}={per_million}", method="POST")
+    def _set_sampling(self, percent: int) -> None:
+        self.envoy.admin(f"/runtime_modify?{ext_proc.RUNTIME_KEY}={percent}", method="POST")
 
     async def shutting_down(self) -> None:
         """Tell health checks that this replica is going away (load balancers stop sending calls)."""

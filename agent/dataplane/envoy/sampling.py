@@ -2,7 +2,8 @@
 
 Envoy copies a call to the tap when its route's ``runtime_fraction`` picks it (ext_proc.py); the
 fraction is a runtime value that sidewatch moves through Envoy's admin API
-(``POST /runtime_modify?sidewatch.tap.per_million=N``). Envoy draws per call and never waits for
+(``POST /runtime_modify?sidewatch.tap.percent=N``). Envoy reads an integer set there as a percentage, so
+the share moves in steps of 1% and never goes below 1% (``min_ratio``). Envoy draws per call and never waits for
 sidewatch, so sampling never slows a call: it only decides how much the detectors see.
 
 :class:`SamplingController` is the decision, pure logic: given the share copied during the last interval,
@@ -15,7 +16,7 @@ Runtime's included). The cost is taken as proportional to the share:
 - over the budget: scale the share down to aim at ``headroom`` of the budget;
 - under the aim: scale it up the same way, at most doubling per interval (the estimate is poor when
   few calls were copied, so the climb is gradual);
-- never below ``min_ratio`` (the detectors keep seeing some traffic) nor above 1.
+- never below ``min_ratio`` (the detectors keep seeing some traffic) nor above 1; in whole percent.
 
 >>> controller = SamplingController(budget_cores=1.0)
 >>> controller.next_ratio(ratio=1.0, cpu_cores=2.0, queue_load=0.0)
@@ -48,7 +49,7 @@ log = logging.getLogger(__name__)
 class SamplingController:
     """The next share of calls to copy (module docstring)."""
 
-    def __init__(self, budget_cores: float, min_ratio: float = 0.001, headroom: float = 0.8,
+    def __init__(self, budget_cores: float, min_ratio: float = 0.01, headroom: float = 0.8,
                  max_step: float = 2.0) -> None:
         self.budget_cores = budget_cores
         self.min_ratio = min_ratio
@@ -63,11 +64,11 @@ class SamplingController:
             ratio = ratio * aim / cpu_cores
         elif cpu_cores < aim:
             ratio = ratio * min(self.max_step, aim / max(cpu_cores, 1e-9))
-        return round(min(1.0, max(self.min_ratio, ratio)), 6)
+        return round(min(1.0, max(self.min_ratio, ratio)), 2)
 
 
 class Sampler:
-    """The thread that applies the controller (module docstring). ``apply(per_million)`` tells Envoy;
+    """The thread that applies the controller (module docstring). ``apply(percent)`` tells Envoy;
     ``queue_load()`` is how full the tap queue is, 0 to 1."""
 
     def __init__(self, controller: SamplingController, metrics: ProxyMetrics, apply: Callable[[int], None],
@@ -107,7 +108,7 @@ class Sampler:
 
     def _tell_envoy(self) -> None:
         try:
-            self.apply(round(self.ratio * 1_000_000))
+            self.apply(round(self.ratio * 100))
         except (OSError, urllib.error.URLError, RuntimeError) as err:
             # Envoy restarting: the next interval tries again.
             self._log.warning("runtime", "sidewatch: cannot set envoy's tap sampling: %s", err)

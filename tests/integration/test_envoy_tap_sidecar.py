@@ -48,9 +48,10 @@ def images(n: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def sidecar(tmp_path_factory, model_server):
-    """Envoy with every call copied (a budget it cannot reach): (process, port, metrics port)."""
+    """Envoy with every call copied (a budget it cannot reach): (process, port, metrics port). At most 8
+    copies open at once: more calls than that are copied only if each copy's stream ends with its call."""
     process, port, metrics_port = envoy_sidecar(tmp_path_factory.mktemp("envoy-tap"), model_server,
-                                                {"cpu_budget_cores": 64.0})
+                                                {"cpu_budget_cores": 64.0, "max_streams": 8})
     yield process, port, metrics_port
     process.stop()
 
