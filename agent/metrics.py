@@ -18,6 +18,8 @@ LATENCY_BUCKETS_SECONDS = (
 )
 
 OTHER = "_other"
+# Why a copy from Envoy's tap was dropped before the tap queue (agent/dataplane/envoy/ext_proc.py).
+TAP_DROP_REASONS = ("too_large", "buffer", "compressed", "unpaired")
 
 
 class BoundedModels:
@@ -109,6 +111,36 @@ class ProxyMetrics:
         self.tap_dropped = Counter(
             "sidewatch_tap_dropped_total",
             "Copies of inference calls dropped because the tap queue was full (the call itself was forwarded).",
+            registry=registry,
+        )
+        # The Envoy data plane's tap (agent/dataplane/envoy): copies from Envoy, and the share sampled.
+        self.tap_copies_received = Counter(
+            "sidewatch_tap_copies_received_total",
+            "Copies of inference calls received from the data plane's tap (Envoy's ext_proc filter) and offered "
+            "to the tap queue.",
+            registry=registry,
+        )
+        self.tap_copies_dropped = Counter(
+            "sidewatch_tap_copies_dropped_total",
+            "Copies of inference calls dropped before the tap queue, by reason (too_large: a message over "
+            "tap.max_message_bytes; buffer: a call over its buffer bounds; compressed; unpaired: a streamed "
+            "request with no room to wait for its response).",
+            ["reason"],
+            registry=registry,
+        )
+        for reason in TAP_DROP_REASONS:  # every reason has a series from the start, 0 until it happens
+            self.tap_copies_dropped.labels(reason)
+        self.tap_sampled_ratio = Gauge(
+            "sidewatch_tap_sampled_ratio",
+            "Share of inference calls the data plane copies to the tap (1: every call; lower when sampling "
+            "keeps the detectors within tap.cpu_budget_cores).",
+            registry=registry,
+        )
+        self.tap_sampled_ratio.set(1.0)
+        self.tap_cpu_cores = Gauge(
+            "sidewatch_tap_cpu_cores",
+            "CPU the sidecar process used, in cores, over the last sampling interval (Envoy data plane: the tap "
+            "and the detectors).",
             registry=registry,
         )
         self.tap_processed = Counter(

@@ -52,6 +52,28 @@ class Tap(Strict):
     # A detector call that runs longer is given up on: that detector gets no copies until the call
     # returns, and the others go on (on a new consumer thread).
     sink_timeout_seconds: float = Field(10.0, gt=0)
+    # The Envoy data plane (agent/dataplane/envoy/ext_proc.py): copies come from Envoy's ext_proc filter as
+    # body chunks. A copy whose message is larger, or whose call holds more bytes, is dropped and counted;
+    # so is one that would take the bytes held by every call past max_buffered_bytes.
+    max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    max_call_buffer_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    max_buffered_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    # Calls copied at once (ext_proc streams open); beyond it Envoy's copies are refused, the calls go on.
+    max_streams: int = Field(64, ge=1)
+    # Sampling under Envoy (agent/dataplane/envoy/sampling.py): the share of calls copied adapts so that
+    # the sidecar process (the tap and the detectors: Envoy carries the calls) uses at most this many
+    # cores and the tap queue does not fill. None: every call is copied (a full queue still drops).
+    cpu_budget_cores: float | None = Field(1.0, gt=0)
+    # The share never falls below this, so the detectors always see some traffic (Envoy samples in whole
+    # percent: 0.01 is the least).
+    min_sampled_ratio: float = Field(0.01, ge=0.01, le=1)
+    sampling_interval_seconds: float = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _buffer_holds_a_message(self) -> "Tap":
+        if self.max_call_buffer_bytes < self.max_message_bytes + 5:
+            raise ValueError("max_call_buffer_bytes must hold a whole message: at least max_message_bytes + 5")
+        return self
 
 
 class Metrics(Strict):

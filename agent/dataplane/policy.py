@@ -101,6 +101,11 @@ class Policy:
     def completed(self, record: TapRecord) -> None:
         """The after step of an inference answered OK: its request and response, as bytes."""
 
+    def tap_load(self) -> float:
+        """How full the tap's queue is, 0 to 1 (0 without a tap): a data plane that samples copies slows
+        down before the queue drops them."""
+        return 0.0
+
     def finished(self, context: "aio.ServicerContext", labels: tuple[str, str, str], code: grpc.StatusCode,
                  duration: float) -> None:
         """The after step of every call: its bounded (model, version, method) labels, status and duration."""
@@ -153,6 +158,9 @@ class SidecarPolicy(Policy):
 
     def completed(self, record: TapRecord) -> None:
         self._tap.offer(record)
+
+    def tap_load(self) -> float:
+        return self._tap.load() if self._tap is not None else 0.0
 
     def finished(self, context: "aio.ServicerContext", labels: tuple[str, str, str], code: grpc.StatusCode,
                  duration: float) -> None:

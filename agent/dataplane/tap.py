@@ -119,6 +119,10 @@ class Tap:
         self._metrics.tap_enqueued.inc()
         return True
 
+    def load(self) -> float:
+        """How full the queue is, 0 to 1 (sampling under Envoy halves the copies past one half)."""
+        return len(self._queue) / self._capacity
+
     def start(self) -> None:
         self._stopping.clear()
         self._thread = self._start_consumer()

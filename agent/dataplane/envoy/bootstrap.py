@@ -66,15 +66,22 @@ def http2_cluster(name: str, host: str, port: int, connect_timeout: str = "5s") 
     }
 
 
-def _route(prefix: str, cluster: str) -> dict[str, Any]:
+def upstream_route(match: dict[str, Any], cluster: str) -> dict[str, Any]:
+    """A route of the calls ``match`` picks to ``cluster``, with the deadlines of every route here."""
     # timeout 0: no route timeout (streams); grpc_timeout_header_max 0: the call's grpc-timeout is its deadline.
-    return {"match": {"prefix": prefix}, "route": {"cluster": cluster, "timeout": "0s",
-                                                   "max_stream_duration": {"grpc_timeout_header_max": "0s"}}}
+    return {"match": match, "route": {"cluster": cluster, "timeout": "0s",
+                                      "max_stream_duration": {"grpc_timeout_header_max": "0s"}}}
+
+
+def _route(prefix: str, cluster: str) -> dict[str, Any]:
+    return upstream_route({"prefix": prefix}, cluster)
 
 
 def build_bootstrap(config: ServeConfig, loopback: Loopback, http_filters: list[dict[str, Any]] = (),
-                    clusters: list[dict[str, Any]] = (), access_logs: list[dict[str, Any]] = ()) -> dict[str, Any]:
-    """The bootstrap for ``config`` (module docstring). ``http_filters`` run in order before the router."""
+                    clusters: list[dict[str, Any]] = (), access_logs: list[dict[str, Any]] = (),
+                    routes: list[dict[str, Any]] = ()) -> dict[str, Any]:
+    """The bootstrap for ``config`` (module docstring). ``http_filters`` run in order before the router;
+    ``routes`` are matched before the health and upstream routes."""
     listen_host, listen_port = split_address(config.listen)
     upstream_host, upstream_port = split_address(config.upstream.address)
     manager = {
@@ -84,7 +91,7 @@ def build_bootstrap(config: ServeConfig, loopback: Loopback, http_filters: list[
         "http2_protocol_options": {"initial_stream_window_size": STREAM_WINDOW_BYTES,
                                    "initial_connection_window_size": CONNECTION_WINDOW_BYTES},
         "route_config": {"name": "routes", "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [
-            _route(HEALTH_PREFIX, HEALTH), _route("/", UPSTREAM)]}]},
+            *routes, _route(HEALTH_PREFIX, HEALTH), _route("/", UPSTREAM)]}]},
         "http_filters": [*http_filters, {"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER}}],
     }
     if access_logs:
@@ -92,6 +99,10 @@ def build_bootstrap(config: ServeConfig, loopback: Loopback, http_filters: list[
     return {
         "node": {"id": "sidewatch", "cluster": "sidewatch"},
         "admin": {"address": socket_address("127.0.0.1", loopback.admin_port)},
+        # An admin layer, so that sidewatch can set runtime values (the tap's sampled share) with
+        # POST /runtime_modify; without one Envoy refuses that call.
+        "layered_runtime": {"layers": [{"name": "static", "static_layer": {}},
+                                       {"name": "admin", "admin_layer": {}}]},
         "static_resources": {
             "listeners": [{
                 "name": "ingress",

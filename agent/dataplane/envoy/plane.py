@@ -21,12 +21,14 @@ from pathlib import Path
 from grpc import aio
 
 from agent.config import ConfigError, ServeConfig
+from agent.dataplane.envoy import ext_proc
 from agent.dataplane.envoy.access_log import CLUSTER as ACCESS_LOG_CLUSTER
 from agent.dataplane.envoy.access_log import AccessLogMetrics, access_log_config, grpc_stats_filter
 from agent.dataplane.envoy.binary import find_envoy
-from agent.dataplane.envoy.bootstrap import Loopback, build_bootstrap, http2_cluster
+from agent.dataplane.envoy.bootstrap import UPSTREAM, Loopback, build_bootstrap, http2_cluster
 from agent.dataplane.envoy.envoy_stats import EnvoyStats
 from agent.dataplane.envoy.lua import model_peek_filter
+from agent.dataplane.envoy.sampling import Sampler, SamplingController
 from agent.dataplane.envoy.supervisor import EnvoyError, EnvoyProcess
 from agent.dataplane.health import UpstreamHealth
 from agent.dataplane.policy import Policy
@@ -66,6 +68,9 @@ class EnvoyDataPlane:
         self.access_log = AccessLogMetrics(metrics)
         self.envoy_metrics = EnvoyMetrics(metrics.registry)
         self._stats: EnvoyStats | None = None
+        # The tap (ext_proc.py): its server, and the sampler that sets the share copied (sampling.py).
+        self._tap_server: aio.Server | None = None
+        self.sampler: Sampler | None = None
 
     async def start(self) -> None:
         config = self.config
@@ -83,12 +88,21 @@ class EnvoyDataPlane:
             self._work_dir = config.envoy.work_dir
             self._work_dir.mkdir(parents=True, exist_ok=True)
         # Per-model call metrics: the Lua filter names the model, grpc_stats counts messages, the access log
-        # carries both to self.access_log (access_log.py).
+        # carries both to self.access_log (access_log.py). The tap (ext_proc.py) copies the calls its routes
+        # sample, after them.
+        http_filters = [model_peek_filter(), grpc_stats_filter()]
+        clusters = [http2_cluster(ACCESS_LOG_CLUSTER, "127.0.0.1", health_port)]
+        routes = []
+        if self.policy.keeps_copies:
+            self._tap_server, tap_port = ext_proc.start_server(
+                ext_proc.TapProcessor(config, self.metrics, self.policy), config.tap.max_streams)
+            await self._tap_server.start()
+            http_filters.append(ext_proc.ext_proc_filter())
+            clusters.append(ext_proc.ext_proc_cluster(tap_port))
+            routes = ext_proc.sampled_routes(UPSTREAM)
         bootstrap = build_bootstrap(
             config, Loopback(admin_port=config.envoy.admin_port, health_port=health_port),
-            http_filters=[model_peek_filter(), grpc_stats_filter()],
-            clusters=[http2_cluster(ACCESS_LOG_CLUSTER, "127.0.0.1", health_port)],
-            access_logs=[access_log_config()])
+            http_filters=http_filters, clusters=clusters, access_logs=[access_log_config()], routes=routes)
         path = self._work_dir / "envoy.json"
         path.write_text(json.dumps(bootstrap, indent=1))
         self.envoy = EnvoyProcess(self.binary, path, self._work_dir, config.envoy.concurrency,
@@ -101,8 +115,16 @@ class EnvoyDataPlane:
             raise
         self._stats = EnvoyStats(self.envoy, self.metrics, self.envoy_metrics)
         self._stats.start()
+        if self._tap_server is not None and config.tap.cpu_budget_cores is not None:
+            self.sampler = Sampler(SamplingController(config.tap.cpu_budget_cores, config.tap.min_sampled_ratio),
+                                   self.metrics, self._set_sampling, self.policy.tap_load,
+                                   config.tap.sampling_interval_seconds)
+            self.sampler.start()
         log.info("sidewatch: envoy %s carries the calls on %s (admin %s)", self.binary, config.listen,
                  self.envoy.admin_url())
+
+    def _set_sampling(self, percent: int) -> None:
+        self.envoy.admin(f"/runtime_modify?{ext_proc.RUNTIME_KEY}={percent}", method="POST")
 
     async def shutting_down(self) -> None:
         """Tell health checks that this replica is going away (load balancers stop sending calls)."""
@@ -137,6 +159,10 @@ class EnvoyDataPlane:
 
     async def _close_loopback(self) -> None:
         await self.shutting_down()  # stops the health watcher too
+        if self.sampler is not None:
+            await asyncio.to_thread(self.sampler.stop)
+        if self._tap_server is not None:
+            await self._tap_server.stop(0)
         if self._health_server is not None:
             await self._health_server.stop(0)
         if self._channel is not None:

@@ -1,0 +1,241 @@
+"""The tap under Envoy: copies of inference calls from Envoy's ext_proc filter, in observability mode.
+
+Envoy's ``envoy.filters.http.ext_proc`` filter, with ``observability_mode: true``, sends sidewatch's
+ExternalProcessor service a copy of what passes through a call (request headers, request and response
+bodies streamed chunk by chunk, response trailers) and never waits for an answer: the call goes on at
+Envoy's speed whatever sidewatch does with the copy, and sidewatch answers nothing.
+
+The filter is in the chain but disabled (``disabled: true``); only the routes of ModelInfer and
+ModelStreamInfer enable it, and only for the share of calls their ``runtime_fraction`` picks (runtime key
+``sidewatch.tap.percent``, a whole percentage that sampling.py moves through Envoy's admin API: a
+runtime value set there is read as a percentage out of 100, so 1% is the finest step).
+Calls that are not picked fall through to the plain upstream route and cost the filter nothing.
+
+:class:`TapProcessor` reassembles the gRPC messages of each copied call (frames.py) and hands the tap the
+same :class:`TapRecord` as the grpc.aio relay: for ModelInfer once the trailers say OK, for
+ModelStreamInfer one per response message, paired in order with the requests. Everything a client sizes
+is bounded: the message size, the bytes held per call and in all (a call over a bound is dropped from the
+tap and counted by reason), the streamed requests waiting for a response, and the number of open
+streams (the gRPC server's ``maximum_concurrent_rpcs``).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from typing import Any
+
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
+from grpc import aio
+
+from agent.config import ServeConfig
+from agent.dataplane.envoy.bootstrap import http2_cluster, upstream_route
+from agent.dataplane.envoy.frames import Frames
+from agent.dataplane.policy import Policy
+from agent.dataplane.tap import TapRecord
+from agent.metrics import TAP_DROP_REASONS, ProxyMetrics
+from agent.protocol import paths
+from agent.protocol.peek import peek_model
+
+log = logging.getLogger(__name__)
+
+FILTER = "envoy.filters.http.ext_proc"
+CLUSTER = "sidewatch_tap"
+RUNTIME_KEY = "sidewatch.tap.percent"
+EXT_PROC = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
+EXT_PROC_PER_ROUTE = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute"
+FILTER_CONFIG = "type.googleapis.com/envoy.config.route.v3.FilterConfig"
+# The methods whose calls are copied, with the method label of their TapRecords.
+TAPPED = {paths.MODEL_INFER: "ModelInfer", paths.MODEL_STREAM_INFER: "ModelStreamInfer"}
+
+
+# --- Envoy's side: the filter, its cluster and the sampled routes -----------------------------------
+
+def ext_proc_filter() -> dict[str, Any]:
+    """The ext_proc HTTP filter, disabled unless a route enables it (module docstring)."""
+    return {"name": FILTER, "disabled": True, "typed_config": {
+        "@type": EXT_PROC,
+        "grpc_service": {"envoy_grpc": {"cluster_name": CLUSTER}},
+        # Envoy sends and never waits: the tap cannot slow a call, and a dead sidewatch fails nothing.
+        "observability_mode": True,
+        "failure_mode_allow": True,
+        # A call that ends without trailers (an error answered trailers-only) leaves its copy's stream
+        # open until Envoy closes it this long after the call: short, since open streams are bounded.
+        "deferred_close_timeout": "1s",
+        # No request trailers (gRPC clients send none) and no response headers (an error's trailers-only
+        # answer is no copy anyway): fewer messages per call.
+        "processing_mode": {"request_header_mode": "SEND", "response_header_mode": "SKIP",
+                            "request_body_mode": "STREAMED", "response_body_mode": "STREAMED",
+                            "request_trailer_mode": "SKIP", "response_trailer_mode": "SEND"},
+        "stat_prefix": "sidewatch_tap",
+    }}
+
+
+def ext_proc_cluster(port: int) -> dict[str, Any]:
+    return http2_cluster(CLUSTER, "127.0.0.1", port, connect_timeout="1s")
+
+
+def sampled_routes(upstream_cluster: str) -> list[dict[str, Any]]:
+    """Routes of the tapped methods that enable the filter for the sampled share of calls; matched before
+    the others, and the calls they do not pick fall through to the plain upstream route."""
+    enable = {FILTER: {"@type": FILTER_CONFIG, "config": {"@type": EXT_PROC_PER_ROUTE, "overrides": {}}}}
+    fraction = {"default_value": {"numerator": 100, "denominator": "HUNDRED"}, "runtime_key": RUNTIME_KEY}
+    routes = []
+    for path in TAPPED:
+        route = upstream_route({"path": path, "runtime_fraction": fraction}, upstream_cluster)
+        route["typed_per_filter_config"] = enable
+        routes.append(route)
+    return routes
+
+
+# --- sidewatch's side: the copies ------------------------------------------------------------------
+
+class Holdings:
+    """Bytes held by every call being reassembled, against one bound for them all."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+
+class CallCopy:
+    """The copy of one call, as its pieces arrive (module docstring)."""
+
+    def __init__(self, method: str, config: ServeConfig, holdings: Holdings) -> None:
+        tap = config.tap
+        self.method = method
+        self.streaming = method == "ModelStreamInfer"
+        self.requests = Frames(tap.max_message_bytes, tap.max_call_buffer_bytes)
+        self.responses = Frames(tap.max_message_bytes, tap.max_call_buffer_bytes)
+        # Requests waiting for their response: (message, time.time() and perf_counter() when it came).
+        self.pending: collections.deque[tuple[bytes, float, float]] = collections.deque()
+        self.max_pending = tap.max_pending_stream_requests
+        self.response: bytes | None = None
+        self.received_at = time.time()
+        self.started = time.perf_counter()
+        self.max_call_bytes = tap.max_call_buffer_bytes
+        self.holdings = holdings
+        self.held = 0
+        self.dropped: str | None = None
+
+    def hold(self) -> bool:
+        """Recount the bytes this call holds; False (and dropped) when a bound is passed."""
+        held = (self.requests.buffered + self.responses.buffered + sum(len(m) for m, _, _ in self.pending)
+                + len(self.response or b""))
+        self.holdings.held += held - self.held
+        self.held = held
+        if held > self.max_call_bytes or self.holdings.held > self.holdings.limit:
+            self.drop("buffer")
+            return False
+        return True
+
+    def drop(self, reason: str) -> None:
+        if self.dropped is None:
+            self.dropped = reason
+        self.pending.clear()
+        self.response = None
+        self.release()
+
+    def release(self) -> None:
+        self.holdings.held -= self.held
+        self.held = 0
+
+
+def _header(headers, name: str) -> str | None:
+    for header in headers.headers:
+        if header.key == name:
+            return header.raw_value.decode("latin-1") if header.raw_value else header.value
+    return None
+
+
+class TapProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):
+    """The ExternalProcessor service: one stream per copied call; hands the policy a TapRecord per copy."""
+
+    def __init__(self, config: ServeConfig, metrics: ProxyMetrics, policy: Policy) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.policy = policy
+        self.holdings = Holdings(config.tap.max_buffered_bytes)
+        self._dropped = {reason: metrics.tap_copies_dropped.labels(reason) for reason in TAP_DROP_REASONS}
+
+    async def Process(self, request_iterator, context: aio.ServicerContext) -> None:  # noqa: N802 - gRPC's name
+        call: CallCopy | None = None
+        try:
+            async for message in request_iterator:
+                kind = message.WhichOneof("request")
+                if kind == "request_headers":
+                    method = TAPPED.get(_header(message.request_headers.headers, ":path") or "")
+                    if method is None:
+                        return  # not an inference call: nothing to copy (a route sent it by mistake)
+                    call = CallCopy(method, self.config, self.holdings)
+                elif call is None or call.dropped is not None:
+                    continue
+                elif kind == "request_body":
+                    self._requests(call, message.request_body.body)
+                elif kind == "response_body":
+                    self._responses(call, message.response_body.body)
+                elif kind == "response_trailers":
+                    self._trailers(call, _header(message.response_trailers.trailers, "grpc-status"))
+                    # The call is over: end the copy's stream now rather than when Envoy closes it
+                    # (deferred_close_timeout later), so that it stops counting against max_streams.
+                    return
+        finally:
+            if call is not None:
+                call.release()
+
+    def _requests(self, call: CallCopy, chunk: bytes) -> None:
+        now, started = time.time(), time.perf_counter()
+        for message in call.requests.feed(chunk):
+            if call.streaming and len(call.pending) >= call.max_pending:
+                call.pending.popleft()  # as the relay does: the oldest waiting request loses its copy
+                self._dropped["unpaired"].inc()
+            call.pending.append((message, now, started))
+        self._check(call, call.requests)
+
+    def _responses(self, call: CallCopy, chunk: bytes) -> None:
+        for message in call.responses.feed(chunk):
+            if not call.pending:
+                continue  # a response without a request copy (dropped above)
+            if call.streaming:
+                request, arrived, started = call.pending.popleft()
+                self._complete(call, request, message, arrived, time.perf_counter() - started)
+            else:
+                call.response = message
+        self._check(call, call.responses)
+
+    def _check(self, call: CallCopy, frames: Frames) -> None:
+        if frames.error is not None:
+            call.drop(frames.error)
+        elif call.hold():
+            return
+        self._dropped[call.dropped].inc()
+        log.debug("sidewatch: tap: a %s call dropped from the tap (%s)", call.method, call.dropped)
+
+    def _trailers(self, call: CallCopy, status: str | None) -> None:
+        # ModelInfer: one copy, once the call has ended OK (as the relay: only answered inferences).
+        if not call.streaming and status == "0" and call.response is not None and call.pending:
+            request, arrived, _ = call.pending.popleft()
+            self._complete(call, request, call.response, call.received_at, time.perf_counter() - call.started)
+        call.pending.clear()
+        call.response = None
+        call.hold()
+
+    def _complete(self, call: CallCopy, request: bytes, response: bytes, received_at: float,
+                  duration: float) -> None:
+        model, version = peek_model(request)
+        self.metrics.tap_copies_received.inc()
+        self.policy.completed(TapRecord(call.method, model, version, request, response, received_at, duration))
+
+
+def start_server(processor: TapProcessor, max_streams: int) -> tuple[aio.Server, int]:
+    """The ExternalProcessor server on a loopback port, at most ``max_streams`` copies open at once (Envoy
+    counts a refused stream as an ext_proc error and lets the call go on)."""
+    server = aio.server(maximum_concurrent_rpcs=max_streams,
+                        options=[("grpc.max_receive_message_length", 8 << 20)])
+    external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(processor, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    if port == 0:
+        raise OSError("sidewatch: cannot bind the tap's ext_proc server on 127.0.0.1")
+    return server, port
+
