@@ -351,3 +351,20 @@ class AlertMetrics:
                                       "Requests to the admin API, by endpoint (status, routes_undo, alertmanager, "
                                       "other) and HTTP status code.",
                                       ["endpoint", "code"], registry=registry)
+
+
+class EnvoyMetrics:
+    """The Envoy data plane's own state (agent/dataplane/envoy): restarts of the supervised Envoy and
+    its readiness, so that an Envoy that keeps crashing shows on the dashboard and in alerts."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.restarts = Counter(
+            "sidewatch_envoy_restarts_total",
+            "Times the supervised Envoy exited on its own and was started again.",
+            registry=registry,
+        )
+        self.ready = Gauge(
+            "sidewatch_envoy_ready",
+            "1 while the supervised Envoy is up and answers ready on its admin API, else 0.",
+            registry=registry,
+        )

@@ -237,6 +237,8 @@ class Envoy(Strict):
     log_level: Literal["trace", "debug", "info", "warning", "error", "critical", "off"] = "warning"
     # Where the generated configuration is written (unset: a temporary directory, removed at exit).
     work_dir: Path | None = None
+    # Client connections open at once; Envoy closes those beyond it as they arrive (its overload manager).
+    max_connections: int = Field(10000, ge=1)
 
 
 class ServeConfig(Strict):

@@ -14,6 +14,7 @@ import asyncio
 import json
 import logging
 import shutil
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -27,7 +28,7 @@ from agent.dataplane.envoy.supervisor import EnvoyError, EnvoyProcess
 from agent.dataplane.health import UpstreamHealth
 from agent.dataplane.policy import Policy
 from agent.dataplane.upstream import open_upstream_channel
-from agent.metrics import ProxyMetrics
+from agent.metrics import EnvoyMetrics, ProxyMetrics
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +44,31 @@ def envoy_binary(config: ServeConfig) -> Path:
     return binary
 
 
+def check_envoy_config(config: ServeConfig) -> None:
+    """What ``--check-config`` adds for the Envoy data plane: a binary is there, and Envoy accepts the
+    bootstrap written from ``config`` (``envoy --mode validate``: a certificate file that is missing or
+    unreadable fails here, named by its path); a ConfigError otherwise."""
+    binary = envoy_binary(config)
+    bootstrap = build_bootstrap(config, Loopback(admin_port=0, health_port=1))
+    with tempfile.TemporaryDirectory(prefix="sidewatch-envoy-check-") as directory:
+        path = Path(directory) / "envoy.json"
+        path.write_text(json.dumps(bootstrap))
+        result = subprocess.run([str(binary), "--mode", "validate", "-c", str(path), "--log-level", "critical",
+                                 "--disable-hot-restart"], capture_output=True, text=True, timeout=60)
+    if result.returncode != 0:
+        lines = [line for line in (result.stderr + result.stdout).splitlines() if line.strip()]
+        reason = lines[-1] if lines else f"exit code {result.returncode}"
+        raise ConfigError(f"sidewatch: data_plane envoy: envoy refuses the configuration written from this "
+                          f"config (tls, upstream.tls or envoy.*): {reason}")
+
+
 class EnvoyDataPlane:
     """The Envoy data plane (module docstring). ``port`` is the listener's port once started."""
 
-    def __init__(self, config: ServeConfig, metrics: ProxyMetrics, policy: Policy) -> None:
+    def __init__(self, config: ServeConfig, metrics: ProxyMetrics, policy: Policy,
+                 envoy_metrics: EnvoyMetrics | None = None) -> None:
         self.config = config
+        self.envoy_metrics = envoy_metrics
         self.metrics = metrics
         self.policy = policy
         self.binary = envoy_binary(config)
@@ -73,11 +94,16 @@ class EnvoyDataPlane:
         else:
             self._work_dir = config.envoy.work_dir
             self._work_dir.mkdir(parents=True, exist_ok=True)
-        bootstrap = build_bootstrap(config, Loopback(admin_port=config.envoy.admin_port, health_port=health_port))
+        try:
+            bootstrap = build_bootstrap(config, Loopback(admin_port=config.envoy.admin_port, health_port=health_port))
+        except ConfigError:
+            await self._close_loopback()
+            raise
         path = self._work_dir / "envoy.json"
         path.write_text(json.dumps(bootstrap, indent=1))
         self.envoy = EnvoyProcess(self.binary, path, self._work_dir, config.envoy.concurrency,
-                                  config.envoy.log_level, drain_seconds=config.shutdown_grace_seconds)
+                                  config.envoy.log_level, drain_seconds=config.shutdown_grace_seconds,
+                                  metrics=self.envoy_metrics)
         try:
             await asyncio.to_thread(self.envoy.start)
             self.port = await asyncio.to_thread(self.envoy.listener_port)
