@@ -1,13 +1,18 @@
 """Envoy's bootstrap configuration, written from sidewatch's own (JSON, Envoy's v3 API).
 
-One listener on ``listen`` with an HTTP connection manager (HTTP/2 and HTTP/1.1, gRPC being HTTP/2); one
-route table: the standard gRPC health service (``/grpc.health.v1.Health/``) to sidewatch's own health
-server on loopback, everything else to the ``upstream`` cluster (HTTP/2), with no route timeout, so
-streams last as long as they need and a call's deadline is its ``grpc-timeout`` header, which the client and
-the upstream enforce (route comment). The admin API
+One listener on ``listen`` with an HTTP connection manager (HTTP/2 and HTTP/1.1, gRPC being HTTP/2), with
+TLS or mutual TLS from ``tls``; one route table: the standard gRPC health service (``/grpc.health.v1.Health/``)
+to sidewatch's own health server on loopback, everything else to the ``upstream`` cluster (HTTP/2, TLS from
+``upstream.tls``), with no route timeout, so streams last as long as they need and a call's deadline is its
+``grpc-timeout`` header, which the client and the upstream enforce (route comment). Resource bounds: HTTP/2
+windows on both sides and a per-connection buffer limit (a reader that does not read holds a bounded amount
+in Envoy), and at most ``envoy.max_connections`` client connections (the overload manager). The admin API
 listens on loopback only. The pieces that other parts of the data plane add (HTTP filters before the
 router, clusters for sidewatch's loopback services, access logs) come in as arguments, so that each part
 writes its own.
+
+Not enforced by Envoy: ``max_message_bytes`` (Envoy has no per-gRPC-message limit without buffering whole
+requests; the windows bound memory and the upstream's own limit applies).
 
 >>> from agent.config import load_config
 >>> config = load_config(overrides={"listen": "127.0.0.1:9000", "upstream.address": "127.0.0.1:8001"})
@@ -119,6 +124,9 @@ def http2_cluster(name: str, host: str, port: int, connect_timeout: str = "5s",
         "name": name,
         "type": "STRICT_DNS",
         "connect_timeout": connect_timeout,
+        # A name with IPv4 and IPv6 addresses (localhost) is reached over IPv4 first, as model servers
+        # listening on 0.0.0.0 expect; Envoy's default tries only IPv6 when the name has an IPv6 address.
+        "dns_lookup_family": "V4_PREFERRED",
         "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
             {"endpoint": {"address": socket_address(host, port)}}]}]},
         "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {

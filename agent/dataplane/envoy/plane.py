@@ -5,7 +5,9 @@ grpc.aio data plane: overall SERVING while the sidecar runs, the inference servi
 ServerReady), writes Envoy's bootstrap (bootstrap.py) into the work directory, and starts Envoy
 (supervisor.py), returning once Envoy is ready. ``shutting_down`` reports NOT_SERVING; ``stop`` drains
 Envoy's listener (new connections refused, clients told to go away), waits for the calls in flight to end
-within ``shutdown_grace_seconds``, then stops Envoy and the loopback services.
+within ``shutdown_grace_seconds``, then stops Envoy and the loopback services. With ``envoy_metrics``,
+Envoy's restarts and readiness are exported. ``check_envoy_config`` is ``--check-config``'s part: Envoy
+validates the bootstrap written from the config.
 """
 
 from __future__ import annotations
