@@ -239,6 +239,9 @@ class Envoy(Strict):
     work_dir: Path | None = None
     # Client connections open at once; Envoy closes those beyond it as they arrive (its overload manager).
     max_connections: int = Field(10000, ge=1)
+    # Envoy's heap, at most (unset: no cap): past 90% it returns free memory to the system, past 95% it
+    # answers new calls UNAVAILABLE and takes no new connections until the heap shrinks (overload manager).
+    max_heap_bytes: int | None = Field(None, ge=64 * 1024 * 1024)
 
 
 class ServeConfig(Strict):

@@ -28,6 +28,7 @@ requests; the windows bound memory and the upstream's own limit applies).
 from __future__ import annotations
 
 import ipaddress
+import os
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,8 @@ TLS_SOCKET = "envoy.transport_sockets.tls"
 DOWNSTREAM_TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext"
 UPSTREAM_TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
 CONNECTIONS_MONITOR = "envoy.resource_monitors.global_downstream_max_connections"
+HEAP_MONITOR = "envoy.resource_monitors.fixed_heap"
+HEAP_CONFIG = "type.googleapis.com/envoy.extensions.resource_monitors.fixed_heap.v3.FixedHeapConfig"
 CONNECTIONS_CONFIG = ("type.googleapis.com/"
                       "envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig")
 # HTTP/2 flow-control windows: a reader that does not read holds at most this much per stream (and per
@@ -65,7 +68,11 @@ def socket_address(host: str, port: int) -> dict[str, Any]:
     return {"socket_address": {"address": host, "port_value": port}}
 
 
-def _file(path: Any) -> dict[str, str]:
+def _file(path: Path, key: str) -> dict[str, str]:
+    """Envoy's reference to a file, once sidewatch has checked it can be read (Envoy's own error names the
+    path, not the configuration key)."""
+    if not os.access(path, os.R_OK) or not Path(path).is_file():
+        raise ConfigError(f"sidewatch: {key}: {path} is not a readable file")
     return {"filename": str(path)}
 
 
@@ -75,10 +82,11 @@ def downstream_tls(tls: ListenerTLS) -> dict[str, Any]:
     if tls.require_client_cert and tls.client_ca_file is None:
         raise ConfigError("sidewatch: tls.require_client_cert needs tls.client_ca_file")
     common: dict[str, Any] = {
-        "tls_certificates": [{"certificate_chain": _file(tls.cert_file), "private_key": _file(tls.key_file)}],
+        "tls_certificates": [{"certificate_chain": _file(tls.cert_file, "tls.cert_file"),
+                              "private_key": _file(tls.key_file, "tls.key_file")}],
         "alpn_protocols": ["h2", "http/1.1"]}
     if tls.client_ca_file is not None:
-        common["validation_context"] = {"trusted_ca": _file(tls.client_ca_file)}
+        common["validation_context"] = {"trusted_ca": _file(tls.client_ca_file, "tls.client_ca_file")}
     return {"name": TLS_SOCKET, "typed_config": {
         "@type": DOWNSTREAM_TLS, "common_tls_context": common,
         "require_client_certificate": tls.require_client_cert}}
@@ -107,11 +115,11 @@ def upstream_tls(tls: UpstreamTLS, host: str) -> dict[str, Any]:
     except ValueError:
         san = {"san_type": "DNS", "matcher": {"exact": name}}
     validation: dict[str, Any] = {"match_typed_subject_alt_names": [san]}
-    validation["trusted_ca"] = _file(tls.ca_file or system_ca_bundle())
+    validation["trusted_ca"] = _file(tls.ca_file or Path(system_ca_bundle()), "upstream.tls.ca_file")
     common: dict[str, Any] = {"validation_context": validation, "alpn_protocols": ["h2"]}
     if tls.cert_file is not None:
-        common["tls_certificates"] = [{"certificate_chain": _file(tls.cert_file),
-                                       "private_key": _file(tls.key_file)}]
+        common["tls_certificates"] = [{"certificate_chain": _file(tls.cert_file, "upstream.tls.cert_file"),
+                                       "private_key": _file(tls.key_file, "upstream.tls.key_file")}]
     context = {"@type": UPSTREAM_TLS, "common_tls_context": common, "sni": name}
     return {"name": TLS_SOCKET, "typed_config": context}
 
@@ -182,7 +190,7 @@ def build_bootstrap(config: ServeConfig, loopback: Loopback, http_filters: list[
         "node": {"id": "sidewatch", "cluster": "sidewatch"},
         # The admin API is how sidewatch supervises Envoy: it stays reachable when clients hold every connection.
         "admin": {"address": socket_address("127.0.0.1", loopback.admin_port), "ignore_global_conn_limit": True},
-        "overload_manager": overload_manager(config.envoy.max_connections),
+        "overload_manager": overload_manager(config.envoy.max_connections, config.envoy.max_heap_bytes),
         "static_resources": {
             "listeners": [{
                 "name": "ingress",
@@ -196,8 +204,24 @@ def build_bootstrap(config: ServeConfig, loopback: Loopback, http_filters: list[
     }
 
 
-def overload_manager(max_connections: int) -> dict[str, Any]:
+def overload_manager(max_connections: int, max_heap_bytes: int | None = None) -> dict[str, Any]:
     """At most ``max_connections`` client connections at once (``envoy.max_connections``): Envoy closes
-    the ones beyond it as it accepts them, so a flood of connections cannot exhaust memory or descriptors."""
-    return {"resource_monitors": [{"name": CONNECTIONS_MONITOR, "typed_config": {
+    the ones beyond it as it accepts them, so a flood of connections cannot exhaust memory or descriptors.
+    With ``max_heap_bytes`` (``envoy.max_heap_bytes``), Envoy sheds load as its heap nears the cap: free
+    memory goes back to the system from 90%, new calls get 503 (UNAVAILABLE to gRPC) and new connections
+    are refused from 95%."""
+    manager: dict[str, Any] = {"resource_monitors": [{"name": CONNECTIONS_MONITOR, "typed_config": {
         "@type": CONNECTIONS_CONFIG, "max_active_downstream_connections": max_connections}}]}
+    if max_heap_bytes is not None:
+        manager["refresh_interval"] = "0.25s"
+        manager["resource_monitors"].append({"name": HEAP_MONITOR, "typed_config": {
+            "@type": HEAP_CONFIG, "max_heap_size_bytes": max_heap_bytes}})
+
+        def trigger(value: float) -> list[dict[str, Any]]:
+            return [{"name": HEAP_MONITOR, "threshold": {"value": value}}]
+
+        manager["actions"] = [{"name": "envoy.overload_actions.shrink_heap", "triggers": trigger(0.90)},
+                              {"name": "envoy.overload_actions.stop_accepting_requests", "triggers": trigger(0.95)}]
+        manager["loadshed_points"] = [{"name": "envoy.load_shed_points.tcp_listener_accept",
+                                       "triggers": trigger(0.95)}]
+    return manager
