@@ -124,13 +124,14 @@ def _health(port: int, service: str) -> int:
         return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
 
 
-def test_model_server_killed_and_restarted_under_load(tmp_path):
+@pytest.mark.parametrize("data_plane", ["python", "envoy"])
+def test_model_server_killed_and_restarted_under_load(tmp_path, data_plane):
     upstream_port = free_port()
     model_server, _ = _start_model_server(tmp_path, upstream_port, 0)
     sidecar = None
     try:
         sidecar, port, metrics_port = start_sidecar(tmp_path, upstream_port, "--model-repository",
-                                                    str(BUNDLED_REPOSITORY))
+                                                    str(BUNDLED_REPOSITORY), "--data-plane", data_plane)
         with Load(port) as load, grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             load.first_ok_after(0.0, timeout=30)
             for cycle in range(2):
@@ -143,7 +144,10 @@ def test_model_server_killed_and_restarted_under_load(tmp_path):
                 model_server.popen.kill()
                 model_server.popen.wait()
                 killed = time.monotonic()
-                assert stream.wait_end() is grpc.StatusCode.UNAVAILABLE
+                # Envoy resets a stream whose upstream went away after answering (RST_STREAM, which gRPC
+                # reads as INTERNAL); the grpc.aio relay ends it with UNAVAILABLE (README, "The Envoy data plane").
+                broken = grpc.StatusCode.INTERNAL if data_plane == "envoy" else grpc.StatusCode.UNAVAILABLE
+                assert stream.wait_end() is broken
                 assert stream.ended - killed < FAIL_FAST
                 try:
                     big.result()
@@ -166,6 +170,8 @@ def test_model_server_killed_and_restarted_under_load(tmp_path):
                 assert max(o.ended - o.started for o in load.since(0.0)) < FAIL_FAST
                 assert sidecar.popen.poll() is None
 
+        if data_plane == "envoy":
+            return  # the Envoy data plane's request metrics are being built (issue 13, item 2)
         metrics = http_get(f"http://127.0.0.1:{metrics_port}/metrics")
         assert metric_value(metrics, "sidewatch_upstream_errors_total", method="ModelInfer", code="UNAVAILABLE") > 0
         assert metric_value(metrics, "sidewatch_upstream_errors_total", method="ModelStreamInfer", code="UNAVAILABLE") == 2
