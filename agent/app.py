@@ -210,7 +210,8 @@ def check_config(config: ServeConfig) -> list[str]:
         read_references(config.models)  # a reference file that is missing or cannot be parsed fails here
     admin_token(config.admin)  # a token file that cannot be read, or one too short, fails here
     if config.data_plane == "envoy":
-        from agent.dataplane.envoy.plane import check_envoy_config
+        from agent.dataplane.envoy.plane import check_envoy_config, not_carried
 
         check_envoy_config(config)  # no envoy binary, or a bootstrap Envoy refuses (a missing certificate), fails here
+        warnings.extend(not_carried(config))
     return warnings

@@ -69,3 +69,14 @@ def test_check_config_has_envoy_validate_the_bootstrap(tmp_path):
     path.write_text("data_plane: envoy\nenvoy:\n  max_connections: 100\n  max_heap_bytes: 536870912\n")
     done = subprocess.run(sidewatch("serve", "--config", str(path), "--check-config"), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_check_config_warns_that_envoy_does_not_enforce_max_message_bytes(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data_plane: envoy\nmax_message_bytes: 65536\n")
+    done = subprocess.run(sidewatch("serve", "--config", str(path), "--check-config"), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "sidewatch: warning: max_message_bytes is not enforced by the Envoy data plane" in done.stderr
+    path.write_text("data_plane: python\nmax_message_bytes: 65536\n")
+    done = subprocess.run(sidewatch("serve", "--config", str(path), "--check-config"), capture_output=True, text=True)
+    assert done.returncode == 0 and "warning" not in done.stderr, done.stderr

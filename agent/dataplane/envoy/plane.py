@@ -46,6 +46,15 @@ def envoy_binary(config: ServeConfig) -> Path:
     return binary
 
 
+def not_carried(config: ServeConfig) -> list[str]:
+    """What ``config`` asks of the data plane that Envoy does not do (warned at start and by --check-config)."""
+    warnings = []
+    if "max_message_bytes" in config.model_fields_set:
+        warnings.append("max_message_bytes is not enforced by the Envoy data plane (no per-message limit in "
+                        "Envoy; the upstream's own limit applies)")
+    return warnings
+
+
 def check_envoy_config(config: ServeConfig) -> None:
     """What ``--check-config`` adds for the Envoy data plane: a binary is there, and Envoy accepts the
     bootstrap written from ``config`` (``envoy --mode validate``: a certificate file that is missing or
@@ -85,6 +94,8 @@ class EnvoyDataPlane:
 
     async def start(self) -> None:
         config = self.config
+        for warning in not_carried(config):
+            log.warning("sidewatch: %s", warning)
         self._channel = open_upstream_channel(config)
         self._health_server = aio.server()
         self.health = UpstreamHealth(self._health_server, self._channel, config.upstream_health_interval_seconds)
