@@ -36,7 +36,7 @@ from agent.dataplane.routes import RouteTable
 from agent.dataplane.server import GrpcDataPlane
 from agent.dataplane.tap import Tap
 from agent.dataplane.upstream import channel_opener
-from agent.metrics import AlertMetrics, DetectionMetrics, DriftMetrics, ProxyMetrics
+from agent.metrics import AlertMetrics, DetectionMetrics, DriftMetrics, EnvoyMetrics, ProxyMetrics
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class Sidecar:
         if config.data_plane == "envoy":
             from agent.dataplane.envoy.plane import EnvoyDataPlane
 
-            self.dataplane = EnvoyDataPlane(config, self.metrics, self.policy)
+            self.dataplane = EnvoyDataPlane(config, self.metrics, self.policy, EnvoyMetrics(registry))
         else:
             self.dataplane = GrpcDataPlane(config, self.metrics, self.policy)
         self._metrics_server = None
@@ -210,7 +210,8 @@ def check_config(config: ServeConfig) -> list[str]:
         read_references(config.models)  # a reference file that is missing or cannot be parsed fails here
     admin_token(config.admin)  # a token file that cannot be read, or one too short, fails here
     if config.data_plane == "envoy":
-        from agent.dataplane.envoy.plane import envoy_binary
+        from agent.dataplane.envoy.plane import check_envoy_config, not_carried
 
-        envoy_binary(config)  # no envoy binary fails here
+        check_envoy_config(config)  # no envoy binary, or a bootstrap Envoy refuses (a missing certificate), fails here
+        warnings.extend(not_carried(config))
     return warnings

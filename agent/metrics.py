@@ -181,23 +181,6 @@ class ProxyMetrics:
         return series
 
 
-class EnvoyMetrics:
-    """The Envoy data plane's own metrics (agent/dataplane/envoy), beside ProxyMetrics' call series."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.access_logs_dropped = Counter(
-            "sidewatch_envoy_access_logs_dropped_total",
-            "Access-log entries (one per call) that Envoy dropped because sidewatch read them too slowly: "
-            "those calls are missing from sidewatch_requests_total and the latency histogram.",
-            registry=registry,
-        )
-        self.access_logs_written = Counter(
-            "sidewatch_envoy_access_logs_written_total",
-            "Access-log entries (one per call) that Envoy sent to sidewatch.",
-            registry=registry,
-        )
-
-
 # The squeeze score is an L1 distance between two probability vectors: it lies in [0, 2].
 SCORE_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.2, 1.5, 2.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -401,3 +384,32 @@ class AlertMetrics:
                                       "Requests to the admin API, by endpoint (status, routes_undo, alertmanager, "
                                       "other) and HTTP status code.",
                                       ["endpoint", "code"], registry=registry)
+
+
+class EnvoyMetrics:
+    """The Envoy data plane's own state (agent/dataplane/envoy): restarts of the supervised Envoy and
+    its readiness, so that an Envoy that keeps crashing shows on the dashboard and in alerts, and the
+    access-log entries (one per call) it sent or dropped."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.restarts = Counter(
+            "sidewatch_envoy_restarts_total",
+            "Times the supervised Envoy exited on its own and was started again.",
+            registry=registry,
+        )
+        self.ready = Gauge(
+            "sidewatch_envoy_ready",
+            "1 while the supervised Envoy is up and answers ready on its admin API, else 0.",
+            registry=registry,
+        )
+        self.access_logs_dropped = Counter(
+            "sidewatch_envoy_access_logs_dropped_total",
+            "Access-log entries (one per call) that Envoy dropped because sidewatch read them too slowly: "
+            "those calls are missing from sidewatch_requests_total and the latency histogram.",
+            registry=registry,
+        )
+        self.access_logs_written = Counter(
+            "sidewatch_envoy_access_logs_written_total",
+            "Access-log entries (one per call) that Envoy sent to sidewatch.",
+            registry=registry,
+        )

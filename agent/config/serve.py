@@ -259,6 +259,11 @@ class Envoy(Strict):
     log_level: Literal["trace", "debug", "info", "warning", "error", "critical", "off"] = "warning"
     # Where the generated configuration is written (unset: a temporary directory, removed at exit).
     work_dir: Path | None = None
+    # Client connections open at once; Envoy closes those beyond it as they arrive (its overload manager).
+    max_connections: int = Field(10000, ge=1)
+    # Envoy's heap, at most (unset: no cap): past 90% it returns free memory to the system, past 95% it
+    # answers new calls UNAVAILABLE and takes no new connections until the heap shrinks (overload manager).
+    max_heap_bytes: int | None = Field(None, ge=64 * 1024 * 1024)
 
 
 class ServeConfig(Strict):

@@ -56,3 +56,27 @@ def test_check_config_reads_the_reference_files(tmp_path):
     path.write_text(f"models:\n  tabular:\n    reference: {bad}\n")
     done = subprocess.run(sidewatch("serve", "--config", str(path), "--check-config"), capture_output=True, text=True)
     assert done.returncode == 2 and f"models.tabular.reference: {bad}: line 2: not JSON" in done.stderr, done.stderr
+
+
+def test_check_config_has_envoy_validate_the_bootstrap(tmp_path):
+    """With data_plane envoy, a listener certificate that is not there fails, naming the key and the file,
+    and Envoy itself checks the configuration written from the file (resource bounds, envoy.*, pass)."""
+    path = tmp_path / "c.yaml"
+    path.write_text(f"data_plane: envoy\ntls:\n  cert_file: {tmp_path / 'absent.crt'}\n  key_file: {tmp_path / 'absent.key'}\n")
+    done = subprocess.run(sidewatch("serve", "--config", str(path), "--check-config"), capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("sidewatch: tls.cert_file:") and "absent.crt" in done.stderr, done.stderr
+    path.write_text("data_plane: envoy\nenvoy:\n  max_connections: 100\n  max_heap_bytes: 536870912\n")
+    done = subprocess.run(sidewatch("serve", "--config", str(path), "--check-config"), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_check_config_warns_that_envoy_does_not_enforce_max_message_bytes(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data_plane: envoy\nmax_message_bytes: 65536\n")
+    done = subprocess.run(sidewatch("serve", "--config", str(path), "--check-config"), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "sidewatch: warning: max_message_bytes is not enforced by the Envoy data plane" in done.stderr
+    path.write_text("data_plane: python\nmax_message_bytes: 65536\n")
+    done = subprocess.run(sidewatch("serve", "--config", str(path), "--check-config"), capture_output=True, text=True)
+    assert done.returncode == 0 and "warning" not in done.stderr, done.stderr

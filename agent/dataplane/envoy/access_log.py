@@ -95,6 +95,11 @@ def call_code(entry: accesslog_pb2.HTTPAccessLogEntry) -> tuple[str, bool]:
     if entry.common_properties.response_flags.downstream_connection_termination or \
             response.response_code.value == 0:
         return "CANCELLED", True  # no answer reached the caller: it reset the stream or went away
+    flags = entry.common_properties.response_flags
+    if response.response_code.value == 200 and (flags.upstream_remote_reset or flags.upstream_connection_termination):
+        # The upstream went away after answering headers: Envoy resets the call, which a gRPC client reads
+        # as INTERNAL (README.md, "The Envoy data plane").
+        return "INTERNAL", False
     return HTTP_CODES.get(response.response_code.value, "UNKNOWN"), False
 
 

@@ -1,12 +1,18 @@
 """Envoy's bootstrap configuration, written from sidewatch's own (JSON, Envoy's v3 API).
 
-One listener on ``listen`` with an HTTP connection manager (HTTP/2 and HTTP/1.1, gRPC being HTTP/2); one
-route table: the standard gRPC health service (``/grpc.health.v1.Health/``) to sidewatch's own health
-server on loopback, everything else to the ``upstream`` cluster (HTTP/2), with no route timeout, so
-streams last as long as they need and a call's deadline is its ``grpc-timeout`` header. The admin API
+One listener on ``listen`` with an HTTP connection manager (HTTP/2 and HTTP/1.1, gRPC being HTTP/2), with
+TLS or mutual TLS from ``tls``; one route table: the standard gRPC health service (``/grpc.health.v1.Health/``)
+to sidewatch's own health server on loopback, everything else to the ``upstream`` cluster (HTTP/2, TLS from
+``upstream.tls``), with no route timeout, so streams last as long as they need and a call's deadline is its
+``grpc-timeout`` header, which the client and the upstream enforce (route comment). Resource bounds: HTTP/2
+windows on both sides and a per-connection buffer limit (a reader that does not read holds a bounded amount
+in Envoy), and at most ``envoy.max_connections`` client connections (the overload manager). The admin API
 listens on loopback only. The pieces that other parts of the data plane add (HTTP filters before the
 router, clusters for sidewatch's loopback services, access logs) come in as arguments, so that each part
 writes its own.
+
+Not enforced by Envoy: ``max_message_bytes`` (Envoy has no per-gRPC-message limit without buffering whole
+requests; the windows bound memory and the upstream's own limit applies).
 
 >>> from agent.config import load_config
 >>> config = load_config(overrides={"listen": "127.0.0.1:9000", "upstream.address": "127.0.0.1:8001"})
@@ -21,10 +27,14 @@ writes its own.
 
 from __future__ import annotations
 
+import ipaddress
+import os
+import ssl
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from agent.config import ServeConfig, split_address
+from agent.config import ConfigError, ListenerTLS, ServeConfig, UpstreamTLS, split_address
 
 HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
@@ -32,6 +42,14 @@ HTTP_OPTIONS = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProto
 UPSTREAM = "upstream"
 HEALTH = "sidewatch_health"
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
+TLS_SOCKET = "envoy.transport_sockets.tls"
+DOWNSTREAM_TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext"
+UPSTREAM_TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+CONNECTIONS_MONITOR = "envoy.resource_monitors.global_downstream_max_connections"
+HEAP_MONITOR = "envoy.resource_monitors.fixed_heap"
+HEAP_CONFIG = "type.googleapis.com/envoy.extensions.resource_monitors.fixed_heap.v3.FixedHeapConfig"
+CONNECTIONS_CONFIG = ("type.googleapis.com/"
+                      "envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig")
 # HTTP/2 flow-control windows: a reader that does not read holds at most this much per stream (and per
 # connection) in Envoy, instead of an unbounded queue.
 STREAM_WINDOW_BYTES = 1 << 20
@@ -50,12 +68,73 @@ def socket_address(host: str, port: int) -> dict[str, Any]:
     return {"socket_address": {"address": host, "port_value": port}}
 
 
-def http2_cluster(name: str, host: str, port: int, connect_timeout: str = "5s") -> dict[str, Any]:
-    """A cluster of one endpoint that speaks HTTP/2 (gRPC) in plain text; DNS names are resolved."""
-    return {
+def _file(path: Path, key: str) -> dict[str, str]:
+    """Envoy's reference to a file, once sidewatch has checked it can be read (Envoy's own error names the
+    path, not the configuration key)."""
+    if not os.access(path, os.R_OK) or not Path(path).is_file():
+        raise ConfigError(f"sidewatch: {key}: {path} is not a readable file")
+    return {"filename": str(path)}
+
+
+def downstream_tls(tls: ListenerTLS) -> dict[str, Any]:
+    """TLS on the listener, as the grpc.aio listener has it (agent/tls.py): with a client CA, a client
+    certificate is verified when given, and required with ``require_client_cert``."""
+    if tls.require_client_cert and tls.client_ca_file is None:
+        raise ConfigError("sidewatch: tls.require_client_cert needs tls.client_ca_file")
+    common: dict[str, Any] = {
+        "tls_certificates": [{"certificate_chain": _file(tls.cert_file, "tls.cert_file"),
+                              "private_key": _file(tls.key_file, "tls.key_file")}],
+        "alpn_protocols": ["h2", "http/1.1"]}
+    if tls.client_ca_file is not None:
+        common["validation_context"] = {"trusted_ca": _file(tls.client_ca_file, "tls.client_ca_file")}
+    return {"name": TLS_SOCKET, "typed_config": {
+        "@type": DOWNSTREAM_TLS, "common_tls_context": common,
+        "require_client_certificate": tls.require_client_cert}}
+
+
+def system_ca_bundle() -> str:
+    """The system's root certificates as one file (what gRPC trusts without ``ca_file``); Envoy's own
+    ``system_root_certs`` is refused with a subject-alt-name match on Linux."""
+    paths = ssl.get_default_verify_paths()
+    for candidate in (paths.cafile, paths.openssl_cafile, "/etc/ssl/certs/ca-certificates.crt"):
+        if candidate and Path(candidate).is_file():
+            return candidate
+    raise ConfigError("sidewatch: upstream.tls: no ca_file and no system CA bundle found; set upstream.tls.ca_file")
+
+
+def upstream_tls(tls: UpstreamTLS, host: str) -> dict[str, Any]:
+    """TLS toward the upstream, checked as gRPC checks it: the certificate chains to ``ca_file`` (the
+    system's roots without one) and names ``server_name`` (else the address's host); Envoy checks no name
+    unless told, hence the subject-alt-name match."""
+    if (tls.cert_file is None) != (tls.key_file is None):
+        raise ConfigError("sidewatch: upstream.tls.cert_file and upstream.tls.key_file go together")
+    name = tls.server_name or host
+    try:
+        ipaddress.ip_address(name)
+        san = {"san_type": "IP_ADDRESS", "matcher": {"exact": name}}
+    except ValueError:
+        san = {"san_type": "DNS", "matcher": {"exact": name}}
+    validation: dict[str, Any] = {"match_typed_subject_alt_names": [san]}
+    validation["trusted_ca"] = _file(tls.ca_file or Path(system_ca_bundle()), "upstream.tls.ca_file")
+    common: dict[str, Any] = {"validation_context": validation, "alpn_protocols": ["h2"]}
+    if tls.cert_file is not None:
+        common["tls_certificates"] = [{"certificate_chain": _file(tls.cert_file, "upstream.tls.cert_file"),
+                                       "private_key": _file(tls.key_file, "upstream.tls.key_file")}]
+    context = {"@type": UPSTREAM_TLS, "common_tls_context": common, "sni": name}
+    return {"name": TLS_SOCKET, "typed_config": context}
+
+
+def http2_cluster(name: str, host: str, port: int, connect_timeout: str = "5s",
+                  transport_socket: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A cluster of one endpoint that speaks HTTP/2 (gRPC), in plain text or over ``transport_socket``
+    (TLS); DNS names are resolved."""
+    cluster = {
         "name": name,
         "type": "STRICT_DNS",
         "connect_timeout": connect_timeout,
+        # A name with IPv4 and IPv6 addresses (localhost) is reached over IPv4 first, as model servers
+        # listening on 0.0.0.0 expect; Envoy's default tries only IPv6 when the name has an IPv6 address.
+        "dns_lookup_family": "V4_PREFERRED",
         "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
             {"endpoint": {"address": socket_address(host, port)}}]}]},
         "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
@@ -64,13 +143,19 @@ def http2_cluster(name: str, host: str, port: int, connect_timeout: str = "5s") 
                 "initial_stream_window_size": STREAM_WINDOW_BYTES,
                 "initial_connection_window_size": CONNECTION_WINDOW_BYTES}}}},
     }
+    if transport_socket is not None:
+        cluster["transport_socket"] = transport_socket
+    return cluster
 
 
 def upstream_route(match: dict[str, Any], cluster: str) -> dict[str, Any]:
     """A route of the calls ``match`` picks to ``cluster``, with the deadlines of every route here."""
-    # timeout 0: no route timeout (streams); grpc_timeout_header_max 0: the call's grpc-timeout is its deadline.
-    return {"match": match, "route": {"cluster": cluster, "timeout": "0s",
-                                      "max_stream_duration": {"grpc_timeout_header_max": "0s"}}}
+    # timeout 0: no route timeout (streams last as long as they need). The call's deadline is its grpc-timeout
+    # header, passed on to the upstream, which ends the call with its own DEADLINE_EXCEEDED, as the client's
+    # timer does. Envoy does not enforce the header itself (max_stream_duration.grpc_timeout_header_max):
+    # once the upstream has sent its headers, Envoy's timer resets the stream, and a client whose own timer
+    # is a moment late sees INTERNAL instead of DEADLINE_EXCEEDED.
+    return {"match": match, "route": {"cluster": cluster, "timeout": "0s"}}
 
 
 def _route(prefix: str, cluster: str) -> dict[str, Any]:
@@ -90,15 +175,29 @@ def build_bootstrap(config: ServeConfig, loopback: Loopback, http_filters: list[
         "codec_type": "AUTO",
         "http2_protocol_options": {"initial_stream_window_size": STREAM_WINDOW_BYTES,
                                    "initial_connection_window_size": CONNECTION_WINDOW_BYTES},
+        # Envoy resets a stream idle for 5 minutes by default; the grpc.aio data plane keeps a quiet
+        # ModelStreamInfer open as long as both ends want it, and so does this one.
+        "stream_idle_timeout": "0s",
+        # On drain, Envoy first tells HTTP/2 clients to go away while still taking their new streams, and
+        # only after drain_timeout (5 s by default) refuses them; 0.1 s makes a drain refuse new calls on
+        # open connections almost at once, as the grpc.aio data plane does (calls in flight go on).
+        "drain_timeout": "0.1s",
         "route_config": {"name": "routes", "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [
             *routes, _route(HEALTH_PREFIX, HEALTH), _route("/", UPSTREAM)]}]},
         "http_filters": [*http_filters, {"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER}}],
     }
     if access_logs:
         manager["access_log"] = list(access_logs)
+    chain: dict[str, Any] = {"filters": [{"name": "envoy.filters.network.http_connection_manager",
+                                          "typed_config": manager}]}
+    if config.tls is not None:
+        chain["transport_socket"] = downstream_tls(config.tls)
+    upstream_socket = None if config.upstream.tls is None else upstream_tls(config.upstream.tls, upstream_host)
     return {
         "node": {"id": "sidewatch", "cluster": "sidewatch"},
-        "admin": {"address": socket_address("127.0.0.1", loopback.admin_port)},
+        # The admin API is how sidewatch supervises Envoy: it stays reachable when clients hold every connection.
+        "admin": {"address": socket_address("127.0.0.1", loopback.admin_port), "ignore_global_conn_limit": True},
+        "overload_manager": overload_manager(config.envoy.max_connections, config.envoy.max_heap_bytes),
         # An admin layer, so that sidewatch can set runtime values (the tap's sampled share) with
         # POST /runtime_modify; without one Envoy refuses that call.
         "layered_runtime": {"layers": [{"name": "static", "static_layer": {}},
@@ -108,10 +207,32 @@ def build_bootstrap(config: ServeConfig, loopback: Loopback, http_filters: list[
                 "name": "ingress",
                 "address": socket_address(listen_host, listen_port),
                 "per_connection_buffer_limit_bytes": STREAM_WINDOW_BYTES,
-                "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
-                                                "typed_config": manager}]}],
+                "filter_chains": [chain],
             }],
-            "clusters": [http2_cluster(UPSTREAM, upstream_host, upstream_port),
+            "clusters": [http2_cluster(UPSTREAM, upstream_host, upstream_port, transport_socket=upstream_socket),
                          http2_cluster(HEALTH, "127.0.0.1", loopback.health_port), *clusters],
         },
     }
+
+
+def overload_manager(max_connections: int, max_heap_bytes: int | None = None) -> dict[str, Any]:
+    """At most ``max_connections`` client connections at once (``envoy.max_connections``): Envoy closes
+    the ones beyond it as it accepts them, so a flood of connections cannot exhaust memory or descriptors.
+    With ``max_heap_bytes`` (``envoy.max_heap_bytes``), Envoy sheds load as its heap nears the cap: free
+    memory goes back to the system from 90%, new calls get 503 (UNAVAILABLE to gRPC) and new connections
+    are refused from 95%."""
+    manager: dict[str, Any] = {"resource_monitors": [{"name": CONNECTIONS_MONITOR, "typed_config": {
+        "@type": CONNECTIONS_CONFIG, "max_active_downstream_connections": max_connections}}]}
+    if max_heap_bytes is not None:
+        manager["refresh_interval"] = "0.25s"
+        manager["resource_monitors"].append({"name": HEAP_MONITOR, "typed_config": {
+            "@type": HEAP_CONFIG, "max_heap_size_bytes": max_heap_bytes}})
+
+        def trigger(value: float) -> list[dict[str, Any]]:
+            return [{"name": HEAP_MONITOR, "threshold": {"value": value}}]
+
+        manager["actions"] = [{"name": "envoy.overload_actions.shrink_heap", "triggers": trigger(0.90)},
+                              {"name": "envoy.overload_actions.stop_accepting_requests", "triggers": trigger(0.95)}]
+        manager["loadshed_points"] = [{"name": "envoy.load_shed_points.tcp_listener_accept",
+                                       "triggers": trigger(0.95)}]
+    return manager

@@ -5,7 +5,9 @@ grpc.aio data plane: overall SERVING while the sidecar runs, the inference servi
 ServerReady), writes Envoy's bootstrap (bootstrap.py) into the work directory, and starts Envoy
 (supervisor.py), returning once Envoy is ready. ``shutting_down`` reports NOT_SERVING; ``stop`` drains
 Envoy's listener (new connections refused, clients told to go away), waits for the calls in flight to end
-within ``shutdown_grace_seconds``, then stops Envoy and the loopback services.
+within ``shutdown_grace_seconds``, then stops Envoy and the loopback services. With ``envoy_metrics``,
+Envoy's restarts and readiness are exported. ``check_envoy_config`` is ``--check-config``'s part: Envoy
+validates the bootstrap written from the config.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import asyncio
 import json
 import logging
 import shutil
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -49,11 +52,41 @@ def envoy_binary(config: ServeConfig) -> Path:
     return binary
 
 
+def not_carried(config: ServeConfig) -> list[str]:
+    """What ``config`` asks of the data plane that Envoy does not do (warned at start and by --check-config)."""
+    warnings = []
+    if "max_message_bytes" in config.model_fields_set:
+        warnings.append("max_message_bytes is not enforced by the Envoy data plane (no per-message limit in "
+                        "Envoy; the upstream's own limit applies)")
+    return warnings
+
+
+def check_envoy_config(config: ServeConfig) -> None:
+    """What ``--check-config`` adds for the Envoy data plane: a binary is there, and Envoy accepts the
+    bootstrap written from ``config`` (``envoy --mode validate``: a certificate file that is missing or
+    unreadable fails here, named by its path); a ConfigError otherwise."""
+    binary = envoy_binary(config)
+    bootstrap = build_bootstrap(config, Loopback(admin_port=0, health_port=1))
+    with tempfile.TemporaryDirectory(prefix="sidewatch-envoy-check-") as directory:
+        path = Path(directory) / "envoy.json"
+        path.write_text(json.dumps(bootstrap))
+        result = subprocess.run([str(binary), "--mode", "validate", "-c", str(path), "--log-level", "critical",
+                                 "--disable-hot-restart"], capture_output=True, text=True, timeout=60)
+    if result.returncode != 0:
+        lines = [line for line in (result.stderr + result.stdout).splitlines() if line.strip()]
+        reason = lines[-1] if lines else f"exit code {result.returncode}"
+        raise ConfigError(f"sidewatch: data_plane envoy: envoy refuses the configuration written from this "
+                          f"config (tls, upstream.tls or envoy.*): {reason}")
+
+
 class EnvoyDataPlane:
     """The Envoy data plane (module docstring). ``port`` is the listener's port once started."""
 
-    def __init__(self, config: ServeConfig, metrics: ProxyMetrics, policy: Policy) -> None:
+    def __init__(self, config: ServeConfig, metrics: ProxyMetrics, policy: Policy,
+                 envoy_metrics: EnvoyMetrics | None = None) -> None:
         self.config = config
+        # Envoy's own series (restarts, readiness, access-log entries); made here when not given.
+        self.envoy_metrics = envoy_metrics if envoy_metrics is not None else EnvoyMetrics(metrics.registry)
         self.metrics = metrics
         self.policy = policy
         self.binary = envoy_binary(config)
@@ -66,7 +99,6 @@ class EnvoyDataPlane:
         self._own_work_dir = False
         self._draining = False
         self.access_log = AccessLogMetrics(metrics)
-        self.envoy_metrics = EnvoyMetrics(metrics.registry)
         self._stats: EnvoyStats | None = None
         # The tap (ext_proc.py): its server, and the sampler that sets the share copied (sampling.py).
         self._tap_server: aio.Server | None = None
@@ -74,6 +106,8 @@ class EnvoyDataPlane:
 
     async def start(self) -> None:
         config = self.config
+        for warning in not_carried(config):
+            log.warning("sidewatch: %s", warning)
         self._channel = open_upstream_channel(config)
         self._health_server = aio.server()
         self.health = UpstreamHealth(self._health_server, self._channel, config.upstream_health_interval_seconds)
@@ -100,13 +134,18 @@ class EnvoyDataPlane:
             http_filters.append(ext_proc.ext_proc_filter())
             clusters.append(ext_proc.ext_proc_cluster(tap_port))
             routes = ext_proc.sampled_routes(UPSTREAM)
-        bootstrap = build_bootstrap(
-            config, Loopback(admin_port=config.envoy.admin_port, health_port=health_port),
-            http_filters=http_filters, clusters=clusters, access_logs=[access_log_config()], routes=routes)
+        try:
+            bootstrap = build_bootstrap(
+                config, Loopback(admin_port=config.envoy.admin_port, health_port=health_port),
+                http_filters=http_filters, clusters=clusters, access_logs=[access_log_config()], routes=routes)
+        except ConfigError:
+            await self._close_loopback()
+            raise
         path = self._work_dir / "envoy.json"
         path.write_text(json.dumps(bootstrap, indent=1))
         self.envoy = EnvoyProcess(self.binary, path, self._work_dir, config.envoy.concurrency,
-                                  config.envoy.log_level, drain_seconds=config.shutdown_grace_seconds)
+                                  config.envoy.log_level, drain_seconds=config.shutdown_grace_seconds,
+                                  metrics=self.envoy_metrics)
         try:
             await asyncio.to_thread(self.envoy.start)
             self.port = await asyncio.to_thread(self.envoy.listener_port)

@@ -5,6 +5,8 @@ its admin API answers ``/ready``; its log lines are forwarded to sidewatch's log
 line, with Envoy's level. A watcher thread restarts Envoy when it exits on its own (backing off from 0.5 s to
 10 s between tries, reset after a minute up), counted in ``restarts``. ``drain`` asks Envoy to stop taking
 new connections and lets calls in flight finish; ``stop`` then ends it (SIGTERM, SIGKILL after a timeout).
+With ``metrics`` (EnvoyMetrics), restarts are counted in ``sidewatch_envoy_restarts_total`` and readiness is
+``sidewatch_envoy_ready`` (1 from ready until exit or drain).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+from agent.metrics import EnvoyMetrics
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +37,9 @@ class EnvoyProcess:
     """One supervised Envoy (module docstring)."""
 
     def __init__(self, binary: Path, bootstrap: Path, work_dir: Path, concurrency: int = 1,
-                 log_level: str = "warning", drain_seconds: float = 10.0) -> None:
+                 log_level: str = "warning", drain_seconds: float = 10.0,
+                 metrics: EnvoyMetrics | None = None) -> None:
+        self.metrics = metrics
         self.binary = binary
         self.drain_seconds = drain_seconds
         self.bootstrap = bootstrap
@@ -76,8 +82,13 @@ class EnvoyProcess:
         with self._lock:
             self.process = self._launch()
         self.wait_ready(timeout)
+        self._set_ready(True)
         self._watcher = threading.Thread(target=self._watch, name="envoy-supervisor", daemon=True)
         self._watcher.start()
+
+    def _set_ready(self, ready: bool) -> None:
+        if self.metrics is not None:
+            self.metrics.ready.set(1 if ready else 0)
 
     def admin_url(self) -> str | None:
         try:
@@ -112,6 +123,7 @@ class EnvoyProcess:
                 return
             started = time.monotonic()
             code = process.wait()
+            self._set_ready(False)
             if self._stopping.is_set():
                 return
             log.error("sidewatch: envoy exited with code %s; restarting it in %.1f s", code, backoff)
@@ -123,8 +135,11 @@ class EnvoyProcess:
                     return
                 self.process = self._launch()
                 self.restarts += 1
+                if self.metrics is not None:
+                    self.metrics.restarts.inc()
             try:
                 self.wait_ready(30.0)
+                self._set_ready(True)
                 log.info("sidewatch: envoy restarted and ready")
             except EnvoyError as err:
                 log.error("%s", err)
@@ -151,8 +166,13 @@ class EnvoyProcess:
 
     def drain(self) -> None:
         """Stop accepting connections; calls in flight go on (Envoy closes connections as they go idle)."""
+        self._set_ready(False)
         try:
+            # The graceful drain tells clients on open connections to go away (GOAWAY once their calls
+            # end), but its listener still accepts; the plain drain then closes the listening socket, so
+            # new connections are refused at once, as the grpc.aio data plane refuses them.
             self.admin("/drain_listeners?graceful", method="POST")
+            self.admin("/drain_listeners", method="POST")
         except (EnvoyError, urllib.error.URLError, OSError) as err:
             log.warning("sidewatch: cannot drain envoy's listeners: %s", err)
 
