@@ -126,6 +126,8 @@ class Detection(Strict):
     max_wait_seconds: float = Field(0.005, ge=0)
     # Threads scoring inline (flag/enforce) requests; ONNX Runtime releases the GIL while it runs.
     inline_threads: int = Field(2, ge=1)
+    # Envoy data plane: calls waiting for an inline verdict at once; beyond it a call goes on without one.
+    max_inline_calls: int = Field(256, ge=1)
     rate_alarm: RateAlarm = RateAlarm()
 
 

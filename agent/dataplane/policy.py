@@ -79,6 +79,9 @@ class Policy:
     # Whether :meth:`completed` wants copies of inferences (the relay then keeps streamed requests
     # until their responses arrive).
     keeps_copies = False
+    # The inline detector (flag and enforce modes), for a data plane that asks for verdicts itself
+    # (Envoy's verdict server, agent/dataplane/envoy/verdicts.py); None: every model is in shadow mode.
+    verdicts: InlineVerdicts | None = None
 
     def before(self, model: str, version: str, request: bytes, inference: bool) -> Before | None:
         """The before step of a unary call that names a model; None: forward it unchanged."""
@@ -122,7 +125,7 @@ class SidecarPolicy(Policy):
         self._routes = routes
         self._tap = tap
         self._call_log = call_log
-        self._verdicts = verdicts
+        self._verdicts = self.verdicts = verdicts
         self.keeps_copies = tap is not None
 
     def before(self, model: str, version: str, request: bytes, inference: bool) -> Before | None:

@@ -8,8 +8,20 @@
 -- "" and never failed. Values are cut to MAX_LABEL bytes; a value with bytes outside printable ASCII is
 -- sent hex-encoded under "model_hex" / "version_hex" (dynamic metadata is a protobuf Struct, whose
 -- strings must be UTF-8) and decoded by sidewatch as the Python data plane decodes it.
+--
+-- Inline verdicts (INLINE true: some model is in flag or enforce mode; verdicts.py): Envoy picks a route,
+-- and with it whether the verdict filter runs, from the headers, but the model name is in the body. So a
+-- ModelInfer call waits here for its whole body (body(): bounded by the route's request_body_buffer_limit,
+-- max_message_bytes), and a call of a model whose mode is not shadow gets the INLINE_HEADER header, whose
+-- routes enable the verdict filter; the route cache is cleared so that Envoy picks the route again. A
+-- client's own copy of the header is removed first from every call. Other calls are not held.
 
 local MAX_LABEL = __MAX_LABEL__
+local INLINE = __INLINE__
+local INLINE_HEADER = "__INLINE_HEADER__"
+local DEFAULT_MODE = __DEFAULT_MODE__
+local MODES = __MODES__      -- the models whose mode is their own (models.<name>.adversarial_mode)
+local MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 local MAX_FIELDS = 16        -- the names are near the front, the tensors are not (as in peek.py)
 local PEEK_BYTES = 5 + 2 * (MAX_LABEL + 16)  -- frame header, then fields 1 and 2 with their keys
 
@@ -79,8 +91,34 @@ local function put(metadata, key, value)
   end
 end
 
+-- ModelInfer with inline verdicts on: the whole body, then the header that picks the verdict routes.
+local function route_inline(handle)
+  local body = handle:body()
+  if body == nil then return end
+  local ok, name, version = pcall(peek, body:getBytes(0, math.min(body:length(), PEEK_BYTES)))
+  if not ok or name == nil then return end
+  local metadata = handle:streamInfo():dynamicMetadata()
+  put(metadata, "model", name)
+  put(metadata, "version", version)
+  local mode = MODES[name] or DEFAULT_MODE
+  if mode ~= "shadow" then
+    handle:headers():add(INLINE_HEADER, mode)  -- asked for again: a handle does not outlive body()'s wait
+    handle:clearRouteCache()
+  end
+end
+
 function envoy_on_request(handle)
-  if not MODEL_SCOPED[handle:headers():get(":path")] then return end
+  local headers = handle:headers()
+  local path = headers:get(":path")
+  if INLINE then
+    if headers:get(INLINE_HEADER) ~= nil then
+      -- A client's copy would pick the verdict routes: removed, and the route picked again without it.
+      headers:remove(INLINE_HEADER)
+      handle:clearRouteCache()
+    end
+    if path == MODEL_INFER then return route_inline(handle) end
+  end
+  if not MODEL_SCOPED[path] then return end
   for chunk in handle:bodyChunks() do
     local size = chunk:length()
     if size > 0 then

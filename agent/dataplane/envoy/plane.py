@@ -24,7 +24,7 @@ from pathlib import Path
 from grpc import aio
 
 from agent.config import ConfigError, ServeConfig
-from agent.dataplane.envoy import ext_proc
+from agent.dataplane.envoy import ext_proc, verdicts
 from agent.dataplane.envoy.access_log import CLUSTER as ACCESS_LOG_CLUSTER
 from agent.dataplane.envoy.access_log import AccessLogMetrics, access_log_config, grpc_stats_filter
 from agent.dataplane.envoy.binary import find_envoy
@@ -66,7 +66,13 @@ def check_envoy_config(config: ServeConfig) -> None:
     bootstrap written from ``config`` (``envoy --mode validate``: a certificate file that is missing or
     unreadable fails here, named by its path); a ConfigError otherwise."""
     binary = envoy_binary(config)
-    bootstrap = build_bootstrap(config, Loopback(admin_port=0, health_port=1))
+    # With flag or enforce modes, the verdict filter and its routes too (verdicts.py).
+    inline = verdicts.inline_routing(config, config.detection.model_repository is not None)
+    pieces = {} if inline is None else {
+        "http_filters": [model_peek_filter(inline=inline), verdicts.verdict_filter()],
+        "clusters": [verdicts.verdict_cluster(1)],
+        "routes": verdicts.inline_routes([], UPSTREAM, config.max_message_bytes)}
+    bootstrap = build_bootstrap(config, Loopback(admin_port=0, health_port=1), **pieces)
     with tempfile.TemporaryDirectory(prefix="sidewatch-envoy-check-") as directory:
         path = Path(directory) / "envoy.json"
         path.write_text(json.dumps(bootstrap))
@@ -103,6 +109,8 @@ class EnvoyDataPlane:
         # The tap (ext_proc.py): its server, and the sampler that sets the share copied (sampling.py).
         self._tap_server: aio.Server | None = None
         self.sampler: Sampler | None = None
+        # Flag and enforce modes (verdicts.py): the verdict server, for the models configured for them.
+        self._verdict_server: aio.Server | None = None
 
     async def start(self) -> None:
         config = self.config
@@ -124,7 +132,8 @@ class EnvoyDataPlane:
         # Per-model call metrics: the Lua filter names the model, grpc_stats counts messages, the access log
         # carries both to self.access_log (access_log.py). The tap (ext_proc.py) copies the calls its routes
         # sample, after them.
-        http_filters = [model_peek_filter(), grpc_stats_filter()]
+        inline = verdicts.inline_routing(config, self.policy.verdicts is not None)
+        http_filters = [model_peek_filter(inline=inline), grpc_stats_filter()]
         clusters = [http2_cluster(ACCESS_LOG_CLUSTER, "127.0.0.1", health_port)]
         routes = []
         if self.policy.keeps_copies:
@@ -134,6 +143,14 @@ class EnvoyDataPlane:
             http_filters.append(ext_proc.ext_proc_filter())
             clusters.append(ext_proc.ext_proc_cluster(tap_port))
             routes = ext_proc.sampled_routes(UPSTREAM)
+        if inline is not None:
+            self._verdict_server, verdict_port = verdicts.start_server(
+                verdicts.VerdictProcessor(self.policy.verdicts), config.detection.max_inline_calls,
+                config.max_message_bytes)
+            await self._verdict_server.start()
+            http_filters.append(verdicts.verdict_filter())
+            clusters.append(verdicts.verdict_cluster(verdict_port))
+            routes = verdicts.inline_routes(routes, UPSTREAM, config.max_message_bytes)
         try:
             bootstrap = build_bootstrap(
                 config, Loopback(admin_port=config.envoy.admin_port, health_port=health_port),
@@ -202,6 +219,8 @@ class EnvoyDataPlane:
             await asyncio.to_thread(self.sampler.stop)
         if self._tap_server is not None:
             await self._tap_server.stop(0)
+        if self._verdict_server is not None:
+            await self._verdict_server.stop(0)
         if self._health_server is not None:
             await self._health_server.stop(0)
         if self._channel is not None:
