@@ -1,7 +1,9 @@
-"""Shadow, flag and enforce through real gRPC calls: sidecar + bundled model server + calibrated detector."""
+"""Shadow, flag and enforce through real gRPC calls: sidecar + bundled model server + calibrated detector,
+on both data planes (the grpc.aio relay, and Envoy with its verdict filter: agent/dataplane/envoy/verdicts.py)."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import grpc
@@ -13,9 +15,11 @@ from agent.detect.adversarial.watch import SCORE_KEY, VERDICT_KEY
 from agent.modelserver.repository import BUNDLED_REPOSITORY
 from agent.protocol.client import InferenceClient
 from tests.support.adversarial_data import adversarial_and_benign
-from tests.support.harness import http_get, metric_value, start_sidecar
+from tests.support.harness import free_port, http_get, metric_value, start_sidecar
+from tests.support.upstream import MODEL_INFER, RecordingUpstream
 
 MODEL = "mnist_cnn"
+DATA_PLANES = ["python", "envoy"]
 
 
 @pytest.fixture(scope="module")
@@ -23,9 +27,14 @@ def examples():
     return adversarial_and_benign()
 
 
-def _sidecar(tmp_path, model_port, mode):
+@pytest.fixture(params=DATA_PLANES)
+def data_plane(request):
+    return request.param
+
+
+def _sidecar(tmp_path, model_port, mode, data_plane="python", config=None):
     return start_sidecar(tmp_path, model_port, "--model-repository", str(BUNDLED_REPOSITORY),
-                         "--adversarial-mode", mode)
+                         "--adversarial-mode", mode, "--data-plane", data_plane, config=config)
 
 
 def _metric(metrics_port, name, **labels):
@@ -35,9 +44,18 @@ def _metric(metrics_port, name, **labels):
         return 0.0
 
 
-def test_flag_mode_puts_the_verdict_in_trailing_metadata(tmp_path, model_server, examples):
+def _metric_reaches(metrics_port, expected, name, timeout=5.0, **labels):
+    deadline = time.monotonic() + timeout
+    while _metric(metrics_port, name, **labels) != expected:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{name} {labels}: {_metric(metrics_port, name, **labels)}, not {expected}")
+        time.sleep(0.05)
+    return True
+
+
+def test_flag_mode_puts_the_verdict_in_trailing_metadata(tmp_path, model_server, examples, data_plane):
     adversarial, benign = examples
-    process, port, metrics_port = _sidecar(tmp_path, model_server, "flag")
+    process, port, metrics_port = _sidecar(tmp_path, model_server, "flag", data_plane)
     client = InferenceClient(f"127.0.0.1:{port}")
     try:
         verdicts = {}
@@ -59,9 +77,9 @@ def test_flag_mode_puts_the_verdict_in_trailing_metadata(tmp_path, model_server,
         process.stop()
 
 
-def test_enforce_mode_rejects_adversarial_inputs_before_the_model_server(tmp_path, model_server, examples):
+def test_enforce_mode_rejects_adversarial_inputs_before_the_model_server(tmp_path, model_server, examples, data_plane):
     adversarial, benign = examples
-    process, port, metrics_port = _sidecar(tmp_path, model_server, "enforce")
+    process, port, metrics_port = _sidecar(tmp_path, model_server, "enforce", data_plane)
     client = InferenceClient(f"127.0.0.1:{port}")
     try:
         rejected = 0
@@ -78,16 +96,17 @@ def test_enforce_mode_rejects_adversarial_inputs_before_the_model_server(tmp_pat
         assert dict(trailers)[VERDICT_KEY] == "false"
         assert _metric(metrics_port, "sidewatch_adversarial_rejected_total", model=MODEL, version="1") == rejected
         # Rejected calls never reached the model server: only the benign call was forwarded upstream.
-        assert _metric(metrics_port, "sidewatch_requests_total", model=MODEL, version="1",
-                       method="ModelInfer", code="INVALID_ARGUMENT") == rejected
+        # (Envoy's access log reaches the metrics a moment after the call: waited for.)
+        assert _metric_reaches(metrics_port, rejected, "sidewatch_requests_total", model=MODEL, version="1",
+                               method="ModelInfer", code="INVALID_ARGUMENT")
     finally:
         client.close()
         process.stop()
 
 
-def test_shadow_mode_scores_off_the_hot_path(tmp_path, model_server, examples):
+def test_shadow_mode_scores_off_the_hot_path(tmp_path, model_server, examples, data_plane):
     adversarial, benign = examples
-    process, port, metrics_port = _sidecar(tmp_path, model_server, "shadow")
+    process, port, metrics_port = _sidecar(tmp_path, model_server, "shadow", data_plane)
     client = InferenceClient(f"127.0.0.1:{port}")
     try:
         for row in np.concatenate([adversarial, benign]):
@@ -108,8 +127,8 @@ def test_shadow_mode_scores_off_the_hot_path(tmp_path, model_server, examples):
         process.stop()
 
 
-def test_unversioned_requests_use_the_latest_calibrated_version(tmp_path, model_server):
-    process, port, metrics_port = _sidecar(tmp_path, model_server, "flag")
+def test_unversioned_requests_use_the_latest_calibrated_version(tmp_path, model_server, data_plane):
+    process, port, metrics_port = _sidecar(tmp_path, model_server, "flag", data_plane)
     client = InferenceClient(f"127.0.0.1:{port}")
     try:
         _, response, trailers = client.infer(MODEL, {"input": load_images()[0][:1]}, timeout=10)
@@ -119,6 +138,83 @@ def test_unversioned_requests_use_the_latest_calibrated_version(tmp_path, model_
     finally:
         client.close()
         process.stop()
+
+
+def _envoy_stat(admin_port: int, name: str) -> int:
+    """One of Envoy's counters, from its admin API."""
+    for line in http_get(f"http://127.0.0.1:{admin_port}/stats?filter={name}").splitlines():
+        key, _, value = line.partition(": ")
+        if key == name:
+            return int(value)
+    return 0
+
+
+VERDICT_STREAMS = "http.ingress.ext_proc.sidewatch_verdicts.streams_started"
+
+
+def _raw_infer(channel, model, rows, version="1"):
+    """A ModelInfer call as bytes (the recording upstream answers an empty response): its trailers."""
+    request = InferenceClient.request(model, {"input": rows}, version=version).SerializeToString()
+    _, call = channel.unary_unary(MODEL_INFER).with_call(request, timeout=10)
+    return dict(call.trailing_metadata())
+
+
+def test_enforce_rejections_never_reach_the_upstream(tmp_path, examples, data_plane):
+    adversarial, benign = examples
+    with RecordingUpstream() as upstream:
+        process, port, _ = _sidecar(tmp_path, upstream.port, "enforce", data_plane)
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                rejected = 0
+                for row in adversarial:
+                    try:
+                        _raw_infer(channel, MODEL, row[None])
+                    except grpc.RpcError as err:
+                        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err
+                        assert dict(err.trailing_metadata())[VERDICT_KEY] == "true"
+                        rejected += 1
+                assert rejected >= 0.8 * len(adversarial)
+                assert _raw_infer(channel, MODEL, benign[:1])[VERDICT_KEY] == "false"
+            # Only the calls that were not rejected reached the upstream.
+            assert len([seen for seen in upstream.seen if seen.method == MODEL_INFER]) == len(adversarial) - rejected + 1
+        finally:
+            process.stop()
+
+
+def test_only_the_configured_models_pay_for_verdicts(tmp_path, examples, data_plane):
+    """Enforce by default, mnist_cnn in shadow mode: its calls never wait for a verdict (under Envoy: they
+    never reach the verdict filter), while any other model's calls do."""
+    adversarial, _ = examples
+    admin_port = free_port()
+    config = tmp_path / "sidewatch.json"
+    config.write_text(json.dumps({"detection": {"model_repository": str(BUNDLED_REPOSITORY),
+                                                "adversarial_mode": "enforce"},
+                                  "models": {MODEL: {"adversarial_mode": "shadow"}},
+                                  "envoy": {"admin_port": admin_port}}))
+    with RecordingUpstream() as upstream:
+        process, port, _ = start_sidecar(tmp_path, upstream.port, "--data-plane", data_plane, config=config)
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                for row in adversarial[:4]:
+                    trailers = _raw_infer(channel, MODEL, row[None])  # adversarial, and not refused: shadow
+                    assert VERDICT_KEY not in trailers and SCORE_KEY not in trailers
+                    # A client cannot route its call to the verdict filter by sending the Lua filter's header.
+                    request = InferenceClient.request(MODEL, {"input": row[None]}, version="1").SerializeToString()
+                    _, call = channel.unary_unary(MODEL_INFER).with_call(
+                        request, timeout=10, metadata=(("x-sidewatch-inline", "enforce"),))
+                    assert VERDICT_KEY not in dict(call.trailing_metadata())
+                if data_plane == "envoy":
+                    assert _envoy_stat(admin_port, VERDICT_STREAMS) == 0
+                # Another model is in enforce mode: judged (no calibration for it: an error verdict, fail open).
+                trailers = _raw_infer(channel, "other_model", adversarial[:1])
+                assert trailers["sidewatch-adversarial-error"] == "not_calibrated"
+                if data_plane == "envoy":
+                    assert _envoy_stat(admin_port, VERDICT_STREAMS) == 1
+            assert len([seen for seen in upstream.seen if seen.method == MODEL_INFER]) == 9
+            if data_plane == "envoy":  # Envoy keeps the name for itself; the grpc.aio relay forwards it
+                assert all("x-sidewatch-inline" not in seen.metadata for seen in upstream.seen)
+        finally:
+            process.stop()
 
 
 def test_model_whose_hash_does_not_match_its_calibration_is_refused(tmp_path):
