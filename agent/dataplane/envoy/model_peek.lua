@@ -9,7 +9,17 @@
 -- sent hex-encoded under "model_hex" / "version_hex" (dynamic metadata is a protobuf Struct, whose
 -- strings must be UTF-8) and decoded by sidewatch as the Python data plane decodes it.
 
+--
+-- Route pins (agent/dataplane/envoy/pins.py): while a model is pinned every route carries "pins" in this
+-- filter's route metadata; the gRPC field extraction filter before this one has held the headers until
+-- the first message was whole and left its model name in dynamic metadata (model_routing.py). The name then goes into PIN_HEADER (a client's copy removed first, so that no
+-- client can pick a pinned route itself) and the route cache is cleared, so that the router matches the
+-- pinned model's routes. The peek below cannot do it: its chunk comes after the headers have gone on.
+-- With nothing pinned none of this runs.
+
 local MAX_LABEL = __MAX_LABEL__
+local PIN_HEADER = "x-sidewatch-model"
+local EXTRACTED = "envoy.filters.http.grpc_field_extraction"
 local MAX_FIELDS = 16        -- the names are near the front, the tensors are not (as in peek.py)
 local PEEK_BYTES = 5 + 2 * (MAX_LABEL + 16)  -- frame header, then fields 1 and 2 with their keys
 
@@ -79,8 +89,36 @@ local function put(metadata, key, value)
   end
 end
 
+-- A name that can be a header value and was not cut: the pinned routes match it exactly.
+local function routable(name)
+  return name ~= "" and #name < MAX_LABEL and not name:find("[^\33-\126]")
+end
+
+-- The model name the field extraction filter found in the first message, or nil.
+local function extracted_model(handle)
+  local fields = handle:streamInfo():dynamicMetadata():get(EXTRACTED)
+  if fields == nil then return nil end
+  local values = fields["model_name"] or fields["name"]
+  local name = type(values) == "table" and values[1] or values
+  if type(name) == "string" and routable(name) then return name end
+  return nil
+end
+
+local function route_by_model(handle, headers)
+  local changed = headers:get(PIN_HEADER) ~= nil
+  headers:remove(PIN_HEADER)
+  local name = extracted_model(handle)
+  if name ~= nil then
+    headers:add(PIN_HEADER, name)
+    changed = true
+  end
+  if changed then handle:clearRouteCache() end
+end
+
 function envoy_on_request(handle)
-  if not MODEL_SCOPED[handle:headers():get(":path")] then return end
+  local headers = handle:headers()
+  if handle:metadata():get("pins") then route_by_model(handle, headers) end
+  if not MODEL_SCOPED[headers:get(":path")] then return end
   for chunk in handle:bodyChunks() do
     local size = chunk:length()
     if size > 0 then
