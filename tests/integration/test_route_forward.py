@@ -204,12 +204,20 @@ def test_upstream_pin_sends_the_models_calls_to_the_fallback(channel, routes, fa
     assert _metadata_versions(channel) == ["1", "2"]
 
 
-def test_upstream_pin_of_another_model_leaves_streams_of_this_one_on_the_main_upstream(channel, routes, fallback):
+def test_upstream_pin_of_another_model_leaves_streams_of_this_one_on_the_main_upstream(proxy, channel, routes,
+                                                                                      fallback):
     routes.pin(Pin("some_other_model", None, f"127.0.0.1:{fallback}"))
     assert routes.upstream_pins
     replies = _stream(channel, [_request(), _request("1")])
     assert [reply.infer_response.model_version for reply in replies] == ["2", "1"]
-    assert _stream(channel, []) == []
+    if proxy.data_plane == "python":
+        assert _stream(channel, []) == []
+    else:
+        # Envoy's gRPC field extraction filter (agent/dataplane/envoy/model_routing.py) refuses a stream that
+        # ends before its first message.
+        with pytest.raises(grpc.RpcError) as error:
+            _stream(channel, [])
+        assert error.value.code() is grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_malformed_request_while_pinned_gets_the_upstreams_error(channel, routes):
