@@ -82,6 +82,8 @@ class Policy:
     # The inline detector (flag and enforce modes), for a data plane that asks for verdicts itself
     # (Envoy's verdict server, agent/dataplane/envoy/verdicts.py); None: every model is in shadow mode.
     verdicts: InlineVerdicts | None = None
+    # The route table, for a data plane that applies pins itself (Envoy); None: nothing is pinned.
+    routes: RouteTable | None = None
 
     def before(self, model: str, version: str, request: bytes, inference: bool) -> Before | None:
         """The before step of a unary call that names a model; None: forward it unchanged."""
@@ -122,7 +124,7 @@ class SidecarPolicy(Policy):
 
     def __init__(self, routes: RouteTable | None = None, tap: Tap | None = None, call_log: "CallLog | None" = None,
                  verdicts: InlineVerdicts | None = None) -> None:
-        self._routes = routes
+        self._routes = self.routes = routes
         self._tap = tap
         self._call_log = call_log
         self._verdicts = self.verdicts = verdicts

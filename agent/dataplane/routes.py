@@ -68,6 +68,9 @@ class RouteTable:
         self._served: dict[str, dict[str, float]] = {}
         self._max_models = max_models
         self._max_versions = max_versions
+        # Called (from the writer's thread, with the lock held) after each change of the pins: a data plane
+        # that does not read the table per call (Envoy) learns of changes here. Callbacks must be quick.
+        self._listeners: list[Callable[[], None]] = []
 
     # --- pins ------------------------------------------------------------------------------
 
@@ -87,6 +90,10 @@ class RouteTable:
             if previous is not None:
                 self._publish({name: pin for name, pin in self.pins.items() if name != model})
         return previous
+
+    def on_change(self, callback: "Callable[[], None]") -> None:
+        """Call ``callback`` after every change of the pins (module docstring of agent/dataplane/envoy/pins.py)."""
+        self._listeners.append(callback)
 
     def get(self, model: str) -> Pin | None:
         return self.pins.get(model)
@@ -116,6 +123,8 @@ class RouteTable:
         self.pins = pins
         self.upstream_pins = any(pin.upstream is not None for pin in pins.values())
         self.active = bool(pins)
+        for callback in self._listeners:
+            callback()
 
     # --- versions seen serving ---------------------------------------------------------------
 

@@ -15,6 +15,13 @@
 -- max_message_bytes), and a call of a model whose mode is not shadow gets the INLINE_HEADER header, whose
 -- routes enable the verdict filter; the route cache is cleared so that Envoy picks the route again. A
 -- client's own copy of the header is removed first from every call. Other calls are not held.
+--
+-- Route pins (agent/dataplane/envoy/pins.py): while a model is pinned every route carries "pins" in this
+-- filter's route metadata; the gRPC field extraction filter before this one has held the headers until
+-- the first message was whole and left its model name in dynamic metadata (model_routing.py). The name
+-- then goes into PIN_HEADER (a client's copy removed first, so that no client can pick a pinned route itself) and the route cache is cleared, so that the router matches the
+-- pinned model's routes. The peek below cannot do it: its chunk comes after the headers have gone on.
+-- With nothing pinned none of this runs.
 
 local MAX_LABEL = __MAX_LABEL__
 local INLINE = __INLINE__
@@ -22,6 +29,8 @@ local INLINE_HEADER = "__INLINE_HEADER__"
 local DEFAULT_MODE = __DEFAULT_MODE__
 local MODES = __MODES__      -- the models whose mode is their own (models.<name>.adversarial_mode)
 local MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
+local PIN_HEADER = "x-sidewatch-model"
+local EXTRACTED = "envoy.filters.http.grpc_field_extraction"
 local MAX_FIELDS = 16        -- the names are near the front, the tensors are not (as in peek.py)
 local PEEK_BYTES = 5 + 2 * (MAX_LABEL + 16)  -- frame header, then fields 1 and 2 with their keys
 
@@ -107,9 +116,38 @@ local function route_inline(handle)
   end
 end
 
+-- A name that can be a header value and was not cut: the pinned routes match it exactly.
+local function routable(name)
+  return name ~= "" and #name < MAX_LABEL and not name:find("[^\33-\126]")
+end
+
+-- The model name the field extraction filter found in the first message, or nil.
+local function extracted_model(handle)
+  local fields = handle:streamInfo():dynamicMetadata():get(EXTRACTED)
+  if fields == nil then return nil end
+  local values = fields["model_name"] or fields["name"]
+  local name = type(values) == "table" and values[1] or values
+  if type(name) == "string" and routable(name) then return name end
+  return nil
+end
+
+local function route_by_model(handle, headers)
+  local changed = headers:get(PIN_HEADER) ~= nil
+  headers:remove(PIN_HEADER)
+  local name = extracted_model(handle)
+  if name ~= nil then
+    headers:add(PIN_HEADER, name)
+    changed = true
+  end
+  if changed then handle:clearRouteCache() end
+end
+
 function envoy_on_request(handle)
   local headers = handle:headers()
   local path = headers:get(":path")
+  -- Pins first: they route by the extracted name at header time. A model both pinned and inline takes the
+  -- pinned route (it comes first); its verdict filter does not run (README.md, "The Envoy data plane").
+  if handle:metadata():get("pins") then route_by_model(handle, headers) end
   if INLINE then
     if headers:get(INLINE_HEADER) ~= nil then
       -- A client's copy would pick the verdict routes: removed, and the route picked again without it.

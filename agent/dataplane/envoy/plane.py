@@ -24,13 +24,15 @@ from pathlib import Path
 from grpc import aio
 
 from agent.config import ConfigError, ServeConfig
-from agent.dataplane.envoy import ext_proc, verdicts
+from agent.dataplane.envoy import ext_proc, pin_rewrite, verdicts
 from agent.dataplane.envoy.access_log import CLUSTER as ACCESS_LOG_CLUSTER
 from agent.dataplane.envoy.access_log import AccessLogMetrics, access_log_config, grpc_stats_filter
 from agent.dataplane.envoy.binary import find_envoy
 from agent.dataplane.envoy.bootstrap import UPSTREAM, Loopback, build_bootstrap, http2_cluster
 from agent.dataplane.envoy.envoy_stats import EnvoyStats
 from agent.dataplane.envoy.lua import model_peek_filter
+from agent.dataplane.envoy.model_routing import field_extraction_filter
+from agent.dataplane.envoy.pins import PinFiles
 from agent.dataplane.envoy.sampling import Sampler, SamplingController
 from agent.dataplane.envoy.supervisor import EnvoyError, EnvoyProcess
 from agent.dataplane.health import UpstreamHealth
@@ -111,6 +113,9 @@ class EnvoyDataPlane:
         self.sampler: Sampler | None = None
         # Flag and enforce modes (verdicts.py): the verdict server, for the models configured for them.
         self._verdict_server: aio.Server | None = None
+        # Route pins (pins.py): the route files Envoy watches, and the server that rewrites pinned versions.
+        self.pins: PinFiles | None = None
+        self._pin_server: aio.Server | None = None
 
     async def start(self) -> None:
         config = self.config
@@ -136,6 +141,14 @@ class EnvoyDataPlane:
         http_filters = [model_peek_filter(inline=inline), grpc_stats_filter()]
         clusters = [http2_cluster(ACCESS_LOG_CLUSTER, "127.0.0.1", health_port)]
         routes = []
+        if self.policy.routes is not None:
+            self._pin_server, pin_port = pin_rewrite.start_server(
+                pin_rewrite.PinRewriter(self.policy.routes, config.max_message_bytes), pin_rewrite.MAX_STREAMS)
+            await self._pin_server.start()
+            # The model name before routing (model_routing.py) comes before the Lua filter that routes by it.
+            http_filters.insert(0, field_extraction_filter())
+            http_filters.append(pin_rewrite.pin_rewrite_filter())
+            clusters.append(pin_rewrite.pin_rewrite_cluster(pin_port))
         if self.policy.keeps_copies:
             self._tap_server, tap_port = ext_proc.start_server(
                 ext_proc.TapProcessor(config, self.metrics, self.policy), config.tap.max_streams)
@@ -158,6 +171,11 @@ class EnvoyDataPlane:
         except ConfigError:
             await self._close_loopback()
             raise
+        if self.policy.routes is not None:
+            # Pins in force now (replayed from the audit log) are in the route files before Envoy starts.
+            self.pins = PinFiles(config, self.policy.routes, self._work_dir / "pins", self.policy.keeps_copies,
+                                 lambda path: self.envoy.admin(path))
+            self.pins.install(bootstrap)
         path = self._work_dir / "envoy.json"
         path.write_text(json.dumps(bootstrap, indent=1))
         self.envoy = EnvoyProcess(self.binary, path, self._work_dir, config.envoy.concurrency,
@@ -169,6 +187,8 @@ class EnvoyDataPlane:
         except EnvoyError:
             await self._close_loopback()
             raise
+        if self.pins is not None:
+            self.pins.start()
         self._stats = EnvoyStats(self.envoy, self.metrics, self.envoy_metrics)
         self._stats.start()
         if self._tap_server is not None and config.tap.cpu_budget_cores is not None:
@@ -193,6 +213,8 @@ class EnvoyDataPlane:
         await self.shutting_down()
         if self.envoy is not None:
             await asyncio.to_thread(self._drain_and_stop)
+        if self.pins is not None:
+            await asyncio.to_thread(self.pins.stop)
         if self._stats is not None:
             await self._stats.stop()
         await self._close_loopback()
@@ -221,6 +243,8 @@ class EnvoyDataPlane:
             await self._tap_server.stop(0)
         if self._verdict_server is not None:
             await self._verdict_server.stop(0)
+        if self._pin_server is not None:
+            await self._pin_server.stop(0)
         if self._health_server is not None:
             await self._health_server.stop(0)
         if self._channel is not None:
