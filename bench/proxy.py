@@ -1,9 +1,14 @@
 #!/usr/bin/env python3
-"""What does sidewatch cost on the wire? The same ModelInfer load, three ways.
+"""What does sidewatch cost on the wire? The same ModelInfer load through every data plane, in one run.
 
-    direct     client -> echo model
-    sidewatch  client -> sidewatch -> echo model
-    nginx      client -> nginx (grpc_pass, keepalive upstream) -> echo model
+    direct                  client -> echo model
+    nginx                   client -> nginx (grpc_pass, 1 worker, keepalive upstream) -> echo model
+    envoy                   client -> Envoy with sidewatch's bootstrap and no filter but the router -> echo
+    sidewatch-envoy-norepo  client -> sidewatch serve --data-plane envoy (shadow, no model repository) -> echo
+    sidewatch-envoy         the same with the bundled model's detectors (shadow, tap sampling on), Envoy 1 worker
+    sidewatch-envoy-c2      the same with envoy.concurrency 2
+    sidewatch               client -> sidewatch serve (the grpc.aio relay, no model repository) -> echo model
+    (aio-floor, sync-floor  minimal Python relays, on request with --paths)
 
 The upstream is an "echo model": a minimal server that answers every ModelInfer with one fixed,
 pre-encoded ModelInferResponse, without parsing the request, so that the model's own cost does
@@ -14,16 +19,19 @@ would hide most of nginx's cost). nginx is the reference: a C proxy doing the sa
 Figures per path:
   * sequential latency (one client, one call at a time, Python sync gRPC client, per-call
     time.perf_counter): p50, p90, p99, mean;
-  * throughput (calls/s) at 1, 8 and 32 calls in flight on one HTTP/2 connection, driven by
-    h2load (C), plus the CPU time the servers used per call;
-and the ratios sidewatch/nginx of added latency (path minus direct, at p50 and p99) and of
+  * throughput (calls/s) at 1, 8 and 32 calls in flight on one HTTP/2 connection and at 8 and 32
+    spread over 4 connections, driven by h2load (C), plus the CPU time the servers used per call;
+  * resident memory of each proxy (sidewatch with its Envoy) at idle and at its peak under load;
+and the ratios of every path to nginx of added latency (path minus direct, at p50 and p99) and of
 throughput. Every round runs the paths in a rotated order, and the reported figure is the
-median over rounds.
+median over rounds. Then, one at a time, the sidecar on Envoy with the bundled detectors and the tap
+copying every call (tap.cpu_budget_cores null), and with sampling on: calls/s, copies scored, and
+where the others were lost (sidewatch's drop counters, Envoy's ext_proc stats).
 
-    .venv/bin/python bench/proxy.py --out bench-results/proxy.json
-    .venv/bin/python bench/proxy.py --quick --out /tmp/proxy.json
+    PYTHONPATH=$PWD .venv/bin/python bench/proxy.py --out bench-results/proxy.json
+    PYTHONPATH=$PWD .venv/bin/python bench/proxy.py --quick --out /tmp/proxy.json
 
-A fourth path, aio-floor, is a minimal grpc.aio relay of the same shape as the sidecar (aio
+The path aio-floor is a minimal grpc.aio relay of the same shape as the sidecar (aio
 server + aio channel + generic bytes handler on uvloop, and nothing else): the floor for any
 proxy built on grpc.aio, which tells the sidecar's own code apart from the framework's cost.
 
