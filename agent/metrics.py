@@ -19,7 +19,7 @@ LATENCY_BUCKETS_SECONDS = (
 
 OTHER = "_other"
 # Why a copy from Envoy's tap was dropped before the tap queue (agent/dataplane/envoy/ext_proc.py).
-TAP_DROP_REASONS = ("too_large", "buffer", "compressed", "unpaired")
+TAP_DROP_REASONS = ("too_large", "buffer", "compressed", "unpaired", "envoy")
 
 
 class BoundedModels:
@@ -124,7 +124,8 @@ class ProxyMetrics:
             "sidewatch_tap_copies_dropped_total",
             "Copies of inference calls dropped before the tap queue, by reason (too_large: a message over "
             "tap.max_message_bytes; buffer: a call over its buffer bounds; compressed; unpaired: a streamed "
-            "request with no room to wait for its response).",
+            "request with no room to wait for its response; envoy: a copy Envoy could not send, its ext_proc "
+            "stream refused or failed, as when the tap's streams are all taken while sidewatch is behind).",
             ["reason"],
             registry=registry,
         )

@@ -1,9 +1,14 @@
 #!/usr/bin/env python3
-"""What does sidewatch cost on the wire? The same ModelInfer load, three ways.
+"""What does sidewatch cost on the wire? The same ModelInfer load through every data plane, in one run.
 
-    direct     client -> echo model
-    sidewatch  client -> sidewatch -> echo model
-    nginx      client -> nginx (grpc_pass, keepalive upstream) -> echo model
+    direct                  client -> echo model
+    nginx                   client -> nginx (grpc_pass, 1 worker, keepalive upstream) -> echo model
+    envoy                   client -> Envoy with sidewatch's bootstrap and no filter but the router -> echo
+    sidewatch-envoy-norepo  client -> sidewatch serve --data-plane envoy (shadow, no model repository) -> echo
+    sidewatch-envoy         the same with the bundled model's detectors (shadow, tap sampling on), Envoy 1 worker
+    sidewatch-envoy-c2      the same with envoy.concurrency 2
+    sidewatch               client -> sidewatch serve (the grpc.aio relay, no model repository) -> echo model
+    (aio-floor, sync-floor  minimal Python relays, on request with --paths)
 
 The upstream is an "echo model": a minimal server that answers every ModelInfer with one fixed,
 pre-encoded ModelInferResponse, without parsing the request, so that the model's own cost does
@@ -14,16 +19,19 @@ would hide most of nginx's cost). nginx is the reference: a C proxy doing the sa
 Figures per path:
   * sequential latency (one client, one call at a time, Python sync gRPC client, per-call
     time.perf_counter): p50, p90, p99, mean;
-  * throughput (calls/s) at 1, 8 and 32 calls in flight on one HTTP/2 connection, driven by
-    h2load (C), plus the CPU time the servers used per call;
-and the ratios sidewatch/nginx of added latency (path minus direct, at p50 and p99) and of
+  * throughput (calls/s) at 1, 8 and 32 calls in flight on one HTTP/2 connection and at 8 and 32
+    spread over 4 connections, driven by h2load (C), plus the CPU time the servers used per call;
+  * resident memory of each proxy (sidewatch with its Envoy) at idle and at its peak under load;
+and the ratios of every path to nginx of added latency (path minus direct, at p50 and p99) and of
 throughput. Every round runs the paths in a rotated order, and the reported figure is the
-median over rounds.
+median over rounds. Then, one at a time, the sidecar on Envoy with the bundled detectors and the tap
+copying every call (tap.cpu_budget_cores null), and with sampling on: calls/s, copies scored, and
+where the others were lost (sidewatch's drop counters, Envoy's ext_proc stats).
 
-    .venv/bin/python bench/proxy.py --out bench-results/proxy.json
-    .venv/bin/python bench/proxy.py --quick --out /tmp/proxy.json
+    PYTHONPATH=$PWD .venv/bin/python bench/proxy.py --out bench-results/proxy.json
+    PYTHONPATH=$PWD .venv/bin/python bench/proxy.py --quick --out /tmp/proxy.json
 
-A fourth path, aio-floor, is a minimal grpc.aio relay of the same shape as the sidecar (aio
+The path aio-floor is a minimal grpc.aio relay of the same shape as the sidecar (aio
 server + aio channel + generic bytes handler on uvloop, and nothing else): the floor for any
 proxy built on grpc.aio, which tells the sidecar's own code apart from the framework's cost.
 
@@ -49,7 +57,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,7 +71,15 @@ MODEL_INFER = f"/{SERVICE}/ModelInfer"
 # Answered by the echo model too, so that the sidecar's upstream health check sees a ready server.
 READY_METHODS = (f"/{SERVICE}/ServerLive", f"/{SERVICE}/ServerReady", f"/{SERVICE}/ModelReady")
 READY_TRUE = b"\x08\x01"  # field 1 (live/ready) = true
-PATHS = ("direct", "sidewatch", "nginx", "aio-floor", "sync-floor")
+PATHS = ("direct", "nginx", "envoy", "sidewatch-envoy-norepo", "sidewatch-envoy", "sidewatch-envoy-c2", "sidewatch",
+         "aio-floor", "sync-floor")
+DEFAULT_PATHS = PATHS[:7]
+# The sidecars on the Envoy data plane: (envoy.concurrency, Envoy's worker threads; with the bundled model's
+# detectors, else no model repository) per path.
+SIDEWATCH_ENVOY = {"sidewatch-envoy-norepo": (1, False), "sidewatch-envoy": (1, True), "sidewatch-envoy-c2": (2, True)}
+# Connections the throughput load is spread over; on 4 connections, the calls in flight are split evenly
+# (h2load -c 4 -m CONC/4), so 1 in flight is measured on one connection only.
+CONNECTIONS = (1, 4)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -478,16 +496,79 @@ def start_echo_upstream(children: Children, tmp: Path, response: bytes, request:
 
 
 def start_sidewatch(children: Children, tmp: Path, upstream: str, request: bytes, response: bytes,
-                    extra_args: list[str], extra_env: dict[str, str]) -> tuple[str, subprocess.Popen]:
+                    extra_args: list[str], extra_env: dict[str, str], name: str = "sidewatch",
+                    metrics: str | None = None) -> tuple[str, subprocess.Popen]:
     address = f"127.0.0.1:{free_port()}"
-    metrics = f"127.0.0.1:{free_port()}"
+    metrics = metrics or f"127.0.0.1:{free_port()}"
     argv = [sys.executable, "-m", "agent.cli", "serve", "--listen", address, "--upstream", upstream,
             "--metrics-listen", metrics, *extra_args]
     env = {**os.environ, **extra_env}
-    log = tmp / "sidewatch.log"
-    proc = children.start("sidewatch", argv, log, env)
+    log = tmp / f"{name}.log"
+    proc = children.start(name, argv, log, env)
     wait_until_answers(address, request, response, proc, log, timeout=60.0)
     return address, proc
+
+
+@dataclass
+class EnvoySidecar:
+    """``sidewatch serve --data-plane envoy``: its address, process, metrics address and Envoy's admin port."""
+
+    address: str
+    proc: subprocess.Popen
+    metrics: str
+    admin_port: int
+
+    def metrics_text(self) -> str:
+        return urllib.request.urlopen(f"http://{self.metrics}/metrics", timeout=5).read().decode()
+
+    def envoy_stats(self, prefix: str) -> dict[str, int]:
+        """Envoy's counters and gauges whose names contain ``prefix``."""
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/stats?filter={prefix}",
+                                      timeout=5).read().decode()
+        stats = {}
+        for line in text.splitlines():
+            name, _, value = line.partition(": ")
+            if value.strip().lstrip("-").isdigit():
+                stats[name] = int(value)
+        return stats
+
+
+def start_sidewatch_envoy(children: Children, tmp: Path, upstream: str, request: bytes, response: bytes,
+                          name: str, concurrency: int, tap: dict, extra_args: list[str],
+                          extra_env: dict[str, str], detectors: bool = True) -> EnvoySidecar:
+    """The sidecar on the Envoy data plane with the bundled model's detectors (shadow mode; without
+    ``detectors``, no model repository), Envoy with ``concurrency`` workers, ``tap`` settings
+    (tap.cpu_budget_cores None: every call copied)."""
+    from agent.modelserver.repository import BUNDLED_REPOSITORY
+
+    admin_port, metrics = free_port(), f"127.0.0.1:{free_port()}"
+    config = tmp / f"{name}.yml"
+    config.write_text(json.dumps({"envoy": {"concurrency": concurrency, "admin_port": admin_port}, "tap": tap}))
+    repository = ["--model-repository", str(BUNDLED_REPOSITORY)] if detectors else []
+    args = ["--data-plane", "envoy", *repository, "--config", str(config), *extra_args]
+    address, proc = start_sidewatch(children, tmp, upstream, request, response, args, extra_env, name, metrics)
+    return EnvoySidecar(address, proc, metrics, admin_port)
+
+
+def start_plain_envoy(tmp: Path, upstream: str, request: bytes, response: bytes, concurrency: int):
+    """Envoy alone with sidewatch's bootstrap and no HTTP filter but the router (no Lua, no access log, no
+    ext_proc); its health route points at a closed port, and the benchmark never calls it."""
+    from agent.config import load_config
+    from agent.dataplane.envoy.binary import find_envoy
+    from agent.dataplane.envoy.bootstrap import Loopback, build_bootstrap
+    from agent.dataplane.envoy.supervisor import EnvoyProcess
+
+    port = free_port()
+    config = load_config(overrides={"listen": f"127.0.0.1:{port}", "upstream.address": upstream})
+    work = tmp / "envoy"
+    work.mkdir()
+    bootstrap = work / "envoy.json"
+    bootstrap.write_text(json.dumps(build_bootstrap(config, Loopback(admin_port=0, health_port=free_port()))))
+    envoy = EnvoyProcess(find_envoy(None), bootstrap, work, concurrency=concurrency, log_level="warning")
+    envoy.start()
+    address = f"127.0.0.1:{port}"
+    wait_until_answers(address, request, response, envoy.process, work / "envoy.json")
+    return address, envoy
 
 
 def start_floor(kind: str, children: Children, tmp: Path, upstream: str, request: bytes,
@@ -633,6 +714,17 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / CLK_TCK
 
 
+def memory_kib(pids: list[int], field: str) -> int:
+    """A /proc/PID/status memory field (VmRSS: resident now; VmHWM: the most resident so far), summed, KiB."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith(field + ":"):
+                    total += int(line.split()[1])
+    return total
+
+
 H2LOAD_NUMBERS = {
     "finished": re.compile(r"finished in ([\d.]+[mu]?s), ([\d.]+) req/s"),
     "requests": re.compile(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, "
@@ -649,9 +741,11 @@ def duration_us(text: str) -> float:
     return value * {"us": 1, "ms": 1e3, "s": 1e6}[unit]
 
 
-def run_h2load(h2load: str, address: str, data_file: Path, concurrency: int, duration: float) -> dict:
-    """One h2load run over one connection; returns its figures and its own CPU time."""
-    argv = [h2load, "-c", "1", "-t", "1", "-m", str(concurrency), "-D", f"{round(duration * 1000)}ms",
+def run_h2load(h2load: str, address: str, data_file: Path, concurrency: int, duration: float,
+               connections: int = 1) -> dict:
+    """One h2load run (one thread) over ``connections`` connections with ``concurrency`` calls in flight on
+    each; returns its figures and its own CPU time."""
+    argv = [h2load, "-c", str(connections), "-t", "1", "-m", str(concurrency), "-D", f"{round(duration * 1000)}ms",
             "-H", "content-type: application/grpc", "-H", "te: trailers", "-d", str(data_file),
             f"http://{address}{MODEL_INFER}"]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -684,16 +778,17 @@ def run_h2load(h2load: str, address: str, data_file: Path, concurrency: int, dur
 
 
 def measure_throughput(h2load: str, address: str, data_file: Path, concurrency: int, duration: float,
-                       warmup: float, servers: dict[str, list[int]], response_frame_bytes: int) -> dict:
-    """Calls/s at a fixed number of calls in flight; also the servers' CPU time per call.
+                       warmup: float, servers: dict[str, list[int]], response_frame_bytes: int,
+                       connections: int = 1) -> dict:
+    """Calls/s at a fixed number of calls in flight per connection; also the servers' CPU time per call.
 
     h2load counts HTTP 200 as success, and a gRPC error is an HTTP 200 too; but an error carries
     no DATA, so every succeeded call must have brought at least one framed echo response.
     """
     if warmup > 0:
-        run_h2load(h2load, address, data_file, concurrency, warmup)
+        run_h2load(h2load, address, data_file, concurrency, warmup, connections)
     before = {name: cpu_seconds(pids) for name, pids in servers.items()}
-    result = run_h2load(h2load, address, data_file, concurrency, duration)
+    result = run_h2load(h2load, address, data_file, concurrency, duration, connections)
     after = {name: cpu_seconds(pids) for name, pids in servers.items()}
     calls = max(result["done"], 1)
     result["cpu_us_per_call"] = {name: round((after[name] - before[name]) / calls * 1e6, 1) for name in servers}
@@ -786,8 +881,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--concurrency", default="1,8,32", help="calls in flight for throughput (default 1,8,32)")
     parser.add_argument("--duration", type=float, help="seconds per throughput measurement (default 3)")
     parser.add_argument("--warmup", type=float, help="h2load warm-up seconds before each (default 1)")
-    parser.add_argument("--paths", default=",".join(PATHS),
-                        help="which paths, direct required (default: all of direct,sidewatch,nginx,aio-floor)")
+    parser.add_argument("--connections", default="1,4",
+                        help="connections the calls in flight are spread over (default 1,4)")
+    parser.add_argument("--envoy-concurrency", type=int, default=1,
+                        help="Envoy worker threads for the plain envoy path and the tap runs (default 1)")
+    parser.add_argument("--tap-seconds", type=float,
+                        help="seconds of load for each tap measurement, 0: none (default 8, quick 2)")
+    parser.add_argument("--paths", default=",".join(DEFAULT_PATHS),
+                        help=f"which paths, direct required (default: {','.join(DEFAULT_PATHS)}; known: "
+                             f"{','.join(PATHS)})")
     parser.add_argument("--echo", choices=["h2", "grpc"], default="h2",
                         help="echo model: raw HTTP/2 on uvloop (default, a few us per call) or grpc.aio")
     parser.add_argument("--echo-procs", type=int, default=1,
@@ -807,11 +909,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     quick = args.quick
     defaults = {"rounds": (3, 1), "latency_calls": (2000, 300), "latency_warmup": (200, 50),
-                "duration": (3.0, 1.0), "warmup": (1.0, 0.3)}
+                "duration": (3.0, 1.0), "warmup": (1.0, 0.3), "tap_seconds": (8.0, 2.0)}
     for name, (full, short) in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, short if quick else full)
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    args.connections = [int(c) for c in args.connections.split(",")]
     args.paths = [p.strip() for p in args.paths.split(",") if p.strip()]
     unknown = set(args.paths) - set(PATHS)
     if unknown or "direct" not in args.paths:
@@ -824,16 +927,16 @@ def median_of(rounds: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in rounds)
 
 
-def summarize(results: dict, concurrency: list[int], load_seconds: float) -> dict:
-    """Medians over rounds per path, added latency over direct, then the ratios."""
+def summarize(results: dict, points: list[str], load_seconds: float) -> dict:
+    """Medians over rounds per path, added latency over direct, then the ratios to nginx."""
     summary = {}
     for path, data in results.items():
         lat = data["latency_rounds"]
         entry = {"latency_p50_us": median_of(lat, "p50_us"), "latency_p99_us": median_of(lat, "p99_us"),
                  "latency_mean_us": median_of(lat, "mean_us"), "throughput": {}}
-        for conc in concurrency:
-            runs = data["throughput_rounds"][str(conc)]
-            entry["throughput"][str(conc)] = {
+        for point in points:
+            runs = data["throughput_rounds"][point]
+            entry["throughput"][point] = {
                 "calls_per_s": median_of(runs, "calls_per_s"),
                 "request_time_mean_us": median_of(runs, "request_time_mean_us"),
                 "cpu_us_per_call": {name: statistics.median(r["cpu_us_per_call"][name] for r in runs)
@@ -852,17 +955,19 @@ def summarize(results: dict, concurrency: list[int], load_seconds: float) -> dic
 
     ratios = {}
     for reference in ("nginx", "aio-floor"):
-        if "sidewatch" not in summary or reference not in summary:
+        if reference not in summary:
             continue
-        side, ref = summary["sidewatch"], summary[reference]
-        name = reference.replace("-", "_")
-        ratios[f"added_latency_p50_sidewatch_over_{name}"] = ratio(side["added_p50_us"], ref["added_p50_us"])
-        ratios[f"added_latency_p99_sidewatch_over_{name}"] = ratio(side["added_p99_us"], ref["added_p99_us"])
-        ratios[f"throughput_sidewatch_over_{name}"] = {
-            str(c): ratio(side["throughput"][str(c)]["calls_per_s"], ref["throughput"][str(c)]["calls_per_s"])
-            for c in concurrency}
+        ref = summary[reference]
+        for path, entry in summary.items():
+            if path in ("direct", reference):
+                continue
+            ratios[f"{path}_over_{reference}"] = {
+                "added_p50": ratio(entry["added_p50_us"], ref["added_p50_us"]),
+                "added_p99": ratio(entry["added_p99_us"], ref["added_p99_us"]),
+                "throughput": {p: ratio(entry["throughput"][p]["calls_per_s"], ref["throughput"][p]["calls_per_s"])
+                               for p in points}}
     # The load generator is not the bottleneck when direct, through the same h2load, goes far faster.
-    top = str(concurrency[-1])
+    top = points[-1]
     proxies = [e["throughput"][top]["calls_per_s"] for p, e in summary.items() if p != "direct"]
     if proxies:
         ratios["load_generator_headroom_at_top_concurrency"] = ratio(direct["throughput"][top]["calls_per_s"],
@@ -870,37 +975,130 @@ def summarize(results: dict, concurrency: list[int], load_seconds: float) -> dic
     return {"paths": summary, "ratios": ratios}
 
 
-def print_table(summary: dict, concurrency: list[int]) -> None:
-    paths = summary["paths"]
-    cpu_head = "cpu us/call c=" + "/".join(map(str, concurrency))
-    head = f"{'path':<10} {'p50 us':>7} {'p99 us':>7} {'+p50':>6} {'+p99':>6}"
-    head += "".join(f" {f'c={c} calls/s':>13}" for c in concurrency) + f"  {cpu_head}"
+def print_table(report: dict) -> None:
+    paths = report["paths"]
+    points = report["parameters"]["load_points"]
+    head = f"{'path':<19} {'p50 us':>7} {'p99 us':>7} {'+p50':>6} {'+p99':>6}"
+    head += "".join(f" {point:>7}" for point in points) + "  rss idle/load MiB"
     print(head)
     print("-" * len(head))
     for path, e in paths.items():
-        line = (f"{path:<10} {e['latency_p50_us']:>7.0f} {e['latency_p99_us']:>7.0f} "
+        line = (f"{path:<19} {e['latency_p50_us']:>7.0f} {e['latency_p99_us']:>7.0f} "
                 f"{e['added_p50_us']:>6.0f} {e['added_p99_us']:>6.0f}")
-        line += "".join(f" {e['throughput'][str(c)]['calls_per_s']:>13.0f}" for c in concurrency)
-        own = "echo" if path == "direct" else path
-        line += "  " + "/".join(f"{e['throughput'][str(c)]['cpu_us_per_call'][own]:.0f}" for c in concurrency)
+        line += "".join(f" {e['throughput'][p]['calls_per_s']:>7.0f}" for p in points)
+        memory = report["memory"].get(path)
+        if memory:
+            line += f"  {memory['rss_idle_kib'] / 1024:.0f}/{memory['rss_under_load_peak_kib'] / 1024:.0f}"
         print(line)
-    print("(+p50, +p99: added over direct; cpu us/call: the proxy's own CPU per call, for direct the echo's)")
-    ratios = summary["ratios"]
-    for reference in ("nginx", "aio_floor"):
-        if f"throughput_sidewatch_over_{reference}" not in ratios:
+    print("(+p50, +p99: added over direct; CxM: calls/s on C connections with M calls in flight on each)")
+    for name, values in report["ratios"].items():
+        if isinstance(values, dict) and name.endswith("_over_nginx"):
+            print(f"{name}: added p50 x{values['added_p50']}, p99 x{values['added_p99']}; calls/s "
+                  + ", ".join(f"{p} x{r}" for p, r in values["throughput"].items()))
+    for name, tap in report.get("tap", {}).items():
+        print(f"tap {name}: {tap['calls_per_s']:.0f} calls/s, {tap['copies_scored']} of {tap['calls']} calls "
+              f"scored ({tap['share_scored']}); envoy ext_proc streams failed {tap['envoy_ext_proc']['streams_failed']}"
+              f", sidewatch drops {tap['dropped_by_sidewatch']}, sampled ratio at end {tap['sampled_ratio_at_end']}")
+
+
+class PeakRss:
+    """The most resident memory (VmRSS, KiB) of some processes while the block runs, sampled every 0.1 s."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.pids = pids
+        self.peak_kib = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while True:
+            self.peak_kib = max(self.peak_kib, memory_kib(self.pids, "VmRSS"))
+            if self._stop.wait(0.1):
+                return
+
+    def __enter__(self) -> "PeakRss":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def metric_sum(text: str, name: str, **labels: str) -> float:
+    """The sum of the samples of ``name`` (exactly) whose labels include ``labels``; 0 when there are none."""
+    total = 0.0
+    for line in text.splitlines():
+        head, _, value = line.rpartition(" ")
+        metric, _, label_text = head.partition("{")
+        if line.startswith("#") or metric != name:
             continue
-        print(f"sidewatch/{reference}: added latency p50 x{ratios[f'added_latency_p50_sidewatch_over_{reference}']}, "
-              f"p99 x{ratios[f'added_latency_p99_sidewatch_over_{reference}']}; throughput " + ", ".join(
-                  f"c={c} x{r}" for c, r in ratios[f"throughput_sidewatch_over_{reference}"].items()))
-    if "load_generator_headroom_at_top_concurrency" in ratios:
-        print(f"load generator headroom: direct goes x{ratios['load_generator_headroom_at_top_concurrency']} "
-              f"faster than the fastest proxy at c={concurrency[-1]}")
+        if all(f'{key}="{wanted}"' in label_text for key, wanted in labels.items()):
+            total += float(value)
+    return total
+
+
+TAP_EXT_PROC = "http.ingress.ext_proc.sidewatch_tap."
+
+
+def measure_tap(args: argparse.Namespace, children: Children, tmp: Path, echo: str, request: bytes,
+                response: bytes, data_file: Path, name: str, tap: dict) -> dict:
+    """The sidecar on Envoy with the bundled model's detectors, loaded by h2load at the top concurrency on
+    one connection: calls/s, and how many copies reached the tap, were scored, or were lost, and where."""
+    concurrency, seconds = args.concurrency[-1], args.tap_seconds
+    sidecar = start_sidewatch_envoy(children, tmp, echo, request, response, name, args.envoy_concurrency,
+                                    tap, shlex.split(args.sidewatch_args), args.sidewatch_env)
+    try:
+        run_h2load(args.h2load, sidecar.address, data_file, concurrency, 1.0)  # warm-up
+        time.sleep(3)  # the warm-up's copies are scored
+        metrics_before, stats_before = sidecar.metrics_text(), sidecar.envoy_stats("sidewatch_tap")
+        load = run_h2load(args.h2load, sidecar.address, data_file, concurrency, seconds)
+        time.sleep(3)  # the detectors finish what was queued
+        metrics_after, stats_after = sidecar.metrics_text(), sidecar.envoy_stats("sidewatch_tap")
+    finally:
+        stop_process(sidecar.proc)
+
+    def delta(metric: str, **labels: str) -> int:
+        return round(metric_sum(metrics_after, metric, **labels) - metric_sum(metrics_before, metric, **labels))
+
+    def envoy_delta(stat: str) -> int:
+        return stats_after.get(stat, 0) - stats_before.get(stat, 0)
+
+    calls = load["done"]
+    scored = delta("sidewatch_adversarial_inputs_total", model="mnist_cnn")
+    return {
+        "tap": tap, "concurrency": concurrency, "seconds": seconds, "calls": calls,
+        "calls_per_s": load["calls_per_s"],
+        "copies_received": delta("sidewatch_tap_copies_received_total"),
+        "copies_scored": scored,
+        "share_scored": round(scored / max(calls, 1), 3),
+        "dropped_by_sidewatch": {
+            "queue_full": delta("sidewatch_tap_dropped_total"),
+            **{reason: delta("sidewatch_tap_copies_dropped_total", reason=reason)
+               for reason in ("too_large", "buffer", "compressed", "unpaired", "envoy")}},
+        "envoy_ext_proc": {stat: envoy_delta(TAP_EXT_PROC + stat)
+                           for stat in ("streams_started", "streams_failed", "streams_closed",
+                                        "failure_mode_allowed", "stream_msgs_sent")},
+        "envoy_tap_cluster_overflow": envoy_delta("cluster.sidewatch_tap.upstream_rq_active_overflow"),
+        "sampled_ratio_at_end": metric_sum(metrics_after, "sidewatch_tap_sampled_ratio"),
+    }
+
+
+def load_points(concurrency: list[int], connections: list[int]) -> list[tuple[int, int]]:
+    """(connections, calls in flight per connection) for every total in flight that splits evenly."""
+    return [(conns, total // conns) for conns in connections for total in concurrency
+            if total % conns == 0 and total >= conns]
+
+
+def point_key(conns: int, per_connection: int) -> str:
+    return f"{conns}x{per_connection}"
 
 
 def run(args: argparse.Namespace) -> dict:
     request, response = build_messages()
     loadavg_at_start = os.getloadavg()
     children = Children()
+    envoys = []
     tmp = Path(tempfile.mkdtemp(prefix="sidewatch-bench-"))
     os.chmod(tmp, 0o755)  # nginx workers may run as another user
     try:
@@ -911,10 +1109,23 @@ def run(args: argparse.Namespace) -> dict:
         addresses = {"direct": echo_address}
         echo_pids = [p.pid for p in echo_procs]
         proxies: dict[str, list[int]] = {}
+        sidecar_args = shlex.split(args.sidewatch_args)
         if "sidewatch" in args.paths:
             addresses["sidewatch"], proc = start_sidewatch(children, tmp, echo_address, request, response,
-                                                           shlex.split(args.sidewatch_args), args.sidewatch_env)
+                                                           sidecar_args, args.sidewatch_env)
             proxies["sidewatch"] = [proc.pid]
+        for path, (concurrency, detectors) in SIDEWATCH_ENVOY.items():
+            if path in args.paths:
+                # Shadow mode; tap sampling on (its default CPU budget).
+                sidecar = start_sidewatch_envoy(children, tmp, echo_address, request, response, path, concurrency,
+                                                {}, sidecar_args, args.sidewatch_env, detectors)
+                addresses[path] = sidecar.address
+                proxies[path] = process_tree(sidecar.proc.pid)  # sidewatch and its Envoy
+        if "envoy" in args.paths:
+            addresses["envoy"], envoy = start_plain_envoy(tmp, echo_address, request, response,
+                                                          args.envoy_concurrency)
+            envoys.append(envoy)
+            proxies["envoy"] = [envoy.process.pid]
         if "nginx" in args.paths:
             addresses["nginx"], proc = start_nginx(children, tmp, echo_address, request, response,
                                                    args.nginx_workers, args.nginx)
@@ -923,7 +1134,12 @@ def run(args: argparse.Namespace) -> dict:
             if floor in args.paths:
                 addresses[floor], proc = start_floor(floor, children, tmp, echo_address, request, response)
                 proxies[floor] = [proc.pid]
+        time.sleep(3)  # the sidecars settle (detectors loaded, first health checks done)
+        memory = {path: {"rss_idle_kib": memory_kib(pids, "VmRSS"), "rss_under_load_peak_kib": 0}
+                  for path, pids in proxies.items()}
         paths = [p for p in PATHS if p in args.paths]
+        points = load_points(args.concurrency, args.connections)
+        top = (1, args.concurrency[-1])
         results = {p: {"address": addresses[p], "latency_rounds": [], "throughput_rounds": {}} for p in paths}
         for rnd in range(args.rounds):
             order = paths[rnd % len(paths):] + paths[:rnd % len(paths)]
@@ -931,13 +1147,19 @@ def run(args: argparse.Namespace) -> dict:
                 print(f"round {rnd + 1}/{args.rounds}: {path} latency", file=sys.stderr, flush=True)
                 results[path]["latency_rounds"].append(
                     measure_latency(addresses[path], request, response, args.latency_calls, args.latency_warmup))
-            for conc in args.concurrency:
+            for conns, per_connection in points:
+                key = point_key(conns, per_connection)
                 for path in order:
-                    print(f"round {rnd + 1}/{args.rounds}: {path} throughput c={conc}", file=sys.stderr, flush=True)
+                    print(f"round {rnd + 1}/{args.rounds}: {path} throughput {key}", file=sys.stderr, flush=True)
                     servers = {"echo": echo_pids, **({path: proxies[path]} if path in proxies else {})}
-                    results[path]["throughput_rounds"].setdefault(str(conc), []).append(
-                        measure_throughput(args.h2load, addresses[path], data_file, conc, args.duration, args.warmup,
-                                           servers, len(grpc_frame(response))))
+                    with PeakRss(proxies.get(path, [])) as rss:
+                        result = measure_throughput(args.h2load, addresses[path], data_file, per_connection,
+                                                    args.duration, args.warmup, servers, len(grpc_frame(response)),
+                                                    conns)
+                    results[path]["throughput_rounds"].setdefault(key, []).append(result)
+                    if path in memory and (conns, per_connection) == top:
+                        memory[path]["rss_under_load_peak_kib"] = max(memory[path]["rss_under_load_peak_kib"],
+                                                                      rss.peak_kib)
         profile = None
         if args.py_spy and "sidewatch" in proxies:
             py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
@@ -951,6 +1173,13 @@ def run(args: argparse.Namespace) -> dict:
         for name, proc in children.procs:
             if proc.poll() is not None:
                 raise RuntimeError(f"{name} died during the run (exit {proc.returncode})")
+        tap = {}
+        if args.tap_seconds > 0:
+            # Every call copied (sampling off), then sampling on; one at a time, the other sidecars idle.
+            for name, settings in (("every_call", {"cpu_budget_cores": None}), ("sampling_on", {})):
+                print(f"tap: {name}", file=sys.stderr, flush=True)
+                tap[name] = measure_tap(args, children, tmp, echo_address, request, response, data_file,
+                                        f"tap-{name}", settings)
         report = {
             "benchmark": "bench/proxy.py",
             "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -958,13 +1187,15 @@ def run(args: argparse.Namespace) -> dict:
             "parameters": {
                 "quick": args.quick, "rounds": args.rounds, "latency_calls": args.latency_calls,
                 "latency_warmup": args.latency_warmup, "concurrency": args.concurrency,
+                "connections": args.connections, "load_points": [point_key(*p) for p in points],
+                "envoy_concurrency": args.envoy_concurrency, "sidewatch_envoy": SIDEWATCH_ENVOY,
                 "throughput_duration_s": args.duration, "throughput_warmup_s": args.warmup,
                 "nginx_config": NGINX_CONF.format(workers=args.nginx_workers, tmp="TMP", upstream="ECHO",
                                                   listen="LISTEN") if "nginx" in args.paths else None,
                 "echo": args.echo, "echo_procs": args.echo_procs, "nginx_workers": args.nginx_workers,
                 "sidewatch_args": args.sidewatch_args, "sidewatch_env": args.sidewatch_env,
                 "latency_client": f"Python grpcio {grpc.__version__} sync client, one channel, one call at a time",
-                "throughput_client": "h2load -c 1 -t 1 -m CONC -D DURATION (one HTTP/2 connection)",
+                "throughput_client": "h2load -c CONNECTIONS -t 1 -m PER_CONNECTION -D DURATION",
                 "request": {"model": "mnist_cnn", "input": "input FP32 [1,1,28,28] in raw_input_contents",
                             "message_bytes": len(request), "framed_bytes": len(grpc_frame(request))},
                 "response": {"output": "output FP32 [1,10] in raw_output_contents",
@@ -974,14 +1205,18 @@ def run(args: argparse.Namespace) -> dict:
                        "h2load_all_bodies_ok": all(r["grpc_bodies_ok"] for p in results.values()
                                                    for runs in p["throughput_rounds"].values() for r in runs)},
             "raw": results,
+            "memory": memory,
+            "tap": tap,
         }
-        report.update(summarize(results, args.concurrency, args.duration))
+        report.update(summarize(results, [point_key(*p) for p in points], args.duration))
         if profile is not None:
             report["sidewatch_profile"] = profile
         if args.keep_tmp:
             report["tmp_dir"] = str(tmp)
         return report
     finally:
+        for envoy in envoys:
+            envoy.stop()
         children.stop_all()
         if not args.keep_tmp:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -1009,7 +1244,7 @@ def main(argv: list[str] | None = None) -> int:
     report = run(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print_table(report, args.concurrency)
+    print_table(report)
     print(f"\nwrote {args.out}")
     return 0 if report["checks"]["h2load_all_bodies_ok"] else 1
 

@@ -147,3 +147,38 @@ def _value(text: str, name: str, **labels: str) -> float:
         return metric_value(text, name, **labels)
     except KeyError:
         return 0.0
+
+
+def test_a_copy_envoy_cannot_send_is_counted_so_every_call_is_accounted_for(tmp_path, model_server):
+    """One copy open at a time and 8 calls in flight: Envoy's other ext_proc streams are refused (it lets the
+    calls go on and counts the streams as failed); each copy refused shows as a drop with reason envoy, so that
+    copies received and copies dropped account for (nearly) all the calls."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    process, port, metrics_port = envoy_sidecar(tmp_path, model_server, {"cpu_budget_cores": None, "max_streams": 1})
+    try:
+        before = metrics(metrics_port)
+        batch = images(20)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            infer = channel.unary_unary(paths.MODEL_INFER)
+            requests = [InferenceClient.request(MODEL, {"input": image[None]}, version="1").SerializeToString()
+                        for image in batch]
+            with ThreadPoolExecutor(8) as pool:
+                replies = list(pool.map(lambda r: infer(r, timeout=30), requests * 10))
+        assert len(replies) == 200
+
+        def accounted():
+            text = metrics(metrics_port)
+            received = _value(text, "sidewatch_tap_copies_received_total") - \
+                _value(before, "sidewatch_tap_copies_received_total")
+            dropped = _value(text, "sidewatch_tap_copies_dropped_total", reason="envoy") - \
+                _value(before, "sidewatch_tap_copies_dropped_total", reason="envoy")
+            return (received, dropped) if dropped > 0 and received + dropped >= 180 else None
+
+        # Not every one: a stream Envoy started can still be closed (deferred_close_timeout) before sidewatch
+        # reads its trailers, a loss not counted yet (bench/README.md, "The tap's missing copies"); 193 of 200
+        # were accounted for when this was written.
+        received, dropped = wait_for(accounted)
+        assert dropped > 0 and received + dropped <= 200
+    finally:
+        process.stop()

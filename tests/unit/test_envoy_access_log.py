@@ -10,7 +10,15 @@ from envoy.extensions.filters.http.grpc_stats.v3 import config_pb2 as grpc_stats
 from prometheus_client import CollectorRegistry
 
 from agent.dataplane.envoy.access_log import GRPC_STATS_STATE, AccessLogMetrics, call_code
-from agent.dataplane.envoy.envoy_stats import ACTIVE, DROPPED, HEALTH_ACTIVE, WRITTEN, EnvoyStats
+from agent.dataplane.envoy.envoy_stats import (
+    ACTIVE,
+    DROPPED,
+    HEALTH_ACTIVE,
+    TAP_FAILED,
+    TAP_STARTED,
+    WRITTEN,
+    EnvoyStats,
+)
 from agent.dataplane.envoy.supervisor import EnvoyProcess
 from agent.metrics import EnvoyMetrics, ProxyMetrics
 from agent.protocol import paths
@@ -93,3 +101,17 @@ def test_envoy_counters_survive_an_envoy_restart_and_in_flight_leaves_out_health
     assert _value(registry, "sidewatch_requests_in_flight") == 0
     stats.update({ACTIVE: 5, HEALTH_ACTIVE: 1, DROPPED: 1, WRITTEN: 3})
     assert _value(registry, "sidewatch_requests_in_flight") == 4
+
+
+def test_tap_copies_envoy_could_not_send_are_counted_as_dropped(tmp_path: Path):
+    """Under load Envoy refuses ext_proc streams (the tap cluster's circuit breaker) and lets the calls go on:
+    those copies never reach sidewatch, and are counted here, over Envoy's restarts."""
+    registry = CollectorRegistry()
+    metrics, envoy_metrics = ProxyMetrics(registry), EnvoyMetrics(registry)
+    stats = EnvoyStats(EnvoyProcess(Path("/nonexistent/envoy"), tmp_path / "envoy.json", tmp_path), metrics,
+                       envoy_metrics)
+    stats.update({TAP_STARTED: 90, TAP_FAILED: 10})
+    stats.update({TAP_STARTED: 150, TAP_FAILED: 50})
+    stats.update({TAP_STARTED: 5, TAP_FAILED: 2})  # Envoy restarted
+    assert _value(registry, "sidewatch_tap_copies_dropped_total", reason="envoy") == 52
+    assert stats.tap_copies() == (155 + 52, 52)

@@ -87,3 +87,10 @@ def test_the_share_settles_where_the_budget_holds():
     for _ in range(30):
         ratio = controller.next_ratio(ratio, cpu_cores=0.05 + 2.0 * ratio, queue_load=0.0)
     assert 0.8 * 1.0 - 0.02 <= 0.05 + 2.0 * ratio <= 1.0  # within a percent step of the aim
+
+
+def test_copies_lost_between_envoy_and_the_tap_cut_the_share_whatever_the_cpu():
+    """Envoy refusing ext_proc streams (sidewatch behind, the CPU short elsewhere) is a reason of its own."""
+    controller = SamplingController(budget_cores=1.0, headroom=0.8)
+    assert controller.next_ratio(1.0, cpu_cores=0.3, queue_load=0.0, lost_share=0.25) == pytest.approx(0.6)
+    assert controller.next_ratio(1.0, cpu_cores=0.3, queue_load=0.0, lost_share=0.005) == 1.0  # noise: climbs

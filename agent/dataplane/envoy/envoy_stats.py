@@ -1,10 +1,17 @@
 """Numbers only Envoy knows, read from its admin API once a second: calls in flight, access-log entries
-sent and dropped.
+sent and dropped, and the tap's copies Envoy could not send.
 
 The access log reports a call when it ends, so the calls in flight come from Envoy's gauges: the
 listener's active requests less those on the health route (served by sidewatch's health service, which
 the Python data plane does not count either). Envoy's counters restart at zero when Envoy restarts; a
 value lower than the last one read is taken as a fresh start.
+
+The tap's copies (ext_proc.py) travel on one ext_proc stream per call. When sidewatch falls behind, streams
+pile up until the tap cluster's circuit breaker (Envoy's default: 1,024 requests open) refuses new ones, or
+sidewatch's ``tap.max_streams`` does; in observability mode Envoy lets the call go on and counts the stream
+as failed (``streams_failed``), and the copy never reaches sidewatch. Those are exported as
+``sidewatch_tap_copies_dropped_total{reason="envoy"}``, and the streams started and failed are kept as
+running totals for the sampler (sampling.py), which copies fewer calls while copies are being lost.
 """
 
 from __future__ import annotations
@@ -22,8 +29,10 @@ ACTIVE = "http.ingress.downstream_rq_active"
 HEALTH_ACTIVE = "cluster.sidewatch_health.upstream_rq_active"
 DROPPED = "access_logs.grpc_access_log.logs_dropped"
 WRITTEN = "access_logs.grpc_access_log.logs_written"
+TAP_STARTED = "http.ingress.ext_proc.sidewatch_tap.streams_started"
+TAP_FAILED = "http.ingress.ext_proc.sidewatch_tap.streams_failed"
 STATS_PATH = "/stats?format=json&filter=" + "|".join(
-    f"^{name.replace('.', '[.]')}$" for name in (ACTIVE, HEALTH_ACTIVE, DROPPED, WRITTEN))
+    f"^{name.replace('.', '[.]')}$" for name in (ACTIVE, HEALTH_ACTIVE, DROPPED, WRITTEN, TAP_STARTED, TAP_FAILED))
 
 
 def read_stats(envoy: EnvoyProcess) -> dict[str, int]:
@@ -41,7 +50,9 @@ class EnvoyStats:
         self.metrics = metrics
         self.envoy_metrics = envoy_metrics
         self.interval = interval
-        self._last = {DROPPED: 0, WRITTEN: 0}
+        self._last = {DROPPED: 0, WRITTEN: 0, TAP_STARTED: 0, TAP_FAILED: 0}
+        # Running totals over Envoy's restarts: the tap's streams started, and failed (copies lost).
+        self.tap_streams = {TAP_STARTED: 0, TAP_FAILED: 0}
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -65,8 +76,17 @@ class EnvoyStats:
 
     def update(self, stats: dict[str, int]) -> None:
         self.metrics.in_flight.set(max(0, stats.get(ACTIVE, 0) - stats.get(HEALTH_ACTIVE, 0)))
-        for name, counter in ((DROPPED, self.envoy_metrics.access_logs_dropped),
-                              (WRITTEN, self.envoy_metrics.access_logs_written)):
+        for name in self._last:
             value = stats.get(name, 0)
-            counter.inc(value - self._last[name] if value >= self._last[name] else value)
+            increase = value - self._last[name] if value >= self._last[name] else value
             self._last[name] = value
+            if name in self.tap_streams:
+                self.tap_streams[name] += increase
+            counter = {DROPPED: self.envoy_metrics.access_logs_dropped, WRITTEN: self.envoy_metrics.access_logs_written,
+                       TAP_FAILED: self.metrics.tap_copies_dropped.labels("envoy")}.get(name)
+            if counter is not None:
+                counter.inc(increase)
+
+    def tap_copies(self) -> tuple[int, int]:
+        """(copies Envoy sent or tried to send, copies it could not send), running totals."""
+        return self.tap_streams[TAP_STARTED] + self.tap_streams[TAP_FAILED], self.tap_streams[TAP_FAILED]

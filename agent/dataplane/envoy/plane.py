@@ -194,7 +194,7 @@ class EnvoyDataPlane:
         if self._tap_server is not None and config.tap.cpu_budget_cores is not None:
             self.sampler = Sampler(SamplingController(config.tap.cpu_budget_cores, config.tap.min_sampled_ratio),
                                    self.metrics, self._set_sampling, self.policy.tap_load,
-                                   config.tap.sampling_interval_seconds)
+                                   config.tap.sampling_interval_seconds, copies=self._stats.tap_copies)
             self.sampler.start()
         log.info("sidewatch: envoy %s carries the calls on %s (admin %s)", self.binary, config.listen,
                  self.envoy.admin_url())

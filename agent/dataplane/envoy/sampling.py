@@ -13,6 +13,10 @@ the detectors), so its CPU time is the detectors' cost, measured wherever their 
 Runtime's included). The cost is taken as proportional to the share:
 
 - queue more than half full: the detectors are behind; halve the share, whatever the CPU says;
+- copies lost on the way (more than 1% of those Envoy tried to send in the interval: its ext_proc streams
+  refused while sidewatch is behind, envoy_stats.py): scale the share down to what got through, times
+  ``headroom``. The CPU misses this when sidewatch is short of CPU it does not use (Envoy, the model
+  server and the clients share the cores), so it is a signal of its own;
 - over the budget: scale the share down to aim at ``headroom`` of the budget;
 - under the aim: scale it up the same way, at most doubling per interval (the estimate is poor when
   few calls were copied, so the climb is gradual);
@@ -25,6 +29,8 @@ Runtime's included). The cost is taken as proportional to the share:
 0.8
 >>> controller.next_ratio(ratio=0.4, cpu_cores=0.2, queue_load=0.9)
 0.2
+>>> controller.next_ratio(ratio=1.0, cpu_cores=0.5, queue_load=0.0, lost_share=0.5)
+0.4
 
 :class:`Sampler` runs it: a thread that, every interval, reads the process's CPU time and the tap queue,
 sets the share, exports it (``sidewatch_tap_sampled_ratio``, ``sidewatch_tap_cpu_cores``) and tells
@@ -56,10 +62,12 @@ class SamplingController:
         self.headroom = headroom
         self.max_step = max_step
 
-    def next_ratio(self, ratio: float, cpu_cores: float, queue_load: float) -> float:
+    def next_ratio(self, ratio: float, cpu_cores: float, queue_load: float, lost_share: float = 0.0) -> float:
         aim = self.headroom * self.budget_cores
         if queue_load > 0.5:
             ratio = ratio / 2
+        elif lost_share > 0.01:
+            ratio = ratio * (1 - lost_share) * self.headroom
         elif cpu_cores > self.budget_cores:
             ratio = ratio * aim / cpu_cores
         elif cpu_cores < aim:
@@ -69,10 +77,13 @@ class SamplingController:
 
 class Sampler:
     """The thread that applies the controller (module docstring). ``apply(percent)`` tells Envoy;
-    ``queue_load()`` is how full the tap queue is, 0 to 1."""
+    ``queue_load()`` is how full the tap queue is, 0 to 1; ``copies()``, running totals of the copies Envoy
+    tried to send and of those it could not (envoy_stats.py)."""
 
     def __init__(self, controller: SamplingController, metrics: ProxyMetrics, apply: Callable[[int], None],
-                 queue_load: Callable[[], float], interval_seconds: float = 1.0) -> None:
+                 queue_load: Callable[[], float], interval_seconds: float = 1.0,
+                 copies: Callable[[], tuple[int, int]] = lambda: (0, 0)) -> None:
+        self.copies = copies
         self.controller = controller
         self.metrics = metrics
         self.apply = apply
@@ -97,11 +108,15 @@ class Sampler:
 
     def _run(self) -> None:
         cpu, wall = time.process_time(), time.monotonic()
+        tried, lost = self.copies()
         while not self._stopping.wait(self.interval):
             cpu_now, wall_now = time.process_time(), time.monotonic()
             cores = (cpu_now - cpu) / max(wall_now - wall, 1e-6)
             cpu, wall = cpu_now, wall_now
-            self.ratio = self.controller.next_ratio(self.ratio, cores, self.queue_load())
+            tried_now, lost_now = self.copies()
+            lost_share = (lost_now - lost) / max(tried_now - tried, 1)
+            tried, lost = tried_now, lost_now
+            self.ratio = self.controller.next_ratio(self.ratio, cores, self.queue_load(), lost_share)
             self.metrics.tap_cpu_cores.set(round(cores, 4))
             self.metrics.tap_sampled_ratio.set(self.ratio)
             self._tell_envoy()
