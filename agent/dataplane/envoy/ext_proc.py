@@ -32,6 +32,7 @@ from grpc import aio
 from agent.config import ServeConfig
 from agent.dataplane.envoy.bootstrap import http2_cluster, upstream_route
 from agent.dataplane.envoy.frames import Frames
+from agent.dataplane.envoy.loopback import ext_proc_server
 from agent.dataplane.policy import Policy
 from agent.dataplane.tap import TapRecord
 from agent.metrics import TAP_DROP_REASONS, ProxyMetrics
@@ -231,11 +232,5 @@ class TapProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):
 def start_server(processor: TapProcessor, max_streams: int) -> tuple[aio.Server, int]:
     """The ExternalProcessor server on a loopback port, at most ``max_streams`` copies open at once (Envoy
     counts a refused stream as an ext_proc error and lets the call go on)."""
-    server = aio.server(maximum_concurrent_rpcs=max_streams,
-                        options=[("grpc.max_receive_message_length", 8 << 20)])
-    external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(processor, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    if port == 0:
-        raise OSError("sidewatch: cannot bind the tap's ext_proc server on 127.0.0.1")
-    return server, port
+    return ext_proc_server(processor, max_streams, 8 << 20, "the tap's ext_proc server")
 

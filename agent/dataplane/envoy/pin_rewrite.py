@@ -30,6 +30,7 @@ from grpc import aio
 
 from agent.dataplane.envoy.bootstrap import http2_cluster
 from agent.dataplane.envoy.frames import HEADER_BYTES
+from agent.dataplane.envoy.loopback import ext_proc_server
 from agent.dataplane.routes import RouteTable
 
 log = logging.getLogger(__name__)
@@ -155,10 +156,4 @@ class PinRewriter(external_processor_pb2_grpc.ExternalProcessorServicer):
 
 def start_server(rewriter: PinRewriter, max_streams: int) -> tuple[aio.Server, int]:
     """The pin rewriter's server on a loopback port, at most ``max_streams`` calls rewritten at once."""
-    server = aio.server(maximum_concurrent_rpcs=max_streams,
-                        options=[("grpc.max_receive_message_length", 8 << 20)])
-    external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(rewriter, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    if port == 0:
-        raise OSError("sidewatch: cannot bind the pin rewriter's ext_proc server on 127.0.0.1")
-    return server, port
+    return ext_proc_server(rewriter, max_streams, 8 << 20, "the pin rewriter's ext_proc server")

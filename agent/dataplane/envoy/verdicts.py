@@ -40,6 +40,7 @@ from grpc import aio
 
 from agent.config import ServeConfig
 from agent.dataplane.envoy.bootstrap import http2_cluster, upstream_route
+from agent.dataplane.envoy.loopback import ext_proc_server
 from agent.dataplane.envoy.lua import InlineRouting
 from agent.dataplane.policy import InlineVerdicts
 from agent.protocol import paths
@@ -194,10 +195,4 @@ def start_server(processor: VerdictProcessor, max_calls: int, max_message_bytes:
     """The verdict server on a loopback port, at most ``max_calls`` calls waiting for a verdict at once
     (a stream beyond it is refused, and Envoy lets the call go on without a verdict), each body at most
     ``max_message_bytes`` (Envoy's buffer limit is the same, plus the frame and ext_proc's own fields)."""
-    server = aio.server(maximum_concurrent_rpcs=max_calls,
-                        options=[("grpc.max_receive_message_length", max_message_bytes + 4096)])
-    external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(processor, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    if port == 0:
-        raise OSError("sidewatch: cannot bind the verdict server's port on 127.0.0.1")
-    return server, port
+    return ext_proc_server(processor, max_calls, max_message_bytes + 4096, "the verdict server")
