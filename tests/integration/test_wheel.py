@@ -139,6 +139,12 @@ def test_no_module_in_the_wheel_imports_torch(installed):
     assert sources and not needing_torch
 
 
+def test_the_wheel_carries_the_envoy_data_planes_lua_filter(installed):
+    wheel, _ = installed
+    with zipfile.ZipFile(wheel) as archive:
+        assert "agent/dataplane/envoy/model_peek.lua" in archive.namelist()
+
+
 def test_the_envoy_data_plane_without_its_extra_is_refused_with_a_message_not_a_traceback(installed, tmp_path):
     """The runtime environment has no envoy extra: asking for the Envoy data plane names the extra."""
     _, venv = installed
