@@ -59,8 +59,10 @@ class InProcessProxy:
         policy = SidecarPolicy(self.routes, self.tap)
         self.tap.start()
         if self.data_plane == "envoy":
+            # A route hook in the config: Envoy's data plane makes room for pins only where one can pin.
             config = load_config(overrides={"listen": f"127.0.0.1:{self.port}", "data_plane": "envoy",
-                                            "upstream.address": f"127.0.0.1:{upstream_port}"})
+                                            "upstream.address": f"127.0.0.1:{upstream_port}",
+                                            "rollback": {"hooks": {"pin": {"type": "route"}}}})
             self.plane = EnvoyDataPlane(config, metrics, policy)
             await self.plane.start()
             return

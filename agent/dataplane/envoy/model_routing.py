@@ -8,9 +8,12 @@ whole, then leaves its ``model_name`` (``name`` for ModelMetadata and ModelReady
 where the Lua filter, next in the chain, reads it while the headers can still change (pins.py).
 
 The cost: each call of the four model-scoped methods waits for its first request message to arrive whole
-before Envoy sends it upstream (the rest of a stream is not held; other methods pass at once). The filter
-cannot be enabled per route (Envoy 1.40 refuses route-specific configuration for it), so it runs whether or
-not a model is pinned; the Lua filter acts on its result only while one is.
+before Envoy sends it upstream (the rest of a stream is not held; other methods pass at once), and a first
+message larger than the listener's buffer limit is refused (FAILED_PRECONDITION). The filter cannot be
+enabled per route (Envoy 1.40 refuses route-specific configuration for it, an empty one included), so it
+runs whether or not a model is pinned; the Lua filter acts on its result only while one is. It is in the
+chain only when the config has a route hook (plane.py, ``pins_possible``); switching its configuration
+through ECDS while a pin holds would confine the cost to pins.
 
 The filter needs the service's descriptors. sidewatch's compiled proto has its own package
 (``sidewatch.oip``); the descriptor given to Envoy is the same file moved to the wire's package,

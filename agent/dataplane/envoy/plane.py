@@ -87,6 +87,13 @@ def check_envoy_config(config: ServeConfig) -> None:
                           f"config (tls, upstream.tls or envoy.*): {reason}")
 
 
+def pins_possible(config: ServeConfig) -> bool:
+    """Whether a route hook can pin a model (only a ``route`` hook pins). Pins need the gRPC field extraction
+    filter (model_routing.py), which holds every model-scoped call until its first message is whole and
+    refuses one larger than the listener's buffer limit: a sidecar without route hooks leaves it out."""
+    return any(hook.type == "route" for hook in config.rollback.hooks.values())
+
+
 class EnvoyDataPlane:
     """The Envoy data plane (module docstring). ``port`` is the listener's port once started."""
 
@@ -141,7 +148,7 @@ class EnvoyDataPlane:
         http_filters = [model_peek_filter(inline=inline), grpc_stats_filter()]
         clusters = [http2_cluster(ACCESS_LOG_CLUSTER, "127.0.0.1", health_port)]
         routes = []
-        if self.policy.routes is not None:
+        if self.policy.routes is not None and pins_possible(config):
             self._pin_server, pin_port = pin_rewrite.start_server(
                 pin_rewrite.PinRewriter(self.policy.routes, config.max_message_bytes), pin_rewrite.MAX_STREAMS)
             await self._pin_server.start()
@@ -171,7 +178,7 @@ class EnvoyDataPlane:
         except ConfigError:
             await self._close_loopback()
             raise
-        if self.policy.routes is not None:
+        if self._pin_server is not None:
             # Pins in force now (replayed from the audit log) are in the route files before Envoy starts.
             self.pins = PinFiles(config, self.policy.routes, self._work_dir / "pins", self.policy.keeps_copies,
                                  lambda path: self.envoy.admin(path))
