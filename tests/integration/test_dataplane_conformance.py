@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -284,6 +285,22 @@ def test_envoy_killed_comes_back_counted_and_its_logs_are_json(upstream, tmp_pat
     messages = [record.get("message", "") for record in records]
     assert any(m.startswith("envoy: ") for m in messages), messages[:20]
     assert any("envoy exited" in m for m in messages)
+
+
+def test_a_killed_sidewatch_takes_its_envoy_with_it(upstream, tmp_path):
+    """kill -9 of sidewatch (or the OOM killer) must not leave Envoy behind holding the listener's port."""
+    process, port, _ = start_sidecar(tmp_path, upstream.port, "--data-plane", "envoy")
+    try:
+        envoy = _envoy_pid(process.popen.pid)
+        process.popen.kill()
+        process.popen.wait()
+        assert _wait(lambda: not os.path.exists(f"/proc/{envoy}") or
+                     open(f"/proc/{envoy}/stat").read().split()[2] == "Z", timeout=5), "envoy outlived sidewatch"
+        with socket.socket() as probe:   # the port is free again for the next sidewatch
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(("127.0.0.1", port))
+    finally:
+        process.stop()
 
 
 def test_envoy_refuses_connections_beyond_envoy_max_connections(upstream, tmp_path):

@@ -5,7 +5,9 @@ its admin API answers ``/ready``; its log lines are forwarded to sidewatch's log
 line, with Envoy's level. A watcher thread restarts Envoy when it exits on its own (backing off from 0.5 s to
 10 s between tries, reset after a minute up), counted in ``restarts``. ``drain`` asks Envoy to stop taking
 new connections and lets calls in flight finish; ``stop`` then ends it (SIGTERM, SIGKILL after a timeout).
-With ``metrics`` (EnvoyMetrics), restarts are counted in ``sidewatch_envoy_restarts_total`` and readiness is
+Envoy is started by the supervisor thread with Linux's parent-death signal (through util-linux's
+``setpriv``), so that a sidewatch that dies without stopping it takes its Envoy along. With ``metrics``
+(EnvoyMetrics), restarts are counted in ``sidewatch_envoy_restarts_total`` and readiness is
 ``sidewatch_envoy_ready`` (1 from ready until exit or drain).
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import subprocess
 import threading
 import time
@@ -27,6 +30,17 @@ log = logging.getLogger(__name__)
 LEVELS = {"trace": logging.DEBUG, "debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
           "error": logging.ERROR, "critical": logging.CRITICAL}
 MAX_LOG_LINE = 4096
+
+
+# Envoy dies with the thread that started it (the supervisor's, which lives until stop), so that a sidewatch
+# killed with -9 or by the OOM killer leaves no Envoy behind holding the listener's port: util-linux's setpriv
+# sets Linux's parent-death signal and execs Envoy. (Setting it from Python would need preexec_fn, whose
+# fork() runs gRPC's fork handlers in a process full of gRPC threads.) Without setpriv there is no such signal.
+SETPRIV = shutil.which("setpriv")
+
+
+def _die_with_parent(command: list[str]) -> list[str]:
+    return [SETPRIV, "--pdeathsig", "KILL", "--", *command] if SETPRIV else command
 
 
 class EnvoyError(RuntimeError):
@@ -50,6 +64,8 @@ class EnvoyProcess:
         self.process: subprocess.Popen | None = None
         self.restarts = 0
         self._stopping = threading.Event()
+        self._started = threading.Event()
+        self._launch_error: OSError | None = None
         self._watcher: threading.Thread | None = None
         self._lock = threading.Lock()
 
@@ -62,7 +78,7 @@ class EnvoyProcess:
                    str(self.admin_path), "--log-format", "%l|%n|%v",
                    # A drain tells every client at once (GOAWAY) and lasts at most the grace period.
                    "--drain-strategy", "immediate", "--drain-time-s", str(max(1, round(self.drain_seconds)))]
-        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        process = subprocess.Popen(_die_with_parent(command), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                    stderr=subprocess.PIPE, cwd=self.work_dir)
         threading.Thread(target=self._forward_logs, args=(process,), name="envoy-logs", daemon=True).start()
         return process
@@ -78,13 +94,38 @@ class EnvoyProcess:
                     extra={"envoy_logger": logger.strip()} if logger else None)
 
     def start(self, timeout: float = 30.0) -> None:
-        """Start Envoy and wait until it is ready; raises EnvoyError if it exits or times out first."""
-        with self._lock:
-            self.process = self._launch()
-        self.wait_ready(timeout)
-        self._set_ready(True)
-        self._watcher = threading.Thread(target=self._watch, name="envoy-supervisor", daemon=True)
+        """Start Envoy and wait until it is ready; raises EnvoyError if it exits or times out first.
+
+        Envoy is started, and restarted, by the supervisor thread, which lives until ``stop``: the child is
+        told to die with that thread (Linux's parent-death signal), so a sidewatch that is killed (kill -9, the
+        OOM killer) does not leave an Envoy behind holding the listener's port."""
+        launched = threading.Event()
+        self._watcher = threading.Thread(target=self._supervise, args=(launched,), name="envoy-supervisor",
+                                         daemon=True)
         self._watcher.start()
+        launched.wait()
+        if self.process is None:
+            raise EnvoyError(f"sidewatch: cannot start envoy ({self._launch_error})")
+        try:
+            self.wait_ready(timeout)
+        except EnvoyError:
+            self._stopping.set()   # a failed start is not restarted
+            self._started.set()
+            raise
+        self._set_ready(True)
+        self._started.set()
+
+    def _supervise(self, launched: threading.Event) -> None:
+        try:
+            with self._lock:
+                self.process = self._launch()
+        except OSError as err:
+            self._launch_error = err
+            launched.set()
+            return
+        launched.set()
+        self._started.wait()
+        self._watch()
 
     def _set_ready(self, ready: bool) -> None:
         if self.metrics is not None:
