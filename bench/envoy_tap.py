@@ -41,6 +41,7 @@ from agent.demo.data import BENIGN_STREAM, load_images  # noqa: E402
 from agent.modelserver.repository import BUNDLED_REPOSITORY  # noqa: E402
 from agent.protocol import paths  # noqa: E402
 from agent.protocol.client import InferenceClient  # noqa: E402
+from bench.interleaved import interleaved_latencies  # noqa: E402
 from tests.support.harness import http_get, metric_value, start_model_server, start_sidecar  # noqa: E402
 
 MODEL = "mnist_cnn"
@@ -65,29 +66,8 @@ def value(text: str, name: str, **labels: str) -> float:
         return 0.0
 
 
-def percentiles(values: list[float]) -> dict:
-    micros = np.array(values) * 1e6
-    return {"p50_us": round(float(np.percentile(micros, 50)), 1), "p99_us": round(float(np.percentile(micros, 99)), 1),
-            "mean_us": round(float(micros.mean()), 1)}
-
-
 def sequential(ports: dict[str, int], images: np.ndarray, calls: int, warmup: int) -> dict:
-    clients = {name: InferenceClient(f"127.0.0.1:{port}") for name, port in ports.items()}
-    times: dict[str, list[float]] = {name: [] for name in clients}
-    try:
-        for client in clients.values():
-            for i in range(warmup):
-                client.infer(MODEL, {"input": images[i % len(images)][None]}, version="1")
-        for i in range(calls):
-            image = images[i % len(images)][None]
-            for name, client in clients.items():
-                started = time.perf_counter()
-                client.infer(MODEL, {"input": image}, version="1")
-                times[name].append(time.perf_counter() - started)
-    finally:
-        for client in clients.values():
-            client.close()
-    result = {name: percentiles(values) for name, values in times.items()}
+    result = interleaved_latencies(ports, MODEL, images, calls, warmup)
     for plane in ("envoy", "python"):
         off, on = result[f"{plane}_detectors_off"]["p50_us"], result[f"{plane}_detectors_on"]["p50_us"]
         result[f"{plane}_detectors_added_p50_share"] = round(on / off - 1, 3)

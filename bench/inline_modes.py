@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from agent.demo.data import load_images  # noqa: E402
 from agent.modelserver.repository import BUNDLED_REPOSITORY  # noqa: E402
-from agent.protocol.client import InferenceClient  # noqa: E402
+from bench.interleaved import interleaved_latencies  # noqa: E402
 from tests.support.harness import start_model_server, start_sidecar  # noqa: E402
 
 MODEL = "mnist_cnn"
@@ -38,31 +38,13 @@ PLANES = ("python", "envoy")
 MODES = ("shadow", "flag")
 
 
-def percentiles(values: list[float]) -> dict:
-    micros = np.array(values) * 1e6
-    return {"p50_us": round(float(np.percentile(micros, 50)), 1), "p99_us": round(float(np.percentile(micros, 99)), 1),
-            "mean_us": round(float(micros.mean()), 1)}
+def _verdict_trailers(name: str, trailers: tuple) -> None:
+    if name.endswith("_flag") and "sidewatch-adversarial" not in dict(trailers):
+        raise SystemExit(f"sidewatch: bench: {name} answered without the verdict trailers")
 
 
 def sequential(ports: dict[str, int], images: np.ndarray, calls: int, warmup: int) -> dict:
-    clients = {name: InferenceClient(f"127.0.0.1:{port}") for name, port in ports.items()}
-    times: dict[str, list[float]] = {name: [] for name in clients}
-    try:
-        for name, client in clients.items():
-            for i in range(warmup):
-                _, _, trailers = client.infer(MODEL, {"input": images[i % len(images)][None]}, version="1")
-                if name.endswith("_flag") and "sidewatch-adversarial" not in dict(trailers):
-                    raise SystemExit(f"sidewatch: bench: {name} answered without the verdict trailers")
-        for i in range(calls):
-            image = images[i % len(images)][None]
-            for name, client in clients.items():
-                started = time.perf_counter()
-                client.infer(MODEL, {"input": image}, version="1")
-                times[name].append(time.perf_counter() - started)
-    finally:
-        for client in clients.values():
-            client.close()
-    result = {name: percentiles(values) for name, values in times.items()}
+    result = interleaved_latencies(ports, MODEL, images, calls, warmup, check_warmup=_verdict_trailers)
     for plane in PLANES:
         shadow, flag = result[f"{plane}_shadow"], result[f"{plane}_flag"]
         result[f"{plane}_flag_added"] = {"p50_us": round(flag["p50_us"] - shadow["p50_us"], 1),
