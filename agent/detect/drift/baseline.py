@@ -75,7 +75,7 @@ class LiveDrift(VersionDrift):
     def __init__(self, model: str, version: str, metrics: DriftMetrics, labels: tuple[str, str], settings: Drift,
                  overrides: Mapping[str, TensorOverride] | None = None, clock=time.time, batch_rows: int = 64,
                  lookup: MetadataLookup | None = None,
-                 reference: Mapping[str, np.ndarray] | None = None) -> None:
+                 reference: Mapping[str, np.ndarray] | None = None, reference_sha256: str | None = None) -> None:
         super().__init__(metrics, labels, settings, clock)
         self.model, self.version = model, version
         self.overrides = dict(overrides or {})
@@ -83,7 +83,8 @@ class LiveDrift(VersionDrift):
         self.lookup = lookup
         # The tensors of the model's reference file, by key as written (None: learn from traffic).
         self.reference = reference
-        self.reference_sha256 = None if reference is None else reference_digest(reference)
+        # Its digest (given by a caller that has it: the file is the same for all of a model's versions).
+        self.reference_sha256 = None if reference is None else reference_sha256 or reference_digest(reference)
         self.batch_rows = batch_rows
         self._pending: list[tuple[dict[str, dict[str, np.ndarray]], int]] = []
         self._pending_rows = 0

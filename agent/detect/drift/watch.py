@@ -27,6 +27,7 @@ from agent.detect.drift.baseline import LiveDrift
 from agent.detect.drift.calibrate import OutdatedDriftCalibration, build_anomaly, build_moment_features
 from agent.detect.drift.canary import CanaryWatch
 from agent.detect.drift.fleet import FleetBins
+from agent.detect.drift.reference_file import reference_digest
 from agent.detect.drift.specs import Metadata, MetadataLookup
 from agent.detect.drift.version import VersionDrift
 from agent.detect.drift.window import TimeWindowPSI
@@ -189,6 +190,8 @@ class DriftWatch:
         self._registry = registry
         # Per model, the tensors of its reference file (agent/detect/drift/reference_file.py, read at start).
         self._references = dict(references or {})
+        # Each file's digest, once: every version of the model is fitted from (and checkpointed with) it.
+        self._reference_digests = {model: reference_digest(tensors) for model, tensors in self._references.items()}
         self._settings = settings
         self._metrics = metrics
         self._bounded = bounded
@@ -246,7 +249,8 @@ class DriftWatch:
                 return None
             watched = self.live[key] = LiveDrift(model, version, self._metrics, labels, self._settings,
                                                  self._overrides.get(model), clock=self._clock, lookup=self._lookup,
-                                                 reference=self._references.get(model))
+                                                 reference=self._references.get(model),
+                                                 reference_sha256=self._reference_digests.get(model))
         return watched
 
     def __call__(self, inference: TappedInference) -> None:
