@@ -173,9 +173,15 @@ def _rss_bytes(pid: int) -> int:
 
 
 def _children(pid: int) -> list[int]:
-    # Every thread's children: sidewatch starts Envoy from a worker thread.
-    return [int(child) for task in Path(f"/proc/{pid}/task").iterdir()
-            for child in (task / "children").read_text().split()]
+    # Every thread's children: sidewatch starts Envoy from its supervisor thread. A thread may end while
+    # they are read (its task folder goes): it has no child then.
+    children = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            children += [int(child) for child in (task / "children").read_text().split()]
+        except FileNotFoundError:
+            continue
+    return children
 
 
 def _tree_rss_bytes(pid: int) -> int:
