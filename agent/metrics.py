@@ -144,6 +144,12 @@ class ProxyMetrics:
             "and the detectors).",
             registry=registry,
         )
+        self.tap_cpu_budget_cores = Gauge(
+            "sidewatch_tap_cpu_budget_cores",
+            "Cores the tap may use over the next sampling interval: tap.cpu_budget_cores, or less when the CPU "
+            "left idle around the sidecar, less tap.reserve_cores, is less (the calls come first).",
+            registry=registry,
+        )
         self.tap_processed = Counter(
             "sidewatch_tap_processed_total",
             "Copies of inference calls decoded by the tap consumer, by model and version.",

@@ -64,6 +64,10 @@ class Tap(Strict):
     # the sidecar process (the tap and the detectors: Envoy carries the calls) uses at most this many
     # cores and the tap queue does not fill. None: every call is copied (a full queue still drops).
     cpu_budget_cores: float | None = Field(1.0, gt=0)
+    # The calls come first: the tap takes no more than the CPU left idle around it (the host's CPUs this
+    # process may use, or the container's CPU limit) less this reserve, kept idle for the calls' bursts.
+    # None: the budget alone (sampling.py, spare_cpu.py).
+    reserve_cores: float | None = Field(0.25, ge=0)
     # The share never falls below this, so the detectors always see some traffic (Envoy samples in whole
     # percent: 0.01 is the least).
     min_sampled_ratio: float = Field(0.01, ge=0.01, le=1)

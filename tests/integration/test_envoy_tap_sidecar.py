@@ -48,10 +48,11 @@ def images(n: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def sidecar(tmp_path_factory, model_server):
-    """Envoy with every call copied (a budget it cannot reach): (process, port, metrics port). At most 8
-    copies open at once: more calls than that are copied only if each copy's stream ends with its call."""
+    """Envoy with every call copied (a budget it cannot reach, and no CPU kept idle for the calls, which
+    on a loaded machine would sample): (process, port, metrics port). At most 8 copies open at once: more
+    calls than that are copied only if each copy's stream ends with its call."""
     process, port, metrics_port = envoy_sidecar(tmp_path_factory.mktemp("envoy-tap"), model_server,
-                                                {"cpu_budget_cores": 64.0, "max_streams": 8})
+                                                {"cpu_budget_cores": 64.0, "reserve_cores": None, "max_streams": 8})
     yield process, port, metrics_port
     process.stop()
 
@@ -101,7 +102,8 @@ def test_each_message_of_a_stream_is_a_copy(sidecar):
 def test_a_message_over_the_tap_bound_is_dropped_from_the_tap_and_the_call_still_answered(tmp_path, model_server):
     # An MNIST request is about 3.2 KB: over a 1 KB bound.
     process, port, metrics_port = envoy_sidecar(tmp_path, model_server, {"max_message_bytes": 1024,
-                                                                         "cpu_budget_cores": 64.0})
+                                                                         "cpu_budget_cores": 64.0,
+                                                                         "reserve_cores": None})
     try:
         client = InferenceClient(f"127.0.0.1:{port}")
         for image in images(5):
@@ -138,6 +140,30 @@ def test_a_tiny_cpu_budget_samples_the_copies_and_the_calls_keep_their_latency(t
         assert received > 0  # the detectors still see some traffic
         # Sampling never makes a call wait: the calls stay fast (the model itself takes about 1-2 ms).
         assert statistics.median(durations) < 0.02
+    finally:
+        process.stop()
+
+
+def test_the_tap_takes_only_the_cpu_the_calls_leave(tmp_path, model_server):
+    """A budget the tap never reaches, but more CPU kept idle for the calls than this machine has: the idle
+    CPU around the sidecar (spare_cpu.py, read from /proc/stat) always falls short, so the share copied
+    falls to the floor and the calls go on."""
+    process, port, metrics_port = envoy_sidecar(tmp_path, model_server, {
+        "cpu_budget_cores": 64.0, "reserve_cores": 256.0, "sampling_interval_seconds": 0.5})
+    try:
+        client = InferenceClient(f"127.0.0.1:{port}")
+        batch = images(20)
+        answered = 0
+        started = time.monotonic()
+        while time.monotonic() - started < 5:
+            for image in batch:
+                answered += bool(client.infer(MODEL, {"input": image[None]}, version="1")[0])
+        client.close()
+        text = metrics(metrics_port)
+        assert metric_value(text, "sidewatch_tap_sampled_ratio") == 0.01
+        assert metric_value(text, "sidewatch_tap_cpu_budget_cores") == 0.0
+        received = metric_value(text, "sidewatch_tap_copies_received_total")
+        assert answered >= 100 and received < 0.5 * answered, (received, answered)
     finally:
         process.stop()
 

@@ -34,6 +34,7 @@ from agent.dataplane.envoy.lua import model_peek_filter
 from agent.dataplane.envoy.model_routing import field_extraction_filter
 from agent.dataplane.envoy.pins import PinFiles
 from agent.dataplane.envoy.sampling import Sampler, SamplingController
+from agent.dataplane.envoy.spare_cpu import SpareCpu
 from agent.dataplane.envoy.supervisor import EnvoyError, EnvoyProcess
 from agent.dataplane.health import UpstreamHealth
 from agent.dataplane.policy import Policy
@@ -199,9 +200,12 @@ class EnvoyDataPlane:
         self._stats = EnvoyStats(self.envoy, self.metrics, self.envoy_metrics)
         self._stats.start()
         if self._tap_server is not None and config.tap.cpu_budget_cores is not None:
-            self.sampler = Sampler(SamplingController(config.tap.cpu_budget_cores, config.tap.min_sampled_ratio),
-                                   self.metrics, self._set_sampling, self.policy.tap_load,
-                                   config.tap.sampling_interval_seconds, copies=self._stats.tap_copies)
+            tap = config.tap
+            controller = SamplingController(tap.cpu_budget_cores, tap.min_sampled_ratio,
+                                            reserve_cores=tap.reserve_cores or 0.0)
+            spare = SpareCpu().sample if tap.reserve_cores is not None else lambda: None
+            self.sampler = Sampler(controller, self.metrics, self._set_sampling, self.policy.tap_load,
+                                   tap.sampling_interval_seconds, copies=self._stats.tap_copies, spare_cores=spare)
             self.sampler.start()
         log.info("sidewatch: envoy %s carries the calls on %s (admin %s)", self.binary, config.listen,
                  self.envoy.admin_url())

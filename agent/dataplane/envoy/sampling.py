@@ -17,6 +17,10 @@ Runtime's included). The cost is taken as proportional to the share:
   refused while sidewatch is behind, envoy_stats.py): scale the share down to what got through, times
   ``headroom``. The CPU misses this when sidewatch is short of CPU it does not use (Envoy, the model
   server and the clients share the cores), so it is a signal of its own;
+- the calls first: the budget shrinks to what the sidecar uses plus the CPU left idle around it
+  (spare_cpu.py) less ``reserve_cores``, kept idle for the calls' bursts. On a machine the calls keep
+  busy the share falls to the floor, however little of its budget the tap uses: the tap takes only what
+  the calls leave (no spare reading: the budget alone);
 - over the budget: scale the share down to aim at ``headroom`` of the budget;
 - under the aim: scale it up the same way, at most doubling per interval (the estimate is poor when
   few calls were copied, so the climb is gradual);
@@ -31,9 +35,12 @@ Runtime's included). The cost is taken as proportional to the share:
 0.2
 >>> controller.next_ratio(ratio=1.0, cpu_cores=0.5, queue_load=0.0, lost_share=0.5)
 0.4
+>>> controller.next_ratio(ratio=1.0, cpu_cores=0.5, queue_load=0.0, spare_cores=0.0)
+0.4
 
-:class:`Sampler` runs it: a thread that, every interval, reads the process's CPU time and the tap queue,
-sets the share, exports it (``sidewatch_tap_sampled_ratio``, ``sidewatch_tap_cpu_cores``) and tells
+:class:`Sampler` runs it: a thread that, every interval, reads the process's CPU time, the idle CPU and
+the tap queue, sets the share, exports it (``sidewatch_tap_sampled_ratio``, ``sidewatch_tap_cpu_cores``,
+``sidewatch_tap_cpu_budget_cores``) and tells
 Envoy. It tells Envoy every interval, changed or not, so that a restarted Envoy (whose runtime starts
 again at every call copied) is brought back within one interval.
 """
@@ -56,19 +63,28 @@ class SamplingController:
     """The next share of calls to copy (module docstring)."""
 
     def __init__(self, budget_cores: float, min_ratio: float = 0.01, headroom: float = 0.8,
-                 max_step: float = 2.0) -> None:
+                 max_step: float = 2.0, reserve_cores: float = 0.25) -> None:
         self.budget_cores = budget_cores
         self.min_ratio = min_ratio
         self.headroom = headroom
         self.max_step = max_step
+        self.reserve_cores = reserve_cores
 
-    def next_ratio(self, ratio: float, cpu_cores: float, queue_load: float, lost_share: float = 0.0) -> float:
-        aim = self.headroom * self.budget_cores
+    def budget(self, cpu_cores: float, spare_cores: float | None) -> float:
+        """The cores the tap may use now: its budget, or less where the calls leave less idle."""
+        if spare_cores is None:
+            return self.budget_cores
+        return max(0.0, min(self.budget_cores, cpu_cores + spare_cores - self.reserve_cores))
+
+    def next_ratio(self, ratio: float, cpu_cores: float, queue_load: float, lost_share: float = 0.0,
+                   spare_cores: float | None = None) -> float:
+        budget = self.budget(cpu_cores, spare_cores)
+        aim = self.headroom * budget
         if queue_load > 0.5:
             ratio = ratio / 2
         elif lost_share > 0.01:
             ratio = ratio * (1 - lost_share) * self.headroom
-        elif cpu_cores > self.budget_cores:
+        elif cpu_cores > budget:
             ratio = ratio * aim / cpu_cores
         elif cpu_cores < aim:
             ratio = ratio * min(self.max_step, aim / max(cpu_cores, 1e-9))
@@ -82,8 +98,10 @@ class Sampler:
 
     def __init__(self, controller: SamplingController, metrics: ProxyMetrics, apply: Callable[[int], None],
                  queue_load: Callable[[], float], interval_seconds: float = 1.0,
-                 copies: Callable[[], tuple[int, int]] = lambda: (0, 0)) -> None:
+                 copies: Callable[[], tuple[int, int]] = lambda: (0, 0),
+                 spare_cores: Callable[[], float | None] = lambda: None) -> None:
         self.copies = copies
+        self.spare_cores = spare_cores
         self.controller = controller
         self.metrics = metrics
         self.apply = apply
@@ -116,8 +134,10 @@ class Sampler:
             tried_now, lost_now = self.copies()
             lost_share = (lost_now - lost) / max(tried_now - tried, 1)
             tried, lost = tried_now, lost_now
-            self.ratio = self.controller.next_ratio(self.ratio, cores, self.queue_load(), lost_share)
+            spare = self.spare_cores()
+            self.ratio = self.controller.next_ratio(self.ratio, cores, self.queue_load(), lost_share, spare)
             self.metrics.tap_cpu_cores.set(round(cores, 4))
+            self.metrics.tap_cpu_budget_cores.set(round(self.controller.budget(cores, spare), 4))
             self.metrics.tap_sampled_ratio.set(self.ratio)
             self._tell_envoy()
 
