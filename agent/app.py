@@ -30,6 +30,7 @@ from agent.alerts.dispatcher import RollbackDispatcher
 from agent.alerts.engine import AlertEngine
 from agent.alerts.receiver import AlertmanagerReceiver
 from agent.config import ConfigError, ServeConfig, split_address
+from agent.dataplane import choice
 from agent.dataplane.call_log import CallLog
 from agent.dataplane.policy import SidecarPolicy
 from agent.dataplane.routes import RouteTable
@@ -45,7 +46,7 @@ class Sidecar:
     """One running sidecar. ``start`` binds every listener; ``stop`` drains in-flight calls, then closes."""
 
     def __init__(self, config: ServeConfig, registry: CollectorRegistry = REGISTRY) -> None:
-        self.config = config
+        config = self.config = choice.resolve(config)
         self.registry = registry
         self.metrics = ProxyMetrics(registry, config.metrics.max_models)
         self.tap = Tap(self.metrics, config.tap.queue_size, sink_timeout_seconds=config.tap.sink_timeout_seconds)
@@ -218,7 +219,7 @@ def check_config(config: ServeConfig) -> list[str]:
 
         read_references(config.models)  # a reference file that is missing or cannot be parsed fails here
     admin_token(config.admin)  # a token file that cannot be read, or one too short, fails here
-    if config.data_plane == "envoy":
+    if choice.choose(config)[0] == "envoy":
         plane = envoy_plane()
         plane.check_envoy_config(config)  # no envoy binary, or a bootstrap Envoy refuses (a missing certificate)
         warnings.extend(plane.not_carried(config))

@@ -24,8 +24,9 @@ def _add_serve(commands) -> None:
     serve.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where the detectors run (default auto)")
     serve.add_argument("--log-requests", action="store_true", default=None,
                        help="log every call (request id, model, status, duration; never the payload)")
-    serve.add_argument("--data-plane", choices=["python", "envoy"],
-                       help="who carries the calls: the grpc.aio relay (python, the default) or Envoy")
+    serve.add_argument("--data-plane", choices=["auto", "python", "envoy"],
+                       help="who carries the calls: Envoy, the grpc.aio relay (python), or auto (the default: "
+                            "Envoy where its binary is installed)")
     serve.add_argument("--check-config", action="store_true", help="validate the configuration and exit")
     _add_log_options(serve, defaults=False)
     serve.set_defaults(run=_run_serve)
@@ -46,8 +47,12 @@ def _run_serve(args) -> int:
         "data_plane": args.data_plane,
     }, adversarial_mode_for_every_model=args.adversarial_mode)
     if args.check_config:
+        from agent.dataplane.choice import choose
+
         for warning in check_config(config):
             print(f"sidewatch: warning: {warning}", file=sys.stderr)
+        plane, reason = choose(config)
+        print(f"sidewatch: the {plane} data plane would carry the calls ({reason})", file=sys.stderr)
         print("sidewatch: configuration is valid")
         return 0
     run_event_loop(serve(config))

@@ -274,9 +274,10 @@ class Envoy(Strict):
 
 class ServeConfig(Strict):
     listen: str = "0.0.0.0:9000"
-    # Who carries the bytes: the grpc.aio relay in this process ("python"), or an Envoy that sidewatch
-    # configures and supervises ("envoy", agent/dataplane/envoy).
-    data_plane: Literal["python", "envoy"] = "python"
+    # Who carries the bytes: an Envoy that sidewatch configures and supervises ("envoy",
+    # agent/dataplane/envoy), or the grpc.aio relay in this process ("python"). "auto": Envoy where the
+    # envoy extra and a binary are there and nothing here needs the relay (agent/dataplane/choice.py).
+    data_plane: Literal["auto", "python", "envoy"] = "auto"
     envoy: Envoy = Envoy()
     upstream: Upstream = Upstream()
     metrics: Metrics = Metrics()

@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.support.harness import free_port, http_get, metric_value, start_sidecar
+from tests.support.harness import free_port, http_get, metric_value, sidewatch, start_sidecar
 from tests.support.upstream import ECHO_STREAM, ECHO_UNARY, MODEL_INFER, MODEL_STREAM_INFER, RecordingUpstream
 
 DATA_PLANES = ["python", "envoy"]
@@ -203,6 +204,32 @@ def test_a_stream_reader_that_never_reads_is_bounded_by_flow_control(sidecar, up
     assert grown < 64 << 20, grown
     print(f"never-read stream: {direct} messages sent direct, {through} through the sidecar; "
           f"sidecar tree RSS grew {grown / 2**20:.1f} MiB")
+
+
+def test_by_default_envoy_carries_the_calls_where_its_binary_is_installed(upstream, tmp_path):
+    """``data_plane: auto``, the default, with the envoy extra installed (as in the test environment): Envoy
+    answers on the listener; a max_message_bytes of the config's own keeps the grpc.aio relay, which
+    enforces it."""
+    chosen = subprocess.run(sidewatch("serve", "--check-config"), capture_output=True, text=True, timeout=60)
+    assert "the envoy data plane would carry the calls (envoy binary" in chosen.stderr, chosen.stderr
+    process, port, metrics_port = start_sidecar(tmp_path, upstream.port, "--data-plane", "auto")
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            assert channel.unary_unary(ECHO_UNARY)(b"auto", timeout=10) == b"otua"
+        assert metric_value(http_get(f"http://127.0.0.1:{metrics_port}/metrics"), "sidewatch_envoy_ready") == 1
+        assert _envoy_pid(process.popen.pid)
+    finally:
+        process.stop()
+    process, port, metrics_port = start_sidecar(tmp_path, upstream.port, "--data-plane", "auto",
+                                                "--max-message-bytes", "65536")
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            assert channel.unary_unary(ECHO_UNARY)(b"relay", timeout=10) == b"yaler"
+        assert "sidewatch_envoy_ready" not in http_get(f"http://127.0.0.1:{metrics_port}/metrics")
+        with pytest.raises(LookupError):
+            _envoy_pid(process.popen.pid)
+    finally:
+        process.stop()
 
 
 def test_upstream_down_gives_unavailable(data_plane, tmp_path):

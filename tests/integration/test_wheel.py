@@ -102,6 +102,9 @@ def test_the_installed_command_runs_and_checks_the_default_configuration(install
     done = _run(venv, tmp_path, "sidewatch", "serve", "--check-config")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "configuration is valid" in done.stdout + done.stderr
+    # data_plane auto without the envoy extra: the grpc.aio relay, and the reason.
+    assert "the python data plane would carry the calls (the envoy extra is not installed" in done.stderr, \
+        done.stderr
 
 
 def test_every_module_imports_with_the_runtime_dependencies_alone(installed, tmp_path):

@@ -105,6 +105,13 @@ def start_model_server(tmp_path: Path, repository: Path | None = None) -> tuple[
     return process, port
 
 
+# The data plane of the tests that do not choose one. The tests of the data plane's contract choose, and run
+# on both (test_dataplane_conformance.py and the modules parametrized over data_plane); the rest test what is
+# behind the data plane (detectors, alerts, hooks: the same code on both) on the grpc.aio relay, whose
+# per-call metrics are counted before a call returns (Envoy's come in its access log, within half a second).
+TESTS_DATA_PLANE = "python"
+
+
 def start_sidecar(tmp_path: Path, upstream_port: int, *extra: str, config: Path | None = None,
                   upstream_host: str = "127.0.0.1") -> tuple[Process, int, int]:
     port, metrics_port = free_port(), free_port()
@@ -112,6 +119,8 @@ def start_sidecar(tmp_path: Path, upstream_port: int, *extra: str, config: Path 
                      "--metrics-listen", f"127.0.0.1:{metrics_port}", *extra)
     if config is not None:
         args += ["--config", str(config)]
+    if "--data-plane" not in extra and (config is None or "data_plane" not in config.read_text()):
+        args += ["--data-plane", TESTS_DATA_PLANE]
     process = Process(args, tmp_path / f"sidecar-{port}.log")
     process.wait_listening(port)
     process.wait_listening(metrics_port)

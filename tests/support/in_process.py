@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry
 from agent.app import Sidecar, limit_native_threads
 from agent.config import load_config
 from agent.modelserver.repository import BUNDLED_REPOSITORY
-from tests.support.harness import free_port
+from tests.support.harness import TESTS_DATA_PLANE, free_port
 
 MODEL = "mnist_cnn"
 
@@ -22,6 +22,8 @@ class InProcessSidecar:
     def __init__(self, config) -> None:
         limit_native_threads()  # as `sidewatch serve` does for its process
         self.registry = CollectorRegistry()
+        if config.data_plane == "auto":  # as start_sidecar does (harness.TESTS_DATA_PLANE)
+            config = config.model_copy(update={"data_plane": TESTS_DATA_PLANE})
         self.sidecar = Sidecar(config, self.registry)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
