@@ -1112,7 +1112,8 @@ def run(args: argparse.Namespace) -> dict:
         sidecar_args = shlex.split(args.sidewatch_args)
         if "sidewatch" in args.paths:
             addresses["sidewatch"], proc = start_sidewatch(children, tmp, echo_address, request, response,
-                                                           sidecar_args, args.sidewatch_env)
+                                                           ["--data-plane", "python", *sidecar_args],
+                                                           args.sidewatch_env)
             proxies["sidewatch"] = [proc.pid]
         for path, (concurrency, detectors) in SIDEWATCH_ENVOY.items():
             if path in args.paths:
