@@ -222,6 +222,19 @@ def test_upstream_pin_of_another_model_leaves_streams_of_this_one_on_the_main_up
         assert error.value.code() is grpc.StatusCode.INVALID_ARGUMENT
 
 
+def test_a_first_message_over_a_mebibyte_is_carried_pinned_or_not(channel, routes):
+    """Under Envoy the field extraction filter holds each model-scoped call's first message whole; its
+    route lets it hold up to max_message_bytes, not the listener's 1 MiB (a 2.1 MB request was refused
+    FAILED_PRECONDITION before)."""
+    big = oip_pb2.ModelInferRequest(model_name=MODEL, id="big")
+    codec.add_input(big, "input", np.full((700, 1, 28, 28), 0.5, np.float32))
+    assert big.ByteSize() > 2 << 20
+    reply = _infer(channel, big)
+    assert reply.model_version == "2" and reply.outputs[0].shape[0] == 700
+    routes.pin(Pin(MODEL, "1", None))
+    assert _infer(channel, big).model_version == "1"
+
+
 def test_malformed_request_while_pinned_gets_the_upstreams_error(channel, routes):
     routes.pin(Pin(MODEL, "1", None))
     call = channel.unary_unary(paths.MODEL_INFER)

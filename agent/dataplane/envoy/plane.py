@@ -24,7 +24,7 @@ from pathlib import Path
 from grpc import aio
 
 from agent.config import ConfigError, ServeConfig
-from agent.dataplane.envoy import ext_proc, pin_rewrite, verdicts
+from agent.dataplane.envoy import ext_proc, model_routing, pin_rewrite, verdicts
 from agent.dataplane.envoy.access_log import CLUSTER as ACCESS_LOG_CLUSTER
 from agent.dataplane.envoy.access_log import AccessLogMetrics, access_log_config, grpc_stats_filter
 from agent.dataplane.envoy.binary import find_envoy
@@ -90,8 +90,8 @@ def check_envoy_config(config: ServeConfig) -> None:
 
 def pins_possible(config: ServeConfig) -> bool:
     """Whether a route hook can pin a model (only a ``route`` hook pins). Pins need the gRPC field extraction
-    filter (model_routing.py), which holds every model-scoped call until its first message is whole and
-    refuses one larger than the listener's buffer limit: a sidecar without route hooks leaves it out."""
+    filter (model_routing.py), which holds every model-scoped call until its first message is whole: a
+    sidecar without route hooks leaves it out."""
     return any(hook.type == "route" for hook in config.rollback.hooks.values())
 
 
@@ -172,6 +172,9 @@ class EnvoyDataPlane:
             http_filters.append(verdicts.verdict_filter())
             clusters.append(verdicts.verdict_cluster(verdict_port))
             routes = verdicts.inline_routes(routes, UPSTREAM, config.max_message_bytes)
+        if self._pin_server is not None:
+            # The field extraction filter holds each model-scoped call's first message whole (model_routing.py).
+            routes = model_routing.hold_first_messages(routes, UPSTREAM, config.max_message_bytes)
         try:
             bootstrap = build_bootstrap(
                 config, Loopback(admin_port=config.envoy.admin_port, health_port=health_port),
