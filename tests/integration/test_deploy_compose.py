@@ -4,8 +4,9 @@ The file is validated against the Compose Specification's schema (check-jsonsche
 mounts and builds from exists; its services find each other under the names and ports the mounted
 configurations use (Prometheus, Alertmanager, Grafana, sidewatch); sidewatch's configuration passes
 --check-config with the admin token made by the stack's own admin-token step; and the stack's processes
-run here without containers: the model server, sidewatch with the compose configuration, its health
-check, and the traffic generator, whose attack makes sidewatch's own alert pin the model to version 1.
+run here without containers: the model server, sidewatch with the compose configuration (Envoy carrying the
+calls, as sidewatch's child), its health check through Envoy's listener, and the traffic generator, whose
+attack makes sidewatch's own alert pin the model to version 1.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import yaml
 from agent.config import ServeConfig, split_address
 from tests.support.deploy_dockerfile import parse_dockerfile
 from tests.support.harness import REPO, Process, free_port, http_get, metric_value, sidewatch
+from tests.support.process_tree import envoy_child, listening
 
 DEPLOY = REPO / "deploy"
 COMPOSE_FILE = DEPLOY / "docker-compose.yml"
@@ -155,7 +157,22 @@ def _localized_config(tmp_path: Path) -> tuple[dict, Path]:
     text = _config_text()
     text = text.replace("/var/run/secrets/sidewatch/", f"{secrets_dir}/").replace("/var/lib/sidewatch/", f"{state}/")
     text = re.sub(r"model_repository: /models\b", f"model_repository: {DEPLOY / _source('sidewatch', '/models')}", text)
-    return yaml.safe_load(text), secrets_dir
+    data = yaml.safe_load(text)
+    # Envoy's work directory is the container's own (its /tmp): here, one of the test's.
+    data["envoy"]["work_dir"] = str(tmp_path / "envoy")
+    return data, secrets_dir
+
+
+def test_sidewatch_runs_the_envoy_data_plane_in_its_own_container():
+    """Envoy carries the calls, inside the sidewatch service's container (the image's envoy extra): no service
+    of its own, its work directory is the container's, and its heap is capped."""
+    config = _config()
+    assert config.data_plane == "envoy"
+    assert not [name for name, service in SERVICES.items() if "envoy" in str(service.get("image", ""))]
+    assert config.envoy.work_dir is not None and config.envoy.work_dir.is_absolute()
+    # Not in a mounted volume: the generated configuration stays in the container and goes with it.
+    assert not [target for _, target in _mounts("sidewatch") if config.envoy.work_dir.is_relative_to(target)]
+    assert config.envoy.max_heap_bytes is not None
 
 
 def test_the_compose_configuration_passes_check_config(tmp_path):
@@ -184,6 +201,12 @@ def test_the_stack_runs_without_containers_and_the_attack_pins_the_model(tmp_pat
         with Process(sidewatch("serve", *SERVICES["sidewatch"]["command"][:1], str(config)),
                      tmp_path / "sidecar.log") as sidecar:
             sidecar.wait_listening(ports["listen"])
+            # Envoy, sidewatch's child, holds the listener; sidewatch keeps metrics and the admin API.
+            envoy = envoy_child(sidecar.popen.pid)
+            assert envoy is not None, sidecar.log()[-3000:]
+            assert ("127.0.0.1", ports["listen"]) in listening(envoy)
+            assert ("127.0.0.1", ports["listen"]) not in listening(sidecar.popen.pid)
+            assert (Path(data["envoy"]["work_dir"]) / "envoy.json").is_file()
             health = [arg.replace("/opt/sidewatch/healthcheck.py", str(DEPLOY / "healthcheck.py"))
                       .replace("/etc/sidewatch/sidewatch.yaml", str(config))
                       for arg in SERVICES["sidewatch"]["healthcheck"]["test"][2:]]
@@ -202,8 +225,13 @@ def test_the_stack_runs_without_containers_and_the_attack_pins_the_model(tmp_pat
             assert [name for name, _, _ in lines] == ["benign", "drift", "attack"]
             answered = sum(int(count) for _, count, _ in lines)
             assert answered > 300 and all(failed == "0" for _, _, failed in lines)
-            metrics = http_get(f"http://127.0.0.1:{ports['metrics']}/metrics")
-            assert metric_value(metrics, "sidewatch_requests_total", method="ModelInfer", code="OK") >= answered
+            # Envoy's access log reaches sidewatch's call metrics within its flush interval (0.5 s).
+            deadline = time.monotonic() + 10
+            while metric_value(metrics := http_get(f"http://127.0.0.1:{ports['metrics']}/metrics"),
+                               "sidewatch_requests_total", method="ModelInfer", code="OK") < answered:
+                assert time.monotonic() < deadline, metric_value(metrics, "sidewatch_requests_total",
+                                                                 method="ModelInfer", code="OK")
+                time.sleep(0.2)
             assert metric_value(metrics, "sidewatch_adversarial_detections_total", model="mnist_cnn") > 0
             # The sidecar's own alert fired on the attack and its route hook pinned the model to version 1.
             deadline = time.monotonic() + 15

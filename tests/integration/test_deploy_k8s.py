@@ -5,12 +5,14 @@ installed) on a copy of deploy/k8s/ whose secret material comes from deploy/k8s/
 every built-in object validates against the Kubernetes schemas (kubernetes-validate, oldest and newest
 supported version, strict); the custom resources have what their operators require (written down below
 from the operators' CRD schemas) and the PrometheusRule passes `promtool check rules`; the ConfigMap's
-configuration passes `sidewatch serve --check-config` with the pod's files in place, and its TLS files load;
-the pod is wired consistently (ports, paths, probes, hooks, Alertmanager's route, the ServiceMonitor's TLS
-material); the RBAC is exercised by the real rollback hooks against a stand-in API server that enforces the
-built Roles; and the base's sidecar runs with its pod configuration, answering its exec probes over mutual
-TLS, its admin API over TLS, and a real Prometheus scraping /metrics with the ServiceMonitor's mutual TLS
-(plain HTTP and HTTPS without a client certificate get nothing).
+configuration passes `sidewatch serve --check-config` with the pod's files in place (Envoy's `--mode validate`
+included: it selects the Envoy data plane), and its TLS files load; the pod is wired consistently (ports,
+paths, probes, hooks, Alertmanager's route, the ServiceMonitor's TLS material), with Envoy's work directory on
+a writable emptyDir and resources that count Envoy; the RBAC is exercised by the real rollback hooks against
+a stand-in API server that enforces the built Roles; and the base's sidecar runs with its pod configuration,
+Envoy holding its listener, answering its exec probes over mutual TLS, its admin API over TLS, and a real
+Prometheus scraping /metrics with the ServiceMonitor's mutual TLS (plain HTTP and HTTPS without a client
+certificate get nothing).
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ from tests.support.harness import (
     wait_for_http,
 )
 from tests.support.kube_api import KubeAPI, status_object
+from tests.support.process_tree import envoy_child, listening
 from tests.support.webhook import make_incident
 
 K8S = REPO / "deploy" / "k8s"
@@ -442,6 +445,50 @@ def test_every_container_is_unprivileged_and_bounded(built, overlay):
     assert side["securityContext"]["runAsUser"] == 10001   # the image's user (deploy/Dockerfile)
 
 
+_QUANTITY = re.compile(r"^(\d+(?:\.\d+)?)(m|Ki|Mi|Gi)?$")
+_UNITS = {None: 1, "m": 0.001, "Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30}
+# What sidewatch on Envoy was measured to take with the bundled detectors (bench/README.md, bench/proxy.py,
+# sidewatch and its Envoy together): resident memory at the peak under load; and the memory limit sidewatch had
+# alone on the python data plane (210 MiB measured), which Envoy's heap cap comes on top of.
+MEASURED_PEAK_BYTES = 356 << 20
+SIDEWATCH_ALONE_LIMIT_BYTES = 1 << 30
+
+
+def _quantity(value) -> float:
+    """A Kubernetes resource quantity (the forms these manifests use) as a number: cores or bytes."""
+    match = _QUANTITY.match(str(value))
+    assert match, value
+    return float(match[1]) * _UNITS[match[2]]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_sidecar_runs_envoy_in_its_container_within_its_resources(built, overlay):
+    """Envoy carries the calls as sidewatch's child in the sidewatch container (data_plane envoy, the image's
+    envoy extra): its work directory is on a writable emptyDir (the root file system is read-only), and the
+    container's requests and limits count Envoy's workers and heap beside sidewatch's detectors."""
+    objects = built[overlay]
+    config = _config(objects)
+    assert config.data_plane == "envoy"
+    side = _container(objects, "sidewatch")
+    assert side["securityContext"]["readOnlyRootFilesystem"] is True
+    volumes = {volume["name"]: volume for volume in _pod(objects)["volumes"]}
+    work_dir = config.envoy.work_dir
+    assert work_dir is not None
+    (mount,) = [m for m in side["volumeMounts"] if work_dir.is_relative_to(m["mountPath"])]
+    assert "emptyDir" in volumes[mount["name"]] and not mount.get("readOnly", False), mount
+    # No Envoy container beside it: one process tree, drained by sidewatch.
+    assert not [c["name"] for c in _pod(objects)["containers"] if "envoy" in c["image"]]
+    requests, limits = side["resources"]["requests"], side["resources"]["limits"]
+    # CPU: Envoy's workers and the detectors' budget (the tap samples to keep sidewatch within it).
+    assert config.tap.cpu_budget_cores is not None
+    assert _quantity(limits["cpu"]) >= config.envoy.concurrency + config.tap.cpu_budget_cores
+    # Memory: Envoy's heap is capped, on top of what sidewatch alone was given; the request covers the
+    # measured peak of both.
+    assert config.envoy.max_heap_bytes is not None
+    assert _quantity(limits["memory"]) >= SIDEWATCH_ALONE_LIMIT_BYTES + config.envoy.max_heap_bytes
+    assert _quantity(requests["memory"]) >= MEASURED_PEAK_BYTES
+
+
 def test_images_are_this_version_of_sidewatch(built):
     version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
     for overlay in OVERLAYS:
@@ -512,6 +559,21 @@ def test_the_configmap_passes_check_config_with_the_pods_files(built, overlay, t
             context.load_verify_locations(tls.client_ca_file)
 
 
+def test_check_config_has_envoy_validate_the_pods_listener(built, tmp_path):
+    """On the Envoy data plane --check-config runs `envoy --mode validate` on the bootstrap written from the
+    ConfigMap: a listener certificate in the pod that Envoy cannot load fails it, named by its path."""
+    objects = built["base"]
+    assert _config(objects).data_plane == "envoy"
+    mounts = _pod_files(objects, tmp_path)
+    config = tmp_path / "sidewatch.yaml"
+    config.write_text(_localized(_config_text(objects), mounts))
+    certificate = mounts["/var/run/secrets/sidewatch/tls"] / "tls.crt"
+    certificate.write_text("not a certificate\n")
+    done = subprocess.run(sidewatch("serve", "--config", str(config), "--check-config"), capture_output=True, text=True)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "envoy refuses the configuration" in done.stderr and str(certificate) in done.stderr, done.stderr
+
+
 def _https_get(url: str, token: str, ca_file: Path) -> int:
     context = ssl.create_default_context(cafile=str(ca_file))
     request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
@@ -552,7 +614,9 @@ def _start_operator_prometheus(objects: list[dict], target: str, directory: Path
 def test_the_base_pod_runs_and_answers_its_probes_and_alertmanager_over_tls(built, tmp_path):
     """The base's sidecar with its own configuration (ports moved to free loopback ones), its model server,
     the exec probes' exact commands, an HTTPS call to the admin API as Alertmanager makes it, and a real
-    Prometheus scraping /metrics over mutual TLS as the ServiceMonitor tells the operator to."""
+    Prometheus scraping /metrics over mutual TLS as the ServiceMonitor tells the operator to. Envoy, sidewatch's
+    child, holds the listener the probes reach, writes only to the pod's emptyDir, and every port of the
+    container beyond the NetworkPolicy's is on loopback."""
     objects = built["base"]
     mounts = _pod_files(objects, tmp_path / "pod")
     model_server, model_port = start_model_server(tmp_path)
@@ -573,6 +637,21 @@ def test_the_base_pod_runs_and_answers_its_probes_and_alertmanager_over_tls(buil
         sidecar = Process(sidewatch(*entrypoint[1:], *args), tmp_path / "sidecar.log")
         with sidecar:
             sidecar.wait_listening(ports["listen"])
+            # The listener is Envoy's, a child of sidewatch; its configuration is in the emptyDir mounted at /tmp.
+            envoy = envoy_child(sidecar.popen.pid)
+            assert envoy is not None, sidecar.log()[-3000:]
+            assert ("127.0.0.1", ports["listen"]) in listening(envoy)
+            work_dir = Path(data["envoy"]["work_dir"])
+            assert work_dir.is_relative_to(mounts["/tmp"]) and (work_dir / "envoy.json").is_file()
+            # The NetworkPolicy admits the listener, metrics and admin ports; every other port sidewatch and its
+            # Envoy listen on (Envoy's admin API, the health, access-log and tap services behind Envoy) is bound
+            # to loopback, out of other pods' reach.
+            sidecar.wait_listening(ports["metrics"])
+            sidecar.wait_listening(ports["admin"])
+            bound = listening(sidecar.popen.pid) | listening(envoy)
+            assert {port for _, port in bound} >= set(ports.values())
+            assert {(host, port) for host, port in bound if port not in ports.values() and host != "127.0.0.1"} == set()
+            assert len(bound) > len(ports)
 
             def probe(name: str) -> subprocess.CompletedProcess:
                 command = [arg.replace("/opt/sidewatch/healthcheck.py", str(HEALTHCHECK))

