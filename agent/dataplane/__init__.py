@@ -12,4 +12,6 @@ tap and the call log reach it through one policy object whose types it declares 
 ``health``         the standard gRPC health service, following the upstream's readiness
 ``call_log``       log lines about calls (request ids, never payloads)
 ``stream_status``  the status an upstream stream ended with, kept before grpc.aio can overwrite it
+``choice``         which data plane carries the calls under ``data_plane: auto`` (the default)
+``envoy/``         the Envoy data plane: Envoy carries the bytes, sidewatch configures and supervises it
 """
