@@ -14,9 +14,10 @@ Runtime's included). The cost is taken as proportional to the share:
 
 - queue more than half full: the detectors are behind; halve the share, whatever the CPU says;
 - copies lost on the way (more than 1% of those Envoy tried to send in the interval: its ext_proc streams
-  refused while sidewatch is behind, envoy_stats.py): scale the share down to what got through, times
-  ``headroom``. The CPU misses this when sidewatch is short of CPU it does not use (Envoy, the model
-  server and the clients share the cores), so it is a signal of its own;
+  refused while sidewatch is behind, envoy_stats.py, or closed before sidewatch had read them, ext_proc.py):
+  scale the share down to what got through, times ``headroom``. The CPU misses this when sidewatch is
+  short of CPU it does not use (Envoy, the model server and the clients share the cores), so it is a
+  signal of its own;
 - over the budget: scale the share down to aim at ``headroom`` of the budget;
 - under the aim: scale it up the same way, at most doubling per interval (the estimate is poor when
   few calls were copied, so the climb is gradual);
@@ -78,7 +79,7 @@ class SamplingController:
 class Sampler:
     """The thread that applies the controller (module docstring). ``apply(percent)`` tells Envoy;
     ``queue_load()`` is how full the tap queue is, 0 to 1; ``copies()``, running totals of the copies Envoy
-    tried to send and of those it could not (envoy_stats.py)."""
+    tried to send and of those lost (plane.tap_copies)."""
 
     def __init__(self, controller: SamplingController, metrics: ProxyMetrics, apply: Callable[[int], None],
                  queue_load: Callable[[], float], interval_seconds: float = 1.0,
