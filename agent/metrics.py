@@ -19,7 +19,11 @@ LATENCY_BUCKETS_SECONDS = (
 
 OTHER = "_other"
 # Why a copy from Envoy's tap was dropped before the tap queue (agent/dataplane/envoy/ext_proc.py).
-TAP_DROP_REASONS = ("too_large", "buffer", "compressed", "unpaired", "envoy")
+# Why a copy of a call never reached the tap queue (sidewatch_tap_copies_dropped_total's reason label). The
+# Envoy data plane's (agent/dataplane/envoy): "envoy", a copy Envoy could not send (its ext_proc stream
+# refused); "closed", a copy whose stream Envoy closed (deferred_close_timeout after the call) before
+# sidewatch had read the end of the call.
+TAP_DROP_REASONS = ("too_large", "buffer", "compressed", "unpaired", "envoy", "closed")
 
 
 class BoundedModels:
@@ -125,7 +129,8 @@ class ProxyMetrics:
             "Copies of inference calls dropped before the tap queue, by reason (too_large: a message over "
             "tap.max_message_bytes; buffer: a call over its buffer bounds; compressed; unpaired: a streamed "
             "request with no room to wait for its response; envoy: a copy Envoy could not send, its ext_proc "
-            "stream refused or failed, as when the tap's streams are all taken while sidewatch is behind).",
+            "stream refused or failed, as when the tap's streams are all taken while sidewatch is behind; closed: a "
+            "copy whose stream Envoy closed before sidewatch had read the end of its call, sidewatch being behind).",
             ["reason"],
             registry=registry,
         )

@@ -1075,7 +1075,7 @@ def measure_tap(args: argparse.Namespace, children: Children, tmp: Path, echo: s
         "dropped_by_sidewatch": {
             "queue_full": delta("sidewatch_tap_dropped_total"),
             **{reason: delta("sidewatch_tap_copies_dropped_total", reason=reason)
-               for reason in ("too_large", "buffer", "compressed", "unpaired", "envoy")}},
+               for reason in ("too_large", "buffer", "compressed", "unpaired", "envoy", "closed")}},
         "envoy_ext_proc": {stat: envoy_delta(TAP_EXT_PROC + stat)
                            for stat in ("streams_started", "streams_failed", "streams_closed",
                                         "failure_mode_allowed", "stream_msgs_sent")},

@@ -58,7 +58,8 @@ class Tap(Strict):
     max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     max_call_buffer_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     max_buffered_bytes: int = Field(64 * 1024 * 1024, ge=1024)
-    # Calls copied at once (ext_proc streams open); beyond it Envoy's copies are refused, the calls go on.
+    # Calls copied at once (ext_proc streams open): Envoy's circuit breaker on the tap's cluster (max_requests)
+    # refuses copies beyond it, counted as reason="envoy", and the calls go on.
     max_streams: int = Field(64, ge=1)
     # Sampling under Envoy (agent/dataplane/envoy/sampling.py): the share of calls copied adapts so that
     # the sidecar process (the tap and the detectors: Envoy carries the calls) uses at most this many

@@ -4,8 +4,12 @@ envoy` with the bundled model's detectors in shadow mode, copies of the calls th
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import statistics
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -13,17 +17,18 @@ import numpy as np
 import pytest
 import yaml
 
+from agent.metrics import TAP_DROP_REASONS
 from agent.modelserver.repository import BUNDLED_REPOSITORY
 from agent.protocol import oip_pb2, paths
 from agent.protocol.client import InferenceClient
-from tests.support.harness import http_get, metric_value, start_sidecar
+from tests.support.harness import free_port, http_get, metric_value, start_sidecar
 
 MODEL = "mnist_cnn"
 
 
-def envoy_sidecar(tmp_path: Path, model_port: int, tap: dict):
+def envoy_sidecar(tmp_path: Path, model_port: int, tap: dict, envoy: dict | None = None):
     config = tmp_path / f"sidewatch-{len(list(tmp_path.iterdir()))}.yml"
-    config.write_text(yaml.safe_dump({"tap": tap}))
+    config.write_text(yaml.safe_dump({"tap": tap, **({"envoy": envoy} if envoy else {})}))
     return start_sidecar(tmp_path, model_port, "--data-plane", "envoy", "--model-repository",
                          str(BUNDLED_REPOSITORY), config=config)
 
@@ -175,17 +180,55 @@ def _value(text: str, name: str, **labels: str) -> float:
         return 0.0
 
 
-def test_a_copy_envoy_cannot_send_is_counted_as_a_drop(tmp_path, model_server):
-    """One copy open at a time and 8 calls in flight: Envoy's other ext_proc streams are refused (it lets the
-    calls go on and counts the streams as failed); each copy refused shows as a drop with reason envoy. (Not
-    every call is accounted for: a stream Envoy started can still be closed, deferred_close_timeout, before
-    sidewatch reads its trailers, a loss not counted yet: bench/README.md, "The tap's missing copies"; on a
-    loaded machine it grows, so the test does not count on a share.)"""
-    from concurrent.futures import ThreadPoolExecutor
+def envoy_stat(admin_port: int, name: str) -> int:
+    stats = json.loads(http_get(f"http://127.0.0.1:{admin_port}/stats?format=json&filter=^{name.replace('.', '[.]')}$"))
+    return sum(int(stat.get("value", 0)) for stat in stats["stats"])
 
-    process, port, metrics_port = envoy_sidecar(tmp_path, model_server, {"cpu_budget_cores": None, "max_streams": 1})
+
+def refused(admin_port: int) -> int:
+    """Streams to the tap refused by Envoy's circuit breaker on the tap cluster."""
+    return sum(envoy_stat(admin_port, f"cluster.sidewatch_tap.upstream_rq_{kind}_overflow") for kind in ("active", "pending"))
+
+
+def copies(before: str, after: str) -> tuple[float, dict[str, float]]:
+    """The copies received, and those dropped by reason, between two scrapes."""
+    received = _value(after, "sidewatch_tap_copies_received_total") - _value(before, "sidewatch_tap_copies_received_total")
+    dropped = {reason: _value(after, "sidewatch_tap_copies_dropped_total", reason=reason)
+               - _value(before, "sidewatch_tap_copies_dropped_total", reason=reason) for reason in TAP_DROP_REASONS}
+    return received, dropped
+
+
+def infer_for(port: int, seconds: float, in_flight: int) -> int:
+    """ModelInfer calls, ``in_flight`` at a time, for ``seconds``; the number of calls answered (all must be)."""
+    requests = [InferenceClient.request(MODEL, {"input": image[None]}, version="1").SerializeToString()
+                for image in images(20)]
+    end = time.monotonic() + seconds
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        infer = channel.unary_unary(paths.MODEL_INFER)
+
+        def calls(worker: int) -> int:
+            done = 0
+            while time.monotonic() < end:
+                assert infer(requests[(worker + done) % len(requests)], timeout=30)
+                done += 1
+            return done
+
+        with ThreadPoolExecutor(in_flight) as pool:
+            return sum(pool.map(calls, range(in_flight)))
+
+
+def test_a_copy_envoy_cannot_send_is_counted_as_a_drop(tmp_path, model_server):
+    """One copy open at a time and 8 calls in flight: Envoy's circuit breaker on the tap cluster (max_requests,
+    from tap.max_streams) refuses the other ext_proc streams, lets the calls go on and counts the streams as
+    failed; each copy refused shows as a drop with reason envoy. Every call is accounted for: received, or
+    dropped (envoy; closed, a stream Envoy closed deferred_close_timeout after its call before sidewatch had
+    read it, which a loaded machine makes likelier)."""
+    admin = free_port()
+    process, port, metrics_port = envoy_sidecar(tmp_path, model_server, {"cpu_budget_cores": None, "max_streams": 1},
+                                                {"admin_port": admin})
     try:
         before = metrics(metrics_port)
+        refused_before = refused(admin)
         batch = images(20)
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             infer = channel.unary_unary(paths.MODEL_INFER)
@@ -196,14 +239,50 @@ def test_a_copy_envoy_cannot_send_is_counted_as_a_drop(tmp_path, model_server):
         assert len(replies) == 200
 
         def counted():
-            text = metrics(metrics_port)
-            received = _value(text, "sidewatch_tap_copies_received_total") - \
-                _value(before, "sidewatch_tap_copies_received_total")
-            dropped = _value(text, "sidewatch_tap_copies_dropped_total", reason="envoy") - \
-                _value(before, "sidewatch_tap_copies_dropped_total", reason="envoy")
-            return (received, dropped) if dropped > 0 and received > 0 else None
+            received, dropped = copies(before, metrics(metrics_port))
+            return (received, dropped) if received + sum(dropped.values()) >= 200 else None
 
         received, dropped = wait_for(counted)
-        assert received + dropped <= 200
+        assert received + sum(dropped.values()) == 200, (received, dropped)
+        assert received > 0 and dropped["envoy"] > 0, (received, dropped)
+        # Refused by Envoy's circuit breaker (streams open, or waiting while the connection to sidewatch opens),
+        # not by sidewatch's server.
+        assert refused(admin) - refused_before == dropped["envoy"]
     finally:
+        process.stop()
+
+
+def test_copies_envoy_started_but_sidewatch_could_not_finish_are_counted(tmp_path, model_server):
+    """sidewatch stopped (SIGSTOP) for 1.5 s while 4 calls at a time go through Envoy, with 4 copies open at
+    most and every call copied (no sampling: nothing is left unsampled): Envoy holds 4 copies' streams open,
+    refuses the others (reason envoy) and closes the 4 deferred_close_timeout (1 s) after their calls end,
+    before sidewatch, stopped, has read them (reason closed). Every call is accounted for: a copy received,
+    or dropped for a reason."""
+    admin = free_port()
+    process, port, metrics_port = envoy_sidecar(tmp_path, model_server, {"cpu_budget_cores": None, "max_streams": 4},
+                                                {"admin_port": admin})
+    try:
+        assert infer_for(port, 0.2, 1)  # warm
+        time.sleep(1.5)  # the warm-up's copies are all in
+        before = metrics(metrics_port)
+        with ThreadPoolExecutor(1) as pool:
+            calls = pool.submit(infer_for, port, 2.1, 4)
+            time.sleep(0.3)
+            os.kill(process.popen.pid, signal.SIGSTOP)
+            try:
+                time.sleep(1.5)
+            finally:
+                os.kill(process.popen.pid, signal.SIGCONT)
+            calls = calls.result()
+
+        def counted():
+            received, dropped = copies(before, metrics(metrics_port))
+            return (received, dropped) if received + sum(dropped.values()) >= calls else None
+
+        received, dropped = wait_for(counted)
+        assert received + sum(dropped.values()) == calls, (calls, received, dropped)
+        assert dropped["closed"] > 0 and dropped["envoy"] > 0, (calls, received, dropped)
+        assert envoy_stat(admin, "http.ingress.ext_proc.sidewatch_tap.streams_started") > 0
+    finally:
+        os.kill(process.popen.pid, signal.SIGCONT)
         process.stop()

@@ -3,12 +3,14 @@ entries are the protobufs Envoy sends; the Envoy end is in tests/integration/tes
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.extensions.filters.http.grpc_stats.v3 import config_pb2 as grpc_stats_pb2
 from prometheus_client import CollectorRegistry
 
+from agent.config import load_config
 from agent.dataplane.envoy.access_log import GRPC_STATS_STATE, AccessLogMetrics, call_code
 from agent.dataplane.envoy.envoy_stats import (
     ACTIVE,
@@ -19,6 +21,8 @@ from agent.dataplane.envoy.envoy_stats import (
     WRITTEN,
     EnvoyStats,
 )
+from agent.dataplane.envoy.ext_proc import TapProcessor
+from agent.dataplane.envoy.plane import tap_copies
 from agent.dataplane.envoy.supervisor import EnvoyProcess
 from agent.metrics import EnvoyMetrics, ProxyMetrics
 from agent.protocol import paths
@@ -115,3 +119,26 @@ def test_tap_copies_envoy_could_not_send_are_counted_as_dropped(tmp_path: Path):
     stats.update({TAP_STARTED: 5, TAP_FAILED: 2})  # Envoy restarted
     assert _value(registry, "sidewatch_tap_copies_dropped_total", reason="envoy") == 52
     assert stats.tap_copies() == (155 + 52, 52)
+
+
+def test_the_sampler_counts_copies_whose_streams_closed_early_with_those_envoy_refused(tmp_path: Path):
+    """Copies lost because Envoy closed their ext_proc stream before sidewatch had read the call's end
+    (ext_proc.py, reason closed) are lost copies to the sampler too, beside those Envoy refused."""
+    registry = CollectorRegistry()
+    metrics = ProxyMetrics(registry)
+    stats = EnvoyStats(EnvoyProcess(Path("/nonexistent/envoy"), tmp_path / "envoy.json", tmp_path), metrics,
+                       EnvoyMetrics(registry))
+    tap = TapProcessor(load_config(), metrics, policy=None)
+
+    async def reset_before_anything_read():
+        raise asyncio.CancelledError()
+        yield
+
+    for _ in range(3):
+        try:
+            asyncio.run(tap.Process(reset_before_anything_read(), None))
+        except asyncio.CancelledError:
+            pass
+    stats.update({TAP_STARTED: 90, TAP_FAILED: 10})
+    assert tap_copies(stats, tap) == (100, 13)
+    assert _value(registry, "sidewatch_tap_copies_dropped_total", reason="closed") == 3

@@ -125,9 +125,11 @@ def upstream_tls(tls: UpstreamTLS, host: str) -> dict[str, Any]:
 
 
 def http2_cluster(name: str, host: str, port: int, connect_timeout: str = "5s",
-                  transport_socket: dict[str, Any] | None = None) -> dict[str, Any]:
+                  transport_socket: dict[str, Any] | None = None, max_requests: int | None = None) -> dict[str, Any]:
     """A cluster of one endpoint that speaks HTTP/2 (gRPC), in plain text or over ``transport_socket``
-    (TLS); DNS names are resolved."""
+    (TLS); DNS names are resolved. With ``max_requests``, Envoy's circuit breaker holds at most that many
+    requests (HTTP/2 streams) open to it and that many waiting for a connection, and refuses the ones beyond
+    (Envoy's default: 1,024 of each)."""
     cluster = {
         "name": name,
         "type": "STRICT_DNS",
@@ -145,6 +147,9 @@ def http2_cluster(name: str, host: str, port: int, connect_timeout: str = "5s",
     }
     if transport_socket is not None:
         cluster["transport_socket"] = transport_socket
+    if max_requests is not None:
+        cluster["circuit_breakers"] = {"thresholds": [
+            {"priority": "DEFAULT", "max_requests": max_requests, "max_pending_requests": max_requests}]}
     return cluster
 
 

@@ -7,11 +7,12 @@ the Python data plane does not count either). Envoy's counters restart at zero w
 value lower than the last one read is taken as a fresh start.
 
 The tap's copies (ext_proc.py) travel on one ext_proc stream per call. When sidewatch falls behind, streams
-pile up until the tap cluster's circuit breaker (Envoy's default: 1,024 requests open) refuses new ones, or
-sidewatch's ``tap.max_streams`` does; in observability mode Envoy lets the call go on and counts the stream
-as failed (``streams_failed``), and the copy never reaches sidewatch. Those are exported as
+pile up until the tap cluster's circuit breaker (``max_requests``, set from ``tap.max_streams``) refuses new
+ones; in observability mode Envoy lets the call go on and counts the stream as failed (``streams_failed``),
+and the copy never reaches sidewatch. Those are exported as
 ``sidewatch_tap_copies_dropped_total{reason="envoy"}``, and the streams started and failed are kept as
-running totals for the sampler (sampling.py), which copies fewer calls while copies are being lost.
+running totals for the sampler (sampling.py), which copies fewer calls while copies are being lost (with
+the copies whose streams Envoy closed before sidewatch had read them, ext_proc.py's ``closed``).
 """
 
 from __future__ import annotations

@@ -16,7 +16,15 @@ same :class:`TapRecord` as the grpc.aio relay: for ModelInfer once the trailers 
 ModelStreamInfer one per response message, paired in order with the requests. Everything a client sizes
 is bounded: the message size, the bytes held per call and in all (a call over a bound is dropped from the
 tap and counted by reason), the streamed requests waiting for a response, and the number of open
-streams (the gRPC server's ``maximum_concurrent_rpcs``).
+streams (``tap.max_streams``: Envoy's circuit breaker on the tap cluster refuses streams beyond it, and
+the copies refused are counted from Envoy's stats, envoy_stats.py).
+
+Envoy closes a copy's stream ``deferred_close_timeout`` after its call ends, whether sidewatch has read it
+or not. A stream that ends before sidewatch has read the end of its call (the trailers, or the headers of
+a trailers-only answer) lost its copy: counted as ``reason="closed"`` (one per ModelInfer; one per streamed
+request left without its response), and kept as a running total (``closed``) that the sampler adds to
+the copies lost (sampling.py). Calls the client cancels before their answer end the same way and are
+counted with them.
 """
 
 from __future__ import annotations
@@ -61,20 +69,26 @@ def ext_proc_filter() -> dict[str, Any]:
         # Envoy sends and never waits: the tap cannot slow a call, and a dead sidewatch fails nothing.
         "observability_mode": True,
         "failure_mode_allow": True,
-        # A call that ends without trailers (an error answered trailers-only) leaves its copy's stream
-        # open until Envoy closes it this long after the call: short, since open streams are bounded.
+        # Envoy closes a copy's stream this long after its call ends, read or not: a copy sidewatch has not
+        # read by then is lost (counted, reason="closed"). Longer would lose fewer copies when sidewatch
+        # falls behind, but hold more streams open for the same calls/s, each holding its copy's bytes.
         "deferred_close_timeout": "1s",
-        # No request trailers (gRPC clients send none) and no response headers (an error's trailers-only
-        # answer is no copy anyway): fewer messages per call.
-        "processing_mode": {"request_header_mode": "SEND", "response_header_mode": "SKIP",
+        # No request trailers (gRPC clients send none). The response headers are sent: an error answered
+        # trailers-only ends there (its status is in the headers), so that its stream ends at once and is
+        # not taken for a lost copy.
+        "processing_mode": {"request_header_mode": "SEND", "response_header_mode": "SEND",
                             "request_body_mode": "STREAMED", "response_body_mode": "STREAMED",
                             "request_trailer_mode": "SKIP", "response_trailer_mode": "SEND"},
         "stat_prefix": "sidewatch_tap",
     }}
 
 
-def ext_proc_cluster(port: int) -> dict[str, Any]:
-    return http2_cluster(CLUSTER, "127.0.0.1", port, connect_timeout="1s")
+def ext_proc_cluster(port: int, max_streams: int) -> dict[str, Any]:
+    """The cluster of the tap's ExternalProcessor server. Its circuit breaker is the bound on the copies'
+    streams open at once (``tap.max_streams``): Envoy refuses a stream beyond it (counted as streams_failed,
+    the call goes on), rather than holding up to its default of 1,024 streams that sidewatch, behind,
+    would have to read."""
+    return http2_cluster(CLUSTER, "127.0.0.1", port, connect_timeout="1s", max_requests=max_streams)
 
 
 def sampled_routes(upstream_cluster: str) -> list[dict[str, Any]]:
@@ -119,6 +133,7 @@ class CallCopy:
         self.holdings = holdings
         self.held = 0
         self.dropped: str | None = None
+        self.messages = 0  # request messages read
 
     def hold(self) -> bool:
         """Recount the bytes this call holds; False (and dropped) when a bound is passed."""
@@ -159,35 +174,65 @@ class TapProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):
         self.policy = policy
         self.holdings = Holdings(config.tap.max_buffered_bytes)
         self._dropped = {reason: metrics.tap_copies_dropped.labels(reason) for reason in TAP_DROP_REASONS}
+        # Copies lost to a stream that ended before its call did (reason "closed"), a running total.
+        self.closed = 0
 
     async def Process(self, request_iterator, context: aio.ServicerContext) -> None:  # noqa: N802 - gRPC's name
         call: CallCopy | None = None
+        ended = False  # the end of the call was read (or the stream carries no copy)
         try:
             async for message in request_iterator:
                 kind = message.WhichOneof("request")
                 if kind == "request_headers":
                     method = TAPPED.get(_header(message.request_headers.headers, ":path") or "")
                     if method is None:
+                        ended = True
                         return  # not an inference call: nothing to copy (a route sent it by mistake)
                     call = CallCopy(method, self.config, self.holdings)
+                elif kind == "response_trailers" or (kind == "response_headers"
+                                                     and message.response_headers.end_of_stream):
+                    # The call is over (trailers-only: an error, its status in the headers). End the copy's
+                    # stream now rather than when Envoy closes it (deferred_close_timeout later), so that it
+                    # stops counting against max_streams.
+                    if call is not None and call.dropped is None:
+                        fields = (message.response_trailers.trailers if kind == "response_trailers"
+                                  else message.response_headers.headers)
+                        self._trailers(call, _header(fields, "grpc-status"))
+                    ended = True
+                    return
                 elif call is None or call.dropped is not None:
                     continue
                 elif kind == "request_body":
                     self._requests(call, message.request_body.body)
                 elif kind == "response_body":
                     self._responses(call, message.response_body.body)
-                elif kind == "response_trailers":
-                    self._trailers(call, _header(message.response_trailers.trailers, "grpc-status"))
-                    # The call is over: end the copy's stream now rather than when Envoy closes it
-                    # (deferred_close_timeout later), so that it stops counting against max_streams.
-                    return
         finally:
+            if not ended:
+                self._closed(call)
             if call is not None:
                 call.release()
+
+    def _closed(self, call: CallCopy | None) -> None:
+        """The stream ended (Envoy closed or reset it, or the server stopped) before the end of its call:
+        its copies are lost. A ModelInfer loses one; a ModelStreamInfer, each request read without its
+        response (one if none was read); a stream read up to nothing, one (every stream is a call's copy)."""
+        if call is None:
+            lost = 1
+        elif call.dropped is not None:
+            return  # lost already, and counted under its own reason
+        elif call.streaming:
+            lost = len(call.pending) if call.messages else 1
+        else:
+            lost = 1
+        if lost:
+            self.closed += lost
+            self._dropped["closed"].inc(lost)
+            log.debug("sidewatch: tap: %d copies lost, their stream closed before the call ended", lost)
 
     def _requests(self, call: CallCopy, chunk: bytes) -> None:
         now, started = time.time(), time.perf_counter()
         for message in call.requests.feed(chunk):
+            call.messages += 1
             if call.streaming and len(call.pending) >= call.max_pending:
                 call.pending.popleft()  # as the relay does: the oldest waiting request loses its copy
                 self._dropped["unpaired"].inc()
@@ -230,7 +275,10 @@ class TapProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):
 
 
 def start_server(processor: TapProcessor, max_streams: int) -> tuple[aio.Server, int]:
-    """The ExternalProcessor server on a loopback port, at most ``max_streams`` copies open at once (Envoy
-    counts a refused stream as an ext_proc error and lets the call go on)."""
-    return ext_proc_server(processor, max_streams, 8 << 20, "the tap's ext_proc server")
+    """The ExternalProcessor server on a loopback port. Envoy's circuit breaker holds the streams open to
+    ``max_streams`` (ext_proc_cluster); the server's own bound is twice that, so that Envoy's is the one that
+    refuses (a stream Envoy has closed still counts here until its handler has unwound) while a client
+    other than Envoy is bounded too (Envoy counts a refused stream as an ext_proc error and lets the call
+    go on)."""
+    return ext_proc_server(processor, 2 * max_streams, 8 << 20, "the tap's ext_proc server")
 

@@ -13,6 +13,7 @@ validates the bootstrap written from the config.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import shutil
@@ -95,6 +96,14 @@ def pins_possible(config: ServeConfig) -> bool:
     return any(hook.type == "route" for hook in config.rollback.hooks.values())
 
 
+def tap_copies(stats: EnvoyStats, tap: ext_proc.TapProcessor) -> tuple[int, int]:
+    """The sampler's running totals (sampling.py): the copies Envoy tried to send, and those lost, whether
+    Envoy could not send them (envoy_stats.py) or closed their streams before sidewatch had read the end of
+    their call (ext_proc.py)."""
+    tried, refused = stats.tap_copies()
+    return tried, refused + tap.closed
+
+
 class EnvoyDataPlane:
     """The Envoy data plane (module docstring). ``port`` is the listener's port once started."""
 
@@ -118,6 +127,7 @@ class EnvoyDataPlane:
         self._stats: EnvoyStats | None = None
         # The tap (ext_proc.py): its server, and the sampler that sets the share copied (sampling.py).
         self._tap_server: aio.Server | None = None
+        self._tap: ext_proc.TapProcessor | None = None
         self.sampler: Sampler | None = None
         # Flag and enforce modes (verdicts.py): the verdict server, for the models configured for them.
         self._verdict_server: aio.Server | None = None
@@ -158,11 +168,11 @@ class EnvoyDataPlane:
             http_filters.append(pin_rewrite.pin_rewrite_filter())
             clusters.append(pin_rewrite.pin_rewrite_cluster(pin_port))
         if self.policy.keeps_copies:
-            self._tap_server, tap_port = ext_proc.start_server(
-                ext_proc.TapProcessor(config, self.metrics, self.policy), config.tap.max_streams)
+            self._tap = ext_proc.TapProcessor(config, self.metrics, self.policy)
+            self._tap_server, tap_port = ext_proc.start_server(self._tap, config.tap.max_streams)
             await self._tap_server.start()
             http_filters.append(ext_proc.ext_proc_filter())
-            clusters.append(ext_proc.ext_proc_cluster(tap_port))
+            clusters.append(ext_proc.ext_proc_cluster(tap_port, config.tap.max_streams))
             routes = ext_proc.sampled_routes(UPSTREAM)
         if inline is not None:
             self._verdict_server, verdict_port = verdicts.start_server(
@@ -207,8 +217,9 @@ class EnvoyDataPlane:
             controller = SamplingController(tap.cpu_budget_cores, tap.min_sampled_ratio,
                                             reserve_cores=tap.reserve_cores or 0.0)
             spare = SpareCpu().sample if tap.reserve_cores is not None else lambda: None
+            copies = functools.partial(tap_copies, self._stats, self._tap)
             self.sampler = Sampler(controller, self.metrics, self._set_sampling, self.policy.tap_load,
-                                   tap.sampling_interval_seconds, copies=self._stats.tap_copies, spare_cores=spare)
+                                   tap.sampling_interval_seconds, copies=copies, spare_cores=spare)
             self.sampler.start()
         log.info("sidewatch: envoy %s carries the calls on %s (admin %s)", self.binary, config.listen,
                  self.envoy.admin_url())

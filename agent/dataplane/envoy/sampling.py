@@ -14,9 +14,10 @@ Runtime's included). The cost is taken as proportional to the share:
 
 - queue more than half full: the detectors are behind; halve the share, whatever the CPU says;
 - copies lost on the way (more than 1% of those Envoy tried to send in the interval: its ext_proc streams
-  refused while sidewatch is behind, envoy_stats.py): scale the share down to what got through, times
-  ``headroom``. The CPU misses this when sidewatch is short of CPU it does not use (Envoy, the model
-  server and the clients share the cores), so it is a signal of its own;
+  refused while sidewatch is behind, envoy_stats.py, or closed before sidewatch had read them, ext_proc.py):
+  scale the share down to what got through, times ``headroom``. The CPU misses this when sidewatch is
+  short of CPU it does not use (Envoy, the model server and the clients share the cores), so it is a
+  signal of its own;
 - the calls first: the budget shrinks to what the sidecar uses plus the CPU left idle around it
   (spare_cpu.py) less ``reserve_cores``, kept idle for the calls' bursts. On a machine the calls keep
   busy the share falls to the floor, however little of its budget the tap uses: the tap takes only what
@@ -94,7 +95,7 @@ class SamplingController:
 class Sampler:
     """The thread that applies the controller (module docstring). ``apply(percent)`` tells Envoy;
     ``queue_load()`` is how full the tap queue is, 0 to 1; ``copies()``, running totals of the copies Envoy
-    tried to send and of those it could not (envoy_stats.py)."""
+    tried to send and of those lost (plane.tap_copies)."""
 
     def __init__(self, controller: SamplingController, metrics: ProxyMetrics, apply: Callable[[int], None],
                  queue_load: Callable[[], float], interval_seconds: float = 1.0,
