@@ -133,7 +133,8 @@ class Sampler:
             cores = (cpu_now - cpu) / max(wall_now - wall, 1e-6)
             cpu, wall = cpu_now, wall_now
             tried_now, lost_now = self.copies()
-            lost_share = (lost_now - lost) / max(tried_now - tried, 1)
+            # At most 1: a stream's copies lost are counted per message (ext_proc.py), its tries per stream.
+            lost_share = min(1.0, (lost_now - lost) / max(tried_now - tried, 1))
             tried, lost = tried_now, lost_now
             spare = self.spare_cores()
             self.ratio = self.controller.next_ratio(self.ratio, cores, self.queue_load(), lost_share, spare)
