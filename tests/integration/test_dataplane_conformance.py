@@ -23,6 +23,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.support.harness import free_port, http_get, metric_value, sidewatch, start_sidecar
+from tests.support.process_tree import children, envoy_child
 from tests.support.upstream import ECHO_STREAM, ECHO_UNARY, MODEL_INFER, MODEL_STREAM_INFER, RecordingUpstream
 
 DATA_PLANES = ["python", "envoy"]
@@ -173,21 +174,9 @@ def _rss_bytes(pid: int) -> int:
     return 0
 
 
-def _children(pid: int) -> list[int]:
-    # Every thread's children: sidewatch starts Envoy from its supervisor thread. A thread may end while
-    # they are read (its task folder goes): it has no child then.
-    children = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            children += [int(child) for child in (task / "children").read_text().split()]
-        except FileNotFoundError:
-            continue
-    return children
-
-
 def _tree_rss_bytes(pid: int) -> int:
     """Resident memory of a process and its children (sidewatch and its Envoy)."""
-    return _rss_bytes(pid) + sum(_rss_bytes(child) for child in _children(pid))
+    return _rss_bytes(pid) + sum(_rss_bytes(child) for child in children(pid))
 
 
 def test_a_stream_reader_that_never_reads_is_bounded_by_flow_control(sidecar, upstream):
@@ -274,10 +263,10 @@ def test_sigterm_drains_calls_in_flight_and_refuses_new_ones(upstream, data_plan
 
 
 def _envoy_pid(sidewatch_pid: int) -> int:
-    for child in _children(sidewatch_pid):
-        if Path(f"/proc/{child}/exe").resolve().name == "envoy":
-            return child
-    raise LookupError("sidewatch runs no envoy")
+    pid = envoy_child(sidewatch_pid)
+    if pid is None:
+        raise LookupError("sidewatch runs no envoy")
+    return pid
 
 
 def _wait(predicate, timeout: float = 20.0) -> bool:
