@@ -215,7 +215,13 @@ def _stream(client: InferenceClient, benign: tuple[np.ndarray, np.ndarray],
             traffic = f"ATTACK: {attack[2]}" if attacking else "DRIFT: brightened digits" if drifting else ""
             display.draw(_frame(now - started, duration, traffic, sent, correct,
                                 benign_answered, errors, latencies, metrics, detections.update(metrics), rollback))
+    # The last calls' metrics may still be on their way (under Envoy, its access log reaches sidewatch every
+    # 0.5 s): the final frame waits for them, a little.
+    settle_until = time.monotonic() + 2.0
     metrics = _scrape(metrics_url)
+    while metrics.get("sidewatch_requests_total", 0) < sent - errors and time.monotonic() < settle_until:
+        time.sleep(0.1)
+        metrics = _scrape(metrics_url)
     display.draw(_frame(time.monotonic() - started, duration, f"ATTACK: {attack[2]}", sent, correct, benign_answered, errors,
                         latencies, metrics, detections.update(metrics), rollback))
 
