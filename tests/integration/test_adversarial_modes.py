@@ -55,10 +55,7 @@ def _metric_reaches(metrics_port, expected, name, timeout=5.0, **labels):
 
 def test_flag_mode_puts_the_verdict_in_trailing_metadata(tmp_path, model_server, examples, data_plane):
     adversarial, benign = examples
-    admin_port = free_port()
-    config = tmp_path / "sidewatch.json"
-    config.write_text(json.dumps({"envoy": {"admin_port": admin_port}}))
-    process, port, metrics_port = _sidecar(tmp_path, model_server, "flag", data_plane, config=config)
+    process, port, metrics_port = _sidecar(tmp_path, model_server, "flag", data_plane)
     client = InferenceClient(f"127.0.0.1:{port}")
     try:
         verdicts = {}
@@ -75,13 +72,6 @@ def test_flag_mode_puts_the_verdict_in_trailing_metadata(tmp_path, model_server,
         detections = _metric(metrics_port, "sidewatch_adversarial_detections_total", model=MODEL, version="1",
                              mode="flag")
         assert detections == sum(verdicts["adversarial"]) + sum(verdicts["benign"])
-        if data_plane == "envoy":
-            # Nothing held the requests: each call's body went to the verdict server as a copy (observability
-            # mode), and the verdict filter exchanged one message per call, at its trailers.
-            calls = len(adversarial) + len(benign)
-            assert _envoy_stat(admin_port, VERDICT_STREAMS) == calls
-            assert _envoy_stat(admin_port, VERDICT_MESSAGES) == calls
-            assert _envoy_stat(admin_port, COPY_STREAMS) == calls
     finally:
         client.close()
         process.stop()
@@ -160,8 +150,6 @@ def _envoy_stat(admin_port: int, name: str) -> int:
 
 
 VERDICT_STREAMS = "http.ingress.ext_proc.sidewatch_verdicts.streams_started"
-VERDICT_MESSAGES = "http.ingress.ext_proc.sidewatch_verdicts.stream_msgs_sent"
-COPY_STREAMS = "http.ingress.ext_proc.sidewatch_verdict_copies.streams_started"
 
 
 def _raw_infer(channel, model, rows, version="1"):

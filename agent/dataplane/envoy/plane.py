@@ -73,7 +73,7 @@ def check_envoy_config(config: ServeConfig) -> None:
     # With flag or enforce modes, the verdict filter and its routes too (verdicts.py).
     inline = verdicts.inline_routing(config, config.detection.model_repository is not None)
     pieces = {} if inline is None else {
-        "http_filters": [model_peek_filter(inline=inline), *verdicts.verdict_filters()],
+        "http_filters": [model_peek_filter(inline=inline), verdicts.verdict_filter()],
         "clusters": [verdicts.verdict_cluster(1)],
         "routes": verdicts.inline_routes([], UPSTREAM, config.max_message_bytes)}
     bootstrap = build_bootstrap(config, Loopback(admin_port=0, health_port=1), **pieces)
@@ -176,11 +176,10 @@ class EnvoyDataPlane:
             routes = ext_proc.sampled_routes(UPSTREAM)
         if inline is not None:
             self._verdict_server, verdict_port = verdicts.start_server(
-                verdicts.VerdictProcessor(self.policy.verdicts, config.detection.max_inline_calls,
-                                          config.max_message_bytes),
-                config.detection.max_inline_calls, config.max_message_bytes)
+                verdicts.VerdictProcessor(self.policy.verdicts), config.detection.max_inline_calls,
+                config.max_message_bytes)
             await self._verdict_server.start()
-            http_filters += verdicts.verdict_filters()
+            http_filters.append(verdicts.verdict_filter())
             clusters.append(verdicts.verdict_cluster(verdict_port))
             routes = verdicts.inline_routes(routes, UPSTREAM, config.max_message_bytes)
         if self._pin_server is not None:
