@@ -12,7 +12,6 @@ Payload: https://prometheus.io/docs/alerting/latest/configuration/#webhook_confi
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 from agent.alerts.incident import Alert, alert_key
+from agent.jsonbody import BadBody, parse_json_body
 
 if TYPE_CHECKING:
     from agent.alerts.dispatcher import RollbackDispatcher
@@ -57,18 +57,16 @@ def _timestamp(value, where: str) -> float:
         raise MalformedPayload(f"{where} must be an RFC 3339 time")
     try:
         return datetime.fromisoformat(value).timestamp()
-    except ValueError:
+    except (ValueError, OverflowError, OSError):  # a year out of range, naive or aware
         raise MalformedPayload(f"{where}: {value!r} is not an RFC 3339 time") from None
 
 
 def parse_payload(body: bytes, mapping: dict[str, list[str]], known_hooks) -> Delivery:
     """Check a webhook body and sort its alerts into firing and resolved; raises MalformedPayload."""
     try:
-        payload = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as err:
-        raise MalformedPayload(f"not JSON: {err}") from None
-    if not isinstance(payload, dict):
-        raise MalformedPayload("the payload must be a JSON object")
+        payload = parse_json_body(body)  # every way a body fails to parse (nested too deep too) is BadBody
+    except BadBody as err:
+        raise MalformedPayload(str(err)) from None
     if payload.get("version") != "4":
         raise MalformedPayload(f"version must be \"4\", got {payload.get('version')!r}")
     alerts = payload.get("alerts")
