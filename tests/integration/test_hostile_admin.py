@@ -1,5 +1,8 @@
 """Probes of hostile and careless callers of the admin API (issue 14), on a real sidecar:
 
+- defect 6: an old Alertmanager firing payload posted again, byte for byte, after its incident resolved
+  and the cooldown passed, opens no incident and runs no hook (before or after a restart), is counted,
+  and is answered 200; a firing that starts after the resolution still opens one;
 - defect 8: a body nested 100,000 deep, and every other body that cannot be parsed, gets 400 (not 500) on
   every endpoint that takes JSON, and is counted.
 """
@@ -9,10 +12,11 @@ from __future__ import annotations
 import datetime
 import json
 import sys
+import time
 
 import pytest
 
-from tests.support.alert_harness import admin_config, admin_request, metric, write_config, write_token
+from tests.support.alert_harness import admin_config, admin_request, metric, wait_until, write_config, write_token
 from tests.support.harness import free_port, start_sidecar
 
 pytestmark = pytest.mark.hostile
@@ -89,6 +93,39 @@ def sidecar(tmp_path):
     sidecar = Sidecar(tmp_path)
     yield sidecar
     sidecar.process.stop()
+
+
+def test_a_stale_firing_payload_posted_again_opens_no_incident(sidecar):
+    firing = _payload("firing", _time(-60))
+    status, reply = sidecar.post("/alertmanager", firing)
+    assert status == 200 and list(reply["incidents"]) == [f"{ALERT}{{model=mnist_cnn,severity=critical,version=2}}"]
+    wait_until(lambda: list(sidecar.runs.iterdir()), 30, "the hook to run")
+    starts = json.loads(firing)["alerts"][0]["startsAt"]
+    status, _ = sidecar.post("/alertmanager", _payload("resolved", starts, _time(-5)))
+    assert status == 200
+    assert [incident["state"] for incident in sidecar.incidents()] == ["closed"]
+
+    # The old firing payload again, byte for byte (cooldown_seconds is 0: the cooldown has passed).
+    status, reply = sidecar.post("/alertmanager", firing)
+    assert status == 200 and reply["incidents"] == {} and len(reply["stale"]) == 1
+    assert len(sidecar.incidents()) == 1
+    assert sidecar.metric("sidewatch_alert_firings_ignored_total", source="alertmanager", reason="stale") == 1
+    time.sleep(0.5)
+    assert len(list(sidecar.runs.iterdir())) == 1  # the hook ran once
+
+    # After a restart, the resolution is read back from the audit log: still stale.
+    sidecar.restart()
+    status, reply = sidecar.post("/alertmanager", firing)
+    assert status == 200 and reply["incidents"] == {}
+    assert len(sidecar.incidents()) == 1
+    assert sidecar.metric("sidewatch_alert_firings_ignored_total", source="alertmanager", reason="stale") == 1
+    assert sidecar.metric("sidewatch_incidents_total", alert=ALERT, source="alertmanager") == 0
+
+    # A firing that started after the resolution is a new incident, and its hook runs.
+    status, reply = sidecar.post("/alertmanager", _payload("firing", _time(-1)))
+    assert status == 200 and len(reply["incidents"]) == 1
+    assert len(sidecar.incidents()) == 2
+    wait_until(lambda: len(list(sidecar.runs.iterdir())) == 2, 30, "the hook to run for the new incident")
 
 
 NESTED = b"[" * 100_000
