@@ -12,7 +12,7 @@
 
 ``start`` and ``stop`` bring them up and down in an order that loses nothing: route pins are replayed
 before the first call is forwarded, and at shutdown the data plane drains before the detectors flush
-and the dispatcher writes its last records. :func:`serve` runs a sidecar until SIGTERM or SIGINT;
+and the dispatcher writes its last records. :func:`serve` runs a sidecar until SIGTERM, SIGINT or SIGHUP;
 :func:`check_config` is ``sidewatch serve --check-config``.
 """
 
@@ -182,17 +182,30 @@ def limit_native_threads() -> None:
     threadpool_limits(1)
 
 
+# The signals that shut the sidecar down gracefully. SIGHUP is one of them: its default action kills the
+# process at once (every call in flight lost). It does not reload the configuration: a reload is not safe
+# piecemeal (the listener, the data plane, the detectors and the hooks are built from one config), so a
+# changed config takes effect the way a restart does, after the drain.
+SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
 async def serve(config: ServeConfig) -> None:
-    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    """Run until SIGTERM, SIGINT or SIGHUP, then shut down gracefully (the same drain for each)."""
     limit_native_threads()
     sidecar = Sidecar(config)
     await sidecar.start()
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("sidewatch: shutting down, draining in-flight calls for up to %.1f s", config.shutdown_grace_seconds)
+    received: asyncio.Future[signal.Signals] = loop.create_future()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if not received.done():  # a second signal during the drain changes nothing
+            received.set_result(sig)
+
+    for sig in SHUTDOWN_SIGNALS:
+        loop.add_signal_handler(sig, on_signal, sig)
+    sig = await received
+    log.info("sidewatch: %s received: shutting down, draining in-flight calls for up to %.1f s",
+             sig.name, config.shutdown_grace_seconds)
     await sidecar.stop()
 
 

@@ -389,6 +389,10 @@ class AlertMetrics:
                                   ["model", "version"], registry=registry)
         self.incidents = Counter("sidewatch_incidents_total", "Incidents opened, by where the alert came from.",
                                  ["alert", "source"], registry=registry)
+        self.firings_ignored = Counter("sidewatch_alert_firings_ignored_total",
+                                       "Firing alerts that opened no incident, by source (sidecar, alertmanager) and "
+                                       "reason (stale: it started no later than the same alert's last resolution).",
+                                       ["source", "reason"], registry=registry)
         self.receiver_requests = Counter("sidewatch_alertmanager_requests_total",
                                          "Alertmanager webhook deliveries to the receiver, by result.",
                                          ["result"], registry=registry)

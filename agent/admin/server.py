@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Callable
 from agent import tls as tls_setup
 from agent.admin.token import MIN_TOKEN_CHARS, TOKEN_ENV, read_token
 from agent.config import Admin, split_address
+from agent.jsonbody import BadBody, parse_json_body
 
 if TYPE_CHECKING:
     from agent.alerts.dispatcher import RollbackDispatcher
@@ -203,11 +204,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _routes_undo(self, admin: "AdminServer", body: bytes) -> tuple[int, dict]:
         try:
-            request = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            return 400, {"error": "sidewatch: the body must be JSON: {\"model\": \"...\"}"}
-        model = request.get("model") if isinstance(request, dict) else None
-        actor = request.get("actor") if isinstance(request, dict) else None
+            request = parse_json_body(body)
+        except BadBody as err:
+            return 400, {"error": f"sidewatch: the body must be a JSON object: {{\"model\": \"...\"}} ({err})"}
+        model, actor = request.get("model"), request.get("actor")
         if not isinstance(model, str) or not model:
             return 400, {"error": "sidewatch: the body must name a model: {\"model\": \"...\"}"}
         if actor is not None and not isinstance(actor, str):
@@ -221,10 +221,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _baseline_reset(self, admin: "AdminServer", body: bytes) -> tuple[int, dict]:
         try:
-            request = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
+            request = parse_json_body(body)
+        except BadBody:
             request = None
-        if not isinstance(request, dict) or not all(isinstance(request.get(key), str) for key in ("model", "version")):
+        if request is None or not all(isinstance(request.get(key), str) for key in ("model", "version")):
             return 400, {"error": "sidewatch: the body must be JSON naming a model and a version: "
                                   "{\"model\": \"...\", \"version\": \"...\"}"}
         model, version, actor = request["model"], request["version"], request.get("actor")

@@ -19,6 +19,10 @@ What it guarantees:
   and any other hook whose attempt had started but has no result is recorded ``unknown`` and not
   repeated: it may have run, and running a webhook, a script or a cluster rollback twice is worse
   than once.
+* **A stale firing opens nothing.** A firing whose start is not after the last resolution of the same
+  alert key (an old Alertmanager payload posted again, byte for byte) is the incident that closed, not a
+  new one: it is counted (``sidewatch_alert_firings_ignored_total{reason="stale"}``) and nothing runs. The
+  resolution times are in the audit log's ``incident_resolved`` records, so this holds across restarts.
 * **Dry run** decides and records, runs nothing.
 """
 
@@ -48,6 +52,8 @@ HOOK_TYPES: dict[str, type[Hook]] = {
 _HOUR = 3600.0
 # Incidents kept in memory (and listed by status) beyond the open or unfinished ones.
 _KEEP_FINISHED = 500
+# Alert keys whose last resolution is remembered (for stale firings); the oldest are forgotten beyond it.
+_KEEP_RESOLVED = 10_000
 
 
 class RollbackDispatcher:
@@ -62,6 +68,8 @@ class RollbackDispatcher:
         self._changed = threading.Condition(self._lock)
         self._incidents: dict[str, Incident] = {}
         self._open: dict[str, str] = {}                 # alert key -> open incident id
+        # Alert key -> when its last incident resolved, on the alert source's clock (bounded, oldest out).
+        self._resolved_at: collections.OrderedDict[str, float] = collections.OrderedDict()
         self._rollbacks: collections.deque[float] = collections.deque()   # decision times, last hour
         self._last_rollback: float | None = None
         # Hook attempts due: (unix time, sequence, incident id, hook name).
@@ -85,12 +93,19 @@ class RollbackDispatcher:
         self._thread = threading.Thread(target=self._work, name="sidewatch-rollback", daemon=True)
         self._thread.start()
 
-    def firing(self, alert: Alert) -> str:
-        """The incident id for a firing alert; a new incident (and its hooks, queued) only when none is open."""
+    def firing(self, alert: Alert) -> str | None:
+        """The incident id for a firing alert; a new incident (and its hooks, queued) only when none is open.
+        None for a stale firing, one that started no later than the alert's last resolution: nothing opens."""
         with self._lock:
             existing = self._open.get(alert.key)
             if existing is not None:
                 return existing
+            resolved_at = self._resolved_at.get(alert.key)
+            if resolved_at is not None and alert.started_at <= resolved_at:
+                self.metrics.firings_ignored.labels(alert.source, "stale").inc()
+                log.warning("sidewatch: stale firing of %s ignored: it started at %.3f, not after its last "
+                            "resolution at %.3f", alert.key, alert.started_at, resolved_at)
+                return None
             now = time.time()
             decision, reason = self._decide(alert, now)
             incident = Incident(new_incident_id(now), alert, now, decision, reason,
@@ -120,14 +135,23 @@ class RollbackDispatcher:
             self._prune()
             return incident.id
 
-    def resolved(self, key: str) -> None:
-        """The alert cleared: close its open incident. Hooks still retrying for it carry on."""
+    def resolved(self, key: str, ended_at: float | None = None) -> None:
+        """The alert cleared: close its open incident. Hooks still retrying for it carry on.
+
+        ``ended_at``: when it ended on the alert source's clock (Alertmanager's ``endsAt``), the clock its
+        firings' starts are on; else now. A later firing that did not start after it is stale."""
         with self._lock:
             incident_id = self._open.pop(key, None)
             if incident_id is None:
                 return
-            self._record("incident_resolved", incident=incident_id, key=key)
-            self._incidents[incident_id].closed_at = time.time()
+            incident = self._incidents[incident_id]
+            now = time.time()
+            # Never before the incident's own start: the very payload that opened it is stale, whatever endsAt says.
+            # An endsAt later than now (a careless caller's) would make every later firing stale: capped at now.
+            resolved_at = max(now if ended_at is None or ended_at <= 0 else min(ended_at, now), incident.alert.started_at)
+            self._record("incident_resolved", incident=incident_id, key=key, resolved_at=resolved_at)
+            incident.closed_at = now
+            self._remember_resolution(key, resolved_at)
 
     def undo_route(self, model: str, actor: str) -> bool:
         """Remove the model's route pin (recorded first, with who asked); False when there is none."""
@@ -203,6 +227,12 @@ class RollbackDispatcher:
             return "skipped", (f"max_per_hour: {len(self._rollbacks)} rollbacks in the last hour "
                                f"(limit {self.config.max_per_hour})")
         return ("dry_run" if self.config.dry_run else "run"), ""
+
+    def _remember_resolution(self, key: str, at: float) -> None:
+        self._resolved_at[key] = max(at, self._resolved_at.get(key, at))
+        self._resolved_at.move_to_end(key)
+        while len(self._resolved_at) > _KEEP_RESOLVED:
+            self._resolved_at.popitem(last=False)
 
     def _count_rollback(self, at: float) -> None:
         self._rollbacks.append(at)
@@ -398,6 +428,9 @@ class RollbackDispatcher:
             incident.closed_at = at
             if self._open.get(incident.alert.key) == incident.id:
                 del self._open[incident.alert.key]
+            # Records written before resolved_at was: the sidecar's clock at the resolution.
+            self._remember_resolution(incident.alert.key, max(float(record.get("resolved_at") or at),
+                                                              incident.alert.started_at))
             return
         state = incident.hooks.get(record.get("hook", ""))
         if state is None:

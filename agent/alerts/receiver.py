@@ -4,7 +4,9 @@ Fleet-wide alerts computed by Prometheus reach the same hooks as the sidecar's o
 whose name is mapped in ``admin.alertmanager_hooks``, or that carries a ``sidewatch_hooks`` label
 ("pin-v1,notify"), goes to the dispatcher as an :class:`Alert` (source "alertmanager"); a resolved one
 closes its incident. The alert's key is its name and labels, Alertmanager's own identity of an alert,
-so a notification repeated every ``repeat_interval`` maps to the incident already open.
+so a notification repeated every ``repeat_interval`` maps to the incident already open. A firing alert
+whose ``startsAt`` is not after the same key's last resolution (the resolved alert's ``endsAt``) is an
+old payload again: it opens nothing, is counted, and is answered 200 so Alertmanager does not retry it.
 
 The payload is checked whole before anything is dispatched: a malformed one changes nothing.
 Payload: https://prometheus.io/docs/alerting/latest/configuration/#webhook_config
@@ -12,7 +14,6 @@ Payload: https://prometheus.io/docs/alerting/latest/configuration/#webhook_confi
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 from agent.alerts.incident import Alert, alert_key
+from agent.jsonbody import BadBody, parse_json_body
 
 if TYPE_CHECKING:
     from agent.alerts.dispatcher import RollbackDispatcher
@@ -41,6 +43,7 @@ class Delivery:
 
     firing: list[Alert] = field(default_factory=list)
     resolved: list[str] = field(default_factory=list)   # alert keys
+    ended_at: dict[str, float] = field(default_factory=dict)  # resolved alert key -> its endsAt, when given
     ignored: int = 0                                   # alerts with no hooks: not ours to act on
 
 
@@ -57,18 +60,26 @@ def _timestamp(value, where: str) -> float:
         raise MalformedPayload(f"{where} must be an RFC 3339 time")
     try:
         return datetime.fromisoformat(value).timestamp()
-    except ValueError:
+    except (ValueError, OverflowError, OSError):  # a year out of range, naive or aware
         raise MalformedPayload(f"{where}: {value!r} is not an RFC 3339 time") from None
+
+
+def _optional_timestamp(value) -> float | None:
+    """endsAt of a resolved alert: when it resolved on Alertmanager's clock, or None when it says nothing
+    usable (absent, Go's zero time): the receiver then takes the time the resolution arrives."""
+    try:
+        at = _timestamp(value, "endsAt")
+    except MalformedPayload:
+        return None
+    return at if at > 0 else None
 
 
 def parse_payload(body: bytes, mapping: dict[str, list[str]], known_hooks) -> Delivery:
     """Check a webhook body and sort its alerts into firing and resolved; raises MalformedPayload."""
     try:
-        payload = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as err:
-        raise MalformedPayload(f"not JSON: {err}") from None
-    if not isinstance(payload, dict):
-        raise MalformedPayload("the payload must be a JSON object")
+        payload = parse_json_body(body)  # every way a body fails to parse (nested too deep too) is BadBody
+    except BadBody as err:
+        raise MalformedPayload(str(err)) from None
     if payload.get("version") != "4":
         raise MalformedPayload(f"version must be \"4\", got {payload.get('version')!r}")
     alerts = payload.get("alerts")
@@ -95,6 +106,9 @@ def parse_payload(body: bytes, mapping: dict[str, list[str]], known_hooks) -> De
         key = alert_key(name, labels)
         if status == "resolved":
             delivery.resolved.append(key)
+            ended_at = _optional_timestamp(item.get("endsAt"))
+            if ended_at is not None:
+                delivery.ended_at[key] = ended_at
             continue
         delivery.firing.append(Alert(
             name=name, key=key, severity=labels.get("severity", ""), labels=labels, annotations=dict(annotations),
@@ -139,15 +153,22 @@ class AlertmanagerReceiver:
             self.count("malformed")
             log.warning("sidewatch: malformed Alertmanager payload: %s", err)
             return 400, {"error": f"sidewatch: malformed Alertmanager payload: {err}"}
-        incidents = {}
+        incidents, stale = {}, []
         try:
             for alert in delivery.firing:
-                incidents[alert.key] = self.dispatcher.firing(alert)
+                incident = self.dispatcher.firing(alert)
+                if incident is None:
+                    # Not after the alert's last resolution: an old payload again. Answered 200 all the
+                    # same (Alertmanager must not retry it), counted by the dispatcher.
+                    stale.append(alert.key)
+                else:
+                    incidents[alert.key] = incident
             for key in delivery.resolved:
-                self.dispatcher.resolved(key)
+                self.dispatcher.resolved(key, delivery.ended_at.get(key))
         except Exception as err:  # answered 500: Alertmanager retries the delivery
             self.count("error")
             log.exception("sidewatch: the rollback dispatcher failed on an Alertmanager delivery")
             return 500, {"error": f"sidewatch: dispatcher failed: {err}"}
         self.count("ok")
-        return 200, {"incidents": incidents, "resolved": delivery.resolved, "ignored": delivery.ignored}
+        return 200, {"incidents": incidents, "resolved": delivery.resolved, "ignored": delivery.ignored,
+                     "stale": stale}
