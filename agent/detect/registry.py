@@ -15,7 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.detect.adversarial.graph import FeatureSqueezingDetector
+from agent.detect.adversarial.graph import FeatureSqueezingDetector, FusedModelError
+from agent.detect.adversarial.squeeze import SqueezerSpecError
+from agent.detect.calibration import CalibrationError
 from agent.detect.calibration.artifact import ARTIFACT_FILE, CalibrationArtifact, load_artifact
 from agent.execution import ORT_TO_DATATYPE
 from agent.repository import LAYOUT, latest_version, model_files
@@ -70,10 +72,16 @@ class DetectorRegistry:
                 log.warning("sidewatch: %s has no %s; model %s version %s is not watched for adversarial inputs "
                             "(run sidewatch calibrate)", model_file, ARTIFACT_FILE, model, version)
                 continue
-            artifact = load_artifact(artifact_file, model_file)
-            detector = artifact.make_detector(model_file, device=device)
-            # Build the fused graph and open its session now: failures belong to start-up, not to traffic.
-            detector.session  # noqa: B018
+            try:
+                artifact = load_artifact(artifact_file, model_file)
+            except CalibrationError as err:
+                raise _refused(err) from None
+            try:
+                detector = artifact.make_detector(model_file, device=device)
+                # Build the fused graph and open its session now: failures belong to start-up, not to traffic.
+                detector.session  # noqa: B018
+            except (FusedModelError, SqueezerSpecError) as err:
+                raise _refused(err, f"{artifact_file}: ") from None
             self._detectors[(model, version)] = CalibratedDetector(model, version, detector, artifact)
             log.info("sidewatch: adversarial detector for %s version %s (threshold %.4f, squeezers %s)",
                      model, version, artifact.threshold, ",".join(artifact.squeezers))
@@ -92,3 +100,8 @@ class DetectorRegistry:
 
     def __iter__(self):
         return iter(self._detectors.values())
+
+
+def _refused(err: ValueError, where: str = "") -> CalibrationError:
+    """A calibration the sidecar cannot use, named by the configuration key and the file."""
+    return CalibrationError(f"sidewatch: detection.model_repository: {where}{str(err).removeprefix('sidewatch: ')}")
