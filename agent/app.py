@@ -204,15 +204,18 @@ def check_config(config: ServeConfig) -> list[str]:
     names is there and readable, every hook program runs (agent/config/files.py, which the start checks
     too), every model and artifact loads (a hash mismatch, a broken model or a malformed artifact fails
     here, not in production), every reference file parses, and the admin token reads.
-    Returns warnings: what ``serve`` would start without (drift of a version whose artifact predates
-    false-alarm budgets)."""
+    Returns warnings: what ``serve`` would start without (a version directory with a model and no
+    calibration, or a calibration and no model; drift of a version whose artifact predates false-alarm
+    budgets)."""
     check_files(config)
     warnings = []
     if config.detection.model_repository is not None:
         from agent.detect.drift.calibrate import OutdatedDriftCalibration, build_moment_features
         from agent.detect.registry import DetectorRegistry
 
-        for calibrated in DetectorRegistry(config.detection.model_repository, config.detection.device):
+        detectors = DetectorRegistry(config.detection.model_repository, config.detection.device)
+        warnings.extend(detectors.warnings)  # versions not watched (an artifact without a model, or the reverse)
+        for calibrated in detectors:
             if not (config.drift.enabled and calibrated.artifact.drift):
                 continue
             try:

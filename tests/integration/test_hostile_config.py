@@ -1,10 +1,13 @@
-"""Probes of a careless operator's configuration (issue 14, defect 7), through the real command.
+"""Probes of a careless operator's configuration (issue 14, defects 7 and 11), through the real command.
 
 Defect 7: every file the configuration names (TLS certificates, keys and CAs of every section, a webhook's
 secret, a command hook's program) and every value in a calibration artifact it points to fails
 `sidewatch serve --check-config` and the start alike: exit 2, one line per problem naming the key and the
 file, no traceback. (Before: "configuration is valid", then a traceback at start, or nothing until a
 rollback was needed.) On the grpc.aio data plane, so that Envoy's own validation cannot be what catches it.
+
+Defect 11: a version directory with a calibration artifact but no model.onnx is reported, by --check-config
+and in the start's log, naming the directory.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.harness import free_port, sidewatch
+from tests.support.harness import Process, free_port, sidewatch
 
 pytestmark = pytest.mark.hostile
 
@@ -138,3 +141,26 @@ def test_a_calibration_whose_threshold_is_not_a_number_is_refused(tmp_path):
     done = subprocess.run(sidewatch("serve", "--config", str(path), "--check-config"), capture_output=True, text=True,
                           timeout=START_TIMEOUT)
     assert 'threshold: expected a number, got "high"' in done.stderr, done.stderr
+
+
+def test_a_calibration_without_its_model_is_reported(tmp_path):
+    """Defect 11: a version directory holding an artifact but no model.onnx is not skipped in silence."""
+    repository = tmp_path / "models"
+    shutil.copytree(BUNDLED_REPOSITORY, repository)
+    orphan = repository / "mnist_cnn" / "3"
+    orphan.mkdir()
+    shutil.copy(repository / "mnist_cnn" / "1" / "sidewatch-calibration.json", orphan)
+    path = _config(tmp_path, f"detection:\n  model_repository: {repository}\n")
+    done = subprocess.run(sidewatch("serve", "--config", str(path), "--check-config"), capture_output=True, text=True,
+                          timeout=START_TIMEOUT)
+    assert done.returncode == 0, done.stderr
+    warnings = [line for line in done.stderr.splitlines() if line.startswith("sidewatch: warning:")]
+    assert any(str(orphan) in line and "model.onnx" in line for line in warnings), done.stderr
+    port = free_port()
+    args = sidewatch("serve", "--config", str(path), "--listen", f"127.0.0.1:{port}", "--upstream",
+                     f"127.0.0.1:{free_port()}", "--metrics-listen", f"127.0.0.1:{free_port()}")
+    with Process(args, tmp_path / "sidecar.log") as sidecar:
+        sidecar.wait_listening(port, timeout=60)
+        logged = [json.loads(line) for line in sidecar.log().splitlines() if line.startswith("{")]
+    assert any(record["level"] == "warning" and str(orphan) in record["message"] and "model.onnx" in record["message"]
+               for record in logged), sidecar.log()
