@@ -29,7 +29,7 @@ from agent.admin.server import AdminServer, admin_token
 from agent.alerts.dispatcher import RollbackDispatcher
 from agent.alerts.engine import AlertEngine
 from agent.alerts.receiver import AlertmanagerReceiver
-from agent.config import ConfigError, ServeConfig, split_address
+from agent.config import ConfigError, ServeConfig, check_files, split_address
 from agent.dataplane import choice
 from agent.dataplane.call_log import CallLog
 from agent.dataplane.policy import SidecarPolicy
@@ -46,6 +46,9 @@ class Sidecar:
     """One running sidecar. ``start`` binds every listener; ``stop`` drains in-flight calls, then closes."""
 
     def __init__(self, config: ServeConfig, registry: CollectorRegistry = REGISTRY) -> None:
+        # A certificate, secret or hook program the configuration names but that is not there fails here, as
+        # in --check-config, before anything is built or bound (not at the first handshake or rollback).
+        check_files(config)
         config = self.config = choice.resolve(config)
         self.registry = registry
         self.metrics = ProxyMetrics(registry, config.metrics.max_models)
@@ -210,17 +213,22 @@ async def serve(config: ServeConfig) -> None:
 
 
 def check_config(config: ServeConfig) -> list[str]:
-    """Everything ``serve`` would refuse at start, without binding anything: every model and artifact
-    loads (a hash mismatch or a broken model fails here, not in production), every reference file parses,
-    and the admin token reads.
-    Returns warnings: what ``serve`` would start without (drift of a version whose artifact predates
-    false-alarm budgets)."""
+    """Everything ``serve`` would refuse at start, without binding anything: every file the configuration
+    names is there and readable, every hook program runs (agent/config/files.py, which the start checks
+    too), every model and artifact loads (a hash mismatch, a broken model or a malformed artifact fails
+    here, not in production), every reference file parses, and the admin token reads.
+    Returns warnings: what ``serve`` would start without (a version directory with a model and no
+    calibration, or a calibration and no model; drift of a version whose artifact predates false-alarm
+    budgets)."""
+    check_files(config)
     warnings = []
     if config.detection.model_repository is not None:
         from agent.detect.drift.calibrate import OutdatedDriftCalibration, build_moment_features
         from agent.detect.registry import DetectorRegistry
 
-        for calibrated in DetectorRegistry(config.detection.model_repository, config.detection.device):
+        detectors = DetectorRegistry(config.detection.model_repository, config.detection.device)
+        warnings.extend(detectors.warnings)  # versions not watched (an artifact without a model, or the reverse)
+        for calibrated in detectors:
             if not (config.drift.enabled and calibrated.artifact.drift):
                 continue
             try:

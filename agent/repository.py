@@ -32,6 +32,14 @@ def latest_version(versions: Iterable[str]) -> str:
     return max(versions, key=version_key)
 
 
+def version_dirs(root: Path) -> Iterator[tuple[str, str, Path]]:
+    """``(model, version, directory)`` for every ``root/<model>/<version>/`` directory, with or without a
+    model file, in path order."""
+    for version_dir in sorted(Path(root).glob("*/*/")):
+        if version_dir.is_dir():
+            yield version_dir.parent.name, version_dir.name, version_dir
+
+
 def model_files(root: Path) -> Iterator[tuple[str, str, Path]]:
     """``(model, version, model file)`` for every ``root/<model>/<version>/model.onnx``, in path order."""
     for model_file in sorted(Path(root).glob(f"*/*/{MODEL_FILE}")):

@@ -15,6 +15,7 @@ from typing import Annotated, Literal, Union
 from pydantic import Field, field_validator, model_validator
 
 from agent.config.base import Strict, check_address
+from agent.config.files import DIRECTORY, READ, Program
 
 _DEFAULT_SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 
@@ -66,7 +67,7 @@ class WebhookHook(_Hook):
     type: Literal["webhook"]
     url: str
     # The HMAC key: the file's contents (trailing newline stripped) or an environment variable.
-    secret_file: Path | None = None
+    secret_file: Annotated[Path | None, READ] = None
     secret_env: str | None = None
     # Extra request headers (e.g. an Authorization header the receiver wants).
     headers: dict[str, str] = {}
@@ -104,11 +105,11 @@ class CommandHook(_Hook):
     """Run a program (an argument list, no shell) with the incident in its environment; exit 0 is success."""
 
     type: Literal["command"]
-    argv: list[str] = Field(min_length=1)
+    argv: Program = Field(min_length=1)
     # Added to the program's environment. The sidecar's own environment is not passed on (it may hold
     # tokens); only PATH, HOME, LANG, LC_ALL and TZ are, plus these and the SIDEWATCH_* variables.
     env: dict[str, str] = {}
-    cwd: Path | None = None
+    cwd: Annotated[Path | None, DIRECTORY] = None
     timeout_seconds: float = Field(30.0, gt=0)
 
 
@@ -116,7 +117,7 @@ class KubernetesAccess(Strict):
     """How to reach the API server: in-cluster (the default) or a kubeconfig file."""
 
     namespace: str | None = None    # default: the kubeconfig context's, the service account's, or "default"
-    kubeconfig: Path | None = None
+    kubeconfig: Annotated[Path | None, READ] = None
     context: str | None = None      # kubeconfig context; default: current-context
     # Overrides the server URL (in-cluster: instead of KUBERNETES_SERVICE_HOST/PORT).
     api_server: str | None = None

@@ -6,7 +6,7 @@ Defaults make the demo work. A bad file fails at start with a message naming the
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -14,6 +14,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from agent.config.alerts import AlertsConfig
 from agent.config.base import ConfigError, Strict, check_address
 from agent.config.budget import AlarmBudget
+from agent.config.files import READ, ReadableFile
 from agent.config.rollback import RollbackConfig
 from agent.config.tensors import TensorOverride
 
@@ -21,18 +22,18 @@ from agent.config.tensors import TensorOverride
 class ListenerTLS(Strict):
     """TLS on the listener; with ``client_ca_file`` and ``require_client_cert``, mutual TLS."""
 
-    cert_file: Path
-    key_file: Path
-    client_ca_file: Path | None = None
+    cert_file: ReadableFile
+    key_file: ReadableFile
+    client_ca_file: Annotated[Path | None, READ] = None
     require_client_cert: bool = False
 
 
 class UpstreamTLS(Strict):
     """TLS toward the model server; with ``cert_file`` and ``key_file``, mutual TLS."""
 
-    ca_file: Path | None = None
-    cert_file: Path | None = None
-    key_file: Path | None = None
+    ca_file: Annotated[Path | None, READ] = None
+    cert_file: Annotated[Path | None, READ] = None
+    key_file: Annotated[Path | None, READ] = None
     # Name to verify in the upstream's certificate when it differs from the address's host.
     server_name: str | None = None
 

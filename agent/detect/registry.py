@@ -15,10 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.detect.adversarial.graph import FeatureSqueezingDetector
+from agent.detect.adversarial.graph import FeatureSqueezingDetector, FusedModelError
+from agent.detect.adversarial.squeeze import SqueezerSpecError
+from agent.detect.calibration import CalibrationError
 from agent.detect.calibration.artifact import ARTIFACT_FILE, CalibrationArtifact, load_artifact
 from agent.execution import ORT_TO_DATATYPE
-from agent.repository import LAYOUT, latest_version, model_files
+from agent.repository import LAYOUT, MODEL_FILE, latest_version, version_dirs
 
 log = logging.getLogger(__name__)
 
@@ -64,26 +66,44 @@ class DetectorRegistry:
         if not self.repository.is_dir():
             raise FileNotFoundError(f"sidewatch: detection.model_repository {self.repository} is not a directory")
         self._detectors: dict[tuple[str, str], CalibratedDetector] = {}
-        for model, version, model_file in model_files(self.repository):
-            artifact_file = model_file.with_name(ARTIFACT_FILE)
-            if not artifact_file.exists():
-                log.warning("sidewatch: %s has no %s; model %s version %s is not watched for adversarial inputs "
-                            "(run sidewatch calibrate)", model_file, ARTIFACT_FILE, model, version)
+        # What the sidecar starts without, logged here and printed by --check-config (agent/app.py).
+        self.warnings: list[str] = []
+        for model, version, version_dir in version_dirs(self.repository):
+            model_file, artifact_file = version_dir / MODEL_FILE, version_dir / ARTIFACT_FILE
+            if not model_file.is_file():
+                if artifact_file.exists():
+                    self._warn(f"{version_dir} has {ARTIFACT_FILE} but no {MODEL_FILE}; model {model} version "
+                               f"{version} is not watched for adversarial inputs (put the calibrated {MODEL_FILE} "
+                               f"beside it)")
                 continue
-            artifact = load_artifact(artifact_file, model_file)
-            detector = artifact.make_detector(model_file, device=device)
-            # Build the fused graph and open its session now: failures belong to start-up, not to traffic.
-            detector.session  # noqa: B018
+            if not artifact_file.exists():
+                self._warn(f"{model_file} has no {ARTIFACT_FILE}; model {model} version {version} is not watched "
+                           f"for adversarial inputs (run sidewatch calibrate)")
+                continue
+            try:
+                artifact = load_artifact(artifact_file, model_file)
+            except CalibrationError as err:
+                raise _refused(err) from None
+            try:
+                detector = artifact.make_detector(model_file, device=device)
+                # Build the fused graph and open its session now: failures belong to start-up, not to traffic.
+                detector.session  # noqa: B018
+            except (FusedModelError, SqueezerSpecError) as err:
+                raise _refused(err, f"{artifact_file}: ") from None
             self._detectors[(model, version)] = CalibratedDetector(model, version, detector, artifact)
             log.info("sidewatch: adversarial detector for %s version %s (threshold %.4f, squeezers %s)",
                      model, version, artifact.threshold, ",".join(artifact.squeezers))
         if not self._detectors:
-            raise FileNotFoundError(f"sidewatch: no calibrated model ({LAYOUT} with "
-                                    f"{ARTIFACT_FILE}) under {self.repository}")
+            raise FileNotFoundError(f"sidewatch: no calibrated model ({LAYOUT} with {ARTIFACT_FILE}) under "
+                                    f"{self.repository}" + "".join(f"; {warning}" for warning in self.warnings))
         versions: dict[str, list[str]] = {}
         for model, version in self._detectors:
             versions.setdefault(model, []).append(version)
         self._latest = {model: latest_version(names) for model, names in versions.items()}
+
+    def _warn(self, warning: str) -> None:
+        self.warnings.append(warning)
+        log.warning("sidewatch: %s", warning)
 
     def get(self, model: str, version: str) -> CalibratedDetector | None:
         if not version:
@@ -92,3 +112,8 @@ class DetectorRegistry:
 
     def __iter__(self):
         return iter(self._detectors.values())
+
+
+def _refused(err: ValueError, where: str = "") -> CalibrationError:
+    """A calibration the sidecar cannot use, named by the configuration key and the file."""
+    return CalibrationError(f"sidewatch: detection.model_repository: {where}{str(err).removeprefix('sidewatch: ')}")

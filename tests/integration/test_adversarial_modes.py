@@ -230,7 +230,7 @@ def test_model_whose_hash_does_not_match_its_calibration_is_refused(tmp_path):
     done = subprocess.run(sidewatch("serve", "--model-repository", str(repository), "--check-config"),
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
-    assert done.stderr.startswith("sidewatch: calibration")
+    assert done.stderr.startswith("sidewatch: detection.model_repository: calibration")
     assert "sha256" in done.stderr and "recalibrate" in done.stderr
     good = subprocess.run(sidewatch("serve", "--model-repository", str(BUNDLED_REPOSITORY), "--check-config"),
                           capture_output=True, text=True, timeout=60)

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -97,8 +98,11 @@ class CalibrationArtifact:
                                    f"versions up to {FORMAT_VERSION} (upgrade sidewatch, or recalibrate)")
         missing = [key for key in ("model", "squeezers", "threshold", "target_fpr", "benign_scores", "reference")
                    if key not in data]
-        if missing or "sha256" not in data.get("model", {}):
-            raise CalibrationError(f"sidewatch: {source} lacks {', '.join(missing) or 'model.sha256'}")
+        if missing:
+            raise CalibrationError(f"sidewatch: {source} lacks {', '.join(missing)}")
+        wrong = [f"{key}: expected {expected}, got {_shown(value)}" for key, value, expected in _malformed(data)]
+        if wrong:
+            raise CalibrationError(f"sidewatch: {source}: " + "; ".join(wrong))
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{key: value for key, value in data.items() if key in known})
 
@@ -107,6 +111,56 @@ class CalibrationArtifact:
         return FeatureSqueezingDetector(model, self.squeezers, output_kind=self.model["output_kind"],
                                         input_name=self.model["input"], output_name=self.model["output"],
                                         device=device, threshold=self.threshold, **options)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _text(value) -> bool:
+    return isinstance(value, str) and bool(value)
+
+
+# What each value the detectors use must be: (dotted key, test, what it must be). A hand-edited or corrupted
+# artifact fails at load (start and --check-config) naming its key, not later as a bare ValueError or KeyError.
+_SCHEMA = (
+    ("model", lambda v: isinstance(v, dict), "an object"),
+    ("model.sha256", _text, "the model file's sha256"),
+    ("model.input", _text, "the input's name"),
+    ("model.output", _text, "the output's name"),
+    ("model.output_kind", _text, "the output's kind"),
+    ("model.input_shape", lambda v: v is None or (isinstance(v, list) and all(
+        d is None or (isinstance(d, int) and not isinstance(d, bool)) for d in v)), "a list of dimensions"),
+    ("squeezers", lambda v: isinstance(v, list) and bool(v) and all(_text(s) for s in v), "a list of squeezers"),
+    ("threshold", _number, "a number"),
+    ("target_fpr", lambda v: _number(v) and 0 <= v <= 1, "a number from 0 to 1"),
+    ("benign_scores", lambda v: isinstance(v, dict), "an object"),
+    ("reference", lambda v: isinstance(v, dict), "an object"),
+    ("drift", lambda v: isinstance(v, dict), "an object"),
+)
+_ABSENT = object()
+
+
+def _malformed(data: dict):
+    """(key, value, what it must be) for each value of ``data`` that :data:`_SCHEMA` refuses (absent optional
+    keys pass: the missing required ones are named before)."""
+    for key, test, expected in _SCHEMA:
+        parent, _, leaf = key.rpartition(".")
+        container = data.get(parent) if parent else data
+        if not isinstance(container, dict):
+            continue  # the parent is reported
+        value = container.get(leaf, _ABSENT)
+        if value is _ABSENT and key in ("model.input_shape", "drift"):
+            continue
+        if value is _ABSENT or not test(value):
+            yield key, value, expected
+
+
+def _shown(value) -> str:
+    if value is _ABSENT:
+        return "nothing"
+    text = json.dumps(value) if not isinstance(value, float) or math.isfinite(value) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _to_json(value, indent: str = "") -> str:
