@@ -2,8 +2,8 @@
 #   make demo        runs the demo
 #   make test        runs the whole test suite: ruff, then every test and the docstring examples of agent/
 # and one for the edit-test loop:
-#   make test-fast   the unit tests and docstring examples only, no processes or servers: about 40 s on
-#                    2 cores, against about 6 min for make test
+#   make test-fast   the unit tests and docstring examples only, no processes or servers: about 100 s on
+#                    2 cores, against about 14 min for make test
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
