@@ -22,7 +22,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.support.harness import free_port, http_get, metric_value, sidewatch, start_sidecar
+from tests.support.harness import free_port, http_get, metric_value, sidewatch, start_sidecar, wait_for_port
 from tests.support.process_tree import children, envoy_child
 from tests.support.upstream import ECHO_STREAM, ECHO_UNARY, MODEL_INFER, MODEL_STREAM_INFER, RecordingUpstream
 
@@ -323,6 +323,38 @@ def test_a_killed_sidewatch_takes_its_envoy_with_it(upstream, tmp_path):
             probe.bind(("127.0.0.1", port))
     finally:
         process.stop()
+
+
+def test_ctrl_c_to_the_process_group_drains_envoy_through_sidewatch(upstream, tmp_path):
+    """A terminal's Ctrl-C is SIGINT to the whole foreground process group. It must reach sidewatch alone (Envoy
+    runs in a session of its own), which drains Envoy as on SIGTERM: the call in flight finishes."""
+    port, metrics_port = free_port(), free_port()
+    with open(tmp_path / "sidecar.log", "wb") as log:
+        popen = subprocess.Popen(sidewatch("serve", "--listen", f"127.0.0.1:{port}", "--upstream",
+                                           f"127.0.0.1:{upstream.port}", "--metrics-listen",
+                                           f"127.0.0.1:{metrics_port}", "--data-plane", "envoy"),
+                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for_port(port, 30, popen)
+        results = {}
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            def slow_call():
+                try:
+                    results["reply"] = channel.unary_unary(ECHO_UNARY)(b"ctrl-c", timeout=15,
+                                                                       metadata=(("x-test-sleep", "2"),))
+                except grpc.RpcError as err:
+                    results["error"] = err
+            caller = threading.Thread(target=slow_call)
+            caller.start()
+            time.sleep(0.5)
+            os.killpg(popen.pid, signal.SIGINT)
+            caller.join(15)
+        assert results.get("reply") == b"c-lrtc", results.get("error")
+        assert popen.wait(20) == 0
+    finally:
+        if popen.poll() is None:
+            os.killpg(popen.pid, signal.SIGKILL)
+            popen.wait()
 
 
 def test_envoy_refuses_connections_beyond_envoy_max_connections(upstream, tmp_path):

@@ -78,8 +78,11 @@ class EnvoyProcess:
                    str(self.admin_path), "--log-format", "%l|%n|%v",
                    # A drain tells every client at once (GOAWAY) and lasts at most the grace period.
                    "--drain-strategy", "immediate", "--drain-time-s", str(max(1, round(self.drain_seconds)))]
+        # A session of its own: a signal to sidewatch's process group (a terminal's Ctrl-C or hangup) reaches
+        # sidewatch alone, which then drains Envoy in order; Envoy would otherwise stop at once, failing the
+        # calls in flight. It still dies with sidewatch (pdeathsig).
         process = subprocess.Popen(_die_with_parent(command), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.PIPE, cwd=self.work_dir)
+                                   stderr=subprocess.PIPE, cwd=self.work_dir, start_new_session=True)
         threading.Thread(target=self._forward_logs, args=(process,), name="envoy-logs", daemon=True).start()
         return process
 
