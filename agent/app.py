@@ -38,8 +38,21 @@ from agent.dataplane.server import GrpcDataPlane
 from agent.dataplane.tap import Tap
 from agent.dataplane.upstream import channel_opener
 from agent.metrics import AlertMetrics, DetectionMetrics, DriftMetrics, EnvoyMetrics, ProxyMetrics
+from agent.repository import version_dirs
 
 log = logging.getLogger(__name__)
+
+
+def known_models(config: ServeConfig) -> list[tuple[str, str]]:
+    """The (model, version) pairs that always keep their own metric labels (metrics.max_models): the model
+    repository's versions and the config's ``models:``, each model with the empty version (its latest) too."""
+    names = dict.fromkeys(config.models)
+    pairs = []
+    if config.detection.model_repository is not None and config.detection.model_repository.is_dir():
+        for model, version, _ in version_dirs(config.detection.model_repository):
+            names[model] = None
+            pairs.append((model, version))
+    return [(name, "") for name in names] + pairs
 
 
 class Sidecar:
@@ -51,7 +64,7 @@ class Sidecar:
         check_files(config)
         config = self.config = choice.resolve(config)
         self.registry = registry
-        self.metrics = ProxyMetrics(registry, config.metrics.max_models)
+        self.metrics = ProxyMetrics(registry, config.metrics.max_models, known_models(config))
         self.tap = Tap(self.metrics, config.tap.queue_size, sink_timeout_seconds=config.tap.sink_timeout_seconds)
         self.watch, self.drift = self._detectors()
         self._alerts()

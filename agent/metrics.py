@@ -8,6 +8,7 @@ Label values that a client controls (model names, method names) are bounded by
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -18,6 +19,7 @@ LATENCY_BUCKETS_SECONDS = (
 )
 
 OTHER = "_other"
+NO_MODEL = ("", "")  # the labels of calls that name no model
 # Why a copy from Envoy's tap was dropped before the tap queue (agent/dataplane/envoy/ext_proc.py).
 # Why a copy of a call never reached the tap queue (sidewatch_tap_copies_dropped_total's reason label). The
 # Envoy data plane's (agent/dataplane/envoy): "envoy", a copy Envoy could not send (its ext_proc stream
@@ -26,21 +28,70 @@ OTHER = "_other"
 TAP_DROP_REASONS = ("too_large", "buffer", "compressed", "unpaired", "envoy", "closed")
 
 
+# Model names and versions become label values (and words in log lines): longer values are cut to this
+# many bytes, on both data planes (the Envoy plane's Lua filter cuts them to the same, lua.py).
+MAX_LABEL_BYTES = 128
+
+
+def label_bytes(raw: bytes) -> str:
+    """A model name or version as read from a request, cut to ``MAX_LABEL_BYTES`` and decoded as both data
+    planes decode it (invalid UTF-8 replaced), so that the same call gets the same label on either.
+
+    >>> label_bytes(b"m" * 1000) == "m" * MAX_LABEL_BYTES
+    True
+    >>> label_bytes(b"n\\xc3")
+    'n\ufffd'
+    """
+    return raw[:MAX_LABEL_BYTES].decode("utf-8", "replace")[:MAX_LABEL_BYTES]
+
+
+def bound_label(value: str) -> str:
+    """``value`` (a model name or version, for a label or a log line) cut to ``MAX_LABEL_BYTES`` bytes.
+
+    >>> len(bound_label("x" * 10**6)), bound_label("mnist_cnn")
+    (128, 'mnist_cnn')
+    """
+    if len(value) <= MAX_LABEL_BYTES // 4:  # at most 4 bytes a character: short enough whatever it holds
+        return value
+    return label_bytes(value.encode("utf-8", "surrogatepass"))
+
+
 class BoundedModels:
     """Maps client-supplied (model, version) pairs onto at most ``limit`` distinct label pairs.
 
-    Model names and versions come from requests, so a hostile or buggy client could otherwise
-    create series without end; pairs beyond the limit are counted as ("_other", "_other").
+    Model names and versions come from requests, so a hostile or buggy client could otherwise create
+    series without end (or without end in length). The rule (``metrics.max_models``):
+
+    - every value is cut to ``MAX_LABEL_BYTES`` bytes;
+    - the pairs the sidecar knows (``known``: its model repository's models and versions, its config's
+      ``models:``, each with the empty version too) always have their own labels, whatever arrives, and
+      so has ("", ""), the calls that name no model (ServerReady, ...) or whose name could not be read,
+      which takes no slot;
+    - an unknown pair gets its own labels only once it is *admitted*, by :meth:`admit`, which the callers
+      call only for a call the upstream answered (OK, or a copy of a response): a name the upstream does
+      not serve (NOT_FOUND, INVALID_ARGUMENT, random bytes) never takes a slot. Admitted pairs take the
+      slots the known ones leave, up to ``limit`` pairs in all; the rest are ("_other", "_other").
+
+    Calling the object looks a pair up and never admits it.
+
+    >>> bounded = BoundedModels(2, known=[("m", "")])
+    >>> bounded("junk", ""), bounded.admit("real", "1"), bounded.admit("more", "1"), bounded("m", "")
+    (('_other', '_other'), ('real', '1'), ('_other', '_other'), ('m', ''))
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, known: Iterable[tuple[str, str]] = ()) -> None:
         self._limit = limit
-        self._seen: set[tuple[str, str]] = set()
+        self._seen: set[tuple[str, str]] = {(bound_label(model), bound_label(version)) for model, version in known}
         self._lock = threading.Lock()
 
     def __call__(self, model: str, version: str) -> tuple[str, str]:
-        pair = (model, version)
-        if pair in self._seen:
+        pair = (bound_label(model), bound_label(version))
+        return pair if pair in self._seen or pair == NO_MODEL else (OTHER, OTHER)
+
+    def admit(self, model: str, version: str) -> tuple[str, str]:
+        """The labels of a pair the upstream answered: its own while there is room, else ("_other", "_other")."""
+        pair = (bound_label(model), bound_label(version))
+        if pair in self._seen or pair == NO_MODEL:
             return pair
         with self._lock:
             if len(self._seen) < self._limit:
@@ -63,9 +114,10 @@ class CallSeries:
 class ProxyMetrics:
     """The data plane's metrics: traffic, latency, errors and the tap."""
 
-    def __init__(self, registry: CollectorRegistry, max_models: int = 64) -> None:
+    def __init__(self, registry: CollectorRegistry, max_models: int = 64,
+                 known_models: Iterable[tuple[str, str]] = ()) -> None:
         self.registry = registry  # for a data plane's own metrics (EnvoyMetrics)
-        self.bounded = BoundedModels(max_models)
+        self.bounded = BoundedModels(max_models, known_models)
         self._series: dict[tuple[str, str, str], CallSeries] = {}
         self.requests = Counter(
             "sidewatch_requests_total",
@@ -181,13 +233,16 @@ class ProxyMetrics:
             registry=registry,
         )
 
-    def call_series(self, model: str, version: str, method: str) -> CallSeries:
-        """The cached series of a call; label lookups cost more than the increments themselves."""
-        key = (model, version, method)
+    def call_series(self, model: str, version: str, method: str, answered: bool = False) -> CallSeries:
+        """The cached series of a call, resolved once its answer is known: ``answered`` when the upstream
+        answered it OK and that admits the model (BoundedModels); label lookups cost more than the
+        increments themselves."""
+        key = (bound_label(model), bound_label(version), method)
         series = self._series.get(key)
         if series is None:
-            series = CallSeries(self, *self.bounded(model, version), method)
-            # Keys are client-supplied too: cache only while the label set is still bounded.
+            bounded = self.bounded.admit if answered else self.bounded
+            series = CallSeries(self, *bounded(model, version), method)
+            # Keys are client-supplied too: cache only the series of known or admitted pairs (bounded).
             if series.labels[0] != OTHER:
                 self._series[key] = series
         return series

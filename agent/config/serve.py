@@ -84,7 +84,10 @@ class Tap(Strict):
 
 class Metrics(Strict):
     listen: str = "0.0.0.0:9102"
-    # Distinct model names given their own label value; the rest are counted as "_other".
+    # (model, version) pairs given their own label values; the rest are counted as "_other" (README.md,
+    # "Model labels"; agent/metrics.py BoundedModels). The known models (the model repository's, the keys of
+    # `models:`) always keep theirs; another pair takes one of the remaining only once the upstream has
+    # answered it OK, so names it refuses (junk, random bytes) never take one. Values are cut to 128 bytes.
     max_models: int = Field(64, ge=1)
     # HTTPS for /metrics; with client_ca_file and require_client_cert, only scrapers with a certificate.
     tls: ListenerTLS | None = None

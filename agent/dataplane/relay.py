@@ -78,6 +78,7 @@ class Forwarder(grpc.GenericRpcHandler):
         stub = self._unary_stubs[method]
         method_label = _METHOD_LABELS[method]
         carries_model = method in paths.MODEL_SCOPED_METHODS
+        admits = method in paths.ADMITTING_METHODS
         taps_inference = method == paths.MODEL_INFER
         metrics = self._metrics
         policy = self._policy
@@ -96,7 +97,6 @@ class Forwarder(grpc.GenericRpcHandler):
                         upstream = self._fallback_unary_stub(before.upstream, method)
             else:
                 model, version, before = "", "", None
-            series = metrics.call_series(model, version, method_label)
             metrics.in_flight.inc()
             code = grpc.StatusCode.OK
             try:
@@ -115,7 +115,8 @@ class Forwarder(grpc.GenericRpcHandler):
                     response = await call
                 except aio.AioRpcError as err:
                     code = err.code()
-                    metrics.upstream_errors.labels(*series.labels, code.name).inc()
+                    metrics.upstream_errors.labels(*metrics.call_series(model, version, method_label).labels,
+                                                   code.name).inc()
                     await _send_initial_metadata(context, err.initial_metadata())
                     await context.abort(code, err.details() or "",
                                         forwardable_metadata(err.trailing_metadata()) + await _verdict_metadata(verdict))
@@ -131,6 +132,9 @@ class Forwarder(grpc.GenericRpcHandler):
                 raise
             finally:
                 metrics.in_flight.dec()
+                # Labels resolved after the answer: an unknown model takes a label of its own only once the
+                # upstream answered it OK (agent.metrics.BoundedModels).
+                series = metrics.call_series(model, version, method_label, admits and code is grpc.StatusCode.OK)
                 if code is grpc.StatusCode.OK:
                     series.ok.inc()
                 else:
@@ -224,6 +228,8 @@ class Forwarder(grpc.GenericRpcHandler):
                 raise
             finally:
                 metrics.in_flight.dec()
+                # Looked up, never admitted: a stream ends OK whatever its messages named (their errors travel
+                # in its responses), so only a unary answer admits an unknown model (BoundedModels).
                 labels = (*metrics.bounded(first_model[0], first_model[1]), method_label)
                 metrics.requests.labels(*labels, code.name).inc()
                 duration = time.perf_counter() - started

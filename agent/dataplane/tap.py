@@ -217,7 +217,12 @@ class Tap:
 
     def decode(self, record: TapRecord) -> TappedInference | None:
         """Parse and decode one copy; a failure is counted, never raised."""
-        labels = self._metrics.bounded(record.model, record.version)
+        # A unary call is copied only once the upstream answered it OK: its model may take labels
+        # (BoundedModels). A streamed copy's response may be an in-band error: only one that parses as an
+        # inference response admits its model.
+        bounded = self._metrics.bounded
+        unary_answer = record.response is not None and record.method != "ModelStreamInfer"
+        labels = bounded.admit(record.model, record.version) if unary_answer else bounded(record.model, record.version)
         part = "request"
         try:
             request = oip_pb2.ModelInferRequest.FromString(record.request)
@@ -228,6 +233,8 @@ class Tap:
                 part = "response"
                 response = _parse_response(record)
                 if response is not None:
+                    if not unary_answer:
+                        labels = bounded.admit(record.model, record.version)
                     outputs = codec.decode_response(response)
         except Exception as err:  # noqa: BLE001 - any malformed copy is counted and skipped
             self._metrics.decode_errors.labels(*labels, part).inc()

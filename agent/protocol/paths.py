@@ -45,3 +45,7 @@ MODEL_SCOPED_METHODS: frozenset[str] = frozenset({MODEL_READY, MODEL_METADATA, M
 
 # Methods whose requests are ModelInferRequest, i.e. the ones that carry tensors.
 INFER_METHODS: frozenset[str] = frozenset({MODEL_INFER, MODEL_STREAM_INFER})
+# Methods whose OK answer shows that the upstream serves the model named: it may then take a model label
+# of its own (agent.metrics.BoundedModels). Not ModelReady: it answers OK ("not ready") for any name; nor
+# ModelStreamInfer: a stream ends OK whatever its messages named, their errors travel in its responses.
+ADMITTING_METHODS: frozenset[str] = frozenset({MODEL_METADATA, MODEL_INFER})

@@ -61,11 +61,14 @@ def test_status_from_trailers_headers_http_or_the_caller_gone():
 
 def test_entries_become_todays_series_with_bounded_labels():
     registry = CollectorRegistry()
-    metrics = ProxyMetrics(registry, max_models=3)  # ("m", "1"), ("nï", ""), ("", "")
+    metrics = ProxyMetrics(registry, max_models=2)  # ("m", "1"), ("nï", ""); ("", "") (no model) takes none
     als = AccessLogMetrics(metrics)
     als.record(_entry(paths.MODEL_INFER, {"model": "m", "version": "1"}, {"grpc-status": "0"}))
-    als.record(_entry(paths.MODEL_INFER, {"model_hex": "6ec3af"}, {"grpc-status": "5"}))  # "nï"
+    als.record(_entry(paths.MODEL_INFER, {"model_hex": "6ec3af"}, {"grpc-status": "0"}))  # "nï"
+    als.record(_entry(paths.MODEL_INFER, {"model_hex": "6ec3af"}, {"grpc-status": "5"}))
     als.record(_entry(paths.SERVER_READY, {"model": "ignored"}, {"grpc-status": "0"}))  # not model-scoped
+    als.record(_entry(paths.MODEL_INFER, {"model": "unknown"}, {"grpc-status": "5"}))  # refused: no label
+    als.record(_entry(paths.MODEL_READY, {"model": "any"}, {"grpc-status": "0"}))  # OK for any name: no label
     als.record(_entry(paths.MODEL_INFER, {"model": "fourth"}, {"grpc-status": "0"}))  # over max_models
     als.record(_entry("/grpc.health.v1.Health/Check", None, {"grpc-status": "0"}))  # not a relayed call
     assert _value(registry, "sidewatch_requests_total", model="m", version="1", method="ModelInfer", code="OK") == 1
@@ -74,11 +77,15 @@ def test_entries_become_todays_series_with_bounded_labels():
     assert _value(registry, "sidewatch_upstream_errors_total", model="nï", version="", method="ModelInfer",
                   code="NOT_FOUND") == 1
     assert _value(registry, "sidewatch_requests_total", model="_other", version="_other", method="ModelInfer",
+                  code="NOT_FOUND") == 1
+    assert _value(registry, "sidewatch_requests_total", model="_other", version="_other", method="ModelReady",
+                  code="OK") == 1
+    assert _value(registry, "sidewatch_requests_total", model="_other", version="_other", method="ModelInfer",
                   code="OK") == 1
     assert _value(registry, "sidewatch_requests_total", model="", version="", method="ServerReady", code="OK") == 1
     assert _value(registry, "sidewatch_request_duration_seconds_sum", model="m", version="1",
                   method="ModelInfer") == 0.003
-    assert als.entries == 4
+    assert als.entries == 7
 
 
 def test_stream_messages_from_grpc_stats_filter_state():

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry
 
-from agent.metrics import OTHER, ProxyMetrics
+from agent.dataplane.envoy import lua
+from agent.metrics import MAX_LABEL_BYTES, OTHER, ProxyMetrics, bound_label, label_bytes
 
 
 def test_client_supplied_models_and_versions_are_bounded():
     registry = CollectorRegistry()
     metrics = ProxyMetrics(registry, max_models=3)
     for index in range(100):
-        metrics.call_series(f"model-{index}", str(index), "ModelInfer").ok.inc()
+        metrics.call_series(f"model-{index}", str(index), "ModelInfer", answered=True).ok.inc()
     samples = [s for m in registry.collect() if m.name == "sidewatch_requests" for s in m.samples
                if s.name == "sidewatch_requests_total"]
     labels = {(s.labels["model"], s.labels["version"]) for s in samples}
@@ -22,8 +23,31 @@ def test_client_supplied_models_and_versions_are_bounded():
 
 def test_known_pairs_keep_their_labels():
     metrics = ProxyMetrics(CollectorRegistry(), max_models=2)
-    first = metrics.call_series("a", "1", "ModelInfer")
+    first = metrics.call_series("a", "1", "ModelInfer", answered=True)
     assert metrics.call_series("a", "1", "ModelInfer") is first
     assert metrics.call_series("a", "1", "ModelMetadata").labels == ("a", "1", "ModelMetadata")
-    assert metrics.call_series("b", "", "ModelInfer").labels == ("b", "", "ModelInfer")
-    assert metrics.call_series("c", "", "ModelInfer").labels == (OTHER, OTHER, "ModelInfer")
+    assert metrics.call_series("b", "", "ModelInfer", answered=True).labels == ("b", "", "ModelInfer")
+    assert metrics.call_series("c", "", "ModelInfer", answered=True).labels == (OTHER, OTHER, "ModelInfer")
+
+
+def test_unanswered_names_never_take_a_label_and_known_models_always_have_theirs():
+    metrics = ProxyMetrics(CollectorRegistry(), max_models=3, known_models=[("mnist_cnn", ""), ("mnist_cnn", "1")])
+    for index in range(100):  # junk the upstream refused: looked up, never admitted
+        assert metrics.call_series(f"junk-{index}", "", "ModelInfer").labels == (OTHER, OTHER, "ModelInfer")
+    assert metrics.call_series("\ufffd\x00garbage", "", "ModelInfer").labels[0] == OTHER
+    assert metrics.call_series("real", "2", "ModelInfer", answered=True).labels == ("real", "2", "ModelInfer")
+    assert metrics.call_series("late", "", "ModelInfer", answered=True).labels == (OTHER, OTHER, "ModelInfer")
+    for version in ("", "1"):  # unanswered, after every slot is taken: still its own
+        assert metrics.call_series("mnist_cnn", version, "ModelInfer").labels == ("mnist_cnn", version, "ModelInfer")
+    assert metrics.bounded("mnist_cnn", "7") == (OTHER, OTHER)  # an unknown version of a known model: a pair
+
+
+def test_label_values_are_cut_to_128_bytes_as_the_envoy_plane_cuts_them():
+    metrics = ProxyMetrics(CollectorRegistry(), max_models=4)
+    long = "m" * 4_000_000
+    labels = metrics.call_series(long, "v" * 1000, "ModelInfer", answered=True).labels
+    assert labels == ("m" * MAX_LABEL_BYTES, "v" * MAX_LABEL_BYTES, "ModelInfer")
+    assert metrics.call_series(long + "x", "v" * 999, "ModelInfer").labels == labels  # the same pair, cut
+    assert bound_label("é" * 100) == "é" * 64  # 2 bytes each: cut on a character boundary
+    assert label_bytes("é".encode() * 64 + b"\xc3") == "é" * 64  # a cut character's byte goes
+    assert MAX_LABEL_BYTES == lua.MAX_LABEL_BYTES

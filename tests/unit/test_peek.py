@@ -5,6 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
+from agent.metrics import MAX_LABEL_BYTES
 from agent.protocol import oip_pb2
 from agent.protocol.peek import peek_model
 
@@ -21,7 +22,12 @@ def test_missing_version_and_empty_message():
     assert peek_model(b"") == ("", "")
 
 
-@given(st.text(max_size=40), st.text(max_size=10), st.text(max_size=10))
+def test_long_names_and_versions_are_cut_to_the_label_bound_before_decoding():
+    request = oip_pb2.ModelInferRequest(model_name="é" * 1_000_000, model_version="1" * 500)
+    assert peek_model(request.SerializeToString()) == ("é" * (MAX_LABEL_BYTES // 2), "1" * MAX_LABEL_BYTES)
+
+
+@given(st.text(max_size=MAX_LABEL_BYTES // 4), st.text(max_size=10), st.text(max_size=10))
 def test_agrees_with_a_full_parse(name, version, request_id):
     request = oip_pb2.ModelInferRequest(model_name=name, model_version=version, id=request_id)
     request.inputs.add(name="x", datatype="FP32", shape=[1])

@@ -26,9 +26,9 @@ from envoy.extensions.filters.http.grpc_stats.v3 import config_pb2 as grpc_stats
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from grpc import aio
 
-from agent.dataplane.envoy.lua import MAX_LABEL_BYTES, METADATA_NAMESPACE
+from agent.dataplane.envoy.lua import METADATA_NAMESPACE
 from agent.dataplane.relay import OTHER_METHOD
-from agent.metrics import ProxyMetrics
+from agent.metrics import ProxyMetrics, bound_label, label_bytes
 from agent.protocol import paths
 
 log = logging.getLogger(__name__)
@@ -75,15 +75,13 @@ def access_log_config() -> dict[str, Any]:
 def _label(fields, key: str) -> str:
     """A model or version from the Lua filter's metadata, decoded as peek.py decodes it, bounded."""
     if key in fields:
-        value = fields[key].string_value
-    elif f"{key}_hex" in fields:
+        return bound_label(fields[key].string_value)
+    if f"{key}_hex" in fields:
         try:
-            value = bytes.fromhex(fields[f"{key}_hex"].string_value).decode("utf-8", "replace")
+            return label_bytes(bytes.fromhex(fields[f"{key}_hex"].string_value))
         except ValueError:
-            value = ""
-    else:
-        return ""
-    return value[:MAX_LABEL_BYTES]
+            return ""
+    return ""
 
 
 def call_code(entry: accesslog_pb2.HTTPAccessLogEntry) -> tuple[str, bool]:
@@ -138,8 +136,10 @@ class AccessLogMetrics(als_pb2_grpc.AccessLogServiceServicer):
             found = entry.common_properties.metadata.filter_metadata.get(METADATA_NAMESPACE)
             if found is not None:
                 model, version = _label(found.fields, "model"), _label(found.fields, "version")
-        series = metrics.call_series(model, version, method)
         code, caller_ended = call_code(entry)
+        # Resolved after the answer: an unknown model takes a label of its own only once the upstream
+        # answered it OK (agent.metrics.BoundedModels), as on the python plane.
+        series = metrics.call_series(model, version, method, code == "OK" and path in paths.ADMITTING_METHODS)
         if code == "OK":
             series.ok.inc()
         else:

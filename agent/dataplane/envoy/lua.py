@@ -20,11 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent import metrics
+
 LUA = "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua"
 SCRIPT = Path(__file__).with_name("model_peek.lua")
 METADATA_NAMESPACE = "sidewatch"
-# Model names and versions become metric labels: longer values are cut to this many bytes.
-MAX_LABEL_BYTES = 128
+# Model names and versions become metric labels: longer values are cut to this many bytes, the python
+# plane's bound too (agent.metrics, agent.protocol.peek).
+MAX_LABEL_BYTES = metrics.MAX_LABEL_BYTES
 
 
 @dataclass(frozen=True)

@@ -88,7 +88,7 @@ class FlaggedShareWatch:
         for calibrated in registry:
             artifact = calibrated.artifact
             share = FlaggedShare(artifact.target_fpr, int(artifact.benign_scores.get("count", 0)), settings)
-            labels = bounded(calibrated.model, calibrated.version)
+            labels = bounded.admit(calibrated.model, calibrated.version)
             self._shares[(calibrated.model, calibrated.version)] = (labels, share)
             metrics.rate_detected.labels(*labels).set(0.0)
             metrics.rate_alarms.labels(*labels)

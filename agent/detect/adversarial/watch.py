@@ -99,7 +99,7 @@ class AdversarialWatch:
         # The alarm on the share of flagged inputs, fed by every scoring, looked at from tick().
         self.flagged_share = FlaggedShareWatch(registry, settings.rate_alarm, metrics, bounded)
         for calibrated in registry:
-            labels = bounded(calibrated.model, calibrated.version)
+            labels = bounded.admit(calibrated.model, calibrated.version)
             metrics.threshold.labels(*labels).set(calibrated.threshold)
             metrics.target_fpr.labels(*labels).set(calibrated.artifact.target_fpr)
 
@@ -113,7 +113,7 @@ class AdversarialWatch:
     # --- scoring, shared by both paths ---------------------------------------------------------
 
     def _score(self, calibrated: CalibratedDetector, rows: np.ndarray, mode: str) -> np.ndarray:
-        labels = self._bounded(calibrated.model, calibrated.version)
+        labels = self._bounded.admit(calibrated.model, calibrated.version)
         started = time.perf_counter()
         try:
             scores = calibrated.detector.score(rows).scores
@@ -146,11 +146,11 @@ class AdversarialWatch:
     def _rows(self, calibrated: CalibratedDetector, inputs: dict[str, np.ndarray]) -> np.ndarray:
         rows = inputs.get(calibrated.input_name)
         if rows is None:
-            self._metrics.errors.labels(*self._bounded(calibrated.model, calibrated.version), DETECTOR,
+            self._metrics.errors.labels(*self._bounded.admit(calibrated.model, calibrated.version), DETECTOR,
                                         "missing_input").inc()
             raise DetectionFailed("missing_input")
         if not calibrated.fits_input(rows):
-            self._metrics.errors.labels(*self._bounded(calibrated.model, calibrated.version), DETECTOR,
+            self._metrics.errors.labels(*self._bounded.admit(calibrated.model, calibrated.version), DETECTOR,
                                         "wrong_shape").inc()
             raise DetectionFailed("wrong_shape")
         return rows
@@ -160,13 +160,14 @@ class AdversarialWatch:
     def _score_request(self, model: str, version: str, request: bytes) -> Verdict:
         calibrated = self.registry.get(model, version)
         if calibrated is None:
+            # Inline, before the upstream answered: an unknown name is looked up, never admitted (BoundedModels).
             self._metrics.errors.labels(*self._bounded(model, version), DETECTOR, "not_calibrated").inc()
             raise DetectionFailed("not_calibrated")
         try:
             message = oip_pb2.ModelInferRequest.FromString(request)
             inputs = codec.decode_request(message)
         except Exception as err:  # noqa: BLE001 - a malformed request is the model server's to refuse
-            self._metrics.errors.labels(*self._bounded(model, version), DETECTOR, "undecodable").inc()
+            self._metrics.errors.labels(*self._bounded.admit(model, version), DETECTOR, "undecodable").inc()
             raise DetectionFailed("undecodable") from err
         rows = self._rows(calibrated, inputs)
         declared = next(tensor.datatype for tensor in message.inputs if tensor.name == calibrated.input_name)
@@ -174,7 +175,7 @@ class AdversarialWatch:
             # Inline, the request has not reached the model server yet: one with another datatype is
             # the model server's to refuse (with its own error), not the detector's to judge. (Copies
             # from the tap were answered by the model server, so it took their datatype.)
-            self._metrics.errors.labels(*self._bounded(model, calibrated.version), DETECTOR, "wrong_datatype").inc()
+            self._metrics.errors.labels(*self._bounded.admit(model, calibrated.version), DETECTOR, "wrong_datatype").inc()
             raise DetectionFailed("wrong_datatype")
         scores = self._score(calibrated, rows, self.mode(model))
         finite = scores[np.isfinite(scores)]
@@ -191,7 +192,7 @@ class AdversarialWatch:
         if verdict.adversarial and self.mode(model) == "enforce":
             # Enforce mode refuses every adversarial verdict: counted here, where the version is known.
             calibrated = self.registry.get(model, version)
-            self._metrics.rejected.labels(*self._bounded(model, calibrated.version if calibrated else version)).inc()
+            self._metrics.rejected.labels(*self._bounded.admit(model, calibrated.version if calibrated else version)).inc()
         return verdict
 
     async def score_request(self, model: str, version: str, request: bytes) -> Verdict | NoVerdict:

@@ -217,8 +217,9 @@ class CanaryWatch:
     def _start(self, model: str, stable: str, canary: str) -> None:
         if len(self.comparisons) >= self._settings.canary.max_comparisons:
             return
-        labels = self._bounded(model, canary)
-        stable_label = self._bounded(model, stable)[1]
+        # Both versions answered with inference responses (DriftWatch feeds only those): they may take labels.
+        labels = self._bounded.admit(model, canary)
+        stable_label = self._bounded.admit(model, stable)[1]
         if OTHER in labels or stable_label == OTHER:
             return
         self.comparisons[model] = CanaryDrift(model, canary, stable, self._metrics, labels, stable_label,

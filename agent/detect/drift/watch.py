@@ -219,7 +219,7 @@ class DriftWatch:
                 log.warning("sidewatch: %s version %s has no drift calibration (rerun sidewatch calibrate); "
                             "drift is not watched", calibrated.model, calibrated.version)
                 continue
-            labels = bounded(calibrated.model, calibrated.version)
+            labels = bounded.admit(calibrated.model, calibrated.version)
             try:
                 model = ModelDrift(calibrated, metrics, labels, settings, clock=clock)
             except OutdatedDriftCalibration as err:
@@ -237,14 +237,16 @@ class DriftWatch:
         calibrated = self._calibrated(model, version)
         return None if calibrated is None else self.models.get((calibrated.model, calibrated.version))
 
-    def _live(self, model: str, version: str) -> LiveDrift | None:
+    def _live(self, model: str, version: str, answered: bool = True) -> LiveDrift | None:
         """The live baseline of a version without an artifact; made at its first answered request."""
         key = (model, version)
         watched = self.live.get(key)
         # A model with a reference file is watched from it even when baselines from traffic are off.
         wanted = self._settings.baseline.enabled or model in self._references
         if watched is None and wanted and len(self.live) < self._max_live:
-            labels = self._bounded(model, version)
+            # A copy with an inference response (the upstream served that version, or a baseline learned
+            # from such copies before a restart) may take labels; a streamed error only looks them up.
+            labels = self._bounded.admit(model, version) if answered else self._bounded(model, version)
             if labels == (OTHER, OTHER):
                 return None
             watched = self.live[key] = LiveDrift(model, version, self._metrics, labels, self._settings,
@@ -255,7 +257,8 @@ class DriftWatch:
 
     def __call__(self, inference: TappedInference) -> None:
         answered = (inference.response.model_version if inference.response else "") or inference.version
-        self.canaries.observe(inference, answered)
+        if inference.response is not None:  # not a streamed error: the version served (BoundedModels)
+            self.canaries.observe(inference, answered)
         calibrated = self._calibrated(inference.model, inference.version)
         if calibrated is not None:
             # Not in models: calibrated, but its drift is not watched (no drift section, or an outdated one).
@@ -264,7 +267,7 @@ class DriftWatch:
                 model.observe(inference)
             return
         version = inference.version or (inference.response.model_version if inference.response else "")
-        live = self._live(inference.model, version)
+        live = self._live(inference.model, version, inference.response is not None)
         if live is not None:
             live.observe(inference)
 
