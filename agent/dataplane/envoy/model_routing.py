@@ -35,12 +35,12 @@ from typing import Any
 from google.protobuf import descriptor_pb2
 
 from agent.dataplane.envoy.bootstrap import upstream_route
+from agent.dataplane.envoy.frames import HEADER_BYTES
 from agent.protocol import oip_pb2, paths
 
 FILTER = "envoy.filters.http.grpc_field_extraction"
 CONFIG = "type.googleapis.com/envoy.extensions.filters.http.grpc_field_extraction.v3.GrpcFieldExtractionConfig"
 WIRE_PACKAGE = "inference"
-FRAME_HEADER_BYTES = 5
 # The field that names the model, by method.
 MODEL_FIELDS = {"ModelInfer": "model_name", "ModelStreamInfer": "model_name", "ModelMetadata": "name",
                 "ModelReady": "name"}
@@ -87,7 +87,7 @@ def hold_first_messages(routes: list[dict[str, Any]], upstream_cluster: str,
     """``routes`` with every model-scoped route allowed to hold a whole message of ``max_message_bytes``
     (module docstring), and a plain route to ``upstream_cluster`` added for each model-scoped method that
     has none (after the others, so that a sampled route still picks its share first)."""
-    limit = max_message_bytes + FRAME_HEADER_BYTES
+    limit = max_message_bytes + HEADER_BYTES
     # A route that matches on more than the path (a sampled share, a header) lets the other calls through.
     covered = {route["match"]["path"] for route in routes if set(route["match"]) == {"path"}}
     added = [upstream_route({"path": path}, upstream_cluster)

@@ -40,6 +40,7 @@ from grpc import aio
 
 from agent.config import ServeConfig
 from agent.dataplane.envoy.bootstrap import http2_cluster, upstream_route
+from agent.dataplane.envoy.frames import HEADER_BYTES
 from agent.dataplane.envoy.loopback import ext_proc_server
 from agent.dataplane.envoy.lua import InlineRouting
 from agent.dataplane.policy import InlineVerdicts
@@ -58,7 +59,6 @@ FILTER_CONFIG = "type.googleapis.com/envoy.config.route.v3.FilterConfig"
 # trailers); past it the call goes on without a verdict. Far above a verdict's few milliseconds.
 VERDICT_TIMEOUT = "5s"
 GRPC_INVALID_ARGUMENT = 3
-FRAME_HEADER_BYTES = 5
 
 
 def inline_routing(config: ServeConfig, detector: bool) -> InlineRouting | None:
@@ -105,7 +105,7 @@ def inline_routes(routes: list[dict[str, Any]], upstream_cluster: str, max_messa
     """``routes`` (the tap's sampled routes, matched first) with the verdict routes: each ModelInfer route
     gets a twin matching ``HEADER``, before it, that enables the verdict filter; every ModelInfer route
     holds at most ``max_message_bytes`` (and its frame header) of request body."""
-    limit = max_message_bytes + FRAME_HEADER_BYTES
+    limit = max_message_bytes + HEADER_BYTES
     model_infer = [route for route in routes if route["match"].get("path") == paths.MODEL_INFER]
     if not model_infer:
         model_infer = [upstream_route({"path": paths.MODEL_INFER}, upstream_cluster)]
@@ -139,8 +139,8 @@ def _header_mutation(metadata) -> base_pb2.HeaderValueOption:
 def _message(body: bytes) -> bytes:
     """The ModelInferRequest inside a unary call's body (one gRPC frame). A compressed or malformed frame
     is handed on as it is: the detector finds it undecodable, a verdict like any other (fail open)."""
-    if len(body) >= FRAME_HEADER_BYTES and body[0] == 0:
-        return body[FRAME_HEADER_BYTES:FRAME_HEADER_BYTES + int.from_bytes(body[1:5], "big")]
+    if len(body) >= HEADER_BYTES and body[0] == 0:
+        return body[HEADER_BYTES:HEADER_BYTES + int.from_bytes(body[1:5], "big")]
     return body
 
 
