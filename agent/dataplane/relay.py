@@ -99,6 +99,7 @@ class Forwarder(grpc.GenericRpcHandler):
                 model, version, before = "", "", None
             metrics.in_flight.inc()
             code = grpc.StatusCode.OK
+            upstream_code = None  # the upstream's own error, counted once the labels are resolved
             try:
                 if before is not None and before.enforce:
                     judged = await verdict
@@ -114,9 +115,7 @@ class Forwarder(grpc.GenericRpcHandler):
                 try:
                     response = await call
                 except aio.AioRpcError as err:
-                    code = err.code()
-                    metrics.upstream_errors.labels(*metrics.call_series(model, version, method_label).labels,
-                                                   code.name).inc()
+                    code = upstream_code = err.code()
                     await _send_initial_metadata(context, err.initial_metadata())
                     await context.abort(code, err.details() or "",
                                         forwardable_metadata(err.trailing_metadata()) + await _verdict_metadata(verdict))
@@ -139,6 +138,8 @@ class Forwarder(grpc.GenericRpcHandler):
                     series.ok.inc()
                 else:
                     metrics.requests.labels(*series.labels, code.name).inc()
+                if upstream_code is not None:
+                    metrics.upstream_errors.labels(*series.labels, upstream_code.name).inc()
                 duration = time.perf_counter() - started
                 series.latency.observe(duration)
                 policy.finished(context, series.labels, code, duration)
