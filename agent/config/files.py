@@ -31,16 +31,22 @@ from pydantic import BaseModel
 from agent.config.base import ConfigError
 
 
+def _not_a_file(path: Path) -> tuple[str, str] | None:
+    if not path.exists():
+        return str(path), "no such file"
+    if not path.is_file():
+        return str(path), "not a regular file"
+    return None
+
+
 @dataclass(frozen=True)
 class _ReadsFile:
     """Marks a ``Path`` field: sidewatch reads that file."""
 
     def problem(self, value: Any, section: BaseModel) -> tuple[str, str] | None:
         path = Path(value)
-        if not path.exists():
-            return str(path), "no such file"
-        if not path.is_file():
-            return str(path), "not a regular file"
+        if (found := _not_a_file(path)) is not None:
+            return found
         try:
             with open(path, "rb"):
                 pass
@@ -76,10 +82,8 @@ class _RunsProgram:
             return None
         cwd = getattr(section, "cwd", None)
         path = Path(cwd) / program if cwd is not None else Path(program)
-        if not path.exists():
-            return str(path), "no such file"
-        if not path.is_file():
-            return str(path), "not a regular file"
+        if (found := _not_a_file(path)) is not None:
+            return found
         if not os.access(path, os.X_OK):
             return str(path), "not executable"
         return None
