@@ -37,6 +37,7 @@ from agent.dataplane.routes import RouteTable
 from agent.dataplane.server import GrpcDataPlane
 from agent.dataplane.tap import Tap
 from agent.dataplane.upstream import channel_opener
+from agent.memory import MemoryTrimmer
 from agent.metrics import AlertMetrics, DetectionMetrics, DriftMetrics, EnvoyMetrics, ProxyMetrics
 from agent.repository import version_dirs
 
@@ -74,6 +75,8 @@ class Sidecar:
         else:
             self.dataplane = GrpcDataPlane(config, self.metrics, self.policy)
         self._metrics_server = None
+        interval = config.memory_trim_interval_seconds
+        self._memory_trimmer = None if interval is None else MemoryTrimmer(interval)
 
     def _detectors(self):
         """The adversarial watch (None without a model repository) and the drift watch (None with drift off),
@@ -140,6 +143,8 @@ class Sidecar:
             # (Without any alerting configured there is nothing to replay or run.)
             self.dispatcher.start()
         self.tap.start()
+        if self._memory_trimmer is not None:
+            self._memory_trimmer.start()
         await self.dataplane.start()
         if config.metrics.listen:
             host, port = split_address(config.metrics.listen)
@@ -175,6 +180,8 @@ class Sidecar:
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server = None
+        if self._memory_trimmer is not None:
+            self._memory_trimmer.stop()
         log.info("sidewatch: stopped")
 
 

@@ -295,6 +295,9 @@ class ServeConfig(Strict):
     # An INFO log line per forwarded call (request id, model, version, method, status, duration; never
     # the payload). Off: only failed calls are logged, at most once a minute per kind.
     log_requests: bool = False
+    # How often freed memory is given back to the system (agent/memory.py: glibc keeps what large messages
+    # used in its arenas otherwise). None: never.
+    memory_trim_interval_seconds: float | None = Field(10.0, gt=0)
     # How often the health service asks the upstream whether it is ready.
     upstream_health_interval_seconds: float = Field(2.0, gt=0)
     detection: Detection = Detection()

@@ -22,7 +22,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "agent"
 # Lowest first. A module belongs to the first entry that is its name or a prefix of it (by package).
 LAYERS: list[tuple[str, ...]] = [
     ("agent", "agent.config", "agent.metrics", "agent.logs", "agent.durable", "agent.tls", "agent.execution",
-     "agent.repository", "agent.eventloop", "agent.jsonbody"),
+     "agent.repository", "agent.eventloop", "agent.jsonbody", "agent.memory"),
     ("agent.protocol",),
     ("agent.dataplane",),
     ("agent.detect", "agent.alerts"),

@@ -19,6 +19,8 @@ requests; the windows bound memory and the upstream's own limit applies).
 >>> bootstrap = build_bootstrap(config, Loopback(admin_port=0, health_port=7001))
 >>> [c["name"] for c in bootstrap["static_resources"]["clusters"]]
 ['upstream', 'sidewatch_health']
+>>> [c.get("connection_pool_per_downstream_connection", False) for c in bootstrap["static_resources"]["clusters"]]
+[True, False]
 >>> routes = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"][
 ...     "route_config"]["virtual_hosts"][0]["routes"]
 >>> [(r["match"]["prefix"], r["route"]["cluster"]) for r in routes]
@@ -125,11 +127,20 @@ def upstream_tls(tls: UpstreamTLS, host: str) -> dict[str, Any]:
 
 
 def http2_cluster(name: str, host: str, port: int, connect_timeout: str = "5s",
-                  transport_socket: dict[str, Any] | None = None, max_requests: int | None = None) -> dict[str, Any]:
+                  transport_socket: dict[str, Any] | None = None, max_requests: int | None = None,
+                  pool_per_client_connection: bool = False) -> dict[str, Any]:
     """A cluster of one endpoint that speaks HTTP/2 (gRPC), in plain text or over ``transport_socket``
     (TLS); DNS names are resolved. With ``max_requests``, Envoy's circuit breaker holds at most that many
     requests (HTTP/2 streams) open to it and that many waiting for a connection, and refuses the ones beyond
-    (Envoy's default: 1,024 of each)."""
+    (Envoy's default: 1,024 of each).
+
+    ``pool_per_client_connection``: each client connection gets its own connections to this cluster, so
+    one client cannot break another's calls. A model server's answer can repeat what the client sent (a
+    NOT_FOUND naming a 1 MiB model name, in its grpc-message trailer); a header field that large is an HPACK
+    error for Envoy's HTTP/2 codec, which closes the whole upstream connection, and with a shared pool every
+    call in flight on it, from every client, failed with UNAVAILABLE (the hostile property suite's probe).
+    The model servers' own clusters (the upstream, fallbacks) need it; sidewatch's loopback services do not
+    (Envoy is their only client)."""
     cluster = {
         "name": name,
         "type": "STRICT_DNS",
@@ -147,6 +158,8 @@ def http2_cluster(name: str, host: str, port: int, connect_timeout: str = "5s",
     }
     if transport_socket is not None:
         cluster["transport_socket"] = transport_socket
+    if pool_per_client_connection:
+        cluster["connection_pool_per_downstream_connection"] = True
     if max_requests is not None:
         cluster["circuit_breakers"] = {"thresholds": [
             {"priority": "DEFAULT", "max_requests": max_requests, "max_pending_requests": max_requests}]}
@@ -214,7 +227,8 @@ def build_bootstrap(config: ServeConfig, loopback: Loopback, http_filters: list[
                 "per_connection_buffer_limit_bytes": STREAM_WINDOW_BYTES,
                 "filter_chains": [chain],
             }],
-            "clusters": [http2_cluster(UPSTREAM, upstream_host, upstream_port, transport_socket=upstream_socket),
+            "clusters": [http2_cluster(UPSTREAM, upstream_host, upstream_port, transport_socket=upstream_socket,
+                                       pool_per_client_connection=True),
                          http2_cluster(HEALTH, "127.0.0.1", loopback.health_port), *clusters],
         },
     }
