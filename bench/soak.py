@@ -14,10 +14,18 @@ calls per second, client-side latency p50/p99/max, statuses by code, the tap's d
 /metrics), the sidecar's and the model server's resident memory (VmRSS) and CPU, and how much the
 detectors did (inputs scored, drift samples).
 
-Goals for a 10-minute run (the issue's): no error that the upstream did not cause (client-side non-OK
-statuses minus the sidecar's sidewatch_upstream_errors_total), and resident memory flat after warm-up:
-the sidecar's RSS at the end under 10% above its RSS at the end of warm-up (``--warmup``, default the
-first minute, or a fifth of a shorter run).
+With ``--hostile`` (a fraction of the total rate, 10% by default; 0: none), hostile clients run beside the
+good ones: every action of tests/support/hostile_traffic.py (1 MiB model names, junk and random-byte
+names, garbage bodies, 5 MiB messages, lying tensors, huge metadata and parameters, unknown methods,
+cancelled and garbage streams, dropped connections, junk requests to /metrics, and on the admin API:
+no token, wrong token, oversized and nested bodies, 3,000-alert deliveries, half-sent heads, hang-ups),
+picked at random, each a client of its own. Their outcomes are recorded apart from the good calls'.
+
+Goals for a 10-minute run (issue 14's): no error on a good call that the upstream did not cause
+(client-side non-OK statuses of the good calls minus the sidecar's sidewatch_upstream_errors_total of
+the known model), and resident memory flat after warm-up: the sidecar's RSS (sidewatch and its Envoy) at
+the end under 5% above its RSS at the end of warm-up (``--warmup``, default the first minute, or a fifth
+of a shorter run). The size of ``/metrics`` at the end is reported.
 
 The JSON at ``--out`` holds ``machine``, ``parameters``, ``samples`` (the time series), ``summary`` and
 ``goals`` (each with its value, target and verdict). Exit status 1 when a goal is missed.
@@ -30,6 +38,7 @@ import json
 import os
 import platform
 import random
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -52,7 +61,8 @@ from proxy import Children, free_port, tail  # noqa: E402  (bench/proxy.py: chil
 MODEL = "mnist_cnn"
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 MODEL_REPOSITORY = ROOT / "agent" / "demo" / "models"
-MEMORY_GROWTH_GOAL_PCT = 10.0
+GOOD_VERSION = "1"
+MEMORY_GROWTH_GOAL_PCT = 5.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -63,7 +73,7 @@ def log(message: str) -> None:
 # --- the traffic ----------------------------------------------------------------------------------
 
 
-def build_requests(version: str = "1") -> dict[str, list[bytes]]:
+def build_requests(version: str = GOOD_VERSION) -> dict[str, list[bytes]]:
     """Serialized ModelInfer requests of batch 1, by kind: benign, adversarial and drifted digits."""
     from agent.demo.data import BENIGN_STREAM, load_adversarial, load_images
     from agent.demo.run import drifted
@@ -150,6 +160,56 @@ class LoadGenerator:
         return [call for calls in self.calls for call in list(calls) if since <= call.ended < until]
 
 
+class HostileClients:
+    """Threads that each run one hostile action at a time (tests/support/hostile_traffic.py), at a fixed
+    total rate, and record (when it ended, the action, its outcome)."""
+
+    def __init__(self, target, threads: int, rate: float, seed: int = 0) -> None:
+        from tests.support.hostile_traffic import actions_for
+
+        self.target = target
+        self.actions = actions_for(target)
+        self.interval = threads / rate
+        self.seed = seed
+        self.outcomes: list[list[tuple[float, str, str]]] = [[] for _ in range(threads)]
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(index,), daemon=True) for index in range(threads)]
+
+    def _run(self, index: int) -> None:
+        rng = random.Random(self.seed * 1000 + 500 + index)
+        names = sorted(self.actions)
+        next_at = time.monotonic() + self.interval * index / len(self._threads)
+        while not self._stop.is_set():
+            delay = next_at - time.monotonic()
+            if delay > 0:
+                self._stop.wait(delay)
+            next_at = max(next_at + self.interval, time.monotonic() - self.interval)
+            name = rng.choice(names)
+            try:
+                outcome = self.actions[name](self.target, rng)
+            except Exception as err:  # noqa: BLE001 - a hostile client's own failure is an outcome too
+                outcome = f"client error: {type(err).__name__}"
+            self.outcomes[index].append((time.monotonic(), name, outcome))
+
+    def start(self) -> "HostileClients":
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(30)
+
+    def summary(self) -> dict:
+        counts: dict[str, dict[str, int]] = {}
+        for outcomes in self.outcomes:
+            for _, name, outcome in list(outcomes):
+                by_outcome = counts.setdefault(name, {})
+                by_outcome[outcome] = by_outcome.get(outcome, 0) + 1
+        return {"actions": sum(sum(by.values()) for by in counts.values()), "by_action": counts}
+
+
 def latency_stats(calls: list[Call]) -> dict:
     if not calls:
         return {"calls": 0}
@@ -191,10 +251,15 @@ def start_model_server(children: Children, tmp: Path, port: int, name: str = "mo
     return proc
 
 
-def sidecar_config(tmp: Path, detectors: bool = True) -> Path:
+def sidecar_config(tmp: Path, detectors: bool = True, data_plane: str | None = None,
+                   admin: dict | None = None) -> Path:
     """Every detector on (when ``detectors``): squeezing in shadow mode, drift, anomaly, the time-window
-    PSI, checkpoints of their state. JSON is YAML."""
+    PSI, checkpoints of their state; the admin API when ``admin`` is given. JSON is YAML."""
     config: dict = {"drift": {"checkpoint_dir": str(tmp / "state"), "window_seconds": 300}}
+    if data_plane is not None:
+        config["data_plane"] = data_plane
+    if admin is not None:
+        config["admin"] = admin
     if detectors:
         config["detection"] = {"model_repository": str(MODEL_REPOSITORY), "device": "cpu",
                                "adversarial_mode": "shadow"}
@@ -242,6 +307,39 @@ def scrape(metrics_port: int) -> dict[str, float]:
             if sample.name.startswith("sidewatch_") and not sample.name.endswith(("_bucket", "_created")):
                 totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
     return totals
+
+
+def envoy_child(pid: int) -> int | None:
+    """The envoy that ``sidewatch serve`` runs (Envoy data plane), or None (the grpc.aio relay)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            children = (task / "children").read_text().split()
+        except FileNotFoundError:
+            continue
+        for child in children:
+            try:
+                if Path(f"/proc/{child}/exe").resolve().name == "envoy":
+                    return int(child)
+            except OSError:
+                continue
+    return None
+
+
+def metrics_bytes(metrics_port: int) -> int:
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as reply:
+        return len(reply.read())
+
+
+def good_upstream_errors(metrics_port: int) -> float:
+    """sidewatch_upstream_errors_total of the model and version the good calls name (hostile calls name the
+    model too, but never version 1)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+               if sample.name == "sidewatch_upstream_errors_total" and sample.labels.get("model") == MODEL
+               and sample.labels.get("version") == GOOD_VERSION)
 
 
 def rss_mb(pid: int) -> float:
@@ -293,16 +391,20 @@ def sample(load: LoadGenerator, since: float, now: float, started: float, metric
     point = {"t": round(now - started, 1), "throughput": round(len(calls) / (now - since), 1), **stats}
     for key, name in METRICS.items():
         point[key] = scraped.get(name, 0.0)
+    point["metrics_bytes"] = metrics_bytes(metrics_port)
     for name, pid in pids.items():
         point[f"{name}_rss_mb"] = round(rss_mb(pid), 1)
         cpu = cpu_seconds(pid)
         point[f"{name}_cpu_pct"] = round(100 * (cpu - previous.get(f"{name}_cpu", cpu)) / (now - since), 1)
         previous[f"{name}_cpu"] = cpu
+    # The sidecar is sidewatch and, on the Envoy data plane, its Envoy.
+    point["sidecar_rss_mb"] = round(point["sidewatch_rss_mb"] + point.get("envoy_rss_mb", 0.0), 1)
+    point["sidecar_cpu_pct"] = round(point["sidewatch_cpu_pct"] + point.get("envoy_cpu_pct", 0.0), 1)
     return point
 
 
 def summarize(samples: list[dict], load: LoadGenerator, warmup: float, started: float, ended: float,
-              final: dict[str, float]) -> dict:
+              final: dict[str, float], hostile: "HostileClients | None") -> dict:
     calls = load.between(started, ended + 60)
     after = [s for s in samples if s["t"] >= warmup] or samples[-1:]
     base, last = after[0], samples[-1]
@@ -310,7 +412,8 @@ def summarize(samples: list[dict], load: LoadGenerator, warmup: float, started: 
     for call in calls:
         codes[call.code] = codes.get(call.code, 0) + 1
     errors = sum(count for code, count in codes.items() if code != "OK")
-    upstream_errors = final.get("sidewatch_upstream_errors_total", 0.0)
+    # The upstream's errors on the good calls (the known model's series; hostile calls name other models).
+    upstream_errors = final.get("good_upstream_errors", 0.0)
     rss = np.array([s["sidecar_rss_mb"] for s in after])
     times = np.array([s["t"] for s in after])
     slope = float(np.polyfit(times, rss, 1)[0]) * 3600 if len(after) >= 3 else 0.0
@@ -342,6 +445,9 @@ def summarize(samples: list[dict], load: LoadGenerator, warmup: float, started: 
         "sidecar_rss_slope_mb_per_hour": round(slope, 2),
         "model_server_rss_mb": {"after_warmup": base["model_server_rss_mb"], "end": last["model_server_rss_mb"]},
         "sidecar_cpu_pct_mean": round(float(np.mean([s["sidecar_cpu_pct"] for s in after])), 1),
+        "metrics_bytes": {"after_warmup": base["metrics_bytes"], "end": last["metrics_bytes"],
+                          "max": max(s["metrics_bytes"] for s in samples)},
+        "hostile": hostile.summary() if hostile is not None else None,
     }
 
 
@@ -364,15 +470,32 @@ def run(args: argparse.Namespace) -> dict:
     requests = build_requests()
     mix = {"benign": 1.0 - args.adversarial - args.drifted, "adversarial": args.adversarial, "drifted": args.drifted}
     warmup = args.warmup if args.warmup is not None else min(60.0, args.duration / 5)
+    hostile = None
     try:
         model_port = free_port()
         model_server = start_model_server(children, tmp, model_port)
-        sidecar, port, metrics_port = start_sidecar(children, tmp, model_port, sidecar_config(tmp))
+        token = secrets.token_urlsafe(24)
+        (tmp / "admin-token").write_text(token + "\n")
+        admin_port = free_port()
+        admin = {"listen": f"127.0.0.1:{admin_port}", "token_file": str(tmp / "admin-token")}
+        sidecar, port, metrics_port = start_sidecar(children, tmp, model_port,
+                                                    sidecar_config(tmp, data_plane=args.data_plane, admin=admin))
         wait_until_serving(f"127.0.0.1:{port}", requests["benign"][0])
-        pids = {"sidecar": sidecar.pid, "model_server": model_server.pid}
-        load = LoadGenerator(f"127.0.0.1:{port}", requests, mix, args.threads, args.rate, seed=args.seed)
+        pids = {"sidewatch": sidecar.pid, "model_server": model_server.pid}
+        envoy = envoy_child(sidecar.pid)
+        if envoy is not None:
+            pids["envoy"] = envoy
+        good_rate = args.rate * (1.0 - args.hostile)
+        load = LoadGenerator(f"127.0.0.1:{port}", requests, mix, args.threads, good_rate, seed=args.seed)
+        if args.hostile > 0:
+            from tests.support.hostile_traffic import Target
+
+            target = Target(f"127.0.0.1:{port}", metrics_port, admin_port, token, MODEL)
+            hostile = HostileClients(target, args.hostile_threads, args.rate * args.hostile, seed=args.seed)
         started = time.monotonic()
         load.start()
+        if hostile is not None:
+            hostile.start()
         samples: list[dict] = []
         previous = {f"{name}_cpu": cpu_seconds(pid) for name, pid in pids.items()}
         since = started
@@ -386,19 +509,26 @@ def run(args: argparse.Namespace) -> dict:
             samples.append(point)
             log(f"t={point['t']:6.0f}s {point['throughput']:7.1f}/s p99 {point.get('p99_ms', 0):7.2f} ms "
                 f"rss {point['sidecar_rss_mb']:6.1f} MB cpu {point['sidecar_cpu_pct']:5.1f}% "
+                f"/metrics {point['metrics_bytes']} B "
                 f"dropped {point['tap_dropped']:.0f} codes {point.get('codes', {})}")
             since = now
             if now - started >= args.duration:
                 break
         ended = time.monotonic()
         load.stop()
+        if hostile is not None:
+            hostile.stop()
         time.sleep(2.0)   # the detectors finish what is queued
-        summary = summarize(samples, load, warmup, started, ended, scrape(metrics_port))
+        final = scrape(metrics_port)
+        final["good_upstream_errors"] = good_upstream_errors(metrics_port)
+        summary = summarize(samples, load, warmup, started, ended, final, hostile)
         verdicts = goals(summary)
     finally:
         children.stop_all()
     return {"benchmark": "soak", "machine": machine_info(),
             "parameters": {"duration_s": args.duration, "rate": args.rate, "threads": args.threads, "mix": mix,
+                           "hostile": args.hostile, "hostile_threads": args.hostile_threads,
+                           "data_plane": args.data_plane,
                            "sample_seconds": args.sample_seconds, "warmup_s": warmup, "deadline_s": 10.0,
                            "detectors": "feature squeezing (shadow), drift (cvm, mmd, class mix, confidence, "
                                         "entropy, score and confidence change), anomaly forest, PSI over 300 s, "
@@ -414,6 +544,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=8, help="client threads, one channel each")
     parser.add_argument("--adversarial", type=float, default=0.05, help="fraction of adversarial examples")
     parser.add_argument("--drifted", type=float, default=0.05, help="fraction of drifted (brightened) digits")
+    parser.add_argument("--hostile", type=float, default=0.1,
+                        help="fraction of the rate that is hostile actions, from clients of their own (0: none)")
+    parser.add_argument("--hostile-threads", type=int, default=4)
+    parser.add_argument("--data-plane", choices=["auto", "python", "envoy"], default="auto")
     parser.add_argument("--sample-seconds", type=float, default=5.0)
     parser.add_argument("--warmup", type=float, default=None,
                         help="seconds before memory is the baseline (default 60, or a fifth of a shorter run)")
@@ -432,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
           f"errors {summary['errors']} ({summary['errors_not_from_upstream']} not from the upstream); "
           f"tap dropped {summary['tap_dropped']:.0f} ({summary['tap_dropped_pct']}%); sidecar RSS "
           f"{summary['sidecar_rss_mb']['after_warmup']:.1f} -> {summary['sidecar_rss_mb']['end']:.1f} MB "
-          f"({summary['sidecar_rss_growth_pct']:+.2f}%)")
+          f"({summary['sidecar_rss_growth_pct']:+.2f}%); /metrics {summary['metrics_bytes']['end']} bytes at the end")
     for name, goal in result["goals"].items():
         print(f"  {name}: {'met' if goal['met'] else 'MISSED'} ({goal})")
     return 0 if all(goal["met"] for goal in result["goals"].values()) else 1
