@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -55,7 +56,10 @@ def _run_serve(args) -> int:
         print(f"sidewatch: the {plane} data plane would carry the calls ({reason})", file=sys.stderr)
         print("sidewatch: configuration is valid")
         return 0
-    run_event_loop(serve(config))
+    # The log options again, now with the configuration's bound on a line.
+    logs.configure(args.log_level, args.log_format, config.log_max_line_bytes)
+    with logs.stray_output_logged():
+        run_event_loop(serve(config))
     return 0
 
 
@@ -73,7 +77,8 @@ def _add_model_server(commands) -> None:
 def _run_model_server(args) -> int:
     from agent.modelserver.server import run_model_server
 
-    run_model_server(args.model_repository, args.listen, args.device)
+    with logs.stray_output_logged():
+        run_model_server(args.model_repository, args.listen, args.device)
     return 0
 
 
@@ -282,13 +287,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (ValueError, OSError) as err:
         # sidewatch's own refusals (a model whose hash does not match its calibration, a missing
-        # repository) are worded for the operator; anything else keeps its traceback.
+        # repository) are worded for the operator; anything else keeps its traceback, in the log.
         if not str(err).startswith("sidewatch:"):
-            raise
+            return _crashed(args)
         print(err, file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception:
+        return _crashed(args)
+
+
+def _crashed(args) -> int:
+    """An error nobody expected: logged with its traceback, as one record (a JSON line with a JSON log)."""
+    logging.getLogger("agent.cli").critical("sidewatch: %s stopped by an unexpected error", args.command,
+                                            exc_info=True)
+    return 1
 
 
 if __name__ == "__main__":

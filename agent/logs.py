@@ -5,26 +5,51 @@ Request payloads are never logged: a call's line carries its id, model, version,
 duration, nothing of its tensors. The id is the caller's ``x-request-id`` metadata (what Envoy, Istio
 and most gateways set), cut to a bounded length, or one made up here so that lines about one call
 can still be joined.
+
+Every JSON line is bounded (``log_max_line_bytes``): values that clients choose (a request path, a name) or
+that grow without end (a traceback) cannot make lines of megabytes; a line over the bound has its longest
+values cut, marked as cut, and stays valid JSON. While a server runs (:func:`stray_output_logged`), what
+other code writes to stderr (the stdlib's servers printing tracebacks, grpc's ``print_exc``, warnings,
+exceptions no one caught in a thread) goes through the log too: stderr carries JSON lines only, written
+by one handler under its lock, so that threads cannot interleave half lines.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import io
 import json
 import logging
 import sys
 import threading
 import time
 import uuid
-from typing import Callable, Hashable
+from typing import Callable, Hashable, Iterator
 
 # Fields a log call may pass with ``extra=`` that the JSON lines carry.
 CALL_FIELDS = ("request_id", "model", "version", "method", "code", "duration_seconds")
 REQUEST_ID_KEY = "x-request-id"
 MAX_REQUEST_ID_CHARS = 128
 
+# The longest JSON line, its newline included (``log_max_line_bytes``): room for any line sidewatch writes
+# about itself, a traceback included, while a value a client chose cannot make a line of megabytes.
+DEFAULT_MAX_LINE_BYTES = 16 * 1024
+# Below this the fixed fields and the cut marks might not fit.
+MIN_MAX_LINE_BYTES = 1024
+# The end of a value that was cut to fit the line; the line's "cut" field lists the keys cut.
+CUT_MARK = "...[cut]"
+
 
 class JsonFormatter(logging.Formatter):
-    """``{"time", "level", "logger", "message", <call fields>, "exception"}``, one line per record."""
+    """``{"time", "level", "logger", "message", <call fields>, "exception", "cut"}``, one line per record,
+    at most ``max_line_bytes`` with its newline."""
+
+    def __init__(self, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> None:
+        super().__init__()
+        if max_line_bytes < MIN_MAX_LINE_BYTES:
+            raise ValueError(f"sidewatch: a log line needs at least {MIN_MAX_LINE_BYTES} bytes")
+        self.max_line_bytes = max_line_bytes
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {
@@ -36,24 +61,162 @@ class JsonFormatter(logging.Formatter):
         for field in CALL_FIELDS:
             value = getattr(record, field, None)
             if value is not None:
-                entry[field] = value
+                entry[field] = value if isinstance(value, (str, int, float)) else str(value)
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str)
+        return bounded_line(entry, self.max_line_bytes - 1)  # the handler adds the newline
 
 
-def configure(level: str = "INFO", log_format: str = "auto") -> None:
-    """Log to stderr as JSON (``json``), as text (``text``), or JSON unless stderr is a terminal (``auto``)."""
+def bounded_line(entry: dict, max_bytes: int) -> str:
+    """``entry`` as a JSON line of at most ``max_bytes`` bytes: while it is longer, its longest string value
+    is cut (and ends with CUT_MARK) and its key is listed under ``"cut"``. ASCII only (non-ASCII characters
+    are escaped), so characters and bytes are one."""
+    line = json.dumps(entry)
+    if len(line) <= max_bytes:
+        return line
+    entry = dict(entry, cut=[])
+    cut: list[str] = entry["cut"]
+    while len(line) > max_bytes:
+        kept = {key: value[:-len(CUT_MARK)] if key in cut else value
+                for key, value in entry.items() if isinstance(value, str)}
+        kept = {key: value for key, value in kept.items() if value}
+        if not kept:  # cannot happen with MIN_MAX_LINE_BYTES: only the string values are unbounded
+            break
+        key = max(kept, key=lambda name: len(json.dumps(kept[name])))  # escapes count
+        over = len(line) - max_bytes + (0 if key in cut else len(CUT_MARK))
+        entry[key] = kept[key][:max(0, len(kept[key]) - over)] + CUT_MARK
+        if key not in cut:
+            cut.append(key)
+        line = json.dumps(entry)
+    return line
+
+
+class CancellationsAreOrdinary(logging.Filter):
+    """A record whose exception is a cancellation (``asyncio.CancelledError``: a call its client gave up on,
+    or one the shutdown grace cut) tells of an ordinary end, whoever logged it (grpc logs some as errors):
+    it is kept at INFO at most, without its traceback, and dropped when INFO is not logged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError):
+            record.msg, record.args = f"{record.getMessage()} (cancelled)", ()
+            record.exc_info = record.exc_text = None
+            if record.levelno > logging.INFO:
+                record.levelno, record.levelname = logging.INFO, "INFO"
+            return record.levelno >= logging.getLogger().getEffectiveLevel()
+        return True
+
+
+def configure(level: str = "INFO", log_format: str = "auto", max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> None:
+    """Log to stderr as JSON (``json``), as text (``text``), or JSON unless stderr is a terminal (``auto``);
+    JSON lines are at most ``max_line_bytes`` long."""
+    stream = sys.stderr
+    if isinstance(stream, StderrToLog):  # configured again while stderr goes to the log: the real one
+        stream = stream.original
     if log_format == "auto":
-        log_format = "text" if sys.stderr.isatty() else "json"
-    handler = logging.StreamHandler()
+        log_format = "text" if stream.isatty() else "json"
+    handler = logging.StreamHandler(stream)
     if log_format == "json":
-        handler.setFormatter(JsonFormatter())
+        handler.setFormatter(JsonFormatter(max_line_bytes))
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(CancellationsAreOrdinary())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+# --- what others write to stderr -------------------------------------------------------------------
+
+
+class StderrToLog(io.TextIOBase):
+    """Stands in for ``sys.stderr``: each line written to it becomes a log record (logger
+    ``sidewatch.stderr``, WARNING). Lines are gathered per thread, so that two threads printing at once
+    make whole lines each; a line written while this thread is already logging one (the log's own failure
+    to write) goes to the real stderr instead of round again."""
+
+    def __init__(self, original) -> None:
+        super().__init__()
+        self.original = original
+        self._logger = logging.getLogger("sidewatch.stderr")
+        self._local = threading.local()
+
+    def writable(self) -> bool:
+        return True
+
+    def isatty(self) -> bool:
+        return False
+
+    @property
+    def encoding(self) -> str:
+        return "utf-8"
+
+    def fileno(self) -> int:
+        return self.original.fileno()
+
+    def write(self, text: str) -> int:
+        local = self._local
+        if getattr(local, "logging", False):
+            with contextlib.suppress(Exception):
+                self.original.write(text)
+            return len(text)
+        *lines, local.partial = (getattr(local, "partial", "") + text).split("\n")
+        for line in lines:
+            self._log(line)
+        return len(text)
+
+    def flush(self) -> None:
+        local = self._local
+        partial, local.partial = getattr(local, "partial", ""), ""
+        if partial:
+            self._log(partial)
+
+    def _log(self, line: str) -> None:
+        if not line.strip():
+            return
+        self._local.logging = True
+        try:
+            self._logger.warning("%s", line.rstrip())
+        finally:
+            self._local.logging = False
+
+
+def _log_thread_exception(args: threading.ExceptHookArgs) -> None:
+    if args.exc_type is SystemExit:
+        return
+    name = args.thread.name if args.thread is not None else "?"
+    logging.getLogger("sidewatch.threads").error("sidewatch: uncaught exception in thread %s", name,
+                                                 exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+
+
+def _log_unraisable(unraisable) -> None:
+    """Exceptions Python cannot raise (in ``__del__``, in a finalizer): the stdlib prints them to stderr."""
+    logging.getLogger("sidewatch.unraisable").warning(
+        "sidewatch: %s: %r", unraisable.err_msg or "Exception ignored in", unraisable.object,
+        exc_info=(unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback))
+
+
+@contextlib.contextmanager
+def stray_output_logged() -> Iterator[None]:
+    """For a server's lifetime: stderr, warnings and uncaught exceptions in threads go through the log.
+
+    Code that does not log but writes to ``sys.stderr`` (socketserver's ``handle_error``, grpc's
+    ``traceback.print_exc``, a library's ``print``), ``warnings``, and exceptions that end a thread or that
+    Python cannot raise, all become log records, formatted as every other line. Restored on exit, so that
+    a refusal to start is still printed as the plain message the operator reads.
+    """
+    saved = sys.stderr, threading.excepthook, sys.unraisablehook
+    sys.stderr = StderrToLog(saved[0])
+    threading.excepthook = _log_thread_exception
+    sys.unraisablehook = _log_unraisable
+    logging.captureWarnings(True)
+    try:
+        yield
+    finally:
+        logging.captureWarnings(False)
+        stray = sys.stderr
+        sys.stderr, threading.excepthook, sys.unraisablehook = saved
+        if isinstance(stray, StderrToLog):
+            stray.flush()
 
 
 def request_id(metadata) -> str:

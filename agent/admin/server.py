@@ -19,6 +19,7 @@ import json
 import logging
 import socket
 import ssl
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Callable
@@ -100,6 +101,15 @@ class _Server(ThreadingHTTPServer):
             super().process_request_thread(request, client_address)
         finally:
             self._slots.release()
+
+    def handle_error(self, request, client_address) -> None:
+        """A connection's handler raised (socketserver's own prints a traceback to stderr, outside the log).
+        A client that went away or stalled mid-request or mid-response is ordinary: a DEBUG line."""
+        err = sys.exc_info()[1]
+        if isinstance(err, (ConnectionError, TimeoutError, ssl.SSLError)):
+            log.debug("sidewatch: admin API: connection from %s ended: %r", client_address[0], err)
+        else:
+            log.exception("sidewatch: admin API: connection from %s failed", client_address[0])
 
     def finish_request(self, request, client_address) -> None:
         request.settimeout(SOCKET_TIMEOUT_SECONDS)

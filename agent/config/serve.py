@@ -298,6 +298,10 @@ class ServeConfig(Strict):
     # How often freed memory is given back to the system (agent/memory.py: glibc keeps what large messages
     # used in its arenas otherwise). None: never.
     memory_trim_interval_seconds: float | None = Field(10.0, gt=0)
+    # The longest log line, in bytes with its newline (JSON lines; at least 1024): a longer one has its longest
+    # values cut, marked as cut (they end with "...[cut]" and the line's "cut" lists their keys), and stays
+    # valid JSON. Values a client chooses (a request path, a name) cannot make lines of megabytes.
+    log_max_line_bytes: int = Field(16 * 1024, ge=1024)
     # How often the health service asks the upstream whether it is ready.
     upstream_health_interval_seconds: float = Field(2.0, gt=0)
     detection: Detection = Detection()

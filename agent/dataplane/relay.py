@@ -56,6 +56,8 @@ class Forwarder(grpc.GenericRpcHandler):
         self._fallback_unary: dict[tuple[aio.Channel, str], aio.UnaryUnaryMultiCallable] = {}
         self._fallback_stream: dict[tuple[aio.Channel, str], aio.StreamStreamMultiCallable] = {}
         self._max_pending = max_pending_stream_requests
+        # The tasks running the handlers of calls in flight, for the shutdown to wait for (handlers_ended).
+        self._running: set[asyncio.Task] = set()
         self._unary_stubs: dict[str, aio.UnaryUnaryMultiCallable] = {}
         self._known_handlers: dict[str, grpc.RpcMethodHandler] = {}
         for method in _UNARY_METHODS:
@@ -98,6 +100,7 @@ class Forwarder(grpc.GenericRpcHandler):
             else:
                 model, version, before = "", "", None
             metrics.in_flight.inc()
+            self._running.add(asyncio.current_task())
             code = grpc.StatusCode.OK
             upstream_code = None  # the upstream's own error, counted once the labels are resolved
             try:
@@ -131,6 +134,7 @@ class Forwarder(grpc.GenericRpcHandler):
                 raise
             finally:
                 metrics.in_flight.dec()
+                self._running.discard(asyncio.current_task())
                 # Labels resolved after the answer: an unknown model takes a label of its own only once the
                 # upstream answered it OK (agent.metrics.BoundedModels).
                 series = metrics.call_series(model, version, method_label, admits and code is grpc.StatusCode.OK)
@@ -145,6 +149,15 @@ class Forwarder(grpc.GenericRpcHandler):
                 policy.finished(context, series.labels, code, duration)
 
         return relay
+
+    async def handlers_ended(self, timeout: float) -> None:
+        """Wait, at most ``timeout`` seconds, for the handlers of the calls still in flight to end: once the
+        server stopped, those its grace cut end at their next await. Then one turn of the loop more, for
+        grpc's own task around each handler to see it end: a task of grpc's still pending when the event
+        loop closes is cancelled there, and grpc logs that as an error with a traceback."""
+        if self._running:
+            await asyncio.wait(set(self._running), timeout=timeout)
+        await asyncio.sleep(0)
 
     def _fallback_unary_stub(self, channel: aio.Channel, method: str) -> aio.UnaryUnaryMultiCallable:
         stub = self._fallback_unary.get((channel, method))
@@ -195,6 +208,7 @@ class Forwarder(grpc.GenericRpcHandler):
                     yield message
 
             metrics.in_flight.inc()
+            self._running.add(asyncio.current_task())
             code = grpc.StatusCode.OK
             try:
                 call = upstream(
@@ -229,6 +243,7 @@ class Forwarder(grpc.GenericRpcHandler):
                 raise
             finally:
                 metrics.in_flight.dec()
+                self._running.discard(asyncio.current_task())
                 # Looked up, never admitted: a stream ends OK whatever its messages named (their errors travel
                 # in its responses), so only a unary answer admits an unknown model (BoundedModels).
                 labels = (*metrics.bounded(first_model[0], first_model[1]), method_label)

@@ -20,6 +20,10 @@ from agent.metrics import ProxyMetrics
 
 log = logging.getLogger(__name__)
 
+# After the shutdown grace, how long the calls it cut get to end (they end at their next await: this only
+# bounds a handler stuck elsewhere).
+CUT_CALLS_END_SECONDS = 1.0
+
 
 class GrpcDataPlane:
     """``start`` binds and serves; ``stop`` reports NOT_SERVING, drains in-flight calls, then closes."""
@@ -32,6 +36,7 @@ class GrpcDataPlane:
         self.channel: aio.Channel | None = None
         self.health: UpstreamHealth | None = None
         self.port: int | None = None
+        self.forwarder: Forwarder | None = None
         self._draining = False
 
     async def start(self) -> None:
@@ -40,9 +45,8 @@ class GrpcDataPlane:
         self.server = aio.server(options=message_size_options(config))
         # The health service is registered first so that it answers before the catch-all forwarder.
         self.health = UpstreamHealth(self.server, self.channel, config.upstream_health_interval_seconds)
-        self.server.add_generic_rpc_handlers([
-            Forwarder(self.channel, self.metrics, self.policy, config.tap.max_pending_stream_requests)
-        ])
+        self.forwarder = Forwarder(self.channel, self.metrics, self.policy, config.tap.max_pending_stream_requests)
+        self.server.add_generic_rpc_handlers([self.forwarder])
         if config.tls is None:
             self.port = self.server.add_insecure_port(config.listen)
         else:
@@ -63,6 +67,7 @@ class GrpcDataPlane:
         await self.shutting_down()
         if self.server is not None:
             await self.server.stop(self.config.shutdown_grace_seconds)
+            await self.forwarder.handlers_ended(CUT_CALLS_END_SECONDS)
         if self.channel is not None:
             await self.channel.close()
         await self.policy.close()  # fallback upstreams' channels
