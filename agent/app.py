@@ -112,7 +112,9 @@ class Sidecar:
     def _alerts(self) -> None:
         """The route table, the rollback dispatcher, the alert engine, and the admin API with the receiver."""
         config = self.config
-        self.alert_metrics = AlertMetrics(self.registry)
+        # The alert names the config gives keep their own label; Alertmanager's others are bounded.
+        self.alert_metrics = AlertMetrics(self.registry, [rule.name for rule in config.alerts.rules]
+                                          + list(config.admin.alertmanager_hooks), config.metrics.max_alert_names)
         # Pins set by route hooks, consulted by the policy on every model call.
         self.routes = RouteTable(channel_opener(config), max_models=config.metrics.max_models)
         # The versions that served traffic, for pins to the last known-good version: read from the
@@ -124,7 +126,7 @@ class Sidecar:
         token = admin_token(config.admin)
         if token is not None:
             receiver = AlertmanagerReceiver(config.admin.alertmanager_hooks, config.rollback.hooks, self.dispatcher,
-                                            self.alert_metrics)
+                                            self.alert_metrics, config.admin.max_alerts_per_delivery)
             self.admin = AdminServer(config.admin, token, self.dispatcher, self.engine, receiver, self.alert_metrics,
                                      baseline_reset=None if self.drift is None else self.drift.reset_baseline)
         elif config.admin.enabled:

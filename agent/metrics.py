@@ -100,6 +100,37 @@ class BoundedModels:
         return OTHER, OTHER
 
 
+class BoundedNames:
+    """Maps names a client supplies (Alertmanager's alert names) onto at most ``limit`` label values besides the
+    ``known`` ones (``metrics.max_alert_names``):
+
+    - every value is cut to ``MAX_LABEL_BYTES`` bytes;
+    - a known name (one the config gives) always has its own value, whatever arrives;
+    - another name takes one of the ``limit`` values the first time it is looked up (the callers look up only
+      the names of incidents that opened), and keeps it; once they are taken, the others are "_other".
+
+    >>> names = BoundedNames(1, known=["ModelBroken"])
+    >>> names("Junk1"), names("Junk2"), names("ModelBroken"), names("Junk1")
+    ('Junk1', '_other', 'ModelBroken', 'Junk1')
+    """
+
+    def __init__(self, limit: int, known: Iterable[str] = ()) -> None:
+        self._limit = limit
+        self._known = {bound_label(name) for name in known}
+        self._admitted: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, name: str) -> str:
+        name = bound_label(name)
+        if name in self._known or name in self._admitted:
+            return name
+        with self._lock:
+            if len(self._admitted) < self._limit:
+                self._admitted.add(name)
+                return name
+        return OTHER
+
+
 class CallSeries:
     """The series one (model, version, method) touches on every call, resolved once."""
 
@@ -414,14 +445,21 @@ class DriftMetrics:
                                    ["model", "version", "feature", "bin"], registry=registry)
 
 
+# Why a firing alert opened no incident (sidewatch_alert_firings_ignored_total's reason label).
+FIRING_REFUSALS = ("stale", "future", "max_open_incidents", "truncated")
+
+
 class AlertMetrics:
     """The alert engine's and the rollback hooks' metrics.
 
     ``alert`` values are rule names from the config (bounded by the config), or Alertmanager alert
-    names that reached the receiver (bounded by the Alertmanager routes that point at it).
+    names, which the caller passes through :meth:`alert_label`: the names the config gives
+    (``known_alerts``: admin.alertmanager_hooks, alerts.rules) keep their own, at most ``max_alert_names``
+    others get theirs, and the rest are "_other" (:class:`BoundedNames`).
     """
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, known_alerts: Iterable[str] = (), max_alert_names: int = 32) -> None:
+        self.alert_label = BoundedNames(max_alert_names, known_alerts)
         self.active = Gauge("sidewatch_alert_active", "1 while the alert is firing, else 0.",
                             ["alert", "severity"], registry=registry)
         self.pending = Gauge("sidewatch_alert_pending", "1 while the alert's condition holds but its `for` has not passed.",
@@ -446,7 +484,11 @@ class AlertMetrics:
                                  ["alert", "source"], registry=registry)
         self.firings_ignored = Counter("sidewatch_alert_firings_ignored_total",
                                        "Firing alerts that opened no incident, by source (sidecar, alertmanager) and "
-                                       "reason (stale: it started no later than the same alert's last resolution).",
+                                       "reason (stale: it started no later than the same alert's last resolution; "
+                                       "future: it starts later than the sidecar's clock allows, "
+                                       "rollback.max_clock_skew_seconds; max_open_incidents: "
+                                       "rollback.max_open_alertmanager_incidents were open; truncated: beyond "
+                                       "admin.max_alerts_per_delivery in its delivery).",
                                        ["source", "reason"], registry=registry)
         self.receiver_requests = Counter("sidewatch_alertmanager_requests_total",
                                          "Alertmanager webhook deliveries to the receiver, by result.",

@@ -23,7 +23,19 @@ What it guarantees:
   alert key (an old Alertmanager payload posted again, byte for byte) is the incident that closed, not a
   new one: it is counted (``sidewatch_alert_firings_ignored_total{reason="stale"}``) and nothing runs. The
   resolution times are in the audit log's ``incident_resolved`` records, so this holds across restarts.
+* **A firing dated ahead is not a time.** A firing whose start is later than the sidecar's clock plus
+  ``rollback.max_clock_skew_seconds`` opens nothing (``reason="future"``), and no resolution is remembered
+  later than that: a start dated years ahead cannot make the alert's real firings stale for years.
+* **Bounded open incidents.** At most ``rollback.max_open_alertmanager_incidents`` incidents of Alertmanager's
+  alerts are open at once; a new one is refused while the bound is reached (``reason="max_open_incidents"``,
+  logged once per interval), and Alertmanager's next notification of the alert opens it once there is room.
+  The replay keeps the same bound. The sidecar's own alerts are bounded by its rules and model labels, and
+  its engine hands a firing over once: they are neither counted nor refused.
 * **Dry run** decides and records, runs nothing.
+
+Refusals are counted in ``sidewatch_alert_firings_ignored_total{source,reason}`` and logged at most once per
+interval per reason (agent.logs.ThrottledLog); they are not audit-logged: they decide nothing, and one
+delivery may carry thousands.
 """
 
 from __future__ import annotations
@@ -34,13 +46,15 @@ import itertools
 import logging
 import threading
 import time
+from dataclasses import dataclass
 
 from agent.alerts.audit import AuditLog
 from agent.alerts.hooks import Hook, HookCall, HookContext, HookFailed, argo_rollouts, command, kubernetes, route, webhook
-from agent.alerts.incident import Alert, HookState, Incident, alert_from_dict, alert_to_dict, new_incident_id
+from agent.alerts.incident import ALERTMANAGER, Alert, HookState, Incident, alert_from_dict, alert_to_dict, new_incident_id
 from agent.config.rollback import RollbackConfig
 from agent.dataplane.routes import Pin, RouteTable
-from agent.metrics import AlertMetrics
+from agent.logs import ThrottledLog
+from agent.metrics import AlertMetrics, bound_label
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +68,14 @@ _HOUR = 3600.0
 _KEEP_FINISHED = 500
 # Alert keys whose last resolution is remembered (for stale firings); the oldest are forgotten beyond it.
 _KEEP_RESOLVED = 10_000
+
+
+@dataclass(frozen=True)
+class Admission:
+    """What became of a firing alert: its incident (opened now, or already open), or why none opened."""
+
+    incident: str | None
+    refused: str = ""   # "stale", "future" or "max_open_incidents" (agent.metrics.FIRING_REFUSALS)
 
 
 class RollbackDispatcher:
@@ -78,6 +100,8 @@ class RollbackDispatcher:
         self._running = 0
         self._stopping = False
         self._thread: threading.Thread | None = None
+        # Refused firings, logged once per interval per reason (a delivery may carry thousands).
+        self._refusals = ThrottledLog(log)
 
     # --- the interface -------------------------------------------------------------------------
 
@@ -94,19 +118,25 @@ class RollbackDispatcher:
         self._thread.start()
 
     def firing(self, alert: Alert) -> str | None:
-        """The incident id for a firing alert; a new incident (and its hooks, queued) only when none is open.
-        None for a stale firing, one that started no later than the alert's last resolution: nothing opens."""
+        """The incident id for a firing alert (:meth:`admit`), or None when it opened none."""
+        return self.admit(alert).incident
+
+    def admit(self, alert: Alert) -> Admission:
+        """The incident for a firing alert; a new incident (and its hooks, queued) only when none is open, and
+        none when the firing is refused: stale (it started no later than the alert's last resolution), dated
+        ahead of the clock, or beyond the bound on open incidents. A refusal is counted and logged, not recorded."""
         with self._lock:
             existing = self._open.get(alert.key)
             if existing is not None:
-                return existing
-            resolved_at = self._resolved_at.get(alert.key)
-            if resolved_at is not None and alert.started_at <= resolved_at:
-                self.metrics.firings_ignored.labels(alert.source, "stale").inc()
-                log.warning("sidewatch: stale firing of %s ignored: it started at %.3f, not after its last "
-                            "resolution at %.3f", alert.key, alert.started_at, resolved_at)
-                return None
+                return Admission(existing)
             now = time.time()
+            refusal = self._refusal(alert, now)
+            if refusal is not None:
+                reason, why = refusal
+                self.metrics.firings_ignored.labels(alert.source, reason).inc()
+                self._refusals.warning(reason, "sidewatch: firing of %s from %s opened no incident (%s): %s",
+                                       bound_label(alert.key), alert.source, reason, why)
+                return Admission(None, reason)
             decision, reason = self._decide(alert, now)
             incident = Incident(new_incident_id(now), alert, now, decision, reason,
                                 hooks={name: HookState() for name in alert.hooks})
@@ -115,13 +145,14 @@ class RollbackDispatcher:
                                   decision=decision, reason=reason)
             except OSError as err:
                 # Never act on a decision the log does not hold.
-                log.error("sidewatch: cannot write the audit log (%s): incident for %s not acted on", err, alert.key)
+                log.error("sidewatch: cannot write the audit log (%s): incident for %s not acted on", err,
+                          bound_label(alert.key))
                 incident.decision, incident.reason = "skipped", f"audit log not writable: {err}"
                 decision = "skipped"
             self._incidents[incident.id] = incident
             self._open[alert.key] = incident.id
-            self.metrics.incidents.labels(alert.name, alert.source).inc()
-            log.warning("sidewatch: incident %s opened for %s: %s%s", incident.id, alert.key, decision,
+            self.metrics.incidents.labels(self.metrics.alert_label(alert.name), alert.source).inc()
+            log.warning("sidewatch: incident %s opened for %s: %s%s", incident.id, bound_label(alert.key), decision,
                         f" ({incident.reason})" if incident.reason else "")
             if decision in ("run", "dry_run"):
                 self._count_rollback(now)
@@ -133,7 +164,7 @@ class RollbackDispatcher:
                 else:
                     self._finish(incident, name, "skipped", incident.reason)
             self._prune()
-            return incident.id
+            return Admission(incident.id)
 
     def resolved(self, key: str, ended_at: float | None = None) -> None:
         """The alert cleared: close its open incident. Hooks still retrying for it carry on.
@@ -148,7 +179,10 @@ class RollbackDispatcher:
             now = time.time()
             # Never before the incident's own start: the very payload that opened it is stale, whatever endsAt says.
             # An endsAt later than now (a careless caller's) would make every later firing stale: capped at now.
-            resolved_at = max(now if ended_at is None or ended_at <= 0 else min(ended_at, now), incident.alert.started_at)
+            # So is a start dated ahead (one replayed from a log written before the clock check): not beyond
+            # the clock-skew allowance.
+            resolved_at = min(max(now if ended_at is None or ended_at <= 0 else min(ended_at, now),
+                                  incident.alert.started_at), now + self.config.max_clock_skew_seconds)
             self._record("incident_resolved", incident=incident_id, key=key, resolved_at=resolved_at)
             incident.closed_at = now
             self._remember_resolution(key, resolved_at)
@@ -214,6 +248,29 @@ class RollbackDispatcher:
         self.audit.close()
 
     # --- decisions -----------------------------------------------------------------------------
+
+    def _refusal(self, alert: Alert, now: float) -> tuple[str, str] | None:
+        """(reason, why) when a firing with no open incident must open none; None when it may."""
+        skew = self.config.max_clock_skew_seconds
+        if alert.started_at > now + skew:
+            # Not a time: compared with a resolution it would be after every one, and as a resolution
+            # (an incident's start bounds it from below) before every later firing.
+            return "future", (f"it starts {alert.started_at - now:.0f} s ahead of this sidecar's clock "
+                              f"(rollback.max_clock_skew_seconds {skew:g}); taken when sent again once it has started")
+        resolved_at = self._resolved_at.get(alert.key)
+        if resolved_at is not None and alert.started_at <= resolved_at:
+            return "stale", (f"it started at {alert.started_at:.3f}, not after its last resolution at "
+                             f"{resolved_at:.3f}: an old payload again")
+        bound = self.config.max_open_alertmanager_incidents
+        if alert.source == ALERTMANAGER and self._open_from(ALERTMANAGER) >= bound:
+            return "max_open_incidents", (f"{bound} incidents of Alertmanager's alerts are open "
+                                          f"(rollback.max_open_alertmanager_incidents); it opens when Alertmanager "
+                                          "sends it again once one has resolved")
+        return None
+
+    def _open_from(self, source: str) -> int:
+        """Open incidents of alerts from ``source``."""
+        return sum(1 for incident_id in self._open.values() if self._incidents[incident_id].alert.source == source)
 
     def _decide(self, alert: Alert, now: float) -> tuple[str, str]:
         if not alert.hooks:
@@ -291,10 +348,10 @@ class RollbackDispatcher:
             except OSError as err:
                 log.error("sidewatch: cannot write the audit log (%s): hook %s not run", err, name)
                 state.result, state.message = "failure", f"audit log not writable: {err}; not run"
-                self.metrics.hook_runs.labels(incident.alert.name, name, "failure").inc()
+                self.metrics.hook_runs.labels(self.metrics.alert_label(incident.alert.name), name, "failure").inc()
                 return
             state.attempts, state.in_flight = attempt, True
-            self.metrics.hook_attempts.labels(incident.alert.name, name).inc()
+            self.metrics.hook_attempts.labels(self.metrics.alert_label(incident.alert.name), name).inc()
         call = HookCall(incident, name, attempt, self.config.instance)
         started = time.monotonic()
         retry = True
@@ -342,9 +399,10 @@ class RollbackDispatcher:
         self._record("hook_result", incident=incident.id, hook=name, result=result, message=message,
                      attempts=state.attempts)
         state.result, state.message, state.finished_at, state.in_flight = result, message, time.time(), False
-        self.metrics.hook_runs.labels(incident.alert.name, name, result).inc()
+        label = self.metrics.alert_label(incident.alert.name)
+        self.metrics.hook_runs.labels(label, name, result).inc()
         if result == "success":
-            self.metrics.hook_last_timestamp.labels(incident.alert.name, name).set(state.finished_at)
+            self.metrics.hook_last_timestamp.labels(label, name).set(state.finished_at)
         (log.warning if result in ("success", "dry_run") else log.error)(
             "sidewatch: hook %s for incident %s: %s: %s", name, incident.id, result, message)
 
@@ -372,11 +430,19 @@ class RollbackDispatcher:
         last_result_at: dict[tuple[str, str], float] = {}
         # Whether the last recorded attempt of each (incident, hook) succeeded.
         last_ok: dict[tuple[str, str], bool] = {}
+        # Incident id -> alert key of the open incidents beyond max_open_alertmanager_incidents: not restored.
+        dropped: dict[str, str] = {}
         for record in records:
             try:
-                self._replay_record(record, counted, pins, pinned_by, last_result_at, last_ok)
+                self._replay_record(record, counted, pins, pinned_by, last_result_at, last_ok, dropped)
             except (KeyError, TypeError, ValueError) as err:
                 log.warning("sidewatch: audit log record %r not understood (%s); skipped", record, err)
+        if dropped:
+            log.warning("sidewatch: %d incidents of Alertmanager's alerts in the audit log %s not restored (the "
+                        "first: %s): they opened while %d were open, beyond rollback.max_open_alertmanager_incidents "
+                        "(written without that bound, or with a larger one); their hooks are not resumed",
+                        len(dropped), self.config.audit_log, bound_label(next(iter(dropped))),
+                        self.config.max_open_alertmanager_incidents)
         for pin in pins.values():
             try:
                 self._apply_pin(pin)
@@ -400,17 +466,23 @@ class RollbackDispatcher:
                         self.config.audit_log, len(records), len(self._open), len(pins))
 
     def _replay_record(self, record: dict, counted: str, pins: dict[str, Pin], pinned_by: set,
-                       last_result_at: dict, last_ok: dict) -> None:
+                       last_result_at: dict, last_ok: dict, dropped: dict[str, str]) -> None:
         kind = record["type"]
         at = float(record.get("ts") or 0.0)
         if kind == "incident_opened":
             alert = alert_from_dict(record["alert"])
             incident = Incident(record["incident"], alert, at, record.get("decision", "run"), record.get("reason", ""),
                                 hooks={name: HookState() for name in alert.hooks})
+            if incident.decision == counted:
+                self._count_rollback(at)  # restored or not, it was decided: it counts for max_per_hour
+            if (alert.source == ALERTMANAGER and alert.key not in self._open
+                    and self._open_from(ALERTMANAGER) >= self.config.max_open_alertmanager_incidents):
+                # The bound the live dispatcher keeps, kept the same way (in the log's order): the later
+                # records of this incident find no incident (but its resolution, below).
+                dropped[incident.id] = alert.key
+                return
             self._incidents[incident.id] = incident
             self._open[alert.key] = incident.id
-            if incident.decision == counted:
-                self._count_rollback(at)
             return
         if kind in ("route_pinned", "route_undone"):
             if kind == "route_pinned":
@@ -423,14 +495,16 @@ class RollbackDispatcher:
             return
         incident = self._incidents.get(record.get("incident", ""))
         if incident is None:
+            key = dropped.get(record.get("incident", ""))
+            if kind == "incident_resolved" and key is not None:
+                # Not restored, but an old payload of it posted again is still stale.
+                self._remember_resolution(key, self._replayed_resolution(record, at, 0.0))
             return  # "started" notes, or an incident pruned from memory
         if kind == "incident_resolved":
             incident.closed_at = at
             if self._open.get(incident.alert.key) == incident.id:
                 del self._open[incident.alert.key]
-            # Records written before resolved_at was: the sidecar's clock at the resolution.
-            self._remember_resolution(incident.alert.key, max(float(record.get("resolved_at") or at),
-                                                              incident.alert.started_at))
+            self._remember_resolution(incident.alert.key, self._replayed_resolution(record, at, incident.alert.started_at))
             return
         state = incident.hooks.get(record.get("hook", ""))
         if state is None:
@@ -445,6 +519,14 @@ class RollbackDispatcher:
         elif kind == "hook_result":
             state.result, state.message, state.finished_at = record["result"], str(record.get("message", "")), at
             state.in_flight = False
+
+    def _replayed_resolution(self, record: dict, at: float, started_at: float) -> float:
+        """When an ``incident_resolved`` record says the alert resolved, on the alert source's clock: not before
+        the incident's start, and not later than the clock-skew allowance after the record was written (a start
+        dated years ahead, written before the clock check, would make every later firing stale)."""
+        # Records written before resolved_at was: the sidecar's clock at the resolution.
+        resolved_at = max(float(record.get("resolved_at") or at), started_at)
+        return min(resolved_at, at + self.config.max_clock_skew_seconds) if at > 0 else resolved_at
 
     def _resume(self, incident: Incident, name: str, state: HookState, pinned: bool,
                 last_result_at: float | None, now: float) -> None:

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 # sidewatch_rollback_hook_runs_total{result}. "unknown" is only written on replay: an attempt that
 # was started before a crash and has no recorded result (it may or may not have run).
 HOOK_RESULTS = ("success", "failure", "dry_run", "skipped", "unknown")
+# Alert.source of the alerts that Alertmanager delivers (agent/alerts/receiver.py); the engine's are "sidecar".
+ALERTMANAGER = "alertmanager"
 
 
 @dataclass(frozen=True)

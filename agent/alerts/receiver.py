@@ -8,6 +8,16 @@ so a notification repeated every ``repeat_interval`` maps to the incident alread
 whose ``startsAt`` is not after the same key's last resolution (the resolved alert's ``endsAt``) is an
 old payload again: it opens nothing, is counted, and is answered 200 so Alertmanager does not retry it.
 
+Bounds (a careless rule, or a route that does not group by alert name, can put thousands of alerts in one
+group): only the first ``admin.max_alerts_per_delivery`` firing alerts with hooks of a delivery are acted
+on, and the dispatcher refuses new incidents beyond ``rollback.max_open_alertmanager_incidents`` and firings
+dated ahead of its clock. Every refusal is counted (``sidewatch_alert_firings_ignored_total{reason}``), logged
+at most once per interval, and answered 200 with what became of each alert: a 4xx would make Alertmanager
+drop the whole notification, the alerts acted on with it, and a 5xx would make it retry the same payload at
+once, refused the same way. What was not acted on comes back with Alertmanager's next notification of the
+group (``group_interval`` when the group changed, ``repeat_interval`` otherwise), and is acted on then if it
+fits. Resolutions come first in a delivery (they free room) and are never truncated.
+
 The payload is checked whole before anything is dispatched: a malformed one changes nothing.
 Payload: https://prometheus.io/docs/alerting/latest/configuration/#webhook_config
 """
@@ -20,8 +30,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from agent.alerts.incident import Alert, alert_key
+from agent.alerts.incident import ALERTMANAGER, Alert, alert_key
 from agent.jsonbody import BadBody, parse_json_body
+from agent.logs import ThrottledLog
+from agent.metrics import FIRING_REFUSALS, bound_label
 
 if TYPE_CHECKING:
     from agent.alerts.dispatcher import RollbackDispatcher
@@ -31,6 +43,8 @@ log = logging.getLogger(__name__)
 
 # An alert label naming hooks (comma-separated), for Prometheus rules that choose their own hooks.
 HOOKS_LABEL = "sidewatch_hooks"
+# Lines about deliveries that repeat (unknown hooks, truncated deliveries): each kind once per interval.
+_throttled = ThrottledLog(log)
 
 
 class MalformedPayload(ValueError):
@@ -112,7 +126,7 @@ def parse_payload(body: bytes, mapping: dict[str, list[str]], known_hooks) -> De
             continue
         delivery.firing.append(Alert(
             name=name, key=key, severity=labels.get("severity", ""), labels=labels, annotations=dict(annotations),
-            source="alertmanager", started_at=started_at if started_at > 0 else time.time(), value=None,
+            source=ALERTMANAGER, started_at=started_at if started_at > 0 else time.time(), value=None,
             hooks=hooks))
     return delivery
 
@@ -123,8 +137,10 @@ def _hooks(name: str, labels: dict[str, str], mapping: dict[str, list[str]], kno
         if not hook or hook in hooks:
             continue
         if hook not in known_hooks:
-            # A rule's label can name anything; only configured hooks ever run.
-            log.warning("sidewatch: Alertmanager alert %s names hook %r, which is not configured", name, hook)
+            # A rule's label can name anything; only configured hooks ever run. (One key for every name: the
+            # names are the caller's, and each key is remembered.)
+            _throttled.warning("unknown_hook", "sidewatch: Alertmanager alert %s names hook %r, which is not "
+                               "configured", bound_label(name), bound_label(hook))
             continue
         hooks.append(hook)
     return tuple(hooks)
@@ -134,13 +150,16 @@ class AlertmanagerReceiver:
     """Hands the alerts of each delivery to the dispatcher and counts deliveries by result."""
 
     def __init__(self, mapping: dict[str, list[str]], known_hooks, dispatcher: "RollbackDispatcher",
-                 metrics: "AlertMetrics") -> None:
+                 metrics: "AlertMetrics", max_alerts_per_delivery: int) -> None:
         self.mapping = mapping
         self.known_hooks = frozenset(known_hooks)
         self.dispatcher = dispatcher
         self.metrics = metrics
+        self.max_alerts_per_delivery = max_alerts_per_delivery
         for result in ("ok", "malformed", "unauthorized", "too_large", "error"):
             metrics.receiver_requests.labels(result)
+        for reason in FIRING_REFUSALS:  # 0 until it happens, for alerts on their rate
+            metrics.firings_ignored.labels(ALERTMANAGER, reason)
 
     def count(self, result: str) -> None:
         self.metrics.receiver_requests.labels(result).inc()
@@ -153,22 +172,31 @@ class AlertmanagerReceiver:
             self.count("malformed")
             log.warning("sidewatch: malformed Alertmanager payload: %s", err)
             return 400, {"error": f"sidewatch: malformed Alertmanager payload: {err}"}
-        incidents, stale = {}, []
+        acted, truncated = delivery.firing[:self.max_alerts_per_delivery], delivery.firing[self.max_alerts_per_delivery:]
+        incidents: dict[str, str] = {}
+        refused: dict[str, list[str]] = {"stale": [], "future": [], "max_open_incidents": []}
         try:
-            for alert in delivery.firing:
-                incident = self.dispatcher.firing(alert)
-                if incident is None:
-                    # Not after the alert's last resolution: an old payload again. Answered 200 all the
-                    # same (Alertmanager must not retry it), counted by the dispatcher.
-                    stale.append(alert.key)
-                else:
-                    incidents[alert.key] = incident
+            # Resolutions first: they free room under the bound on open incidents for the firings after them.
             for key in delivery.resolved:
                 self.dispatcher.resolved(key, delivery.ended_at.get(key))
+            for alert in acted:
+                admission = self.dispatcher.admit(alert)
+                if admission.incident is None:
+                    # Refused (counted and logged by the dispatcher), answered 200 all the same: see above.
+                    refused[admission.refused].append(alert.key)
+                else:
+                    incidents[alert.key] = admission.incident
         except Exception as err:  # answered 500: Alertmanager retries the delivery
             self.count("error")
             log.exception("sidewatch: the rollback dispatcher failed on an Alertmanager delivery")
             return 500, {"error": f"sidewatch: dispatcher failed: {err}"}
+        if truncated:
+            self.metrics.firings_ignored.labels(ALERTMANAGER, "truncated").inc(len(truncated))
+            _throttled.warning("truncated", "sidewatch: an Alertmanager delivery of %d firing alerts with hooks: the "
+                               "first %d acted on, %d truncated (admin.max_alerts_per_delivery; the first truncated: "
+                               "%s); set max_alerts in Alertmanager's webhook_config, or group the route more finely",
+                               len(delivery.firing), len(acted), len(truncated), bound_label(truncated[0].key))
         self.count("ok")
         return 200, {"incidents": incidents, "resolved": delivery.resolved, "ignored": delivery.ignored,
-                     "stale": stale}
+                     "stale": refused["stale"], "future": refused["future"], "refused": refused["max_open_incidents"],
+                     "truncated": len(truncated)}

@@ -160,6 +160,21 @@ class RollbackConfig(Strict):
     cooldown_seconds: float = Field(300.0, ge=0)
     # No more than this many rollbacks in any hour.
     max_per_hour: int = Field(3, ge=0)
+    # Incidents of Alertmanager's alerts (POST /alertmanager) open at once, at most: while this many are open
+    # a new one is refused (counted in sidewatch_alert_firings_ignored_total{reason="max_open_incidents"},
+    # logged once a minute, answered 200 and listed as refused); Alertmanager sends a firing alert again at
+    # every repeat_interval, and it opens then if there is room. The replay of the audit log at start keeps
+    # the same bound. The shipped rules that roll back (3, grouped by model and version) on metrics.max_models
+    # (64) model versions open 192 at most. The sidecar's own alerts are neither counted nor refused: they are
+    # bounded by alerts.rules and the model labels, and the engine hands a firing over once, with no resend.
+    max_open_alertmanager_incidents: int = Field(256, ge=1)
+    # How far ahead of this sidecar's clock an alert's start (Alertmanager's startsAt) may be: the clocks of
+    # the hosts of Prometheus, Alertmanager and the sidecar differ a little. A firing that starts later than
+    # that is not trusted as a time at all: it opens nothing (counted, reason="future"), and it is taken when
+    # it is sent again once its start is no longer ahead. No resolution is remembered later than this either,
+    # so a start dated years ahead cannot make the alert's real firings look stale for years. 5 minutes:
+    # Kerberos's default maximum clock skew.
+    max_clock_skew_seconds: float = Field(300.0, ge=0)
     # The sidewatch instance named in webhooks and command environments.
     instance: str = Field(default_factory=socket.gethostname)
     hooks: dict[str, HookConfig] = {}

@@ -89,6 +89,11 @@ class Metrics(Strict):
     # `models:`) always keep theirs; another pair takes one of the remaining only once the upstream has
     # answered it OK, so names it refuses (junk, random bytes) never take one. Values are cut to 128 bytes.
     max_models: int = Field(64, ge=1)
+    # Alertmanager alert names given their own `alert` label value on the rollback metrics (incidents, hook
+    # runs and attempts), besides the names the config gives (alerts.rules, admin.alertmanager_hooks), which
+    # always keep theirs: a name that reached a hook only by its sidewatch_hooks label takes one of these when
+    # its first incident opens; once they are taken, the others are counted as "_other". Cut to 128 bytes.
+    max_alert_names: int = Field(32, ge=0)
     # HTTPS for /metrics; with client_ca_file and require_client_cert, only scrapers with a certificate.
     tls: ListenerTLS | None = None
 
@@ -253,6 +258,14 @@ class Admin(Strict):
     max_body_bytes: int = Field(1024 * 1024, ge=1024)
     # Alertmanager alert name -> hooks (names under rollback.hooks) run when it fires.
     alertmanager_hooks: dict[str, list[str]] = {}
+    # Firing alerts with hooks acted on per delivery (Alertmanager posts one group per delivery): the first
+    # ones, in the delivery's order; the rest are truncated, as Alertmanager's own webhook max_alerts truncates:
+    # not acted on, counted (sidewatch_alert_firings_ignored_total{reason="truncated"}) and answered 200 with
+    # their number. Alertmanager sorts a group's alerts the same way in every notification, so while a group
+    # holds more, the same ones are truncated again; they are acted on once the group is small enough. The
+    # shipped route groups by alertname, model and version: a group holds one alert, or one per detector or
+    # replica. Resolved alerts are never truncated: they only close incidents.
+    max_alerts_per_delivery: int = Field(32, ge=1)
 
     _listen = field_validator("listen")(check_address)
 

@@ -303,12 +303,15 @@ def test_alertmanager_config_reaches_the_receiver_as_the_compose_alertmanager_do
         (upstream["group_wait"], upstream["group_interval"], upstream["repeat_interval"])
     webhook, = receivers[route["receiver"]]["webhookConfigs"]
     assert webhook["sendResolved"] is True
+    # Alertmanager truncates a group to what the sidecar acts on, and counts the rest (truncatedAlerts).
+    config = _config(objects)
+    compose_webhook, = next(r for r in compose["receivers"] if r["name"] == "sidewatch-rollback")["webhook_configs"]
+    assert webhook["maxAlerts"] == compose_webhook["max_alerts"] == config.admin.max_alerts_per_delivery
     url = re.fullmatch(r"https://([^:/]+):(\d+)(/.*)", webhook["url"])
     service = _find(objects, "Service", "sidewatch")
     assert url[1] == f"{service['metadata']['name']}.{service['metadata']['namespace']}.svc"
     admin_port = next(p for p in service["spec"]["ports"] if p["port"] == int(url[2]))
     assert admin_port["name"] == "admin" and url[3] == "/alertmanager"
-    config = _config(objects)
     assert split_address(config.admin.listen) == ("0.0.0.0", int(url[2])) and config.admin.tls is not None
     credentials = webhook["httpConfig"]["authorization"]["credentials"]
     assert _secret_key_exists(objects, credentials["name"], credentials["key"])

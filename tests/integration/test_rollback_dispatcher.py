@@ -5,6 +5,7 @@ its replay at start (open incidents, unfinished hooks, route pins)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -14,7 +15,8 @@ from prometheus_client import CollectorRegistry
 
 from agent.alerts.audit import AuditLog
 from agent.alerts.dispatcher import RollbackDispatcher
-from agent.alerts.incident import Alert, alert_key
+from agent.alerts.incident import Alert, alert_key, alert_to_dict
+from agent.alerts.receiver import AlertmanagerReceiver
 from agent.config.rollback import RollbackConfig
 from agent.dataplane.routes import RouteTable
 from agent.metrics import AlertMetrics
@@ -340,3 +342,97 @@ def test_without_an_audit_log_decisions_are_kept_in_memory(tmp_path):
         assert h.dispatcher.status()["audit_log"] is None
     finally:
         h.close()
+
+
+def from_alertmanager(name: str, started_at: float | None = None, **labels) -> Alert:
+    fired = alert(name, **labels)
+    return dataclasses.replace(fired, source="alertmanager", started_at=started_at or fired.started_at)
+
+
+def test_open_incidents_of_alertmanager_alerts_are_bounded_and_the_sidecars_own_are_not(harness):
+    h = harness(max_open_alertmanager_incidents=2)
+    first, second = (h.dispatcher.admit(from_alertmanager(f"Fleet{i}")).incident for i in range(2))
+    assert first and second
+    refused = h.dispatcher.admit(from_alertmanager("Fleet2"))
+    assert refused.incident is None and refused.refused == "max_open_incidents"
+    assert h.metric("sidewatch_alert_firings_ignored_total", source="alertmanager", reason="max_open_incidents") == 1
+    assert h.dispatcher.admit(from_alertmanager("Fleet0")).incident == first  # open already: no new incident
+    assert h.fire(alert("OwnRule"))  # the engine's: neither counted nor refused
+    h.dispatcher.resolved(from_alertmanager("Fleet0").key)
+    assert h.dispatcher.admit(from_alertmanager("Fleet2")).incident  # sent again, with room: it opens
+    assert not [r for r in h.records("incident_opened") if r["alert"]["name"] == "Fleet3"]
+    h.restart()
+    assert h.dispatcher.status()["open_incidents"] == 3
+    assert h.dispatcher.admit(from_alertmanager("Fleet3")).refused == "max_open_incidents"
+
+
+def test_the_replay_keeps_the_bound_in_the_logs_order(harness):
+    h = harness()
+    fired = [from_alertmanager(f"Fleet{index}") for index in range(5)]
+    for each in fired:
+        h.fire(each)
+    h.dispatcher.resolved(fired[4].key)
+    h.restart(max_open_alertmanager_incidents=3)  # lowered: the log holds more open than the bound
+    status = h.dispatcher.status()
+    assert status["open_incidents"] == 3
+    assert sorted(incident["alert"] for incident in status["incidents"]) == ["Fleet0", "Fleet1", "Fleet2"]
+    assert status["rollbacks_last_hour"] == 5  # restored or not, they were rollbacks
+    # Not restored, but its resolution is: the old payload posted again is still stale.
+    assert h.dispatcher.admit(fired[4]).refused == "stale"
+    assert h.dispatcher.admit(fired[3]).refused == "max_open_incidents"
+
+
+def test_a_start_dated_ahead_of_the_clock_opens_nothing_within_the_allowance_it_does(harness):
+    h = harness(max_clock_skew_seconds=60)
+    ahead = h.dispatcher.admit(from_alertmanager("Fleet", started_at=time.time() + 10 * 365 * 86400))
+    assert ahead.incident is None and ahead.refused == "future"
+    assert h.metric("sidewatch_alert_firings_ignored_total", source="alertmanager", reason="future") == 1
+    assert not h.records("incident_opened")
+    assert h.dispatcher.admit(from_alertmanager("Fleet", started_at=time.time() + 30)).incident
+
+
+def test_a_resolution_dated_years_ahead_in_an_old_log_does_not_make_later_firings_stale(harness):
+    h = harness(max_clock_skew_seconds=1)
+    h.dispatcher.close()
+    # As a sidecar without the clock check wrote it: a start in 2099, so a resolution in 2099.
+    far, now = 4_070_908_800.0, time.time()
+    broken = from_alertmanager("Fleet", started_at=far)
+    with open(h.config.audit_log, "a") as log:
+        for record in ({"ts": now - 10, "type": "incident_opened", "incident": "inc-old", "decision": "run",
+                        "reason": "", "alert": alert_to_dict(broken)},
+                       {"ts": now - 5, "type": "incident_resolved", "incident": "inc-old", "key": broken.key,
+                        "resolved_at": far}):
+            log.write(json.dumps(record) + "\n")
+    h.start()
+    # Remembered as resolved 1 s (the allowance) after the record, not in 2099: a firing that started before
+    # that is stale, one that started after it is a new incident.
+    assert h.dispatcher.admit(from_alertmanager("Fleet", started_at=now - 20)).refused == "stale"
+    assert h.dispatcher.admit(from_alertmanager("Fleet", started_at=time.time())).incident
+
+
+def _delivery(*alerts: tuple[str, str]) -> bytes:
+    """A webhook body of (alert name, status) pairs, each naming the hook "script" by its label."""
+    return json.dumps({"version": "4", "alerts": [
+        {"status": status, "labels": {"alertname": name, "sidewatch_hooks": "script"},
+         "startsAt": "2024-05-01T12:00:00Z", "endsAt": "2024-05-01T12:05:00Z"} for name, status in alerts]}).encode()
+
+
+def test_the_receiver_truncates_a_delivery_and_resolves_before_it_opens(harness):
+    h = harness(max_open_alertmanager_incidents=3)
+    receiver = AlertmanagerReceiver({}, h.config.hooks, h.dispatcher, h.dispatcher.metrics, max_alerts_per_delivery=2)
+
+    def post(*alerts: tuple[str, str]) -> dict:
+        status, reply = receiver.handle(_delivery(*alerts))
+        assert status == 200, reply
+        names = {field: sorted(key.partition("{")[0] for key in reply[field]) for field in ("incidents", "refused")}
+        return {**reply, **names}
+
+    reply = post(*((f"Fleet{i}", "firing") for i in range(5)))
+    assert reply["incidents"] == ["Fleet0", "Fleet1"] and reply["truncated"] == 3
+    assert h.metric("sidewatch_alert_firings_ignored_total", source="alertmanager", reason="truncated") == 3
+    assert post(("Fleet2", "firing"), ("Fleet3", "firing"))["incidents"] == ["Fleet2"]  # the bound: 3 open
+    # Full: a resolution in the same delivery makes room for the firing, wherever it stands.
+    reply = post(("Fleet3", "firing"), ("Fleet0", "resolved"))
+    assert reply["incidents"] == ["Fleet3"] and reply["refused"] == []
+    reply = post(("Fleet4", "firing"))
+    assert reply["incidents"] == [] and reply["refused"] == ["Fleet4"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry
 
 from agent.dataplane.envoy import lua
-from agent.metrics import MAX_LABEL_BYTES, OTHER, ProxyMetrics, bound_label, label_bytes
+from agent.metrics import MAX_LABEL_BYTES, OTHER, AlertMetrics, ProxyMetrics, bound_label, label_bytes
 
 
 def test_client_supplied_models_and_versions_are_bounded():
@@ -51,3 +51,17 @@ def test_label_values_are_cut_to_128_bytes_as_the_envoy_plane_cuts_them():
     assert bound_label("é" * 100) == "é" * 64  # 2 bytes each: cut on a character boundary
     assert label_bytes("é".encode() * 64 + b"\xc3") == "é" * 64  # a cut character's byte goes
     assert MAX_LABEL_BYTES == lua.MAX_LABEL_BYTES
+
+
+def test_alert_names_from_alertmanager_are_bounded_and_the_configured_ones_keep_theirs():
+    registry = CollectorRegistry()
+    metrics = AlertMetrics(registry, known_alerts=["ModelBroken", "Rule"], max_alert_names=2)
+    for index in range(3000):
+        metrics.incidents.labels(metrics.alert_label(f"Junk{index}"), "alertmanager").inc()
+    metrics.incidents.labels(metrics.alert_label("ModelBroken"), "alertmanager").inc()
+    metrics.incidents.labels(metrics.alert_label("J" * 10_000), "alertmanager").inc()
+    labels = {s.labels["alert"] for m in registry.collect() if m.name == "sidewatch_incidents" for s in m.samples}
+    assert labels == {"Junk0", "Junk1", OTHER, "ModelBroken"}
+    assert registry.get_sample_value("sidewatch_incidents_total", {"alert": OTHER, "source": "alertmanager"}) == 2999
+    assert metrics.alert_label("Rule" + "x" * 1000) == OTHER  # cut to 128 bytes, and not a known name
+    assert AlertMetrics(CollectorRegistry(), max_alert_names=1).alert_label("é" * 100) == "é" * 64
