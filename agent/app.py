@@ -22,7 +22,7 @@ import asyncio
 import logging
 import signal
 
-from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
+from prometheus_client import REGISTRY, CollectorRegistry
 
 from agent import tls
 from agent.admin.server import AdminServer, admin_token
@@ -37,8 +37,9 @@ from agent.dataplane.routes import RouteTable
 from agent.dataplane.server import GrpcDataPlane
 from agent.dataplane.tap import Tap
 from agent.dataplane.upstream import channel_opener
+from agent.httpd.metrics import start_metrics_listener
 from agent.memory import MemoryTrimmer
-from agent.metrics import AlertMetrics, DetectionMetrics, DriftMetrics, EnvoyMetrics, ProxyMetrics
+from agent.metrics import AlertMetrics, DetectionMetrics, DriftMetrics, EnvoyMetrics, ListenerMetrics, ProxyMetrics
 from agent.repository import version_dirs
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,8 @@ class Sidecar:
         check_files(config)
         config = self.config = choice.resolve(config)
         self.registry = registry
+        # Connections the HTTP listeners (the admin API, /metrics) cut by their bounds.
+        self.listener_metrics = ListenerMetrics(registry)
         self.metrics = ProxyMetrics(registry, config.metrics.max_models, known_models(config))
         self.tap = Tap(self.metrics, config.tap.queue_size, sink_timeout_seconds=config.tap.sink_timeout_seconds)
         self.watch, self.drift = self._detectors()
@@ -128,7 +131,8 @@ class Sidecar:
             receiver = AlertmanagerReceiver(config.admin.alertmanager_hooks, config.rollback.hooks, self.dispatcher,
                                             self.alert_metrics, config.admin.max_alerts_per_delivery)
             self.admin = AdminServer(config.admin, token, self.dispatcher, self.engine, receiver, self.alert_metrics,
-                                     baseline_reset=None if self.drift is None else self.drift.reset_baseline)
+                                     baseline_reset=None if self.drift is None else self.drift.reset_baseline,
+                                     count_cut=self.listener_metrics.count_cut("admin"))
         elif config.admin.enabled:
             log.warning("sidewatch: admin API off: no token (set admin.token_file or SIDEWATCH_ADMIN_TOKEN)")
 
@@ -150,8 +154,9 @@ class Sidecar:
         await self.dataplane.start()
         if config.metrics.listen:
             host, port = split_address(config.metrics.listen)
-            self._metrics_server, _ = start_http_server(port, addr=host, registry=self.registry,
-                                                        **tls.http_server_options(config.metrics.tls))
+            context = None if config.metrics.tls is None else tls.server_context(config.metrics.tls)
+            self._metrics_server = start_metrics_listener((host, port), self.registry, config.metrics, context,
+                                                          self.listener_metrics.count_cut("metrics"))
         self.engine.start()
         if self.admin is not None:
             self.admin.start()
@@ -180,7 +185,7 @@ class Sidecar:
         # Lets a hook that is running finish (or stop at its timeout) and flushes the audit log.
         self.dispatcher.close()
         if self._metrics_server is not None:
-            self._metrics_server.shutdown()
+            self._metrics_server.close()
             self._metrics_server = None
         if self._memory_trimmer is not None:
             self._memory_trimmer.stop()

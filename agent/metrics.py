@@ -8,7 +8,7 @@ Label values that a client controls (model names, method names) are bounded by
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -497,6 +497,28 @@ class AlertMetrics:
                                       "Requests to the admin API, by endpoint (status, routes_undo, alertmanager, "
                                       "other) and HTTP status code.",
                                       ["endpoint", "code"], registry=registry)
+
+
+# Why an HTTP listener (the admin API, /metrics) cut a connection (agent/httpd/guard.py).
+CONNECTION_CUT_REASONS = ("deadline", "evicted", "full")
+
+
+class ListenerMetrics:
+    """The HTTP listeners' (admin, metrics) connections cut by their bounds: a slowloris shows here."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.connections_cut = Counter(
+            "sidewatch_http_connections_cut_total",
+            "Connections an HTTP listener (admin, metrics) closed, by reason: deadline (a request not done "
+            "within request_timeout_seconds: a slow client, or a kept-alive connection left idle), evicted (not "
+            "yet authenticated when a new connection needed its slot), full (no slot for a new connection).",
+            ["listener", "reason"], registry=registry)
+
+    def count_cut(self, listener: str) -> Callable[[str], None]:
+        """The function that counts ``listener``'s cut connections, given the reason (its series start at 0)."""
+        for reason in CONNECTION_CUT_REASONS:
+            self.connections_cut.labels(listener, reason)
+        return lambda reason: self.connections_cut.labels(listener, reason).inc()
 
 
 class EnvoyMetrics:

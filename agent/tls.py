@@ -1,8 +1,7 @@
 """TLS set-up, in one place, for every listener and for the channel to the upstream.
 
 - gRPC listener and upstream channel: :func:`server_credentials`, :func:`channel_credentials`;
-- HTTP listeners (``/metrics`` through prometheus_client, the admin API): :func:`server_context`
-  and :func:`http_server_options`.
+- HTTP listeners (``/metrics`` and the admin API, agent/httpd): :func:`server_context`.
 
 A listener's settings have a certificate and key, and optionally a client CA with
 ``require_client_cert`` for mutual TLS (the ``ListenerTLS`` section of the configuration; this module
@@ -71,13 +70,3 @@ def server_context(tls: ListenerSettings) -> ssl.SSLContext:
         context.load_verify_locations(tls.client_ca_file)
         context.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_OPTIONAL
     return context
-
-
-def http_server_options(tls: ListenerSettings | None) -> dict:
-    """prometheus_client.start_http_server's TLS keyword arguments (none for plain HTTP)."""
-    if tls is None:
-        return {}
-    _check_listener(tls)
-    return {"certfile": str(tls.cert_file), "keyfile": str(tls.key_file),
-            "client_cafile": None if tls.client_ca_file is None else str(tls.client_ca_file),
-            "client_auth_required": tls.require_client_cert}

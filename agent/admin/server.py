@@ -6,10 +6,12 @@
     POST /alertmanager    Alertmanager's webhook payload (version 4)
 
 Every request needs ``Authorization: Bearer <token>`` (compared in constant time); without it the
-answer is 401 with ``WWW-Authenticate``. Bodies are bounded (``admin.max_body_bytes``), connections
-too, and each socket has a timeout, so a slow or hostile client cannot pin the server. It is a
-stdlib ThreadingHTTPServer on a thread of its own, listening on loopback unless configured otherwise.
-The metrics endpoint is separate and read-only.
+answer is 401 with ``WWW-Authenticate``. Bodies are bounded (``admin.max_body_bytes``). It is a
+GuardedServer (agent/httpd/guard.py) on a thread of its own, listening on loopback unless configured
+otherwise: each request has a deadline for its whole exchange (``admin.request_timeout_seconds``) and
+at most ``admin.max_connections`` connections are served, a connection that has not yet shown the token
+being evicted for a new one when they run out; so slow or unauthenticated clients cannot lock out
+Alertmanager's deliveries. The metrics endpoint is separate and read-only.
 """
 
 from __future__ import annotations
@@ -17,16 +19,13 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-import socket
 import ssl
-import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Callable
 
 from agent import tls as tls_setup
 from agent.admin.token import MIN_TOKEN_CHARS, TOKEN_ENV, read_token
 from agent.config import Admin, split_address
+from agent.httpd.guard import GuardedHandler, GuardedServer
 from agent.jsonbody import BadBody, parse_json_body
 
 if TYPE_CHECKING:
@@ -36,10 +35,6 @@ if TYPE_CHECKING:
     from agent.metrics import AlertMetrics
 
 log = logging.getLogger(__name__)
-
-# Seconds a client gets for each read or write on its connection (TLS handshake included).
-SOCKET_TIMEOUT_SECONDS = 10.0
-MAX_CONNECTIONS = 32
 
 _ENDPOINTS = {"/status": ("status", "GET"), "/routes/undo": ("routes_undo", "POST"),
               "/baseline/reset": ("baseline_reset", "POST"), "/alertmanager": ("alertmanager", "POST")}
@@ -69,64 +64,19 @@ def is_loopback(host: str) -> bool:
     return host in ("localhost", "::1") or host.startswith("127.")
 
 
-class _Server(ThreadingHTTPServer):
-    """One thread per connection, at most MAX_CONNECTIONS at a time: a flood of connections cannot
-    start threads without end (the ones over the bound are closed at once)."""
+class _Server(GuardedServer):
+    """The admin API's GuardedServer: its handlers reach the AdminServer through it."""
 
-    daemon_threads = True
-    request_queue_size = MAX_CONNECTIONS  # the listen backlog
-
-    def __init__(self, address, handler, admin: "AdminServer", tls: ssl.SSLContext | None) -> None:
+    def __init__(self, address, admin: "AdminServer", tls: ssl.SSLContext | None,
+                 count_cut: Callable[[str], None]) -> None:
         self.admin = admin
-        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
-        if ":" in address[0]:
-            self.address_family = socket.AF_INET6
-        super().__init__(address, handler)
-        if tls is not None:
-            # The handshake happens in the connection's own thread (finish_request), not in accept().
-            self.socket = tls.wrap_socket(self.socket, server_side=True, do_handshake_on_connect=False)
-
-    def process_request(self, request, client_address) -> None:
-        if not self._slots.acquire(blocking=False):
-            self.shutdown_request(request)  # too many open connections: drop this one
-            return
-        try:
-            super().process_request(request, client_address)
-        except Exception:
-            self._slots.release()
-            raise
-
-    def process_request_thread(self, request, client_address) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._slots.release()
-
-    def handle_error(self, request, client_address) -> None:
-        """A connection's handler raised (socketserver's own prints a traceback to stderr, outside the log).
-        A client that went away or stalled mid-request or mid-response is ordinary: a DEBUG line."""
-        err = sys.exc_info()[1]
-        if isinstance(err, (ConnectionError, TimeoutError, ssl.SSLError)):
-            log.debug("sidewatch: admin API: connection from %s ended: %r", client_address[0], err)
-        else:
-            log.exception("sidewatch: admin API: connection from %s failed", client_address[0])
-
-    def finish_request(self, request, client_address) -> None:
-        request.settimeout(SOCKET_TIMEOUT_SECONDS)
-        if isinstance(request, ssl.SSLSocket):
-            try:
-                request.do_handshake()
-            except (OSError, ssl.SSLError) as err:
-                log.info("sidewatch: admin API: TLS handshake with %s failed: %s", client_address[0], err)
-                return
-        super().finish_request(request, client_address)
+        super().__init__("admin API", address, _Handler, admin.config, tls, count_cut)
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(GuardedHandler):
     protocol_version = "HTTP/1.1"
     server_version = "sidewatch-admin"
     sys_version = ""
-    timeout = SOCKET_TIMEOUT_SECONDS
     server: _Server
 
     def log_message(self, format, *args) -> None:  # noqa: A002 - the stdlib's signature
@@ -156,6 +106,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(endpoint, 401, {"error": "sidewatch: a valid bearer token is required"},
                         {"WWW-Authenticate": 'Bearer realm="sidewatch"'}, close=True)
             return
+        # Authenticated: this connection is never evicted for a newer one (agent/httpd/guard.py).
+        self.trust()
         if allowed is None:
             self._reply(endpoint, 404, {"error": f"sidewatch: no such endpoint {path}"}, close=True)
             return
@@ -274,7 +226,8 @@ class AdminServer:
 
     def __init__(self, config: Admin, token: str, dispatcher: "RollbackDispatcher", engine: "AlertEngine | None",
                  receiver: "AlertmanagerReceiver", metrics: "AlertMetrics",
-                 baseline_reset: "Callable[[str, str], bool] | None" = None) -> None:
+                 baseline_reset: "Callable[[str, str], bool] | None" = None,
+                 count_cut: Callable[[str], None] = lambda reason: None) -> None:
         if len(token) < MIN_TOKEN_CHARS:
             raise ValueError(f"sidewatch: the admin token must have at least {MIN_TOKEN_CHARS} characters")
         self.config = config
@@ -285,8 +238,9 @@ class AdminServer:
         self.metrics = metrics
         # Re-baselines a model version's drift (the drift watch's), or None without one.
         self.baseline_reset = baseline_reset
+        # Counts the connections the server cuts, by reason (agent/httpd/guard.py).
+        self._count_cut = count_cut
         self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
         self.port: int | None = None
         for endpoint in ("status", "routes_undo", "baseline_reset", "alertmanager"):
             metrics.admin_requests.labels(endpoint, "401")
@@ -312,21 +266,15 @@ class AdminServer:
             log.warning("sidewatch: the admin API listens on %s without TLS: its bearer token crosses the network "
                         "in the clear (set admin.tls)", self.config.listen)
         try:
-            self._server = _Server((host, port), _Handler, self, tls)
+            self._server = _Server((host, port), self, tls, self._count_cut)
         except OSError as err:
             raise OSError(f"sidewatch: cannot listen on admin.listen {self.config.listen}: {err.strerror}") from err
         self.port = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
-                                        name="sidewatch-admin", daemon=True)
-        self._thread.start()
+        self._server.start()
         log.info("sidewatch: admin API on %s%s", self.config.listen, " (TLS)" if tls else "")
 
     def stop(self) -> None:
         if self._server is None:
             return
-        self._server.shutdown()
-        self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        self._server.close()
         self._server = None
-        self._thread = None

@@ -82,7 +82,22 @@ class Tap(Strict):
         return self
 
 
-class Metrics(Strict):
+class ListenerLimits(Strict):
+    """The bounds of an HTTP listener (the admin API's and /metrics'; agent/httpd/guard.py), so that slow or
+    unauthenticated clients cannot pin it (slowloris)."""
+
+    # Connections served at once. When all are taken, a new connection evicts the oldest one that has not
+    # yet authenticated (admin: a valid bearer token; /metrics: a whole request head); only when every one
+    # has is the new one closed. It is also the listen backlog.
+    max_connections: int = Field(32, ge=1, le=4096)
+    # Seconds each request has, from when the server starts waiting for it (the accept, or the end of the
+    # previous answer on a kept-alive connection) to the last byte of its answer: the TLS handshake, the
+    # request line, headers and body, and the answer. A client trickling its headers is cut there however
+    # often it sends (a timeout per read would never fire), and so is an idle kept-alive connection.
+    request_timeout_seconds: float = Field(10.0, gt=0, le=3600)
+
+
+class Metrics(ListenerLimits):
     listen: str = "0.0.0.0:9102"
     # (model, version) pairs given their own label values; the rest are counted as "_other" (README.md,
     # "Model labels"; agent/metrics.py BoundedModels). The known models (the model repository's, the keys of
@@ -241,12 +256,14 @@ class ModelSettings(Strict):
     reference: Path | None = None
 
 
-class Admin(Strict):
+class Admin(ListenerLimits):
     """The admin HTTP API: GET /status, POST /routes/undo, POST /alertmanager (Alertmanager's webhook).
 
     Every endpoint needs ``Authorization: Bearer <token>``; the token comes from ``token_file`` or the
     environment variable SIDEWATCH_ADMIN_TOKEN. Without a token the API does not start (and a config
     that maps Alertmanager alerts to hooks is refused). It listens on loopback unless told otherwise.
+    ``max_connections`` and ``request_timeout_seconds`` (ListenerLimits) keep slow or unauthenticated
+    clients from locking the API (and Alertmanager's deliveries) out.
     """
 
     enabled: bool = True

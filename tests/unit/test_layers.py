@@ -2,7 +2,7 @@
 
     cli  ->  app  ->  demo  ->  admin, modelserver  ->  detect, alerts  ->  dataplane  ->  protocol  ->  bottom
 
-The bottom (config, metrics, logs, durable, tls, execution, repository, eventloop, jsonbody, and the package's
+The bottom (config, metrics, logs, durable, tls, execution, repository, eventloop, jsonbody, httpd, and the package's
 own ``__init__``) imports nothing else of sidewatch. A module may import modules of its own layer's
 package and of lower layers, never of a higher layer, and never a sibling package of the same layer
 (detect and alerts know nothing of each other). No import cycle between modules, counting imports under
@@ -22,7 +22,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "agent"
 # Lowest first. A module belongs to the first entry that is its name or a prefix of it (by package).
 LAYERS: list[tuple[str, ...]] = [
     ("agent", "agent.config", "agent.metrics", "agent.logs", "agent.durable", "agent.tls", "agent.execution",
-     "agent.repository", "agent.eventloop", "agent.jsonbody", "agent.memory"),
+     "agent.repository", "agent.eventloop", "agent.jsonbody", "agent.memory", "agent.httpd"),
     ("agent.protocol",),
     ("agent.dataplane",),
     ("agent.detect", "agent.alerts"),
