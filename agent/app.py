@@ -217,6 +217,11 @@ def limit_native_threads() -> None:
 # piecemeal (the listener, the data plane, the detectors and the hooks are built from one config), so a
 # changed config takes effect the way a restart does, after the drain.
 SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+# The other signals whose default action ends a process at once, and that a careless operator or a script
+# may send (``kill -USR1`` rotates nginx's logs): logged and otherwise ignored. SIGQUIT keeps its meaning
+# (quit with a core dump, for debugging); SIGKILL and SIGSTOP cannot be caught.
+IGNORED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM, signal.SIGVTALRM, signal.SIGPROF, signal.SIGIO,
+                   signal.SIGPWR)
 
 
 async def serve(config: ServeConfig) -> None:
@@ -231,8 +236,14 @@ async def serve(config: ServeConfig) -> None:
         if not received.done():  # a second signal during the drain changes nothing
             received.set_result(sig)
 
+    def on_ignored(sig: signal.Signals) -> None:
+        log.warning("sidewatch: %s received and ignored: SIGTERM, SIGINT or SIGHUP drain the calls and stop",
+                    sig.name)
+
     for sig in SHUTDOWN_SIGNALS:
         loop.add_signal_handler(sig, on_signal, sig)
+    for sig in IGNORED_SIGNALS:
+        loop.add_signal_handler(sig, on_ignored, sig)
     sig = await received
     log.info("sidewatch: %s received: shutting down, draining in-flight calls for up to %.1f s",
              sig.name, config.shutdown_grace_seconds)

@@ -1,6 +1,8 @@
 """Probes of careless signals (issue 14, defect 5): SIGHUP, whose default action kills a process at once,
-drains ``sidewatch serve`` exactly as SIGTERM does, on both data planes; and a SIGHUP that reaches Envoy
-(sidewatch's child, in its process group: a terminal's hangup reaches both) changes nothing."""
+drains ``sidewatch serve`` exactly as SIGTERM does, on both data planes; a SIGHUP that reaches Envoy
+(sidewatch's child, in its process group: a terminal's hangup reaches both) changes nothing; and every
+other signal whose default action would end the process (SIGUSR1, SIGUSR2, SIGALRM, ...) is logged and
+ignored while calls go on."""
 
 from __future__ import annotations
 
@@ -81,3 +83,22 @@ def test_sighup_drains_calls_in_flight_and_exits_0(upstream, data_plane, tmp_pat
     assert said and "shutting down" in said[0]["message"], process.log()[-3000:]
     if data_plane == "envoy":
         assert any("eating SIGHUP" in line.get("message", "") for line in lines)
+
+
+def test_other_signals_that_would_end_the_process_are_logged_and_ignored(upstream, tmp_path):
+    from agent.app import IGNORED_SIGNALS
+
+    process, port, _ = start_sidecar(tmp_path, upstream.port, "--data-plane", "python")
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = channel.unary_unary(ECHO_UNARY)
+            for sig in IGNORED_SIGNALS:
+                process.signal(sig)
+                time.sleep(0.2)
+                assert process.popen.poll() is None, f"{sig.name} ended the sidecar: {process.log()[-2000:]}"
+                assert call(sig.name.encode(), timeout=5) == sig.name[::-1].encode()
+    finally:
+        assert process.stop() == 0
+    ignored = [line["message"] for line in _json_lines(process.log()) if "received and ignored" in
+               line.get("message", "")]
+    assert [message.split()[1] for message in ignored] == [sig.name for sig in IGNORED_SIGNALS]
