@@ -20,10 +20,11 @@ LATENCY_BUCKETS_SECONDS = (
 
 OTHER = "_other"
 NO_MODEL = ("", "")  # the labels of calls that name no model
-# Why a copy from Envoy's tap was dropped before the tap queue (agent/dataplane/envoy/ext_proc.py).
-# Why a copy of a call never reached the tap queue (sidewatch_tap_copies_dropped_total's reason label). The
-# Envoy data plane's (agent/dataplane/envoy): "envoy", a copy Envoy could not send (its ext_proc stream
-# refused); "closed", a copy whose stream Envoy closed (deferred_close_timeout after the call) before
+# Why a copy of a call never reached the tap queue (sidewatch_tap_copies_dropped_total's reason label). Both
+# data planes: "unpaired", a streamed request's copy with no room to wait for its response (the bounds of
+# agent/dataplane/pending.py). The Envoy data plane's (agent/dataplane/envoy): "too_large", "buffer" and
+# "compressed", a copy its reassembly refused (frames.py); "envoy", a copy Envoy could not send (its ext_proc
+# stream refused); "closed", a copy whose stream Envoy closed (deferred_close_timeout after the call) before
 # sidewatch had read the end of the call.
 TAP_DROP_REASONS = ("too_large", "buffer", "compressed", "unpaired", "envoy", "closed")
 
@@ -211,7 +212,8 @@ class ProxyMetrics:
             "sidewatch_tap_copies_dropped_total",
             "Copies of inference calls dropped before the tap queue, by reason (too_large: a message over "
             "tap.max_message_bytes; buffer: a call over its buffer bounds; compressed; unpaired: a streamed "
-            "request with no room to wait for its response; envoy: a copy Envoy could not send, its ext_proc "
+            "request with no room to wait for its response, past tap.max_pending_stream_requests or "
+            "tap.max_pending_stream_bytes; envoy: a copy Envoy could not send, its ext_proc "
             "stream refused or failed, as when the tap's streams are all taken while sidewatch is behind; closed: a "
             "copy whose stream Envoy closed before sidewatch had read the end of its call, sidewatch being behind).",
             ["reason"],

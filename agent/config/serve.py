@@ -48,8 +48,12 @@ class Upstream(Strict):
 class Tap(Strict):
     # Copies of calls waiting for the detectors; beyond it copies are dropped, never waited for.
     queue_size: int = Field(1024, ge=1)
-    # Streamed requests waiting for their response, per stream, before the oldest is dropped.
+    # ModelStreamInfer, both data planes (agent/dataplane/pending.py): copies of a stream's requests wait for
+    # their responses (to be paired with them) up to this many, and up to this many bytes; a request's copy
+    # that would pass either is not kept (counted, reason="unpaired") and the call goes on. A client that
+    # never reads its responses leaves waiting every request the upstream has taken.
     max_pending_stream_requests: int = Field(256, ge=1)
+    max_pending_stream_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     # A detector call that runs longer is given up on: that detector gets no copies until the call
     # returns, and the others go on (on a new consumer thread).
     sink_timeout_seconds: float = Field(10.0, gt=0)
@@ -320,6 +324,13 @@ class ServeConfig(Strict):
     tap: Tap = Tap()
     # Largest message accepted from clients and from the upstream, both ways.
     max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    # HTTP/2 flow-control window of each stream, toward clients and toward the upstream, on both data planes
+    # (Envoy's connection window is 4 times this): what the sidecar takes in of one stream ahead of the
+    # reader on the other side. A reader that does not read stops its writer after this much, plus the
+    # message being relayed, as it would against the model server directly. (Left to itself, gRPC sizes its
+    # windows from the measured bandwidth-delay product: 4 MiB a stream at least, more on a fast link.) One
+    # stream moves at most about a window per round trip: raise it for clients far away that stream a lot.
+    stream_window_bytes: int = Field(1024 * 1024, ge=65535, le=256 * 1024 * 1024)
     # In-flight calls get this long to finish on SIGTERM before they are cancelled.
     shutdown_grace_seconds: float = Field(10.0, ge=0)
     # An INFO log line per forwarded call (request id, model, version, method, status, duration; never

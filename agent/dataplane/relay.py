@@ -10,17 +10,23 @@ the upstream call: route pins (which parse a pinned model's ModelInfer requests 
 ``model_version``, or send its calls to a fallback upstream), inline adversarial verdicts (flag and
 enforce modes), the tap and the call log. With nothing pinned and no inline detector, the before
 step costs a call and two attribute reads.
+
+Flow control passes through a stream: the relay reads a client's next message only once the upstream has
+taken the last one, and the upstream's next response only once the client has taken the last one; what
+either side may send ahead is one HTTP/2 window (``stream_window_bytes``, upstream.py). The tap's copies
+of a stream's requests wait for their responses within their own bounds (pending.py): a client that never
+reads holds the sidecar to those, whatever it sends.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import time
 
 import grpc
 from grpc import aio
 
+from agent.dataplane.pending import PendingRequests
 from agent.dataplane.policy import Policy
 from agent.dataplane.stream_status import FirstStatus
 from agent.dataplane.tap import TapRecord
@@ -47,7 +53,7 @@ class Forwarder(grpc.GenericRpcHandler):
     """A generic handler that relays each call to one upstream channel."""
 
     def __init__(self, channel: aio.Channel, metrics: ProxyMetrics, policy: Policy | None = None,
-                 max_pending_stream_requests: int = 256) -> None:
+                 max_pending_stream_requests: int = 256, max_pending_stream_bytes: int = 4 << 20) -> None:
         self._channel = channel
         self._metrics = metrics
         # Routing, inline verdicts, the tap and the call log: the before and after steps of each call.
@@ -55,7 +61,9 @@ class Forwarder(grpc.GenericRpcHandler):
         # Stubs on fallback upstreams' channels, by (channel, method).
         self._fallback_unary: dict[tuple[aio.Channel, str], aio.UnaryUnaryMultiCallable] = {}
         self._fallback_stream: dict[tuple[aio.Channel, str], aio.StreamStreamMultiCallable] = {}
+        # Per stream, the requests' copies waiting for their responses (tap.max_pending_stream_*).
         self._max_pending = max_pending_stream_requests
+        self._max_pending_bytes = max_pending_stream_bytes
         # The tasks running the handlers of calls in flight, for the shutdown to wait for (handlers_ended).
         self._running: set[asyncio.Task] = set()
         self._unary_stubs: dict[str, aio.UnaryUnaryMultiCallable] = {}
@@ -181,11 +189,12 @@ class Forwarder(grpc.GenericRpcHandler):
         requests_relayed = metrics.stream_messages.labels(method_label, "request")
         responses_relayed = metrics.stream_messages.labels(method_label, "response")
         policy = self._policy
+        unpaired = metrics.tap_copies_dropped.labels("unpaired")
 
         async def relay(request_iterator, context: aio.ServicerContext):
             started = time.perf_counter()
             # Streamed responses are paired with requests in order; the first request names the model.
-            pending: collections.deque[tuple[bytes, float, float]] = collections.deque(maxlen=self._max_pending)
+            pending = PendingRequests(self._max_pending, self._max_pending_bytes, unpaired)
             first_model = ["", ""]
             upstream = stub
             keeps_copies = taps_inference and policy.keeps_copies
@@ -204,7 +213,7 @@ class Forwarder(grpc.GenericRpcHandler):
                         if not first_model[0]:
                             first_model[0], first_model[1] = peek_model(message)
                         if keeps_copies:
-                            pending.append((message, time.time(), time.perf_counter()))
+                            pending.request(message, time.time(), time.perf_counter())
                     yield message
 
             metrics.in_flight.inc()
@@ -223,8 +232,9 @@ class Forwarder(grpc.GenericRpcHandler):
                     headers_sent = True
                     async for response in call:
                         responses_relayed.inc()
-                        if pending:
-                            request, arrived, request_started = pending.popleft()
+                        paired = pending.response() if keeps_copies else None
+                        if paired is not None:
+                            request, arrived, request_started = paired
                             model, version = peek_model(request)
                             policy.completed(TapRecord(method_label, model, version, request, response, arrived,
                                                        time.perf_counter() - request_started))

@@ -15,7 +15,7 @@ from agent.config import ServeConfig
 from agent.dataplane.health import UpstreamHealth
 from agent.dataplane.policy import Policy
 from agent.dataplane.relay import Forwarder
-from agent.dataplane.upstream import message_size_options, open_upstream_channel
+from agent.dataplane.upstream import open_upstream_channel, transport_options
 from agent.metrics import ProxyMetrics
 
 log = logging.getLogger(__name__)
@@ -42,10 +42,11 @@ class GrpcDataPlane:
     async def start(self) -> None:
         config = self.config
         self.channel = open_upstream_channel(config)
-        self.server = aio.server(options=message_size_options(config))
+        self.server = aio.server(options=transport_options(config))
         # The health service is registered first so that it answers before the catch-all forwarder.
         self.health = UpstreamHealth(self.server, self.channel, config.upstream_health_interval_seconds)
-        self.forwarder = Forwarder(self.channel, self.metrics, self.policy, config.tap.max_pending_stream_requests)
+        self.forwarder = Forwarder(self.channel, self.metrics, self.policy, config.tap.max_pending_stream_requests,
+                                   config.tap.max_pending_stream_bytes)
         self.server.add_generic_rpc_handlers([self.forwarder])
         if config.tls is None:
             self.port = self.server.add_insecure_port(config.listen)

@@ -22,9 +22,26 @@ def message_size_options(config: ServeConfig) -> list[tuple[str, int]]:
     ]
 
 
+def transport_options(config: ServeConfig) -> list[tuple[str, int]]:
+    """The message sizes, and a fixed HTTP/2 window per stream (``stream_window_bytes``), for the listener
+    and the channels to upstreams.
+
+    gRPC sizes its receive windows from the bandwidth-delay product it measures (BDP probes): 4 MiB a
+    stream at least. On the relay's two sides that let a stream's writer run 4 to 10 MiB ahead into the
+    sidecar of a reader that does not read (a client's requests, when the model server is busy; a model
+    server's responses, when the client never reads them), where the other end alone would have stopped
+    it after its own window. With the probes off, ``grpc.http2.lookahead_bytes`` is the window. (Measured
+    on loopback: no change in the relay's throughput of 200 KB and 4 MB messages, unary or streamed.)
+    """
+    return message_size_options(config) + [
+        ("grpc.http2.bdp_probe", 0),
+        ("grpc.http2.lookahead_bytes", config.stream_window_bytes),
+    ]
+
+
 def open_upstream_channel(config: ServeConfig, address: str | None = None) -> aio.Channel:
     """A channel to the upstream (or to ``address``, a fallback upstream, with the upstream's settings)."""
-    options = message_size_options(config) + _RECONNECT_OPTIONS
+    options = transport_options(config) + _RECONNECT_OPTIONS
     upstream = config.upstream
     address = address or upstream.address
     if upstream.tls is None:

@@ -2,9 +2,11 @@
 
 It runs in the test process (grpc's own sync server on loopback) so the test can read what it saw:
 metadata, deadlines, cancellations. The client steers it with request metadata:
-``x-test-sleep`` (seconds to wait before answering) and ``x-test-fail`` (``CODE:message``); on a stream,
-``x-test-flood`` (bytes) sends messages of that size for as long as the client lets it (flow control),
-counted in ``Seen.sent``.
+``x-test-sleep`` (seconds to wait before answering; a stream reads nothing meanwhile, as a busy model
+server) and ``x-test-fail`` (``CODE:message``); on a stream, ``x-test-flood`` (bytes) sends messages of that
+size for as long as the client lets it (flow control), counted in ``Seen.sent``, and ``x-test-hold`` reads
+every request and answers none of them (a model server that queues them), counted in ``Seen.received``,
+until the client closes its side. ``options`` are the server's gRPC options (its HTTP/2 window, say).
 """
 
 from __future__ import annotations
@@ -30,13 +32,15 @@ class Seen:
     cancelled: threading.Event = field(default_factory=threading.Event)
     finished: threading.Event = field(default_factory=threading.Event)
     sent: int = 0
+    received: int = 0
 
 
 class RecordingUpstream:
-    def __init__(self, credentials: grpc.ServerCredentials | None = None, response: bytes = b"") -> None:
+    def __init__(self, credentials: grpc.ServerCredentials | None = None, response: bytes = b"",
+                 options: list[tuple[str, int]] | None = None) -> None:
         self.seen: list[Seen] = []
         self.response = response
-        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=options)
         self._server.add_generic_rpc_handlers([self])
         address = "127.0.0.1:0"
         self.port = (self._server.add_secure_port(address, credentials) if credentials
@@ -90,6 +94,9 @@ class RecordingUpstream:
                 while flood and context.is_active():
                     yield b"f" * flood  # blocks here while the reader's windows are full
                     seen.sent += 1
+                if seen.metadata.get("x-test-hold"):
+                    for _ in requests:
+                        seen.received += 1
                 for request in requests:
                     yield request[::-1]
                 seen.finished.set()

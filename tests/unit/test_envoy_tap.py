@@ -248,3 +248,30 @@ def test_envoys_circuit_breaker_bounds_the_tap_streams_to_max_streams():
     cluster = ext_proc_cluster(7000, max_streams=8)
     assert cluster["circuit_breakers"]["thresholds"] == [
         {"priority": "DEFAULT", "max_requests": 8, "max_pending_requests": 8}]
+
+
+def test_a_stream_past_its_pending_bytes_loses_those_copies_not_the_stream_and_pairs_the_rest_rightly():
+    """tap.max_pending_stream_bytes: the copies past it are dropped one by one (reason unpaired); the
+    responses of the dropped requests are passed over, and the copies after them pair with their own."""
+    registry, records = CollectorRegistry(), Records()
+    requests = [oip_pb2.ModelInferRequest(model_name="m", id=str(number), raw_input_contents=[bytes(600)])
+                .SerializeToString() for number in range(4)]
+    config = load_config(overrides={"tap.max_pending_stream_bytes": 2 * len(requests[0]) + 1})
+    processor = TapProcessor(config, ProxyMetrics(registry), records)
+    answers = [oip_pb2.ModelStreamInferResponse(infer_response=oip_pb2.ModelInferResponse(
+        model_name="m", id=str(number))).SerializeToString() for number in range(4)]
+
+    async def stream():
+        yield request_headers(paths.MODEL_STREAM_INFER)
+        yield request_body(*requests[:3])  # the third has no room
+        yield response_headers()
+        yield response_body(*answers[:3])
+        yield request_body(requests[3])  # room again
+        yield response_body(answers[3])
+        yield response_trailers("0")
+
+    asyncio.run(processor.Process(stream(), None))
+    assert [(r.request, r.response) for r in records.records] == [
+        (requests[0], answers[0]), (requests[1], answers[1]), (requests[3], answers[3])]
+    assert dropped(registry, "unpaired") == 1 and dropped(registry, "buffer") == 0
+    assert processor.holdings.held == 0

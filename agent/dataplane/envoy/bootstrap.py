@@ -5,9 +5,10 @@ TLS or mutual TLS from ``tls``; one route table: the standard gRPC health servic
 to sidewatch's own health server on loopback, everything else to the ``upstream`` cluster (HTTP/2, TLS from
 ``upstream.tls``), with no route timeout, so streams last as long as they need and a call's deadline is its
 ``grpc-timeout`` header, which the client and the upstream enforce (route comment). Resource bounds: HTTP/2
-windows on both sides and a per-connection buffer limit (a reader that does not read holds a bounded amount
-in Envoy), and at most ``envoy.max_connections`` client connections (the overload manager). The admin API
-listens on loopback only. The pieces that other parts of the data plane add (HTTP filters before the
+windows on both sides (``stream_window_bytes`` a stream, 4 times that a connection) and a per-connection
+buffer limit of one stream window (a reader that does not read holds a bounded amount in Envoy), and at
+most ``envoy.max_connections`` client connections (the overload manager). The admin API listens on
+loopback only. The pieces that other parts of the data plane add (HTTP filters before the
 router, clusters for sidewatch's loopback services, access logs) come in as arguments, so that each part
 writes its own.
 
@@ -53,9 +54,19 @@ HEAP_CONFIG = "type.googleapis.com/envoy.extensions.resource_monitors.fixed_heap
 CONNECTIONS_CONFIG = ("type.googleapis.com/"
                       "envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig")
 # HTTP/2 flow-control windows: a reader that does not read holds at most this much per stream (and per
-# connection) in Envoy, instead of an unbounded queue.
+# connection) in Envoy, instead of an unbounded queue. Toward clients and the upstream the stream's window is
+# the config's stream_window_bytes (the default, as here); toward sidewatch's own loopback services, this.
 STREAM_WINDOW_BYTES = 1 << 20
-CONNECTION_WINDOW_BYTES = 4 << 20
+CONNECTIONS_PER_STREAM_WINDOW = 4
+# Envoy's bounds on HTTP/2 windows (and HTTP/2's own maximum).
+MAX_WINDOW_BYTES = (1 << 31) - 1
+
+
+def http2_windows(stream_window_bytes: int) -> dict[str, int]:
+    """Envoy's http2_protocol_options for a stream window of ``stream_window_bytes``."""
+    return {"initial_stream_window_size": stream_window_bytes,
+            "initial_connection_window_size": min(CONNECTIONS_PER_STREAM_WINDOW * stream_window_bytes,
+                                                  MAX_WINDOW_BYTES)}
 
 
 @dataclass(frozen=True)
@@ -128,7 +139,8 @@ def upstream_tls(tls: UpstreamTLS, host: str) -> dict[str, Any]:
 
 def http2_cluster(name: str, host: str, port: int, connect_timeout: str = "5s",
                   transport_socket: dict[str, Any] | None = None, max_requests: int | None = None,
-                  pool_per_client_connection: bool = False) -> dict[str, Any]:
+                  pool_per_client_connection: bool = False,
+                  stream_window_bytes: int = STREAM_WINDOW_BYTES) -> dict[str, Any]:
     """A cluster of one endpoint that speaks HTTP/2 (gRPC), in plain text or over ``transport_socket``
     (TLS); DNS names are resolved. With ``max_requests``, Envoy's circuit breaker holds at most that many
     requests (HTTP/2 streams) open to it and that many waiting for a connection, and refuses the ones beyond
@@ -152,9 +164,7 @@ def http2_cluster(name: str, host: str, port: int, connect_timeout: str = "5s",
             {"endpoint": {"address": socket_address(host, port)}}]}]},
         "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
             "@type": HTTP_OPTIONS,
-            "explicit_http_config": {"http2_protocol_options": {
-                "initial_stream_window_size": STREAM_WINDOW_BYTES,
-                "initial_connection_window_size": CONNECTION_WINDOW_BYTES}}}},
+            "explicit_http_config": {"http2_protocol_options": http2_windows(stream_window_bytes)}}},
     }
     if transport_socket is not None:
         cluster["transport_socket"] = transport_socket
@@ -191,8 +201,7 @@ def build_bootstrap(config: ServeConfig, loopback: Loopback, http_filters: list[
         "@type": HCM,
         "stat_prefix": "ingress",
         "codec_type": "AUTO",
-        "http2_protocol_options": {"initial_stream_window_size": STREAM_WINDOW_BYTES,
-                                   "initial_connection_window_size": CONNECTION_WINDOW_BYTES},
+        "http2_protocol_options": http2_windows(config.stream_window_bytes),
         # Envoy resets a stream idle for 5 minutes by default; the grpc.aio data plane keeps a quiet
         # ModelStreamInfer open as long as both ends want it, and so does this one.
         "stream_idle_timeout": "0s",
@@ -224,11 +233,12 @@ def build_bootstrap(config: ServeConfig, loopback: Loopback, http_filters: list[
             "listeners": [{
                 "name": "ingress",
                 "address": socket_address(listen_host, listen_port),
-                "per_connection_buffer_limit_bytes": STREAM_WINDOW_BYTES,
+                "per_connection_buffer_limit_bytes": config.stream_window_bytes,
                 "filter_chains": [chain],
             }],
             "clusters": [http2_cluster(UPSTREAM, upstream_host, upstream_port, transport_socket=upstream_socket,
-                                       pool_per_client_connection=True),
+                                       pool_per_client_connection=True,
+                                       stream_window_bytes=config.stream_window_bytes),
                          http2_cluster(HEALTH, "127.0.0.1", loopback.health_port), *clusters],
         },
     }

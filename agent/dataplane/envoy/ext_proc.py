@@ -15,7 +15,8 @@ Calls that are not picked fall through to the plain upstream route and cost the 
 same :class:`TapRecord` as the grpc.aio relay: for ModelInfer once the trailers say OK, for
 ModelStreamInfer one per response message, paired in order with the requests. Everything a client sizes
 is bounded: the message size, the bytes held per call and in all (a call over a bound is dropped from the
-tap and counted by reason), the streamed requests waiting for a response, and the number of open
+tap and counted by reason), the streamed requests waiting for a response, in number and in bytes (a copy
+over a bound is dropped, not the call: pending.py, as the grpc.aio relay keeps them), and the number of open
 streams (``tap.max_streams``: Envoy's circuit breaker on the tap cluster refuses streams beyond it, and
 the copies refused are counted from Envoy's stats, envoy_stats.py).
 
@@ -29,7 +30,6 @@ counted with them.
 
 from __future__ import annotations
 
-import collections
 import logging
 import time
 from typing import Any
@@ -41,6 +41,7 @@ from agent.config import ServeConfig
 from agent.dataplane.envoy.bootstrap import http2_cluster, upstream_route
 from agent.dataplane.envoy.frames import Frames
 from agent.dataplane.envoy.loopback import ext_proc_server
+from agent.dataplane.pending import Counter, PendingRequests
 from agent.dataplane.policy import Policy
 from agent.dataplane.tap import TapRecord
 from agent.metrics import TAP_DROP_REASONS, ProxyMetrics
@@ -117,15 +118,15 @@ class Holdings:
 class CallCopy:
     """The copy of one call, as its pieces arrive (module docstring)."""
 
-    def __init__(self, method: str, config: ServeConfig, holdings: Holdings) -> None:
+    def __init__(self, method: str, config: ServeConfig, holdings: Holdings, unpaired: Counter) -> None:
         tap = config.tap
         self.method = method
         self.streaming = method == "ModelStreamInfer"
         self.requests = Frames(tap.max_message_bytes, tap.max_call_buffer_bytes)
         self.responses = Frames(tap.max_message_bytes, tap.max_call_buffer_bytes)
-        # Requests waiting for their response: (message, time.time() and perf_counter() when it came).
-        self.pending: collections.deque[tuple[bytes, float, float]] = collections.deque()
-        self.max_pending = tap.max_pending_stream_requests
+        # Requests waiting for their response (a ModelInfer's one request, until its trailers).
+        self.pending = (PendingRequests(tap.max_pending_stream_requests, tap.max_pending_stream_bytes, unpaired)
+                        if self.streaming else PendingRequests(1, tap.max_message_bytes, unpaired))
         self.response: bytes | None = None
         self.received_at = time.time()
         self.started = time.perf_counter()
@@ -137,11 +138,14 @@ class CallCopy:
 
     def hold(self) -> bool:
         """Recount the bytes this call holds; False (and dropped) when a bound is passed."""
-        held = (self.requests.buffered + self.responses.buffered + sum(len(m) for m, _, _ in self.pending)
-                + len(self.response or b""))
+        reassembling = self.requests.buffered + self.responses.buffered + len(self.response or b"")
+        held = reassembling + self.pending.bytes
         self.holdings.held += held - self.held
         self.held = held
-        if held > self.max_call_bytes or self.holdings.held > self.holdings.limit:
+        # A stream's copies waiting for their responses have bounds of their own, past which one copy is
+        # dropped (PendingRequests), not the whole stream's; they count toward the bound of all calls.
+        call_bytes = reassembling if self.streaming else held
+        if call_bytes > self.max_call_bytes or self.holdings.held > self.holdings.limit:
             self.drop("buffer")
             return False
         return True
@@ -188,7 +192,7 @@ class TapProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):
                     if method is None:
                         ended = True
                         return  # not an inference call: nothing to copy (a route sent it by mistake)
-                    call = CallCopy(method, self.config, self.holdings)
+                    call = CallCopy(method, self.config, self.holdings, self._dropped["unpaired"])
                 elif kind == "response_trailers" or (kind == "response_headers"
                                                      and message.response_headers.end_of_stream):
                     # The call is over (trailers-only: an error, its status in the headers). End the copy's
@@ -233,20 +237,17 @@ class TapProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):
         now, started = time.time(), time.perf_counter()
         for message in call.requests.feed(chunk):
             call.messages += 1
-            if call.streaming and len(call.pending) >= call.max_pending:
-                call.pending.popleft()  # as the relay does: the oldest waiting request loses its copy
-                self._dropped["unpaired"].inc()
-            call.pending.append((message, now, started))
+            call.pending.request(message, now, started)  # False: no room, its copy dropped and counted
         self._check(call, call.requests)
 
     def _responses(self, call: CallCopy, chunk: bytes) -> None:
         for message in call.responses.feed(chunk):
-            if not call.pending:
-                continue  # a response without a request copy (dropped above)
             if call.streaming:
-                request, arrived, started = call.pending.popleft()
-                self._complete(call, request, message, arrived, time.perf_counter() - started)
-            else:
+                paired = call.pending.response()  # None: its request's copy was dropped
+                if paired is not None:
+                    request, arrived, started = paired
+                    self._complete(call, request, message, arrived, time.perf_counter() - started)
+            elif call.pending:
                 call.response = message
         self._check(call, call.responses)
 
@@ -261,7 +262,7 @@ class TapProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):
     def _trailers(self, call: CallCopy, status: str | None) -> None:
         # ModelInfer: one copy, once the call has ended OK (as the relay: only answered inferences).
         if not call.streaming and status == "0" and call.response is not None and call.pending:
-            request, arrived, _ = call.pending.popleft()
+            request, _, _ = call.pending.response()
             self._complete(call, request, call.response, call.received_at, time.perf_counter() - call.started)
         call.pending.clear()
         call.response = None

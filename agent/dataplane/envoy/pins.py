@@ -74,7 +74,8 @@ def fallback_cluster(config: ServeConfig, address: str) -> dict[str, Any]:
     host, port = split_address(address)
     socket = None if config.upstream.tls is None else upstream_tls(config.upstream.tls, host)
     return {"@type": CLUSTER_TYPE, **http2_cluster(cluster_name(address), host, port, transport_socket=socket,
-                                                   pool_per_client_connection=True)}
+                                                   pool_per_client_connection=True,
+                                                   stream_window_bytes=config.stream_window_bytes)}
 
 
 def _with_model(route: dict[str, Any], model: str, cluster: str, rewrite: bool) -> dict[str, Any]:
