@@ -69,7 +69,8 @@ class Sidecar:
         # Connections the HTTP listeners (the admin API, /metrics) cut by their bounds.
         self.listener_metrics = ListenerMetrics(registry)
         self.metrics = ProxyMetrics(registry, config.metrics.max_models, known_models(config))
-        self.tap = Tap(self.metrics, config.tap.queue_size, sink_timeout_seconds=config.tap.sink_timeout_seconds)
+        self.tap = Tap(self.metrics, config.tap.queue_size, sink_timeout_seconds=config.tap.sink_timeout_seconds,
+                       max_queue_bytes=config.tap.max_queue_bytes)
         self.watch, self.drift = self._detectors()
         self._alerts()
         self.policy = SidecarPolicy(self.routes, self.tap, CallLog(config.log_requests), verdicts=self.watch)

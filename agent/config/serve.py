@@ -48,6 +48,8 @@ class Upstream(Strict):
 class Tap(Strict):
     # Copies of calls waiting for the detectors; beyond it copies are dropped, never waited for.
     queue_size: int = Field(1024, ge=1)
+    # ... and the bytes those copies hold, at most (a copy holds its call's request and response).
+    max_queue_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     # ModelStreamInfer, both data planes (agent/dataplane/pending.py): copies of a stream's requests wait for
     # their responses (to be paired with them) up to this many, and up to this many bytes; a request's copy
     # that would pass either is not kept (counted, reason="unpaired") and the call goes on. A client that

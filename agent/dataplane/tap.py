@@ -1,6 +1,7 @@
 """The tap: copies of inference calls, handed from the hot path to the detectors.
 
-The hot path calls :meth:`Tap.offer`, which never waits: when the bounded queue is full the
+The hot path calls :meth:`Tap.offer`, which never waits: when the bounded queue is full (in copies,
+or in the bytes they hold: a copy of a 5 MiB call holds 5 MiB until the detectors are done with it) the
 copy is dropped and counted. A single consumer thread decodes the tensors and hands a
 :class:`TappedInference` to every registered sink (the detectors of later issues).
 
@@ -77,10 +78,15 @@ def _parse_response(record: TapRecord) -> oip_pb2.ModelInferResponse | None:
 
 class Tap:
     def __init__(self, metrics: ProxyMetrics, queue_size: int, poll_seconds: float = 0.005,
-                 sink_timeout_seconds: float | None = 10.0) -> None:
+                 sink_timeout_seconds: float | None = 10.0, max_queue_bytes: int = 64 << 20) -> None:
         # Only the event loop appends and only the consumer pops, so the length check in offer is exact.
         self._queue: collections.deque[TapRecord] = collections.deque()
         self._capacity = queue_size
+        # The bytes queued are those offered less those taken; each count has one writer (the event loop, the
+        # consumer), so neither needs a lock, and the difference is never less than what the queue holds.
+        self._max_bytes = max_queue_bytes
+        self._bytes_offered = 0
+        self._bytes_taken = 0
         self._poll_seconds = poll_seconds
         self._metrics = metrics
         self._sinks: list[tuple[str, Sink]] = []
@@ -110,14 +116,25 @@ class Tap:
 
     def offer(self, record: TapRecord) -> bool:
         """Enqueue a copy without waiting; False (and counted) when the queue is full."""
+        size = _record_bytes(record)
         if len(self._queue) >= self._capacity:
             self._metrics.tap_dropped.inc()
             self._log.warning("dropped", "sidewatch: tap queue full (%d copies): copies dropped, the calls themselves "
                               "are forwarded; the detectors are behind", self._capacity)
             return False
+        if self._bytes_offered - self._bytes_taken + size > self._max_bytes:
+            self._metrics.tap_dropped.inc()
+            self._log.warning("dropped-bytes", "sidewatch: tap queue full (%d bytes, tap.max_queue_bytes): copies "
+                              "dropped, the calls themselves are forwarded", self._max_bytes)
+            return False
         self._queue.append(record)
+        self._bytes_offered += size
         self._metrics.tap_enqueued.inc()
         return True
+
+    @property
+    def queued_bytes(self) -> int:
+        return self._bytes_offered - self._bytes_taken
 
     def load(self) -> float:
         """How full the queue is, 0 to 1 (sampling under Envoy halves the copies past one half)."""
@@ -163,7 +180,9 @@ class Tap:
                 self._stopping.wait(self._poll_seconds)
                 continue
             for _ in range(len(queued)):
-                inference = self.decode(queued.popleft())
+                record = queued.popleft()
+                self._bytes_taken += _record_bytes(record)
+                inference = self.decode(record)
                 if inference is not None and not self._deliver(inference, generation):
                     return
             if not self._tick(generation):
@@ -257,3 +276,7 @@ class Tap:
             if not self._call(name, sink, (inference,), generation):
                 return False
         return True
+
+
+def _record_bytes(record: TapRecord) -> int:
+    return len(record.request) + (len(record.response) if record.response is not None else 0)

@@ -36,6 +36,26 @@ def test_full_queue_drops_and_counts_without_blocking(registry):
     assert _value(registry, "sidewatch_tap_queue_depth") == 2
 
 
+def test_a_queue_full_in_bytes_drops_copies_until_the_consumer_takes_them(registry):
+    record = tap_record()
+    size = len(record.request) + len(record.response)
+    tap = Tap(ProxyMetrics(registry, max_models=8), 100, poll_seconds=0.001, max_queue_bytes=2 * size + size // 2)
+    assert [tap.offer(record) for _ in range(4)] == [True, True, False, False]
+    assert tap.queued_bytes == 2 * size
+    assert _value(registry, "sidewatch_tap_dropped_total") == 2
+    taken = []
+    tap.add_sink("sink", taken.append)
+    tap.start()
+    try:
+        deadline = time.monotonic() + 5
+        while len(taken) < 2 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert tap.queued_bytes == 0
+        assert tap.offer(record)
+    finally:
+        tap.stop()
+
+
 def test_decode_unary_record(registry):
     inference = _tap(registry).decode(tap_record())
     np.testing.assert_array_equal(inference.inputs["x"], np.arange(6, dtype=np.float32).reshape(2, 3))
