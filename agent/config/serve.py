@@ -333,6 +333,12 @@ class ServeConfig(Strict):
     # windows from the measured bandwidth-delay product: 4 MiB a stream at least, more on a fast link.) One
     # stream moves at most about a window per round trip: raise it for clients far away that stream a lot.
     stream_window_bytes: int = Field(1024 * 1024, ge=65535, le=256 * 1024 * 1024)
+    # Calls in flight at once, every client together; one beyond it is refused at once, never queued (the
+    # python plane: RESOURCE_EXHAUSTED; Envoy: UNAVAILABLE from its circuit breaker on the model server).
+    max_concurrent_calls: int = Field(1024, ge=1)
+    # HTTP/2 streams (calls) one client connection may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS):
+    # a gRPC client holds its further calls until one ends.
+    max_streams_per_connection: int = Field(1024, ge=1)
     # In-flight calls get this long to finish on SIGTERM before they are cancelled.
     shutdown_grace_seconds: float = Field(10.0, ge=0)
     # An INFO log line per forwarded call (request id, model, version, method, status, duration; never

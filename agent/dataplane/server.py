@@ -42,7 +42,9 @@ class GrpcDataPlane:
     async def start(self) -> None:
         config = self.config
         self.channel = open_upstream_channel(config)
-        self.server = aio.server(options=transport_options(config))
+        self.server = aio.server(options=transport_options(config) + [
+            ("grpc.max_concurrent_streams", config.max_streams_per_connection)],
+            maximum_concurrent_rpcs=config.max_concurrent_calls)
         # The health service is registered first so that it answers before the catch-all forwarder.
         self.health = UpstreamHealth(self.server, self.channel, config.upstream_health_interval_seconds)
         self.forwarder = Forwarder(self.channel, self.metrics, self.policy, config.tap.max_pending_stream_requests,

@@ -201,7 +201,8 @@ def build_bootstrap(config: ServeConfig, loopback: Loopback, http_filters: list[
         "@type": HCM,
         "stat_prefix": "ingress",
         "codec_type": "AUTO",
-        "http2_protocol_options": http2_windows(config.stream_window_bytes),
+        "http2_protocol_options": {**http2_windows(config.stream_window_bytes),
+                                   "max_concurrent_streams": config.max_streams_per_connection},
         # Envoy resets a stream idle for 5 minutes by default; the grpc.aio data plane keeps a quiet
         # ModelStreamInfer open as long as both ends want it, and so does this one.
         "stream_idle_timeout": "0s",
@@ -237,7 +238,7 @@ def build_bootstrap(config: ServeConfig, loopback: Loopback, http_filters: list[
                 "filter_chains": [chain],
             }],
             "clusters": [http2_cluster(UPSTREAM, upstream_host, upstream_port, transport_socket=upstream_socket,
-                                       pool_per_client_connection=True,
+                                       pool_per_client_connection=True, max_requests=config.max_concurrent_calls,
                                        stream_window_bytes=config.stream_window_bytes),
                          http2_cluster(HEALTH, "127.0.0.1", loopback.health_port), *clusters],
         },

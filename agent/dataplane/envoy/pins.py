@@ -75,6 +75,7 @@ def fallback_cluster(config: ServeConfig, address: str) -> dict[str, Any]:
     socket = None if config.upstream.tls is None else upstream_tls(config.upstream.tls, host)
     return {"@type": CLUSTER_TYPE, **http2_cluster(cluster_name(address), host, port, transport_socket=socket,
                                                    pool_per_client_connection=True,
+                                                   max_requests=config.max_concurrent_calls,
                                                    stream_window_bytes=config.stream_window_bytes)}
 
 
