@@ -306,8 +306,9 @@ class Envoy(Strict):
     log_level: Literal["trace", "debug", "info", "warning", "error", "critical", "off"] = "warning"
     # Where the generated configuration is written (unset: a temporary directory, removed at exit).
     work_dir: Path | None = None
-    # Client connections open at once; Envoy closes those beyond it as they arrive (its overload manager).
-    max_connections: int = Field(10000, ge=1)
+    # Envoy's own bound on client connections, in place of the top-level max_connections (which both data
+    # planes keep); kept for configurations written before that existed.
+    max_connections: int | None = Field(None, ge=1)
     # Envoy's heap, at most (unset: no cap): past 90% it returns free memory to the system, past 95% it
     # answers new calls UNAVAILABLE and takes no new connections until the heap shrinks (overload manager).
     max_heap_bytes: int | None = Field(None, ge=64 * 1024 * 1024)
@@ -333,6 +334,9 @@ class ServeConfig(Strict):
     # windows from the measured bandwidth-delay product: 4 MiB a stream at least, more on a fast link.) One
     # stream moves at most about a window per round trip: raise it for clients far away that stream a lot.
     stream_window_bytes: int = Field(1024 * 1024, ge=65535, le=256 * 1024 * 1024)
+    # Client connections open at once; those beyond it are closed as they arrive (the python plane: gRPC's
+    # grpc.max_allowed_incoming_connections; Envoy: its overload manager).
+    max_connections: int = Field(10000, ge=1)
     # Calls in flight at once, every client together; one beyond it is refused at once, never queued (the
     # python plane: RESOURCE_EXHAUSTED; Envoy: UNAVAILABLE from its circuit breaker on the model server).
     max_concurrent_calls: int = Field(1024, ge=1)

@@ -43,7 +43,8 @@ class GrpcDataPlane:
         config = self.config
         self.channel = open_upstream_channel(config)
         self.server = aio.server(options=transport_options(config) + [
-            ("grpc.max_concurrent_streams", config.max_streams_per_connection)],
+            ("grpc.max_concurrent_streams", config.max_streams_per_connection),
+            ("grpc.max_allowed_incoming_connections", config.max_connections)],
             maximum_concurrent_rpcs=config.max_concurrent_calls)
         # The health service is registered first so that it answers before the catch-all forwarder.
         self.health = UpstreamHealth(self.server, self.channel, config.upstream_health_interval_seconds)

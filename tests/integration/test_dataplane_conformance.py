@@ -357,10 +357,12 @@ def test_ctrl_c_to_the_process_group_drains_envoy_through_sidewatch(upstream, tm
             popen.wait()
 
 
-def test_envoy_refuses_connections_beyond_envoy_max_connections(upstream, tmp_path):
+@pytest.mark.parametrize("data_plane,limit", [("python", {"max_connections": 2}), ("envoy", {"max_connections": 2}),
+                                              ("envoy", {"envoy": {"max_connections": 2}})])
+def test_connections_beyond_max_connections_are_refused(upstream, tmp_path, data_plane, limit):
     config = tmp_path / "sidewatch.yaml"
-    config.write_text(json.dumps({"envoy": {"max_connections": 2}}))
-    process, port, _ = start_sidecar(tmp_path, upstream.port, "--data-plane", "envoy", config=config)
+    config.write_text(json.dumps(limit))
+    process, port, _ = start_sidecar(tmp_path, upstream.port, "--data-plane", data_plane, config=config)
     try:
         # Each channel its own connection (gRPC would otherwise share one among channels to one address).
         own = [("grpc.use_local_subchannel_pool", 1)]

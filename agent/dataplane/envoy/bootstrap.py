@@ -7,7 +7,7 @@ to sidewatch's own health server on loopback, everything else to the ``upstream`
 ``grpc-timeout`` header, which the client and the upstream enforce (route comment). Resource bounds: HTTP/2
 windows on both sides (``stream_window_bytes`` a stream, 4 times that a connection) and a per-connection
 buffer limit of one stream window (a reader that does not read holds a bounded amount in Envoy), and at
-most ``envoy.max_connections`` client connections (the overload manager). The admin API listens on
+most ``max_connections`` client connections (the overload manager). The admin API listens on
 loopback only. The pieces that other parts of the data plane add (HTTP filters before the
 router, clusters for sidewatch's loopback services, access logs) come in as arguments, so that each part
 writes its own.
@@ -225,7 +225,8 @@ def build_bootstrap(config: ServeConfig, loopback: Loopback, http_filters: list[
         "node": {"id": "sidewatch", "cluster": "sidewatch"},
         # The admin API is how sidewatch supervises Envoy: it stays reachable when clients hold every connection.
         "admin": {"address": socket_address("127.0.0.1", loopback.admin_port), "ignore_global_conn_limit": True},
-        "overload_manager": overload_manager(config.envoy.max_connections, config.envoy.max_heap_bytes),
+        "overload_manager": overload_manager(config.envoy.max_connections or config.max_connections,
+                                             config.envoy.max_heap_bytes),
         # An admin layer, so that sidewatch can set runtime values (the tap's sampled share) with
         # POST /runtime_modify; without one Envoy refuses that call.
         "layered_runtime": {"layers": [{"name": "static", "static_layer": {}},
@@ -246,7 +247,7 @@ def build_bootstrap(config: ServeConfig, loopback: Loopback, http_filters: list[
 
 
 def overload_manager(max_connections: int, max_heap_bytes: int | None = None) -> dict[str, Any]:
-    """At most ``max_connections`` client connections at once (``envoy.max_connections``): Envoy closes
+    """At most ``max_connections`` client connections at once (``max_connections``): Envoy closes
     the ones beyond it as it accepts them, so a flood of connections cannot exhaust memory or descriptors.
     With ``max_heap_bytes`` (``envoy.max_heap_bytes``), Envoy sheds load as its heap nears the cap: free
     memory goes back to the system from 90%, new calls get 503 (UNAVAILABLE to gRPC) and new connections
