@@ -58,6 +58,8 @@ for path in (ROOT, ROOT / "bench"):
 
 from proxy import Children, free_port, tail  # noqa: E402  (bench/proxy.py: child processes)
 
+from tests.support.process_tree import envoy_child, rss_bytes  # noqa: E402
+
 MODEL = "mnist_cnn"
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 MODEL_REPOSITORY = ROOT / "agent" / "demo" / "models"
@@ -100,7 +102,30 @@ class Call:
     kind: str           # benign, adversarial, drifted
 
 
-class LoadGenerator:
+class ClientThreads:
+    """Client threads that run until stopped."""
+
+    join_seconds = 30.0
+
+    def __init__(self, threads: int) -> None:
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(index,), daemon=True) for index in range(threads)]
+
+    def _run(self, index: int) -> None:
+        raise NotImplementedError
+
+    def start(self):
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(self.join_seconds)
+
+
+class LoadGenerator(ClientThreads):
     """Client threads, one gRPC channel each, calling ModelInfer at a fixed total rate (0: as fast as
     they can). A thread that falls behind its schedule does not burst to catch up: the rate is a ceiling,
     and the calls made are what the samples count."""
@@ -113,10 +138,10 @@ class LoadGenerator:
         self.weights = [mix[kind] for kind in self.kinds]
         self.interval = threads / rate if rate > 0 else 0.0
         self.deadline = deadline
+        self.join_seconds = deadline + 5
         self.seed = seed
         self.calls: list[list[Call]] = [[] for _ in range(threads)]
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, args=(index,), daemon=True) for index in range(threads)]
+        super().__init__(threads)
 
     def _run(self, index: int) -> None:
         rng = random.Random(self.seed * 1000 + index)
@@ -145,22 +170,12 @@ class LoadGenerator:
                 if code != "OK" and not self.interval:
                     self._stop.wait(0.005)   # unpaced and failing: do not spin
 
-    def start(self) -> "LoadGenerator":
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(self.deadline + 5)
-
     def between(self, since: float, until: float) -> list[Call]:
         """Calls that ended in [since, until). Lists are only appended to, so reading them is safe."""
         return [call for calls in self.calls for call in list(calls) if since <= call.ended < until]
 
 
-class HostileClients:
+class HostileClients(ClientThreads):
     """Threads that each run one hostile action at a time (tests/support/hostile_traffic.py), at a fixed
     total rate, and record (when it ended, the action, its outcome)."""
 
@@ -172,8 +187,7 @@ class HostileClients:
         self.interval = threads / rate
         self.seed = seed
         self.outcomes: list[list[tuple[float, str, str]]] = [[] for _ in range(threads)]
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, args=(index,), daemon=True) for index in range(threads)]
+        super().__init__(threads)
 
     def _run(self, index: int) -> None:
         rng = random.Random(self.seed * 1000 + 500 + index)
@@ -190,16 +204,6 @@ class HostileClients:
             except Exception as err:  # noqa: BLE001 - a hostile client's own failure is an outcome too
                 outcome = f"client error: {type(err).__name__}"
             self.outcomes[index].append((time.monotonic(), name, outcome))
-
-    def start(self) -> "HostileClients":
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(30)
 
     def summary(self) -> dict:
         counts: dict[str, dict[str, int]] = {}
@@ -309,22 +313,6 @@ def scrape(metrics_port: int) -> dict[str, float]:
     return totals
 
 
-def envoy_child(pid: int) -> int | None:
-    """The envoy that ``sidewatch serve`` runs (Envoy data plane), or None (the grpc.aio relay)."""
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            children = (task / "children").read_text().split()
-        except FileNotFoundError:
-            continue
-        for child in children:
-            try:
-                if Path(f"/proc/{child}/exe").resolve().name == "envoy":
-                    return int(child)
-            except OSError:
-                continue
-    return None
-
-
 def metrics_bytes(metrics_port: int) -> int:
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as reply:
         return len(reply.read())
@@ -344,11 +332,7 @@ def good_upstream_errors(metrics_port: int) -> float:
 
 def rss_mb(pid: int) -> float:
     """Resident memory (VmRSS) of a process, in MiB."""
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
-    raise RuntimeError(f"no VmRSS for process {pid}")
+    return rss_bytes(pid) / (1 << 20)
 
 
 def cpu_seconds(pid: int) -> float:

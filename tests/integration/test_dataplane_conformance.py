@@ -16,14 +16,13 @@ import socket
 import subprocess
 import threading
 import time
-from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.support.harness import free_port, http_get, metric_value, sidewatch, start_sidecar, wait_for_port
-from tests.support.process_tree import children, envoy_child
+from tests.support.process_tree import envoy_child, tree_rss_bytes
 from tests.support.upstream import ECHO_STREAM, ECHO_UNARY, MODEL_INFER, MODEL_STREAM_INFER, RecordingUpstream
 
 DATA_PLANES = ["python", "envoy"]
@@ -167,25 +166,13 @@ def _flood(port: int, seconds: float, measure=lambda: 0) -> int:
     return measured
 
 
-def _rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def _tree_rss_bytes(pid: int) -> int:
-    """Resident memory of a process and its children (sidewatch and its Envoy)."""
-    return _rss_bytes(pid) + sum(_rss_bytes(child) for child in children(pid))
-
-
 def test_a_stream_reader_that_never_reads_is_bounded_by_flow_control(sidecar, upstream):
     """The upstream stops after a bounded number of messages, as it does when called directly: the sidecar
     queues nothing without bound (HTTP/2 windows), and its memory (with Envoy's) barely moves."""
     _flood(upstream.port, 2.0)
     direct = upstream.last(MODEL_STREAM_INFER).sent
-    before = _tree_rss_bytes(sidecar[0].popen.pid)
-    during = _flood(sidecar[1], 3.0, lambda: _tree_rss_bytes(sidecar[0].popen.pid))
+    before = tree_rss_bytes(sidecar[0].popen.pid)
+    during = _flood(sidecar[1], 3.0, lambda: tree_rss_bytes(sidecar[0].popen.pid))
     through = upstream.last(MODEL_STREAM_INFER).sent
     grown = during - before
     # 256 KiB messages: direct, a few windows' worth; through the sidecar, a few more (its own windows).

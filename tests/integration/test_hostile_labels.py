@@ -22,6 +22,7 @@ from agent.modelserver.repository import BUNDLED_REPOSITORY
 from agent.protocol import paths
 from agent.protocol.client import InferenceClient
 from tests.support.harness import http_get, start_sidecar
+from tests.support.hostile_traffic import model_name_field
 
 pytestmark = pytest.mark.hostile
 
@@ -38,14 +39,7 @@ def _request(name: bytes) -> bytes:
     """A ModelInferRequest for one image whose model_name is ``name``, any bytes (protobuf would refuse to
     write invalid UTF-8 itself): field 1 first, as encoders write it, then the rest."""
     rest = InferenceClient.request("", {"input": np.zeros((1, 1, 28, 28), np.float32)}).SerializeToString()
-    length, size = b"", len(name)
-    while True:
-        byte = size & 0x7F
-        size >>= 7
-        length += bytes([byte | (0x80 if size else 0)])
-        if not size:
-            break
-    return b"\x0a" + length + name + rest
+    return model_name_field(name) + rest
 
 
 def _call(port: int, name: bytes) -> grpc.StatusCode:

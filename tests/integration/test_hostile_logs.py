@@ -23,6 +23,7 @@ import pytest
 
 from tests.support.alert_harness import admin_config, write_config, write_token
 from tests.support.harness import start_sidecar
+from tests.support.hostile_traffic import model_name_field
 from tests.support.polling import wait_for
 from tests.support.upstream import MODEL_INFER, MODEL_STREAM_INFER, RecordingUpstream
 
@@ -89,14 +90,7 @@ def _long_path_request(port: int) -> None:
 
 def _infer_request(model: bytes) -> bytes:
     """A ModelInferRequest with only its model_name (field 1), of any length."""
-    size, length = len(model), b""
-    while True:
-        byte = size & 0x7F
-        size >>= 7
-        length += bytes([byte | (0x80 if size else 0)])
-        if not size:
-            break
-    return b"\x0a" + length + model
+    return model_name_field(model)
 
 
 def _start_calls(channel: grpc.Channel, count: int, sleep: str) -> list:

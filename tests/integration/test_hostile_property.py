@@ -27,7 +27,7 @@ from agent.protocol.client import InferenceClient
 from tests.support.alert_harness import admin_config, write_config, write_token
 from tests.support.harness import http_get, start_model_server, start_sidecar
 from tests.support.hostile_traffic import DATA_PLANE_ACTIONS, OWN_CONNECTION, Target, actions_for, infer_request, long_model_name
-from tests.support.process_tree import envoy_child
+from tests.support.process_tree import tree_rss_bytes
 
 pytestmark = pytest.mark.hostile
 
@@ -64,17 +64,8 @@ def direct_outcomes(model_server: int) -> dict[str, set[str]]:
     return outcomes
 
 
-def _rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
-    raise AssertionError(f"no VmRSS for {pid}")
-
-
 def _sidecar_rss_mb(pid: int) -> float:
-    envoy = envoy_child(pid)
-    return _rss_mb(pid) + (_rss_mb(envoy) if envoy is not None else 0.0)
+    return tree_rss_bytes(pid) / (1 << 20)
 
 
 def _good_calls(port: int, images: np.ndarray, count: int) -> None:

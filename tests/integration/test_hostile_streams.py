@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -30,7 +29,7 @@ from agent.config import load_config
 from agent.protocol import paths
 from agent.protocol.client import InferenceClient
 from tests.support.harness import http_get, metric_value, start_sidecar
-from tests.support.process_tree import children
+from tests.support.process_tree import tree_rss_bytes
 from tests.support.upstream import RecordingUpstream
 
 pytestmark = pytest.mark.hostile
@@ -55,17 +54,6 @@ ALLOCATOR_SLACK = 32 << 20
 def upstream():
     with RecordingUpstream(options=UPSTREAM_OPTIONS) as server:
         yield server
-
-
-def _rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def _tree_rss_bytes(pid: int) -> int:
-    return _rss_bytes(pid) + sum(_rss_bytes(child) for child in children(pid))
 
 
 def _settled(read, quiet_seconds: float = 0.75, timeout: float = 20.0):
@@ -146,11 +134,11 @@ def test_a_client_that_never_reads_is_stopped_where_the_model_server_stops_it(tm
     assert max(stopped_direct) < MESSAGES  # the model server's flow control stops a client that never reads
     process, port, _ = _sidecar(tmp_path, upstream, data_plane)
     try:
-        before = _tree_rss_bytes(process.popen.pid)
+        before = tree_rss_bytes(process.popen.pid)
         through = NeverReads(port, BUSY)
         try:
             stopped_through = through.stopped()
-            grown = _tree_rss_bytes(process.popen.pid) - before
+            grown = tree_rss_bytes(process.popen.pid) - before
         finally:
             through.cancel()
         # Ahead of the model server, the sidecar takes a stream window on its side toward the client (under
@@ -171,11 +159,11 @@ def test_a_client_that_never_reads_is_stopped_where_the_model_server_stops_it(tm
 def test_the_copies_waiting_for_responses_are_bounded_in_bytes_not_the_calls(tmp_path, upstream, data_plane):
     process, port, metrics_port = _sidecar(tmp_path, upstream, data_plane)
     try:
-        before = _tree_rss_bytes(process.popen.pid)
+        before = tree_rss_bytes(process.popen.pid)
         through = NeverReads(port, QUEUES)
         try:
             taken = through.stopped()
-            grown = _tree_rss_bytes(process.popen.pid) - before
+            grown = tree_rss_bytes(process.popen.pid) - before
             through.close_sides()
             outcomes = [(list(call), call.code()) for call in through.calls]
         finally:

@@ -38,14 +38,16 @@ class Target:
     model: str = "mnist_cnn"
 
 
-def _varint(value: int) -> bytes:
-    out = b""
+def model_name_field(name: bytes) -> bytes:
+    """ModelInferRequest's field 1 (model_name) holding ``name``, any bytes of any length, as protobuf writes
+    it (protobuf itself would refuse to write invalid UTF-8)."""
+    size, length = len(name), b""
     while True:
-        byte = value & 0x7F
-        value >>= 7
-        out += bytes([byte | (0x80 if value else 0)])
-        if not value:
-            return out
+        byte = size & 0x7F
+        size >>= 7
+        length += bytes([byte | (0x80 if size else 0)])
+        if not size:
+            return b"\x0a" + length + name
 
 
 def infer_request(model: str | bytes, version: str = "", **request_fields) -> bytes:
@@ -54,8 +56,7 @@ def infer_request(model: str | bytes, version: str = "", **request_fields) -> by
     request = oip_pb2.ModelInferRequest(model_version=version, **request_fields)
     tensor = request.inputs.add(name="input", datatype="FP32", shape=list(MNIST_SHAPE))
     tensor.contents.fp32_contents.extend([0.0] * int(np.prod(MNIST_SHAPE)))
-    name = model.encode() if isinstance(model, str) else model
-    return b"\x0a" + _varint(len(name)) + name + request.SerializeToString()
+    return model_name_field(model.encode() if isinstance(model, str) else model) + request.SerializeToString()
 
 
 # Each action is a client of its own, on its own connection (gRPC would otherwise share one connection among

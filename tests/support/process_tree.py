@@ -22,6 +22,23 @@ def children(pid: int) -> list[int]:
     return found
 
 
+def rss_bytes(pid: int) -> int:
+    """Resident memory (VmRSS) of process ``pid``; 0 once it has gone."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    for line in lines:
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def tree_rss_bytes(pid: int) -> int:
+    """Resident memory of a process and its children (sidewatch and its Envoy)."""
+    return rss_bytes(pid) + sum(rss_bytes(child) for child in children(pid))
+
+
 def envoy_child(pid: int) -> int | None:
     """The pid of the envoy that process ``pid`` runs, or None."""
     for child in children(pid):
