@@ -57,6 +57,8 @@ CONNECTIONS_CONFIG = ("type.googleapis.com/"
 # connection) in Envoy, instead of an unbounded queue. Toward clients and the upstream the stream's window is
 # the config's stream_window_bytes (the default, as here); toward sidewatch's own loopback services, this.
 STREAM_WINDOW_BYTES = 1 << 20
+# How long a model server connection of one client's pool stays open without calls (http2_cluster).
+POOL_IDLE_TIMEOUT = "5s"
 CONNECTIONS_PER_STREAM_WINDOW = 4
 # Envoy's bounds on HTTP/2 windows (and HTTP/2's own maximum).
 MAX_WINDOW_BYTES = (1 << 31) - 1
@@ -139,7 +141,7 @@ def upstream_tls(tls: UpstreamTLS, host: str) -> dict[str, Any]:
 
 def http2_cluster(name: str, host: str, port: int, connect_timeout: str = "5s",
                   transport_socket: dict[str, Any] | None = None, max_requests: int | None = None,
-                  pool_per_client_connection: bool = False,
+                  pool_per_client_connection: bool = False, max_connections: int | None = None,
                   stream_window_bytes: int = STREAM_WINDOW_BYTES) -> dict[str, Any]:
     """A cluster of one endpoint that speaks HTTP/2 (gRPC), in plain text or over ``transport_socket``
     (TLS); DNS names are resolved. With ``max_requests``, Envoy's circuit breaker holds at most that many
@@ -152,7 +154,11 @@ def http2_cluster(name: str, host: str, port: int, connect_timeout: str = "5s",
     error for Envoy's HTTP/2 codec, which closes the whole upstream connection, and with a shared pool every
     call in flight on it, from every client, failed with UNAVAILABLE (the hostile property suite's probe).
     The model servers' own clusters (the upstream, fallbacks) need it; sidewatch's loopback services do not
-    (Envoy is their only client)."""
+    (Envoy is their only client). Such a pool's connections close after POOL_IDLE_TIMEOUT without calls:
+    Envoy keeps them when their client goes away, and a client per second would otherwise leave 3,600
+    connections open to the model server an hour later (its default idle timeout). A client that pauses
+    longer pays one new connection to the model server. ``max_connections`` bounds them in all, as the
+    clients' connections are bounded (circuit breaker)."""
     cluster = {
         "name": name,
         "type": "STRICT_DNS",
@@ -168,12 +174,23 @@ def http2_cluster(name: str, host: str, port: int, connect_timeout: str = "5s",
     }
     if transport_socket is not None:
         cluster["transport_socket"] = transport_socket
+    thresholds: dict[str, Any] = {}
     if pool_per_client_connection:
         cluster["connection_pool_per_downstream_connection"] = True
+        cluster["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"][
+            "common_http_protocol_options"] = {"idle_timeout": POOL_IDLE_TIMEOUT}
     if max_requests is not None:
-        cluster["circuit_breakers"] = {"thresholds": [
-            {"priority": "DEFAULT", "max_requests": max_requests, "max_pending_requests": max_requests}]}
+        thresholds.update(max_requests=max_requests, max_pending_requests=max_requests)
+    if max_connections is not None:
+        thresholds["max_connections"] = max_connections
+    if thresholds:
+        cluster["circuit_breakers"] = {"thresholds": [{"priority": "DEFAULT", **thresholds}]}
     return cluster
+
+
+def max_client_connections(config: ServeConfig) -> int:
+    """Envoy's bound on client connections: ``max_connections``, or ``envoy.max_connections`` where set."""
+    return config.envoy.max_connections or config.max_connections
 
 
 def upstream_route(match: dict[str, Any], cluster: str) -> dict[str, Any]:
@@ -225,7 +242,7 @@ def build_bootstrap(config: ServeConfig, loopback: Loopback, http_filters: list[
         "node": {"id": "sidewatch", "cluster": "sidewatch"},
         # The admin API is how sidewatch supervises Envoy: it stays reachable when clients hold every connection.
         "admin": {"address": socket_address("127.0.0.1", loopback.admin_port), "ignore_global_conn_limit": True},
-        "overload_manager": overload_manager(config.envoy.max_connections or config.max_connections,
+        "overload_manager": overload_manager(max_client_connections(config),
                                              config.envoy.max_heap_bytes),
         # An admin layer, so that sidewatch can set runtime values (the tap's sampled share) with
         # POST /runtime_modify; without one Envoy refuses that call.
@@ -240,6 +257,7 @@ def build_bootstrap(config: ServeConfig, loopback: Loopback, http_filters: list[
             }],
             "clusters": [http2_cluster(UPSTREAM, upstream_host, upstream_port, transport_socket=upstream_socket,
                                        pool_per_client_connection=True, max_requests=config.max_concurrent_calls,
+                                       max_connections=max_client_connections(config),
                                        stream_window_bytes=config.stream_window_bytes),
                          http2_cluster(HEALTH, "127.0.0.1", loopback.health_port), *clusters],
         },

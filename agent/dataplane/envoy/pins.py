@@ -42,7 +42,7 @@ from typing import Any, Callable
 
 from agent.config import ServeConfig, split_address
 from agent.dataplane.envoy import pin_rewrite
-from agent.dataplane.envoy.bootstrap import UPSTREAM, http2_cluster, upstream_route, upstream_tls
+from agent.dataplane.envoy.bootstrap import UPSTREAM, http2_cluster, max_client_connections, upstream_route, upstream_tls
 from agent.dataplane.envoy.ext_proc import sampled_routes
 from agent.dataplane.envoy.lua import MAX_LABEL_BYTES
 from agent.dataplane.routes import Pin, RouteTable
@@ -76,6 +76,7 @@ def fallback_cluster(config: ServeConfig, address: str) -> dict[str, Any]:
     return {"@type": CLUSTER_TYPE, **http2_cluster(cluster_name(address), host, port, transport_socket=socket,
                                                    pool_per_client_connection=True,
                                                    max_requests=config.max_concurrent_calls,
+                                                   max_connections=max_client_connections(config),
                                                    stream_window_bytes=config.stream_window_bytes)}
 
 
