@@ -5,7 +5,8 @@
 - the data plane (agent/dataplane): the grpc.aio relay, its policy (route pins, inline verdicts, the
   tap, the call log), the tap and its consumer thread;
 - the detectors (agent/detect): the adversarial watch (shadow-mode tap sink, or inline through the
-  policy) and the drift watch (a tap sink, fed the adversarial scores too);
+  policy), the query watch (black-box query detection per client, through the policy) and the drift
+  watch (a tap sink, fed the adversarial scores too);
 - alerts (agent/alerts): the alert engine over the sidecar's own metrics, the rollback dispatcher with
   its hooks and the route table they pin, the Alertmanager receiver;
 - the admin API (agent/admin) and the ``/metrics`` listener.
@@ -32,12 +33,13 @@ from agent.alerts.receiver import AlertmanagerReceiver
 from agent.config import ConfigError, ServeConfig, check_files, split_address
 from agent.dataplane import choice
 from agent.dataplane.call_log import CallLog
+from agent.dataplane.identity import relay_identity
 from agent.dataplane.policy import SidecarPolicy
 from agent.dataplane.routes import RouteTable
 from agent.dataplane.server import GrpcDataPlane
 from agent.dataplane.tap import Tap
 from agent.dataplane.upstream import channel_opener
-from agent.metrics import AlertMetrics, DetectionMetrics, DriftMetrics, EnvoyMetrics, ProxyMetrics
+from agent.metrics import AlertMetrics, DetectionMetrics, DriftMetrics, EnvoyMetrics, ProxyMetrics, QueryMetrics
 from agent.repository import version_dirs
 
 log = logging.getLogger(__name__)
@@ -68,7 +70,10 @@ class Sidecar:
         self.tap = Tap(self.metrics, config.tap.queue_size, sink_timeout_seconds=config.tap.sink_timeout_seconds)
         self.watch, self.drift = self._detectors()
         self._alerts()
-        self.policy = SidecarPolicy(self.routes, self.tap, CallLog(config.log_requests), verdicts=self.watch)
+        self.queries = self._query_watch()
+        self.policy = SidecarPolicy(self.routes, self.tap, CallLog(config.log_requests), verdicts=self.watch,
+                                    queries=self.queries, identity=relay_identity(config.detection.queries.identity,
+                                                                                  config.detection.queries.identity_key))
         if config.data_plane == "envoy":
             self.dataplane = envoy_plane().EnvoyDataPlane(config, self.metrics, self.policy, EnvoyMetrics(registry))
         else:
@@ -105,6 +110,19 @@ class Sidecar:
             if watch is not None:
                 watch.score_listeners.append(drift.observe_scores)
         return watch, drift
+
+    def _query_watch(self):
+        """The query watch (black-box query detection per client), or None when every model's mode is off."""
+        config = self.config
+        settings = config.detection.queries
+        modes = config.query_modes()
+        if settings.mode == "off" and all(mode == "off" for mode in modes.values()):
+            return None
+        from agent.detect.queries.watch import QueryWatch
+
+        steps = {name: model.query_quantization_step for name, model in config.models.items()
+                 if model.query_quantization_step is not None}
+        return QueryWatch(settings, QueryMetrics(self.registry), self.metrics.bounded, modes, steps)
 
     def _alerts(self) -> None:
         """The route table, the rollback dispatcher, the alert engine, and the admin API with the receiver."""
