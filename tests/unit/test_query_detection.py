@@ -72,6 +72,39 @@ def test_fingerprints_keep_a_perturbed_image_close_and_other_images_apart(images
     assert max(others) < DEFAULTS.match_threshold
 
 
+def _reference_fingerprint(fingerprinter: Fingerprinter, row: np.ndarray, step: float) -> np.ndarray:
+    """The fingerprint as the module docstring says it, one window at a time in Python integers."""
+    mask = (1 << 64) - 1
+    quantised = [int(np.floor(value / step + 0.5)) for value in row.astype(np.float64).ravel()]
+    window = min(fingerprinter.window, len(quantised))
+    hashes = set()
+    for start in range(len(quantised) - window + 1):
+        values = quantised[start:start + window]
+        if len(set(values)) == 1:
+            continue
+        value = 0
+        for item in values:
+            value = (value * fingerprinter._multiplier + item) & mask
+        value ^= int(fingerprinter._key)
+        value ^= value >> 30
+        value = (value * 0xBF58476D1CE4E5B9) & mask
+        value ^= value >> 27
+        value = (value * 0x94D049BB133111EB) & mask
+        hashes.add(value ^ (value >> 31))
+    kept = sorted(hashes)[-fingerprinter.hashes:]
+    return np.array(sorted({(value & 0xFFFF) or 1 for value in kept}), np.uint16)
+
+
+def test_the_fingerprints_are_the_largest_hashes_of_the_windows_one_row_or_a_batch(images):
+    fingerprinter = Fingerprinter(DEFAULTS.window, DEFAULTS.hashes, seed=3)
+    rows = np.concatenate([images[:6].reshape(6, -1), _perturbed(images[0], 2).reshape(2, -1),
+                           np.random.default_rng(1).normal(0, 1, (2, 784))])
+    batch = fingerprinter.rows(rows, 0.2)
+    for row, fingerprint in zip(rows, batch):
+        assert np.array_equal(fingerprint, _reference_fingerprint(fingerprinter, row, 0.2))
+        assert np.array_equal(fingerprint, fingerprinter(row, 0.2))
+
+
 def test_the_hash_key_is_secret_per_process_and_fixed_by_a_seed(images):
     a, b = Fingerprinter(50, 50, seed=1), Fingerprinter(50, 50, seed=1)
     assert np.array_equal(a(images[0], 0.2), b(images[0], 0.2))

@@ -93,48 +93,64 @@ class Fingerprinter:
 
     def __call__(self, row: np.ndarray, step: float) -> np.ndarray:
         """The fingerprint of one row (any shape, flattened): sorted distinct uint16, at most ``hashes``."""
-        scaled = np.asarray(row, dtype=np.float64).reshape(-1) / step
+        return self.rows(np.asarray(row).reshape(1, -1), step)[0]
+
+    def rows(self, rows: np.ndarray, step: float) -> list[np.ndarray]:
+        """The fingerprints of the rows of a 2-D array, hashed all at once (a request's batch)."""
+        scaled = np.asarray(rows, dtype=np.float64) / step
         # fmax and fmin take the number over a NaN: NaN becomes -_LARGEST, infinities are clipped.
         np.fmin(np.fmax(scaled, -_LARGEST, out=scaled), _LARGEST, out=scaled)
         quantised = np.floor(scaled + 0.5).astype(np.int64)
-        length = quantised.size
+        count_rows, length = quantised.shape
         if length == 0:
-            return np.empty(0, np.uint16)
+            return [np.empty(0, np.uint16)] * count_rows
         window = min(self.window, length)
         count = length - window + 1
         # Windows with at least two distinct values: the changes between neighbours, summed over the window.
-        changes = np.empty(length, np.int64)
-        changes[0] = 0
-        np.cumsum(quantised[1:] != quantised[:-1], out=changes[1:])
-        varied = changes[window - 1:] != changes[:count]
+        changes = np.zeros((count_rows, length), np.int64)
+        np.cumsum(quantised[:, 1:] != quantised[:, :-1], axis=1, out=changes[:, 1:])
+        varied = changes[:, window - 1:] != changes[:, :count]
         if window == 1:
             varied[:] = True
-        if not varied.any():
-            return np.empty(0, np.uint16)
         powers, inverses = self._power_tables(length, window)
         with np.errstate(over="ignore"):
             # sum over the window of q[m] * M**(n-1-m), from prefix sums, times M**-(n-window-i): the polynomial
             # hash sum_j q[i+j] * M**(window-1-j) of window i, modulo 2**64 (uint64 arithmetic wraps).
-            weighted = quantised.view(np.uint64) * powers[::-1]
-            prefix = np.empty(length + 1, np.uint64)
-            prefix[0] = 0
-            np.cumsum(weighted, out=prefix[1:])
-            hashes = (prefix[window:] - prefix[:count]) * inverses[::-1]
-            hashes = _mix(hashes[varied] ^ self._key)
-        return self._largest(hashes)
+            prefix = np.zeros((count_rows, length + 1), np.uint64)
+            np.cumsum(quantised.view(np.uint64) * powers[::-1], axis=1, out=prefix[:, 1:])
+            hashes = _mix((prefix[:, window:] - prefix[:, :count]) * inverses[::-1] ^ self._key)
+        return self._largest(np.where(varied, hashes, np.uint64(0)))
 
-    def _largest(self, hashes: np.ndarray) -> np.ndarray:
+    def _largest(self, hashes: np.ndarray) -> list[np.ndarray]:
+        """Each row's ``hashes`` largest distinct hashes (0: a window that was dropped), stored as uint16. All rows
+        at once: the candidates by np.partition, duplicates set to 0 and sorted below the rest."""
         keep = self.hashes
-        candidates = _CANDIDATES * keep
-        if hashes.size > candidates:
-            top = np.unique(np.partition(hashes, hashes.size - candidates)[-candidates:])
-            if top.size < keep:
-                top = np.unique(hashes)  # many equal hashes among the largest: take them all, sorted
-        else:
-            top = np.unique(hashes)
-        stored = (top[-keep:] & np.uint64(0xFFFF)).astype(np.uint16)
-        stored[stored == 0] = 1  # 0 pads the unused slots of a client's table (clients.py)
-        return np.unique(stored)
+        count_rows, columns = hashes.shape
+        candidates = min(columns, _CANDIDATES * keep)
+        top = np.partition(hashes, columns - candidates, axis=1)[:, columns - candidates:] \
+            if candidates < columns else hashes.copy()
+        top.sort(axis=1)
+        top[:, 1:][top[:, 1:] == top[:, :-1]] = 0
+        top.sort(axis=1)
+        distinct = np.count_nonzero(top, axis=1)
+        fingerprints = []
+        for row, found in enumerate(distinct.tolist()):
+            if found < keep and candidates < columns:
+                chosen = _distinct(hashes[row][hashes[row] != 0])[-keep:]  # many equal among the largest: rare
+            else:
+                chosen = top[row, candidates - min(found, keep):]
+            stored = (chosen & np.uint64(0xFFFF)).astype(np.uint16)
+            stored[stored == 0] = 1  # 0 pads the unused slots of a client's table (clients.py)
+            fingerprints.append(_distinct(stored))
+        return fingerprints
+
+
+def _distinct(values: np.ndarray) -> np.ndarray:
+    """The distinct values, sorted (np.unique, without its overhead on small arrays)."""
+    values = np.sort(values)
+    if values.size > 1:
+        values = values[np.concatenate(([True], values[1:] != values[:-1]))]
+    return values
 
 
 def _powers(base: int, count: int) -> np.ndarray:

@@ -63,6 +63,19 @@ def bound_identity(client: str) -> str:
     return "sha256:" + hashlib.sha256(raw).hexdigest()[:32]
 
 
+class _Series:
+    """One model label's counters, looked up once (labels() costs more than inc())."""
+
+    __slots__ = ("rows", "repeats", "near_duplicates", "flags", "refused")
+
+    def __init__(self, metrics: QueryMetrics, label: str) -> None:
+        self.rows = metrics.rows.labels(label)
+        self.repeats = metrics.repeats.labels(label)
+        self.near_duplicates = metrics.near_duplicates.labels(label)
+        self.flags = metrics.flags.labels(label)
+        self.refused = metrics.refused.labels(label)
+
+
 class Skipped(Exception):
     """Why a request is not fingerprinted (a metric's reason label)."""
 
@@ -88,13 +101,13 @@ class QueryWatch:
         self._evicted = 0
         self._lock = threading.Lock()
         self._log = ThrottledLog(log)
-        # Every watched model the config names has its series from the start (the alert's increase() needs a
-        # first sample); other names get theirs at their first row.
+        # Per model label (bounded: metrics.max_models and "_other"). Every watched model the config names has its
+        # series from the start (the alert's increase() needs a first sample); other names get theirs at their
+        # first request.
+        self._series: dict[str, _Series] = {}
         for name, mode in self._modes.items():
             if mode != "off":
-                label = self._label(name)
-                for counter in (metrics.rows, metrics.near_duplicates, metrics.flags, metrics.refused):
-                    counter.labels(label)
+                self._counters(self._label(name))
 
     def mode(self, model: str) -> str:
         """``off``, ``flag`` or ``enforce``: the model's own mode, else ``detection.queries.mode``."""
@@ -111,6 +124,12 @@ class QueryWatch:
         label = self._bounded(model, "")[0]
         return self._bounded(model, version)[0] if label == OTHER and version else label
 
+    def _counters(self, label: str) -> _Series:
+        series = self._series.get(label)
+        if series is None:
+            series = self._series[label] = _Series(self._metrics, label)
+        return series
+
     def check(self, model: str, client: str, request: bytes) -> str | None:
         """Take one ModelInfer request (serialized) of ``client``: None, it goes on; else why it is refused
         (enforce mode, a flagged client). Never raises for a bad request."""
@@ -124,22 +143,21 @@ class QueryWatch:
             self._metrics.duration.observe(time.perf_counter() - started)
 
     def _check(self, model: str, mode: str, client: str, request: bytes) -> str | None:
-        metrics = self._metrics
         label = self._label(model, peek_model(request)[1])
-        key = (client, model)
+        counters = self._counters(label)
         with self._lock:
-            history = self.clients.get(key)
+            history = self.clients.get((client, model))
             self._count_clients()
             if history.blocked_until > history.last_seen:
-                metrics.refused.labels(label).inc()
+                counters.refused.inc()
                 return self._refusal(history.blocked_until - history.last_seen)
         try:
             rows = self._rows(label, request)
         except Skipped as reason:
-            metrics.skipped.labels(label, str(reason)).inc()
+            self._metrics.skipped.labels(label, str(reason)).inc()
             return None
         step = self._steps.get(model, self.settings.quantization_step)
-        fingerprints = [(self._fingerprinter(row, step), hash(row.tobytes())) for row in rows]
+        fingerprints = zip(self._fingerprinter.rows(rows, step), [hash(row.tobytes()) for row in rows])
         repeats = near_duplicates = 0
         flagged = False
         with self._lock:
@@ -150,14 +168,14 @@ class QueryWatch:
                 flagged |= seen.flagged
             if flagged and mode == "enforce":
                 history.blocked_until = history.last_seen + self.settings.block_seconds
-        metrics.rows.labels(label).inc(len(fingerprints))
+        counters.rows.inc(len(rows))
         if repeats:
-            metrics.repeats.labels(label).inc(repeats)
+            counters.repeats.inc(repeats)
         if near_duplicates:
-            metrics.near_duplicates.labels(label).inc(near_duplicates)
+            counters.near_duplicates.inc(near_duplicates)
         if not flagged:
             return None
-        metrics.flags.labels(label).inc()
+        counters.flags.inc()
         settings = self.settings
         self._log.warning(("queries", label),
                           "sidewatch: client %s flagged on model %s: %d of its last %d rows were near-duplicates of "
@@ -166,7 +184,7 @@ class QueryWatch:
                           f"refused for {settings.block_seconds:g} s" if mode == "enforce" else "flag mode: not refused")
         if mode != "enforce":
             return None
-        metrics.refused.labels(label).inc()
+        counters.refused.inc()
         return self._refusal(settings.block_seconds)
 
     def _count_clients(self) -> None:
