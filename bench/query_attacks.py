@@ -8,7 +8,7 @@ The bundled model server and ``sidewatch serve`` run as subprocesses, the sideca
 for ``mnist_cnn`` (``models.mnist_cnn.query_mode: flag``, every other setting at its default) and clients told
 apart by the ``x-client-id`` metadata key (``detection.queries.identity: metadata``), so that one process can play
 many clients. Flag mode lets an attack run to its end, so that the query where it would have succeeded is known;
-in enforce mode the client is refused from the query that flags it (tests/integration/test_query_detection.py).
+in enforce mode the client is refused from the query that flags it (tests/integration/test_query_detection_sidecar.py).
 
 1. **Benign traffic**: 10,000 ModelInfer calls (``--benign``) from 50 simulated clients, before any attack, on
    held-out MNIST test images. Client volumes are skewed (client i sends in proportion to 1/(i+1)^0.8), each
