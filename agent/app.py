@@ -114,15 +114,16 @@ class Sidecar:
     def _query_watch(self):
         """The query watch (black-box query detection per client), or None when every model's mode is off."""
         config = self.config
-        settings = config.detection.queries
-        modes = config.query_modes()
-        if settings.mode == "off" and all(mode == "off" for mode in modes.values()):
+        if not queries_watched(config):
             return None
+        for warning in query_warnings(config):
+            log.warning("sidewatch: %s", warning)
         from agent.detect.queries.watch import QueryWatch
 
         steps = {name: model.query_quantization_step for name, model in config.models.items()
                  if model.query_quantization_step is not None}
-        return QueryWatch(settings, QueryMetrics(self.registry), self.metrics.bounded, modes, steps)
+        return QueryWatch(config.detection.queries, QueryMetrics(self.registry), self.metrics.bounded,
+                          config.query_modes(), steps)
 
     def _alerts(self) -> None:
         """The route table, the rollback dispatcher, the alert engine, and the admin API with the receiver."""
@@ -194,6 +195,21 @@ class Sidecar:
             self._metrics_server.shutdown()
             self._metrics_server = None
         log.info("sidewatch: stopped")
+
+
+def queries_watched(config: ServeConfig) -> bool:
+    """Whether any model's query detection is on (detection.queries.mode, models.<name>.query_mode)."""
+    return config.detection.queries.mode != "off" or any(mode != "off" for mode in config.query_modes().values())
+
+
+def query_warnings(config: ServeConfig) -> list[str]:
+    """What the query detection of ``config`` will not do as it seems to ask (at start and by --check-config)."""
+    if not queries_watched(config) or config.detection.queries.identity != "certificate":
+        return []
+    if config.tls is None or config.tls.client_ca_file is None:
+        return ["detection.queries.identity is certificate, but the listener asks for no client certificate "
+                "(tls.client_ca_file): every client is told apart by its peer address"]
+    return []
 
 
 def envoy_plane():
@@ -271,6 +287,7 @@ def check_config(config: ServeConfig) -> list[str]:
 
         read_references(config.models)  # a reference file that is missing or cannot be parsed fails here
     admin_token(config.admin)  # a token file that cannot be read, or one too short, fails here
+    warnings.extend(query_warnings(config))
     if choice.choose(config)[0] == "envoy":
         plane = envoy_plane()
         plane.check_envoy_config(config)  # no envoy binary, or a bootstrap Envoy refuses (a missing certificate)

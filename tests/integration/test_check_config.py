@@ -95,6 +95,11 @@ def test_check_config_takes_every_query_detection_key(tmp_path):
                     "models:\n  mnist_cnn:\n    query_mode: enforce\n    query_quantization_step: 51\n")
     done = subprocess.run(sidewatch("serve", "--config", str(path), "--check-config"), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+    assert "warning" not in done.stderr, done.stderr
+    # Certificates as identities on a listener that asks for none: valid, with a warning.
+    path.write_text("detection:\n  queries:\n    mode: flag\n    identity: certificate\n")
+    done = subprocess.run(sidewatch("serve", "--config", str(path), "--check-config"), capture_output=True, text=True)
+    assert done.returncode == 0 and "warning: detection.queries.identity is certificate" in done.stderr, done.stderr
     path.write_text("detection:\n  queries:\n    hashes: 16\n    match_threshold: 20\n")
     done = subprocess.run(sidewatch("serve", "--config", str(path), "--check-config"), capture_output=True, text=True)
     assert done.returncode == 2 and "detection.queries" in done.stderr and "match_threshold" in done.stderr, done.stderr
