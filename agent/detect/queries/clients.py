@@ -15,8 +15,9 @@
 :class:`ClientTable` holds the histories by key (client identity, model), at most ``max_clients`` of them, the
 least recently seen dropped first (counted in ``evicted``), and each dropped once idle for ``idle_seconds``.
 
-Memory: a client at its full ring costs about ``fingerprints_per_client * (2 * hashes + 8)`` bytes plus some
-300 bytes of Python objects: 3.8 KB at the defaults (32 rows of 50 hashes), measured by bench/query_detector.py.
+Memory: a client at its full ring costs ``fingerprints_per_client * (2 * hashes + 8)`` bytes of arrays plus some
+500 bytes of Python objects: about 4 KB at the defaults (3,456 bytes of arrays for 32 rows of 50 hashes; 3.8 MiB
+per 1,000 clients measured by bench/query_detector.py), and a client seen once about 1 KB.
 
 >>> limits = Limits(fingerprints_per_client=4, hashes=3, match_threshold=2, history=4, near_duplicates_to_flag=2)
 >>> history = ClientHistory(limits)
