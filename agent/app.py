@@ -5,7 +5,8 @@
 - the data plane (agent/dataplane): the grpc.aio relay, its policy (route pins, inline verdicts, the
   tap, the call log), the tap and its consumer thread;
 - the detectors (agent/detect): the adversarial watch (shadow-mode tap sink, or inline through the
-  policy) and the drift watch (a tap sink, fed the adversarial scores too);
+  policy), the query watch (black-box query detection per client, through the policy) and the drift
+  watch (a tap sink, fed the adversarial scores too);
 - alerts (agent/alerts): the alert engine over the sidecar's own metrics, the rollback dispatcher with
   its hooks and the route table they pin, the Alertmanager receiver;
 - the admin API (agent/admin) and the ``/metrics`` listener.
@@ -32,6 +33,7 @@ from agent.alerts.receiver import AlertmanagerReceiver
 from agent.config import ConfigError, ServeConfig, check_files, split_address
 from agent.dataplane import choice
 from agent.dataplane.call_log import CallLog
+from agent.dataplane.identity import relay_identity
 from agent.dataplane.policy import SidecarPolicy
 from agent.dataplane.routes import RouteTable
 from agent.dataplane.server import GrpcDataPlane
@@ -39,7 +41,7 @@ from agent.dataplane.tap import Tap
 from agent.dataplane.upstream import channel_opener
 from agent.httpd.metrics import start_metrics_listener
 from agent.memory import MemoryTrimmer
-from agent.metrics import AlertMetrics, DetectionMetrics, DriftMetrics, EnvoyMetrics, ListenerMetrics, ProxyMetrics
+from agent.metrics import AlertMetrics, DetectionMetrics, DriftMetrics, EnvoyMetrics, ListenerMetrics, ProxyMetrics, QueryMetrics
 from agent.repository import version_dirs
 
 log = logging.getLogger(__name__)
@@ -73,7 +75,10 @@ class Sidecar:
                        max_queue_bytes=config.tap.max_queue_bytes)
         self.watch, self.drift = self._detectors()
         self._alerts()
-        self.policy = SidecarPolicy(self.routes, self.tap, CallLog(config.log_requests), verdicts=self.watch)
+        self.queries = self._query_watch()
+        self.policy = SidecarPolicy(self.routes, self.tap, CallLog(config.log_requests), verdicts=self.watch,
+                                    queries=self.queries, identity=relay_identity(config.detection.queries.identity,
+                                                                                  config.detection.queries.identity_key))
         if config.data_plane == "envoy":
             self.dataplane = envoy_plane().EnvoyDataPlane(config, self.metrics, self.policy, EnvoyMetrics(registry))
         else:
@@ -112,6 +117,20 @@ class Sidecar:
             if watch is not None:
                 watch.score_listeners.append(drift.observe_scores)
         return watch, drift
+
+    def _query_watch(self):
+        """The query watch (black-box query detection per client), or None when every model's mode is off."""
+        config = self.config
+        if not queries_watched(config):
+            return None
+        for warning in query_warnings(config):
+            log.warning("sidewatch: %s", warning)
+        from agent.detect.queries.watch import QueryWatch
+
+        steps = {name: model.query_quantization_step for name, model in config.models.items()
+                 if model.query_quantization_step is not None}
+        return QueryWatch(config.detection.queries, QueryMetrics(self.registry), self.metrics.bounded,
+                          config.query_modes(), steps)
 
     def _alerts(self) -> None:
         """The route table, the rollback dispatcher, the alert engine, and the admin API with the receiver."""
@@ -191,6 +210,21 @@ class Sidecar:
         if self._memory_trimmer is not None:
             self._memory_trimmer.stop()
         log.info("sidewatch: stopped")
+
+
+def queries_watched(config: ServeConfig) -> bool:
+    """Whether any model's query detection is on (detection.queries.mode, models.<name>.query_mode)."""
+    return config.detection.queries.mode != "off" or any(mode != "off" for mode in config.query_modes().values())
+
+
+def query_warnings(config: ServeConfig) -> list[str]:
+    """What the query detection of ``config`` will not do as it seems to ask (at start and by --check-config)."""
+    if not queries_watched(config) or config.detection.queries.identity != "certificate":
+        return []
+    if config.tls is None or config.tls.client_ca_file is None:
+        return ["detection.queries.identity is certificate, but the listener asks for no client certificate "
+                "(tls.client_ca_file): every client is told apart by its peer address"]
+    return []
 
 
 def envoy_plane():
@@ -279,6 +313,7 @@ def check_config(config: ServeConfig) -> list[str]:
 
         read_references(config.models)  # a reference file that is missing or cannot be parsed fails here
     admin_token(config.admin)  # a token file that cannot be read, or one too short, fails here
+    warnings.extend(query_warnings(config))
     if choice.choose(config)[0] == "envoy":
         plane = envoy_plane()
         plane.check_envoy_config(config)  # no envoy binary, or a bootstrap Envoy refuses (a missing certificate)

@@ -366,6 +366,47 @@ class DetectionMetrics:
         )
 
 
+# The query detector's cost per request on the hot path: tens of microseconds for a small image.
+QUERY_CHECK_BUCKETS_SECONDS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1)
+# Why a request (or some of its rows) was not fingerprinted (sidewatch_query_skipped_total's reason label).
+QUERY_SKIP_REASONS = ("undecodable", "no_numeric_input", "rows_over_limit")
+
+
+class QueryMetrics:
+    """Black-box query detection (agent/detect/queries/), by model only: never by client, whose identities are
+    unbounded."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.rows = Counter("sidewatch_query_rows_total",
+                            "Input rows fingerprinted by the query detector (repeats included).",
+                            ["model"], registry=registry)
+        self.repeats = Counter("sidewatch_query_repeats_total",
+                               "Rows identical to one of the same client's recent rows (retries): counted for "
+                               "nothing.", ["model"], registry=registry)
+        self.near_duplicates = Counter("sidewatch_query_near_duplicates_total",
+                                       "Rows that were near-duplicates of one of the same client's recent rows.",
+                                       ["model"], registry=registry)
+        self.flags = Counter("sidewatch_query_flags_total",
+                             "Times a client was flagged: enough of its recent rows were near-duplicates of its "
+                             "earlier ones, as a black-box attack's are.", ["model"], registry=registry)
+        self.refused = Counter("sidewatch_query_refused_total",
+                               "Requests refused with PERMISSION_DENIED in enforce mode (a flagged client, while "
+                               "blocked).", ["model"], registry=registry)
+        self.skipped = Counter("sidewatch_query_skipped_total",
+                               "Requests or rows not fingerprinted, by reason (undecodable, no_numeric_input: requests; "
+                               "rows_over_limit: rows past detection.queries.max_rows_per_request).",
+                               ["model", "reason"], registry=registry)
+        self.clients = Gauge("sidewatch_query_clients",
+                             "Client histories held (one per client and model), at most detection.queries.max_clients.",
+                             registry=registry)
+        self.evicted = Counter("sidewatch_query_clients_evicted_total",
+                               "Client histories dropped for room (detection.queries.max_clients) before they were "
+                               "idle for client_idle_seconds.", registry=registry)
+        self.duration = Histogram("sidewatch_query_check_seconds",
+                                  "Time the query detector takes per request, on the request path.",
+                                  buckets=QUERY_CHECK_BUCKETS_SECONDS, registry=registry)
+
+
 class DriftMetrics:
     """The drift and anomaly detectors' metrics.
 

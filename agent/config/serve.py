@@ -15,6 +15,7 @@ from agent.config.alerts import AlertsConfig
 from agent.config.base import ConfigError, Strict, check_address
 from agent.config.budget import AlarmBudget
 from agent.config.files import READ, ReadableFile
+from agent.config.queries import QueryDetection, QueryMode
 from agent.config.rollback import RollbackConfig
 from agent.config.tensors import TensorOverride
 
@@ -164,6 +165,8 @@ class Detection(Strict):
     # Envoy data plane: calls waiting for an inline verdict at once; beyond it a call goes on without one.
     max_inline_calls: int = Field(256, ge=1)
     rate_alarm: RateAlarm = RateAlarm()
+    # Black-box query detection per client, in the request path (agent/config/queries.py); off by default.
+    queries: QueryDetection = QueryDetection()
 
 
 class Baseline(Strict):
@@ -254,6 +257,9 @@ class ModelSettings(Strict):
     """Per-model settings, keyed by model name; unset values come from ``detection``."""
 
     adversarial_mode: AdversarialMode | None = None
+    # Black-box query detection for this model (detection.queries): its mode, and its inputs' quantisation step.
+    query_mode: QueryMode | None = None
+    query_quantization_step: float | None = Field(None, gt=0)
     # Per input or output tensor, how its drift features are chosen (agent/detect/features/choose.py).
     tensors: dict[str, TensorOverride] = {}
     # A drift reference from a file (.npz, .csv or .jsonl: agent/detect/drift/reference_file.py) for the
@@ -380,6 +386,11 @@ class ServeConfig(Strict):
         have ``detection.adversarial_mode``."""
         return {name: settings.adversarial_mode for name, settings in self.models.items()
                 if settings.adversarial_mode is not None}
+
+    def query_modes(self) -> dict[str, str]:
+        """The models whose query-detection mode is their own (``models.<name>.query_mode``); the rest have
+        ``detection.queries.mode``."""
+        return {name: settings.query_mode for name, settings in self.models.items() if settings.query_mode is not None}
 
 
 def _format_validation_error(error: ValidationError, source: str) -> str:

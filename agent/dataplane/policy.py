@@ -5,15 +5,17 @@ through a :class:`Policy`, in two steps:
 
 - **before** the upstream call (:meth:`Policy.before`, :meth:`Policy.stream_upstream`,
   :meth:`Policy.stream_request`): where the call goes (a route pin rewrites a ModelInfer request's
-  version or sends the model's calls to a fallback upstream) and whether the adversarial verdict is on
-  the hot path (flag mode: scored beside the upstream call, the verdict goes into the trailers;
-  enforce mode: scored first, and an input over the threshold is refused);
+  version or sends the model's calls to a fallback upstream), whether the client is refused (query
+  detection in enforce mode: a client whose queries look like a black-box attack's) and whether the
+  adversarial verdict is on the hot path (flag mode: scored beside the upstream call, the verdict goes
+  into the trailers; enforce mode: scored first, and an input over the threshold is refused);
 - **after** it (:meth:`Policy.completed`, :meth:`Policy.finished`): a copy of each successful
   inference for the tap, and the call's outcome for the call log.
 
 The types the policy deals in are declared here, on the data plane's side: the data plane imports no
 detector. An inline detector is anything with :class:`InlineVerdicts`' two methods; the adversarial
-watch (agent/detect/adversarial/watch.py) is one. A second data plane (Envoy, steered by sidewatch)
+watch (agent/detect/adversarial/watch.py) is one. A query detector is anything with :class:`QueryChecks`'
+two; the query watch (agent/detect/queries/watch.py) is one. A second data plane (Envoy, steered by sidewatch)
 would take the same policy.
 
 :class:`Policy` itself relays everything unchanged and keeps nothing; :class:`SidecarPolicy` is the
@@ -25,10 +27,11 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Awaitable, Protocol
+from typing import TYPE_CHECKING, Awaitable, Callable, Protocol
 
 import grpc
 
+from agent.dataplane.identity import relay_identity
 from agent.dataplane.routes import RouteTable, rewrite_version
 from agent.dataplane.tap import Tap, TapRecord
 from agent.protocol.peek import peek_model
@@ -59,6 +62,17 @@ class InlineVerdicts(Protocol):
         """The verdict on a serialized ModelInferRequest; never raises (a failure is a verdict too)."""
 
 
+class QueryChecks(Protocol):
+    """A detector that sees every ModelInfer request of a client before the upstream call, and may refuse it."""
+
+    def watches(self, model: str) -> bool:
+        """Whether the model's requests are checked (its query-detection mode is not off)."""
+
+    def check(self, model: str, client: str, request: bytes) -> str | None:
+        """Take a serialized ModelInferRequest of ``client`` (its identity): None, the call goes on; else why
+        the client is refused (answered PERMISSION_DENIED). Never raises."""
+
+
 @dataclass(slots=True)
 class Before:
     """What the before step decided for one unary call: the request to send, and where."""
@@ -71,6 +85,8 @@ class Before:
     verdict: "Awaitable[Verdict] | None" = None
     # Enforce mode: the relay waits for the verdict and refuses the call when it says so.
     enforce: bool = False
+    # Query detection in enforce mode: why the client is refused (PERMISSION_DENIED, before anything else).
+    refusal: str | None = None
 
 
 class Policy:
@@ -84,9 +100,13 @@ class Policy:
     verdicts: InlineVerdicts | None = None
     # The route table, for a data plane that applies pins itself (Envoy); None: nothing is pinned.
     routes: RouteTable | None = None
+    # The query detector, for a data plane that asks it itself (Envoy's verdict server); None: no model is watched.
+    queries: QueryChecks | None = None
 
-    def before(self, model: str, version: str, request: bytes, inference: bool) -> Before | None:
-        """The before step of a unary call that names a model; None: forward it unchanged."""
+    def before(self, model: str, version: str, request: bytes, inference: bool,
+               context: "aio.ServicerContext | None" = None) -> Before | None:
+        """The before step of a unary call that names a model (``context``: its server context, which says
+        who the client is); None: forward it unchanged."""
         return None
 
     def stream_upstream(self, first_request: bytes) -> "aio.Channel | None":
@@ -120,20 +140,32 @@ class Policy:
 
 
 class SidecarPolicy(Policy):
-    """Route pins, inline verdicts, the tap and the call log: the sidecar's before and after steps."""
+    """Route pins, query checks, inline verdicts, the tap and the call log: the sidecar's before and after
+    steps. ``identity`` tells the query checks who a call's client is (agent/dataplane/identity.py)."""
 
     def __init__(self, routes: RouteTable | None = None, tap: Tap | None = None, call_log: "CallLog | None" = None,
-                 verdicts: InlineVerdicts | None = None) -> None:
+                 verdicts: InlineVerdicts | None = None, queries: QueryChecks | None = None,
+                 identity: "Callable[[aio.ServicerContext], str] | None" = None) -> None:
         self._routes = self.routes = routes
         self._tap = tap
         self._call_log = call_log
         self._verdicts = self.verdicts = verdicts
+        self._queries = self.queries = queries
+        self._identity = identity or relay_identity("peer", "")
         self.keeps_copies = tap is not None
 
-    def before(self, model: str, version: str, request: bytes, inference: bool) -> Before | None:
+    def before(self, model: str, version: str, request: bytes, inference: bool,
+               context: "aio.ServicerContext | None" = None) -> Before | None:
         routes = self._routes
-        # With nothing pinned and no inline detector, this is all a call costs: two attribute reads.
+        # With nothing pinned and no inline detector, this is all a call costs: a few attribute reads.
         pin = routes.pins.get(model) if routes is not None and routes.active else None
+        queries = self._queries if inference else None
+        if queries is not None and context is not None and queries.watches(model):
+            # Every request of a watched model, before the upstream call and before the adversarial verdict:
+            # a refused client costs no model run.
+            refusal = queries.check(model, self._identity(context), request)
+            if refusal is not None:
+                return Before(request, version, refusal=refusal)
         verdicts = self._verdicts if inference else None
         mode = verdicts.mode(model) if verdicts is not None else "shadow"
         if pin is None and mode == "shadow":

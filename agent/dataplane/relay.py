@@ -7,8 +7,9 @@ deserialized here: the only look inside is :func:`peek_model` on inference reque
 
 Everything else reaches the relay through its policy (agent/dataplane/policy.py), before and after
 the upstream call: route pins (which parse a pinned model's ModelInfer requests to rewrite
-``model_version``, or send its calls to a fallback upstream), inline adversarial verdicts (flag and
-enforce modes), the tap and the call log. With nothing pinned and no inline detector, the before
+``model_version``, or send its calls to a fallback upstream), query detection per client (a refused
+client gets PERMISSION_DENIED), inline adversarial verdicts (flag and enforce modes), the tap and the
+call log. With nothing pinned and no inline detector, the before
 step costs a call and two attribute reads.
 
 Flow control passes through a stream: the relay reads a client's next message only once the upstream has
@@ -100,7 +101,7 @@ class Forwarder(grpc.GenericRpcHandler):
             verdict = None
             if carries_model:
                 model, version = peek_model(request)
-                before = policy.before(model, version, request, taps_inference)
+                before = policy.before(model, version, request, taps_inference, context)
                 if before is not None:
                     request, version, verdict = before.request, before.version, before.verdict
                     if before.upstream is not None:
@@ -112,6 +113,10 @@ class Forwarder(grpc.GenericRpcHandler):
             code = grpc.StatusCode.OK
             upstream_code = None  # the upstream's own error, counted once the labels are resolved
             try:
+                if before is not None and before.refusal is not None:
+                    # The client is refused (query detection, enforce mode): it is not this input that is bad.
+                    code = grpc.StatusCode.PERMISSION_DENIED
+                    await context.abort(code, before.refusal)
                 if before is not None and before.enforce:
                     judged = await verdict
                     rejection = judged.rejection()

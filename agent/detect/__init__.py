@@ -4,6 +4,7 @@
 ``anomaly``       AnomalyScorer: isolation-forest anomaly scores of feature vectors, flagged at a target FPR
 ``registry``      DetectorRegistry: the calibrated squeezing detector of every model version in a repository
 ``adversarial/``  feature squeezing: numpy squeezers, the fused ONNX graph, the live watch (shadow/flag/enforce)
+``queries/``      black-box query detection per client: fingerprints of recent inputs, near-duplicates
 ``calibration/``  the threshold, the reference summary and the JSON artifact beside each model, and calibrate()
 ``drift/``        drift detectors (one module per method, one base class), their calibration, the live watch
 

@@ -80,3 +80,26 @@ def test_check_config_warns_that_envoy_does_not_enforce_max_message_bytes(tmp_pa
     path.write_text("data_plane: python\nmax_message_bytes: 65536\n")
     done = subprocess.run(sidewatch("serve", "--config", str(path), "--check-config"), capture_output=True, text=True)
     assert done.returncode == 0 and "warning" not in done.stderr, done.stderr
+
+
+def test_check_config_takes_every_query_detection_key(tmp_path):
+    """Every key of detection.queries and the per-model ones pass --check-config, Envoy's validation of the verdict
+    filter they route through included; a threshold past its bound fails, naming the key."""
+    path = tmp_path / "c.yaml"
+    path.write_text("data_plane: envoy\n"
+                    "detection:\n  queries:\n    mode: flag\n    identity: metadata\n    identity_key: x-client-id\n"
+                    "    quantization_step: 0.2\n    window: 50\n    hashes: 50\n    match_threshold: 20\n"
+                    "    fingerprints_per_client: 32\n    history: 50\n    near_duplicates_to_flag: 10\n"
+                    "    max_clients: 10000\n    client_idle_seconds: 1800\n    block_seconds: 600\n"
+                    "    max_rows_per_request: 64\n"
+                    "models:\n  mnist_cnn:\n    query_mode: enforce\n    query_quantization_step: 51\n")
+    done = subprocess.run(sidewatch("serve", "--config", str(path), "--check-config"), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "warning" not in done.stderr, done.stderr
+    # Certificates as identities on a listener that asks for none: valid, with a warning.
+    path.write_text("detection:\n  queries:\n    mode: flag\n    identity: certificate\n")
+    done = subprocess.run(sidewatch("serve", "--config", str(path), "--check-config"), capture_output=True, text=True)
+    assert done.returncode == 0 and "warning: detection.queries.identity is certificate" in done.stderr, done.stderr
+    path.write_text("detection:\n  queries:\n    hashes: 16\n    match_threshold: 20\n")
+    done = subprocess.run(sidewatch("serve", "--config", str(path), "--check-config"), capture_output=True, text=True)
+    assert done.returncode == 2 and "detection.queries" in done.stderr and "match_threshold" in done.stderr, done.stderr

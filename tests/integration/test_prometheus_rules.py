@@ -187,6 +187,8 @@ MUTATIONS = [
     ("SidewatchAdversarialRateHigh", "keep_firing_for", "2m", "1m", "detection_alerts_test.yml"),
     ("SidewatchAdversarialRateHigh", "for", "0s", "1m", "detection_alerts_test.yml"),
     ("SidewatchAnomalyRateHigh", "expr", "> 0.1", "> 0.08", "detection_alerts_test.yml"),
+    ("SidewatchBlackBoxAttack", "expr", "[10m]", "[20m]", "detection_alerts_test.yml"),
+    ("SidewatchBlackBoxAttack", "expr", "offset 10m", "offset 1m", "detection_alerts_test.yml"),
     ("SidewatchDriftDetected", "expr", "== 1", ">= 0", "detection_alerts_test.yml"),
     ("SidewatchDriftDetected", "expr", "max by", "min by", "detection_alerts_test.yml"),
     ("SidewatchDriftDetected", "expr", 'feature="all"', 'feature=~".+"', "detection_alerts_test.yml"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from agent.config import load_config
 from agent.dataplane.envoy import ext_proc, verdicts
+from agent.dataplane.envoy.lua import lua_string, model_peek_filter
 from agent.protocol import paths
 
 
@@ -18,6 +19,25 @@ def test_no_inline_routing_without_a_detector_or_with_every_model_in_shadow_mode
     assert verdicts.inline_routing(_config("shadow", {"m": "shadow"}), detector=True) is None
     routing = verdicts.inline_routing(_config("shadow", {"m": "enforce"}), detector=True)
     assert (routing.default_mode, dict(routing.modes), routing.header) == ("shadow", {"m": "enforce"}, verdicts.HEADER)
+
+
+def test_query_detection_routes_its_models_inline_without_an_adversarial_detector():
+    config = load_config(overrides={"detection.queries.identity": "certificate", "models.q.query_mode": "enforce",
+                                    "models.a.adversarial_mode": "flag"})
+    routing = verdicts.inline_routing(config, detector=False)
+    assert (routing.default_mode, dict(routing.modes)) == ("shadow", {"q": "queries", "a": "shadow"})
+    assert (routing.identity, routing.identity_key) == ("certificate", "x-client-id")
+    # With a detector, a model in flag mode keeps its mode; the default of every other model follows queries.
+    config = load_config(overrides={"detection.queries.mode": "flag", "models.a.adversarial_mode": "enforce",
+                                    "models.o.query_mode": "off"})
+    routing = verdicts.inline_routing(config, detector=True)
+    assert (routing.default_mode, dict(routing.modes)) == ("queries", {"a": "enforce", "o": "shadow"})
+    # Without query detection the Lua filter is told no identity to read.
+    assert verdicts.inline_routing(_config("flag", {}), detector=True).identity == ""
+    script = model_peek_filter(inline=routing)["typed_config"]["default_source_code"]["inline_string"]
+    assert "__IDENTITY" not in script and f"local IDENTITY = {lua_string('peer')}" in script
+    assert verdicts.verdict_filter()["typed_config"]["metadata_options"] == {
+        "forwarding_namespaces": {"untyped": ["sidewatch"]}}
 
 
 def test_every_model_infer_route_gets_a_twin_that_enables_the_verdict_filter_before_it():

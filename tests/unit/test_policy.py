@@ -145,3 +145,70 @@ def test_the_after_steps_copy_answered_inferences_to_the_tap_and_log_failed_call
         policy.finished(Context(), (MODEL, "2", "ModelInfer"), grpc.StatusCode.UNAVAILABLE, 0.001)
     [line] = caplog.records
     assert line.request_id == "req-7" and line.code == "UNAVAILABLE"
+
+
+class QueryChecksSeen:
+    """A query detector that refuses the clients it is told to, and remembers what it was asked."""
+
+    def __init__(self, refused: set[str]) -> None:
+        self.refused = refused
+        self.asked: list[tuple[str, str]] = []
+
+    def watches(self, model: str) -> bool:
+        return model == MODEL
+
+    def check(self, model: str, client: str, request: bytes) -> str | None:
+        self.asked.append((model, client))
+        return "sidewatch: client refused" if client in self.refused else None
+
+
+class PeerContext(Context):
+    def __init__(self, peer: str, metadata=(), auth=None) -> None:
+        self._peer, self._metadata, self._auth = peer, metadata, auth or {}
+
+    def peer(self):
+        return self._peer
+
+    def invocation_metadata(self):
+        return self._metadata
+
+    def auth_context(self):
+        return self._auth
+
+
+def test_query_checks_come_first_and_a_refused_client_starts_no_verdict(watch):
+    from agent.dataplane.identity import relay_identity
+
+    queries = QueryChecksSeen({"metadata:mallory"})
+    policy = SidecarPolicy(RouteTable(), verdicts=watch, queries=queries,
+                           identity=relay_identity("metadata", "x-client-id"))
+    request = _request(adversarial_and_benign()[1][:1])
+
+    async def before(model: str, inference: bool, context: PeerContext):
+        decided = policy.before(model, "2", request, inference=inference, context=context)
+        if decided is not None and decided.verdict is not None:
+            await decided.verdict
+        return decided
+
+    refused = asyncio.run(before(MODEL, True, PeerContext("ipv4:10.0.0.9:5555", (("x-client-id", "mallory"),))))
+    assert refused.refusal == "sidewatch: client refused" and refused.verdict is None
+    # Without the key, the client is its peer address; it goes on to the verdict (enforce mode).
+    allowed = asyncio.run(before(MODEL, True, PeerContext("ipv6:%5B::1%5D:5555")))
+    assert allowed.refusal is None and allowed.enforce
+    # Other models, and calls that are not inferences, are not handed over.
+    asyncio.run(before("other", True, PeerContext("ipv4:10.0.0.9:5555")))
+    asyncio.run(before(MODEL, False, PeerContext("ipv4:10.0.0.9:5555")))
+    assert queries.asked == [(MODEL, "metadata:mallory"), (MODEL, "peer:[::1]")]
+
+
+def test_identities_by_peer_certificate_or_metadata():
+    from agent.dataplane.identity import relay_identity
+
+    context = PeerContext("ipv4:10.0.0.9:5555", (("x-client-id", "alice"), ("x-id-bin", b"\x01\x02")),
+                          {"x509_subject": [b"CN=alice,O=example"], "x509_common_name": [b"alice"]})
+    assert relay_identity("peer", "")(context) == "peer:10.0.0.9"
+    assert relay_identity("certificate", "")(context) == "certificate:CN=alice,O=example"
+    assert relay_identity("certificate", "")(PeerContext("ipv4:10.0.0.9:1")) == "peer:10.0.0.9"
+    assert relay_identity("metadata", "x-client-id")(context) == "metadata:alice"
+    assert relay_identity("metadata", "x-id-bin")(context) == "metadata:0102"
+    assert relay_identity("metadata", "x-absent")(context) == "peer:10.0.0.9"

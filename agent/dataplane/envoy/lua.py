@@ -3,8 +3,9 @@ r"""The Lua HTTP filter that reads each model-scoped call's model name and versi
 The script reads the first request body chunk of ModelInfer, ModelStreamInfer, ModelMetadata and
 ModelReady calls without buffering the body and leaves the names in dynamic metadata (namespace
 ``sidewatch``), where the gRPC access log (access_log.py) carries them to sidewatch's metrics.
-With ``inline`` (flag and enforce modes, verdicts.py), ModelInfer calls wait for their whole body and
-those of the models not in shadow mode get the header that routes them through the verdict filter.
+With ``inline`` (flag and enforce modes, and query detection: verdicts.py), ModelInfer calls wait for their
+whole body and those of the models routed inline get the header that routes them through the verdict filter,
+and with query detection the client's identity in dynamic metadata (``client``, or ``client_hex``).
 
 >>> script = model_peek_filter()["typed_config"]["default_source_code"]["inline_string"]
 >>> "bodyChunks" in script and "__MAX_LABEL__" not in script
@@ -33,11 +34,14 @@ MAX_LABEL_BYTES = metrics.MAX_LABEL_BYTES
 @dataclass(frozen=True)
 class InlineRouting:
     """What the script needs to route calls to the verdict filter: the default mode, each model's own
-    mode, and the header it sets (verdicts.py)."""
+    mode ("shadow": not routed), and the header it sets (verdicts.py); for query detection, how a client is
+    told (``identity``: peer, certificate or metadata, with ``identity_key``; "": no model is watched)."""
 
     default_mode: str
     modes: Mapping[str, str]
     header: str
+    identity: str = ""
+    identity_key: str = ""
 
 
 def lua_string(value: str) -> str:
@@ -56,6 +60,8 @@ def model_peek_filter(max_label_bytes: int = MAX_LABEL_BYTES, inline: InlineRout
               .replace("__INLINE__", "true" if inline is not None else "false")
               .replace("__INLINE_HEADER__", inline.header if inline is not None else "")
               .replace("__DEFAULT_MODE__", lua_string(inline.default_mode if inline is not None else "shadow"))
-              .replace("__MODES__", lua_modes(inline.modes if inline is not None else {})))
+              .replace("__MODES__", lua_modes(inline.modes if inline is not None else {}))
+              .replace("__IDENTITY__", lua_string(inline.identity if inline is not None else ""))
+              .replace("__IDENTITY_KEY__", lua_string(inline.identity_key if inline is not None else "")))
     return {"name": "envoy.filters.http.lua",
             "typed_config": {"@type": LUA, "default_source_code": {"inline_string": script}}}

@@ -16,6 +16,13 @@
 -- routes enable the verdict filter; the route cache is cleared so that Envoy picks the route again. A
 -- client's own copy of the header is removed first from every call. Other calls are not held.
 --
+-- Query detection (IDENTITY not ""): a call routed inline also gets its client's identity in dynamic metadata
+-- ("client", or "client_hex" as above), which Envoy forwards to the verdict server (agent/dataplane/identity.py
+-- tells it the same way on the grpc.aio relay): "peer:" and the connection's own remote address without its
+-- port (never x-forwarded-for, which the client writes), "certificate:" and the subject of its TLS
+-- certificate, or "metadata:" and the value of the IDENTITY_KEY header; without a certificate or that header,
+-- its peer address.
+--
 -- Route pins (agent/dataplane/envoy/pins.py): while a model is pinned every route carries "pins" in this
 -- filter's route metadata; the gRPC field extraction filter before this one has held the headers until
 -- the first message was whole and left its model name in dynamic metadata (model_routing.py). The name
@@ -28,6 +35,8 @@ local INLINE = __INLINE__
 local INLINE_HEADER = "__INLINE_HEADER__"
 local DEFAULT_MODE = __DEFAULT_MODE__
 local MODES = __MODES__      -- the models whose mode is their own (models.<name>.adversarial_mode)
+local IDENTITY = __IDENTITY__          -- "", "peer", "certificate" or "metadata"
+local IDENTITY_KEY = __IDENTITY_KEY__
 local MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 local PIN_HEADER = "x-sidewatch-model"
 local EXTRACTED = "envoy.filters.http.grpc_field_extraction"
@@ -100,6 +109,24 @@ local function put(metadata, key, value)
   end
 end
 
+-- Who the client is (query detection), as the grpc.aio relay tells it.
+local function peer(handle)
+  local address = handle:streamInfo():downstreamDirectRemoteAddress() or ""
+  return "peer:" .. (address:gsub(":%d+$", ""))
+end
+
+local function client(handle)
+  if IDENTITY == "certificate" then
+    local ssl = handle:connection():ssl()
+    local subject = ssl ~= nil and ssl:subjectPeerCertificate() or ""
+    if subject ~= "" then return "certificate:" .. subject end
+  elseif IDENTITY == "metadata" then
+    local value = handle:headers():get(IDENTITY_KEY)
+    if value ~= nil and value ~= "" then return "metadata:" .. value end
+  end
+  return peer(handle)
+end
+
 -- ModelInfer with inline verdicts on: the whole body, then the header that picks the verdict routes.
 local function route_inline(handle)
   local body = handle:body()
@@ -111,6 +138,7 @@ local function route_inline(handle)
   put(metadata, "version", version)
   local mode = MODES[name] or DEFAULT_MODE
   if mode ~= "shadow" then
+    if IDENTITY ~= "" then put(metadata, "client", client(handle)) end
     handle:headers():add(INLINE_HEADER, mode)  -- asked for again: a handle does not outlive body()'s wait
     handle:clearRouteCache()
   end

@@ -129,7 +129,8 @@ class EnvoyDataPlane:
         self._tap_server: aio.Server | None = None
         self._tap: ext_proc.TapProcessor | None = None
         self.sampler: Sampler | None = None
-        # Flag and enforce modes (verdicts.py): the verdict server, for the models configured for them.
+        # Flag and enforce modes and query detection (verdicts.py): the verdict server, for the models configured
+        # for them.
         self._verdict_server: aio.Server | None = None
         # Route pins (pins.py): the route files Envoy watches, and the server that rewrites pinned versions.
         self.pins: PinFiles | None = None
@@ -176,7 +177,7 @@ class EnvoyDataPlane:
             routes = ext_proc.sampled_routes(UPSTREAM)
         if inline is not None:
             self._verdict_server, verdict_port = verdicts.start_server(
-                verdicts.VerdictProcessor(self.policy.verdicts), config.detection.max_inline_calls,
+                verdicts.VerdictProcessor(self.policy.verdicts, self.policy.queries), config.detection.max_inline_calls,
                 config.max_message_bytes)
             await self._verdict_server.start()
             http_filters.append(verdicts.verdict_filter())

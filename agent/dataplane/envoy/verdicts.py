@@ -1,4 +1,5 @@
-"""Inline verdicts under Envoy: flag and enforce modes, for the models configured for them only.
+"""Inline verdicts under Envoy: flag and enforce modes, and query detection, for the models configured for them
+only.
 
 Envoy picks a call's route, and with it the filters that run, from its headers; the model name is in the
 body. The Lua filter (model_peek.lua, with :class:`InlineRouting`) therefore holds each ModelInfer call
@@ -18,6 +19,13 @@ detector (``Policy.verdicts``, the same fused ONNX detector as the grpc.aio rela
   relay does); the verdict is awaited at the response trailers;
 - both: the trailers get ``sidewatch-adversarial-score`` and ``sidewatch-adversarial`` (or
   ``sidewatch-adversarial-error`` when the input could not be scored: the detector's own NoVerdict).
+
+Query detection (``detection.queries``, ``models.<name>.query_mode`` not off) takes the same route: the Lua
+filter routes the model's ModelInfer calls here too, and leaves the client's identity in dynamic metadata
+(``sidewatch`` namespace, key ``client`` or ``client_hex``), which the filter forwards. Every such request is
+handed to the policy's query detector (``Policy.queries``) before anything else; a client it refuses (enforce
+mode) is answered at once with PERMISSION_DENIED, as on the grpc.aio relay, and the call never reaches the model
+server. A request without an identity (which the Lua filter always sets) is not checked, and logged.
 
 Failures fail open, as a failing detector does on the grpc.aio relay ("a broken detector cannot take the
 service down"): the verdict server down, refusing a stream (more than ``detection.max_inline_calls``
@@ -42,8 +50,9 @@ from agent.config import ServeConfig
 from agent.dataplane.envoy.bootstrap import http2_cluster, upstream_route
 from agent.dataplane.envoy.frames import HEADER_BYTES
 from agent.dataplane.envoy.loopback import ext_proc_server
-from agent.dataplane.envoy.lua import InlineRouting
-from agent.dataplane.policy import InlineVerdicts
+from agent.dataplane.envoy.lua import METADATA_NAMESPACE, InlineRouting
+from agent.dataplane.policy import InlineVerdicts, QueryChecks
+from agent.logs import ThrottledLog
 from agent.protocol import paths
 from agent.protocol.peek import peek_model
 
@@ -59,16 +68,30 @@ FILTER_CONFIG = "type.googleapis.com/envoy.config.route.v3.FilterConfig"
 # trailers); past it the call goes on without a verdict. Far above a verdict's few milliseconds.
 VERDICT_TIMEOUT = "5s"
 GRPC_INVALID_ARGUMENT = 3
+GRPC_PERMISSION_DENIED = 7
 
 
 def inline_routing(config: ServeConfig, detector: bool) -> InlineRouting | None:
-    """The Lua filter's routing for ``config``'s modes; None when no model can be in flag or enforce mode
-    (no inline ``detector``, or every mode is shadow): then nothing of this module is in Envoy's config."""
-    modes = config.adversarial_modes()
-    if not detector or (config.detection.adversarial_mode == "shadow"
-                            and all(mode == "shadow" for mode in modes.values())):
+    """The Lua filter's routing for ``config``'s modes: a model is routed here when it is in flag or enforce
+    mode and there is an inline ``detector``, or when its query detection is on (mode "queries" for the Lua
+    filter, whose header says only that the call is inline). None when no model is: then nothing of this module
+    is in Envoy's config."""
+    adversarial, queries = config.adversarial_modes(), config.query_modes()
+    default_adversarial, default_queries = config.detection.adversarial_mode, config.detection.queries.mode
+
+    def inline(adversarial_mode: str, query_mode: str) -> str:
+        if detector and adversarial_mode != "shadow":
+            return adversarial_mode
+        return "queries" if query_mode != "off" else "shadow"
+
+    default = inline(default_adversarial, default_queries)
+    modes = {name: inline(adversarial.get(name, default_adversarial), queries.get(name, default_queries))
+             for name in {**adversarial, **queries}}
+    if default == "shadow" and all(mode == "shadow" for mode in modes.values()):
         return None
-    return InlineRouting(config.detection.adversarial_mode, modes, HEADER)
+    watched = default_queries != "off" or any(mode != "off" for mode in queries.values())
+    settings = config.detection.queries
+    return InlineRouting(default, modes, HEADER, settings.identity if watched else "", settings.identity_key)
 
 
 # --- Envoy's side: the filter, its cluster and the routes ------------------------------------------
@@ -86,6 +109,8 @@ def verdict_filter() -> dict[str, Any]:
                             "request_body_mode": "BUFFERED", "response_body_mode": "NONE",
                             "request_trailer_mode": "SKIP", "response_trailer_mode": "SEND"},
         "stat_prefix": "sidewatch_verdicts",
+        # The Lua filter's dynamic metadata (the model, and for query detection the client's identity).
+        "metadata_options": {"forwarding_namespaces": {"untyped": [METADATA_NAMESPACE]}},
     }}
 
 
@@ -144,16 +169,54 @@ def _message(body: bytes) -> bytes:
     return body
 
 
+def client_identity(message: ext_proc_pb2.ProcessingRequest) -> str | None:
+    """The client's identity the Lua filter left in dynamic metadata (hex-encoded when it is not printable
+    ASCII, as the model name is); None without one."""
+    fields = message.metadata_context.filter_metadata[METADATA_NAMESPACE].fields
+    if "client" in fields:
+        return fields["client"].string_value
+    if "client_hex" in fields:
+        try:
+            return bytes.fromhex(fields["client_hex"].string_value).decode("utf-8", "replace")
+        except ValueError:
+            return None
+    return None
+
+
+def _refusal(code: int, message: str, metadata, details: str) -> ext_proc_pb2.ProcessingResponse:
+    """The call answered at once with gRPC status ``code`` and ``message``, never reaching the model server."""
+    return ext_proc_pb2.ProcessingResponse(immediate_response=ext_proc_pb2.ImmediateResponse(
+        status=http_status_pb2.HttpStatus(code=http_status_pb2.OK),
+        grpc_status=ext_proc_pb2.GrpcStatus(status=code),
+        body=message.encode(),
+        headers=ext_proc_pb2.HeaderMutation(set_headers=_header_mutation(metadata)),
+        details=details))
+
+
 CONTINUE_BODY = ext_proc_pb2.ProcessingResponse(request_body=ext_proc_pb2.BodyResponse())
 CONTINUE_TRAILERS = ext_proc_pb2.ProcessingResponse(response_trailers=ext_proc_pb2.TrailersResponse())
 
 
 class VerdictProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):
     """The ExternalProcessor service of the verdict filter: one stream per ModelInfer call of a model in
-    flag or enforce mode (module docstring)."""
+    flag or enforce mode, or whose queries are watched (module docstring)."""
 
-    def __init__(self, verdicts: InlineVerdicts) -> None:
+    def __init__(self, verdicts: InlineVerdicts | None, queries: QueryChecks | None = None) -> None:
         self.verdicts = verdicts
+        self.queries = queries
+        self._log = ThrottledLog(log)
+
+    def _refused(self, model: str, request: bytes, message: ext_proc_pb2.ProcessingRequest) -> str | None:
+        """Why the query detector refuses the call's client, or None."""
+        queries = self.queries
+        if queries is None or not queries.watches(model):
+            return None
+        client = client_identity(message)
+        if client is None:
+            self._log.warning("no_identity", "sidewatch: a call reached the verdict server without its client's "
+                              "identity: its query was not checked")
+            return None
+        return queries.check(model, client, request)
 
     async def Process(self, request_iterator, context: aio.ServicerContext):  # noqa: N802 - gRPC's name
         verdict: asyncio.Future | None = None
@@ -162,9 +225,14 @@ class VerdictProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):
             if kind == "request_body":
                 request = _message(message.request_body.body)
                 model, version = peek_model(request)
-                mode = self.verdicts.mode(model)
+                refusal = self._refused(model, request, message)
+                if refusal is not None:
+                    yield _refusal(GRPC_PERMISSION_DENIED, refusal, (), "sidewatch_query_refused")
+                    return
+                mode = self.verdicts.mode(model) if self.verdicts is not None else "shadow"
                 if mode == "shadow":
-                    yield CONTINUE_BODY  # routed here by a name the Lua filter cut short: nothing to add
+                    # Watched for its queries only, or routed here by a name the Lua filter cut short.
+                    yield CONTINUE_BODY
                     return
                 # Scored beside the upstream call (flag), or before it (enforce).
                 verdict = asyncio.ensure_future(self.verdicts.score_request(model, version, request))
@@ -172,12 +240,8 @@ class VerdictProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):
                     judged = await verdict
                     rejection = judged.rejection()
                     if rejection is not None:
-                        yield ext_proc_pb2.ProcessingResponse(immediate_response=ext_proc_pb2.ImmediateResponse(
-                            status=http_status_pb2.HttpStatus(code=http_status_pb2.OK),
-                            grpc_status=ext_proc_pb2.GrpcStatus(status=GRPC_INVALID_ARGUMENT),
-                            body=rejection.encode(),
-                            headers=ext_proc_pb2.HeaderMutation(set_headers=_header_mutation(judged.metadata())),
-                            details="sidewatch_adversarial_rejected"))
+                        yield _refusal(GRPC_INVALID_ARGUMENT, rejection, judged.metadata(),
+                                       "sidewatch_adversarial_rejected")
                         return
                 yield CONTINUE_BODY
             elif kind == "response_trailers":
