@@ -41,7 +41,16 @@ from agent.dataplane.tap import Tap
 from agent.dataplane.upstream import channel_opener
 from agent.httpd.metrics import start_metrics_listener
 from agent.memory import MemoryTrimmer
-from agent.metrics import AlertMetrics, DetectionMetrics, DriftMetrics, EnvoyMetrics, ListenerMetrics, ProxyMetrics, QueryMetrics
+from agent.metrics import (
+    AlertMetrics,
+    DetectionMetrics,
+    DriftMetrics,
+    EnvoyMetrics,
+    ListenerMetrics,
+    ProxyMetrics,
+    QueryMetrics,
+    set_max_label_bytes,
+)
 from agent.repository import version_dirs
 
 log = logging.getLogger(__name__)
@@ -68,6 +77,7 @@ class Sidecar:
         check_files(config)
         config = self.config = choice.resolve(config)
         self.registry = registry
+        set_max_label_bytes(config.metrics.max_label_bytes)  # one sidecar a process (agent/metrics.py)
         # Connections the HTTP listeners (the admin API, /metrics) cut by their bounds.
         self.listener_metrics = ListenerMetrics(registry)
         self.metrics = ProxyMetrics(registry, config.metrics.max_models, known_models(config))

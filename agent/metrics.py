@@ -30,12 +30,23 @@ TAP_DROP_REASONS = ("too_large", "buffer", "compressed", "unpaired", "envoy", "c
 
 
 # Model names and versions become label values (and words in log lines): longer values are cut to this
-# many bytes, on both data planes (the Envoy plane's Lua filter cuts them to the same, lua.py).
+# many bytes, on both data planes (the Envoy plane's Lua filter cuts them to the same, lua.py). The default;
+# `metrics.max_label_bytes` sets it for the process at start (set_max_label_bytes): one sidecar a process.
 MAX_LABEL_BYTES = 128
+_label_limit = [MAX_LABEL_BYTES]
+
+
+def max_label_bytes() -> int:
+    """The bytes a label value is cut to, in this process."""
+    return _label_limit[0]
+
+
+def set_max_label_bytes(limit: int) -> None:
+    _label_limit[0] = int(limit)
 
 
 def label_bytes(raw: bytes) -> str:
-    """A model name or version as read from a request, cut to ``MAX_LABEL_BYTES`` and decoded as both data
+    """A model name or version as read from a request, cut to ``max_label_bytes()`` and decoded as both data
     planes decode it (invalid UTF-8 replaced), so that the same call gets the same label on either.
 
     >>> label_bytes(b"m" * 1000) == "m" * MAX_LABEL_BYTES
@@ -43,16 +54,17 @@ def label_bytes(raw: bytes) -> str:
     >>> label_bytes(b"n\\xc3")
     'n\ufffd'
     """
-    return raw[:MAX_LABEL_BYTES].decode("utf-8", "replace")[:MAX_LABEL_BYTES]
+    limit = _label_limit[0]
+    return raw[:limit].decode("utf-8", "replace")[:limit]
 
 
 def bound_label(value: str) -> str:
-    """``value`` (a model name or version, for a label or a log line) cut to ``MAX_LABEL_BYTES`` bytes.
+    """``value`` (a model name or version, for a label or a log line) cut to ``max_label_bytes()`` bytes.
 
     >>> len(bound_label("x" * 10**6)), bound_label("mnist_cnn")
     (128, 'mnist_cnn')
     """
-    if len(value) <= MAX_LABEL_BYTES // 4:  # at most 4 bytes a character: short enough whatever it holds
+    if len(value) <= _label_limit[0] // 4:  # at most 4 bytes a character: short enough whatever it holds
         return value
     return label_bytes(value.encode("utf-8", "surrogatepass"))
 
@@ -63,7 +75,7 @@ class BoundedModels:
     Model names and versions come from requests, so a hostile or buggy client could otherwise create
     series without end (or without end in length). The rule (``metrics.max_models``):
 
-    - every value is cut to ``MAX_LABEL_BYTES`` bytes;
+    - every value is cut to ``max_label_bytes()`` bytes;
     - the pairs the sidecar knows (``known``: its model repository's models and versions, its config's
       ``models:``, each with the empty version too) always have their own labels, whatever arrives, and
       so has ("", ""), the calls that name no model (ServerReady, ...) or whose name could not be read,
@@ -105,7 +117,7 @@ class BoundedNames:
     """Maps names a client supplies (Alertmanager's alert names) onto at most ``limit`` label values besides the
     ``known`` ones (``metrics.max_alert_names``):
 
-    - every value is cut to ``MAX_LABEL_BYTES`` bytes;
+    - every value is cut to ``max_label_bytes()`` bytes;
     - a known name (one the config gives) always has its own value, whatever arrives;
     - another name takes one of the ``limit`` values the first time it is looked up (the callers look up only
       the names of incidents that opened), and keeps it; once they are taken, the others are "_other".

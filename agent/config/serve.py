@@ -111,6 +111,8 @@ class Metrics(ListenerLimits):
     # `models:`) always keep theirs; another pair takes one of the remaining only once the upstream has
     # answered it OK, so names it refuses (junk, random bytes) never take one. Values are cut to 128 bytes.
     max_models: int = Field(64, ge=1)
+    # Model names and versions, as label values and in log lines, are cut to this many bytes (both planes).
+    max_label_bytes: int = Field(128, ge=16, le=4096)
     # Alertmanager alert names given their own `alert` label value on the rollback metrics (incidents, hook
     # runs and attempts), besides the names the config gives (alerts.rules, admin.alertmanager_hooks), which
     # always keep theirs: a name that reached a hook only by its sidewatch_hooks label takes one of these when

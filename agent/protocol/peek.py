@@ -8,7 +8,7 @@ labels and routing; a full parse would cost far more than this scan.
 
 from __future__ import annotations
 
-from agent.metrics import MAX_LABEL_BYTES, label_bytes
+from agent.metrics import label_bytes, max_label_bytes
 
 _WIRE_VARINT = 0
 _WIRE_FIXED64 = 1
@@ -35,13 +35,14 @@ def _varint(data: bytes, pos: int) -> tuple[int, int]:
 def peek_model(message: bytes) -> tuple[str, str]:
     """Return (model_name, model_version) from fields 1 and 2; empty strings where absent or malformed.
 
-    Each is cut to ``MAX_LABEL_BYTES`` bytes before it is decoded, as the Envoy plane's Lua filter cuts it
+    Each is cut to ``max_label_bytes()`` bytes before it is decoded, as the Envoy plane's Lua filter cuts it
     (agent.metrics.label_bytes): a client's 4 MB name never becomes a 4 MB label, log word or key.
     """
     name = ""
     version = ""
     pos = 0
     end = len(message)
+    limit = max_label_bytes()
     try:
         for _ in range(_MAX_FIELDS):
             if pos >= end:
@@ -53,9 +54,9 @@ def peek_model(message: bytes) -> tuple[str, str]:
                 if pos + length > end:
                     break
                 if field == 1:
-                    name = label_bytes(message[pos:pos + min(length, MAX_LABEL_BYTES)])
+                    name = label_bytes(message[pos:pos + min(length, limit)])
                 elif field == 2:
-                    version = label_bytes(message[pos:pos + min(length, MAX_LABEL_BYTES)])
+                    version = label_bytes(message[pos:pos + min(length, limit)])
                 pos += length
                 if field >= 2 and name:
                     break

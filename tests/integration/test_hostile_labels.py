@@ -8,6 +8,7 @@ the bundled model server, on both data planes:
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -115,5 +116,22 @@ def test_junk_model_names_never_take_the_real_models_labels(tmp_path, model_serv
         assert _requests(text, MODEL) == 5, figures
         assert _requests(text, "_other") == 100, figures  # the junk calls, each counted
         assert labels <= {MODEL, "", "_other"}, figures
+    finally:
+        process.stop()
+
+
+@pytest.mark.parametrize("data_plane", ["python", "envoy"])
+def test_the_label_length_is_the_configured_one_on_both_planes(tmp_path, model_server, data_plane):
+    """``metrics.max_label_bytes``: a model the config names, 40 bytes long, is counted under its first 16."""
+    name = "m" * 40
+    config = tmp_path / "sidewatch.json"
+    config.write_text(json.dumps({"data_plane": data_plane, "metrics": {"max_label_bytes": 16}, "models": {name: {}}}))
+    process, port, metrics_port = start_sidecar(tmp_path, model_server, config=config)
+    try:
+        for _ in range(3):
+            _call(port, name.encode())  # NOT_FOUND: the model server has no such model
+        text = _settled(metrics_port, lambda text: _requests(text, name[:16]) >= 3)
+        assert _requests(text, name[:16]) >= 3, text[-2000:]
+        assert all(len(label.encode()) <= 16 for label in LABEL.findall(text)), LABEL.findall(text)
     finally:
         process.stop()

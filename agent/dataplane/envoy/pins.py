@@ -44,8 +44,8 @@ from agent.config import ServeConfig, split_address
 from agent.dataplane.envoy import pin_rewrite
 from agent.dataplane.envoy.bootstrap import UPSTREAM, http2_cluster, max_client_connections, upstream_route, upstream_tls
 from agent.dataplane.envoy.ext_proc import sampled_routes
-from agent.dataplane.envoy.lua import MAX_LABEL_BYTES
 from agent.dataplane.routes import Pin, RouteTable
+from agent.metrics import max_label_bytes
 from agent.protocol import paths
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ PINNED_METHODS = (paths.MODEL_INFER, paths.MODEL_STREAM_INFER)
 
 def routable(model: str) -> bool:
     """Whether the Lua filter can carry ``model`` in the header (module docstring)."""
-    return 0 < len(model.encode()) < MAX_LABEL_BYTES and all(33 <= ord(c) <= 126 for c in model)
+    return 0 < len(model.encode()) < max_label_bytes() and all(33 <= ord(c) <= 126 for c in model)
 
 
 def cluster_name(address: str) -> str:
@@ -265,6 +265,6 @@ class PinFiles:
         if pin.model not in self._warned and len(self._warned) < MAX_FALLBACK_CLUSTERS:
             self._warned.add(pin.model)
             log.warning("sidewatch: the pin of model %r has no effect under Envoy: its name cannot be a header "
-                        "value (printable ASCII without spaces, under %d bytes)", pin.model[:MAX_LABEL_BYTES],
-                        MAX_LABEL_BYTES)
+                        "value (printable ASCII without spaces, under %d bytes)", pin.model[:max_label_bytes()],
+                        max_label_bytes())
         return False

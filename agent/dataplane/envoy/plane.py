@@ -73,7 +73,7 @@ def check_envoy_config(config: ServeConfig) -> None:
     # With flag or enforce modes, the verdict filter and its routes too (verdicts.py).
     inline = verdicts.inline_routing(config, config.detection.model_repository is not None)
     pieces = {} if inline is None else {
-        "http_filters": [model_peek_filter(inline=inline), verdicts.verdict_filter()],
+        "http_filters": [model_peek_filter(config.metrics.max_label_bytes, inline=inline), verdicts.verdict_filter()],
         "clusters": [verdicts.verdict_cluster(1)],
         "routes": verdicts.inline_routes([], UPSTREAM, config.max_message_bytes)}
     bootstrap = build_bootstrap(config, Loopback(admin_port=0, health_port=1), **pieces)
@@ -157,7 +157,7 @@ class EnvoyDataPlane:
         # carries both to self.access_log (access_log.py). The tap (ext_proc.py) copies the calls its routes
         # sample, after them.
         inline = verdicts.inline_routing(config, self.policy.verdicts is not None)
-        http_filters = [model_peek_filter(inline=inline), grpc_stats_filter()]
+        http_filters = [model_peek_filter(config.metrics.max_label_bytes, inline=inline), grpc_stats_filter()]
         clusters = [http2_cluster(ACCESS_LOG_CLUSTER, "127.0.0.1", health_port)]
         routes = []
         if self.policy.routes is not None and pins_possible(config):
