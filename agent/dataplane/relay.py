@@ -291,11 +291,17 @@ async def _verdict_metadata(verdict) -> tuple:
     return (await verdict).metadata()
 
 
+# A caller's own timer ends its call at its deadline and tells the sidecar with a cancel, which arrives while
+# the sidecar's copy of that deadline (the grpc-timeout header, counted from its arrival) is a little ahead.
+DEADLINE_MARGIN_SECONDS = 0.25
+
+
 def _cancelled_code(context: aio.ServicerContext) -> grpc.StatusCode:
     """The status a cancelled call ended with for its caller: DEADLINE_EXCEEDED when its deadline has
-    passed (gRPC cancels the handler then too), else CANCELLED (the caller gave up)."""
+    passed or was about to (DEADLINE_MARGIN_SECONDS: gRPC cancels the handler then too, and so does the
+    caller's own timer), else CANCELLED (the caller gave up)."""
     remaining = context.time_remaining()
-    if remaining is not None and remaining <= 0:
+    if remaining is not None and remaining <= DEADLINE_MARGIN_SECONDS:
         return grpc.StatusCode.DEADLINE_EXCEEDED
     return grpc.StatusCode.CANCELLED
 
