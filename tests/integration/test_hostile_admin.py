@@ -11,25 +11,16 @@ from __future__ import annotations
 
 import datetime
 import json
-import sys
 import time
 
 import pytest
 
-from tests.support.alert_harness import admin_config, admin_request, metric, wait_until, write_config, write_token
-from tests.support.harness import free_port, start_sidecar
+from tests.support.alert_harness import HookedSidecar, admin_request, wait_until
 
 pytestmark = pytest.mark.hostile
 
 ALERT = "ModelBroken"
 LABELS = {"alertname": ALERT, "model": "mnist_cnn", "version": "2", "severity": "critical"}
-
-# The hook: a real program that leaves one file per run.
-HOOK_PROGRAM = """
-import os, pathlib, sys
-pathlib.Path(sys.argv[1], os.environ["SIDEWATCH_INCIDENT_ID"]).write_text("ran")
-"""
-
 
 def _time(offset_seconds: float = 0.0) -> str:
     moment = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=offset_seconds)
@@ -47,32 +38,11 @@ def _payload(status: str, starts: str, ends: str = "0001-01-01T00:00:00Z") -> by
     }).encode()
 
 
-class Sidecar:
-    """A sidecar with the admin API, a command hook and an audit log; ``restart`` keeps the log."""
+class Sidecar(HookedSidecar):
+    """A HookedSidecar for ALERT, with the calls these probes make."""
 
     def __init__(self, tmp_path) -> None:
-        self.tmp_path = tmp_path
-        self.token, token_file = write_token(tmp_path)
-        self.runs = tmp_path / "runs"
-        self.runs.mkdir()
-        program = tmp_path / "hook.py"
-        program.write_text(HOOK_PROGRAM)
-        admin, self.admin_port = admin_config(tmp_path, token_file, alertmanager_hooks={ALERT: ["record"]})
-        self.config = write_config(tmp_path, {
-            "rollback": {"audit_log": str(tmp_path / "audit.jsonl"), "cooldown_seconds": 0, "max_per_hour": 100,
-                         "hooks": {"record": {"type": "command", "argv": [sys.executable, str(program), str(self.runs)]}}},
-            "admin": admin,
-        })
-        self.process = None
-        self.start()
-
-    def start(self) -> None:
-        # No model server: the admin API does not need one.
-        self.process, _, self.metrics_port = start_sidecar(self.tmp_path, free_port(), config=self.config)
-        self.process.wait_listening(self.admin_port)
-
-    def restart(self) -> None:
-        assert self.process.stop() == 0
+        super().__init__(tmp_path, ALERT, rollback={"max_per_hour": 100})
         self.start()
 
     def post(self, path: str, body: bytes) -> tuple[int, dict]:
@@ -80,12 +50,7 @@ class Sidecar:
         return status, reply
 
     def incidents(self) -> list[dict]:
-        status, _, body = admin_request(self.admin_port, "GET", "/status", self.token)
-        assert status == 200
-        return body["rollback"]["incidents"]
-
-    def metric(self, name: str, **labels: str) -> float:
-        return metric(self.metrics_port, name, **labels)
+        return self.rollback_status()["incidents"]
 
 
 @pytest.fixture

@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import datetime
 import json
-import sys
 import time
 
 import pytest
 
 from agent.config.rollback import RollbackConfig
 from agent.config.serve import Admin, Metrics
-from tests.support.alert_harness import admin_config, admin_request, metric, wait_until, write_config, write_token
-from tests.support.harness import free_port, http_get, start_sidecar
+from tests.support.alert_harness import HookedSidecar, admin_request, wait_until
+from tests.support.harness import http_get
 
 pytestmark = pytest.mark.hostile
 
@@ -38,10 +37,6 @@ MAX_OPEN = RollbackConfig.model_fields["max_open_alertmanager_incidents"].defaul
 MAX_ALERT_NAMES = Metrics.model_fields["max_alert_names"].default
 
 # The real alert's hook: a program that leaves one file per run.
-HOOK_PROGRAM = """
-import os, pathlib, sys
-pathlib.Path(sys.argv[1], os.environ["SIDEWATCH_INCIDENT_ID"]).write_text("ran")
-"""
 
 
 def _time(offset_seconds: float = 0.0) -> str:
@@ -69,66 +64,26 @@ def _delivery(alerts: list[dict]) -> bytes:
     }).encode()
 
 
-class Sidecar:
-    """A sidecar with the admin API, an audit log, the real alert's hook (``record``) and a cheap one (``noop``);
-    ``restart`` keeps the log."""
+class Sidecar(HookedSidecar):
+    """A HookedSidecar for ALERT with a cheap second hook (``noop``), and the calls these probes make."""
 
     def __init__(self, tmp_path, rollback: dict | None = None) -> None:
-        self.tmp_path = tmp_path
-        self.token, token_file = write_token(tmp_path)
-        self.runs = tmp_path / "runs"
-        self.runs.mkdir()
-        program = tmp_path / "hook.py"
-        program.write_text(HOOK_PROGRAM)
-        admin, self.admin_port = admin_config(tmp_path, token_file, alertmanager_hooks={ALERT: ["record"]})
-        self.audit_log = tmp_path / "audit.jsonl"
-        self.config = write_config(tmp_path, {
-            "rollback": {"audit_log": str(self.audit_log), "cooldown_seconds": 0, "max_per_hour": 1000,
-                         "hooks": {"record": {"type": "command", "argv": [sys.executable, str(program), str(self.runs)]},
-                                   "noop": {"type": "command", "argv": ["/bin/true"]}},
-                         **(rollback or {})},
-            "admin": admin,
-        })
-        self.process = None
-
-    def start(self) -> "Sidecar":
-        # No model server: the admin API does not need one.
-        self.process, _, self.metrics_port = start_sidecar(self.tmp_path, free_port(), config=self.config)
-        self.process.wait_listening(self.admin_port)
-        return self
-
-    def restart(self) -> None:
-        assert self.process.stop() == 0
-        self.start()
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.stop()
+        super().__init__(tmp_path, ALERT, rollback={"max_per_hour": 1000, **(rollback or {})},
+                         extra_hooks={"noop": {"type": "command", "argv": ["/bin/true"]}})
 
     def post(self, alerts: list[dict]) -> tuple[int, dict]:
         status, _, reply = admin_request(self.admin_port, "POST", "/alertmanager", self.token, body=_delivery(alerts))
         return status, reply
 
-    def status(self) -> dict:
-        status, _, body = admin_request(self.admin_port, "GET", "/status", self.token)
-        assert status == 200
-        return body["rollback"]
-
     def open_incidents(self) -> int:
-        return self.status()["open_incidents"]
+        return self.rollback_status()["open_incidents"]
 
     def scrape(self) -> str:
         return http_get(f"http://127.0.0.1:{self.metrics_port}/metrics")
 
-    def metric(self, name: str, **labels: str) -> float:
-        return metric(self.metrics_port, name, **labels)
-
-    def hook_runs(self) -> int:
-        return len(list(self.runs.iterdir()))
-
     def idle(self) -> None:
         """Wait until every hook decided so far has finished (no attempt pending or running)."""
-        wait_until(lambda: all(hook["result"] != "pending" for incident in self.status()["incidents"]
+        wait_until(lambda: all(hook["result"] != "pending" for incident in self.rollback_status()["incidents"]
                                for hook in incident["hooks"].values()), 60, "the hooks to finish")
 
 
@@ -260,7 +215,7 @@ def test_an_audit_log_holding_3000_open_incidents_replays_only_the_bound(make_si
     sidecar.audit_log.write_text("".join(json.dumps(record) + "\n" for record in records))
     sidecar.start()
     replayed = sidecar.open_incidents()
-    listed = len(sidecar.status()["incidents"])
+    listed = len(sidecar.rollback_status()["incidents"])
     print(f"an audit log of {JUNK} open incidents, max_open_alertmanager_incidents {bound}: {replayed} open "
           f"after the replay, {listed} listed by /status")
     assert replayed == bound

@@ -5,10 +5,11 @@ from __future__ import annotations
 import http.client
 import json
 import secrets
+import sys
 import time
 from pathlib import Path
 
-from tests.support.harness import free_port, http_get, metric_value
+from tests.support.harness import free_port, http_get, metric_value, start_sidecar
 
 
 def write_token(tmp_path: Path, name: str = "admin-token") -> tuple[str, Path]:
@@ -70,3 +71,58 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.1):
 
 def read_audit(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# A command hook that leaves one file per run in the folder it is given, named by the incident.
+RECORD_HOOK_PROGRAM = """
+import os, pathlib, sys
+pathlib.Path(sys.argv[1], os.environ["SIDEWATCH_INCIDENT_ID"]).write_text("ran")
+"""
+
+
+class HookedSidecar:
+    """A sidecar with the admin API, an audit log and a command hook ``record`` (one file per run in ``runs``)
+    that Alertmanager's ``alert`` is mapped to; ``rollback`` adds to or replaces the rollback settings
+    (``extra_hooks`` adds hooks). No model server: the admin API does not need one. ``restart`` keeps the log."""
+
+    def __init__(self, tmp_path: Path, alert: str, rollback: dict | None = None,
+                 extra_hooks: dict | None = None) -> None:
+        self.tmp_path = tmp_path
+        self.token, token_file = write_token(tmp_path)
+        self.runs = tmp_path / "runs"
+        self.runs.mkdir()
+        program = tmp_path / "hook.py"
+        program.write_text(RECORD_HOOK_PROGRAM)
+        admin, self.admin_port = admin_config(tmp_path, token_file, alertmanager_hooks={alert: ["record"]})
+        self.audit_log = tmp_path / "audit.jsonl"
+        hooks = {"record": {"type": "command", "argv": [sys.executable, str(program), str(self.runs)]},
+                 **(extra_hooks or {})}
+        self.config = write_config(tmp_path, {
+            "rollback": {"audit_log": str(self.audit_log), "cooldown_seconds": 0, "hooks": hooks, **(rollback or {})},
+            "admin": admin,
+        })
+        self.process = None
+
+    def start(self) -> "HookedSidecar":
+        self.process, _, self.metrics_port = start_sidecar(self.tmp_path, free_port(), config=self.config)
+        self.process.wait_listening(self.admin_port)
+        return self
+
+    def restart(self) -> None:
+        assert self.process.stop() == 0
+        self.start()
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop()
+
+    def rollback_status(self) -> dict:
+        status, _, body = admin_request(self.admin_port, "GET", "/status", self.token)
+        assert status == 200
+        return body["rollback"]
+
+    def metric(self, name: str, **labels: str) -> float:
+        return metric(self.metrics_port, name, **labels)
+
+    def hook_runs(self) -> int:
+        return len(list(self.runs.iterdir()))
