@@ -14,11 +14,15 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from prometheus_client import CollectorRegistry
 
 from agent.cli import main as cli_main
+from agent.config import load_config
+from agent.dataplane.tap import TappedInference
 from agent.demo.data import MODEL_DIR, REFERENCE, load_images
 from agent.detect.adversarial.autoencoder import AutoencoderError
 from agent.detect.adversarial.graph import FeatureSqueezingDetector, build_fused_model
+from agent.detect.adversarial.watch import AdversarialWatch
 from agent.detect.calibration import CalibrationError
 from agent.detect.calibration.artifact import (
     ARTIFACT_FILE,
@@ -29,6 +33,8 @@ from agent.detect.calibration.artifact import (
 )
 from agent.detect.calibration.threshold import joint_thresholds, threshold_at_fpr
 from agent.detect.registry import DetectorRegistry
+from agent.metrics import BoundedModels, DetectionMetrics
+from agent.modelserver.repository import BUNDLED_REPOSITORY
 from tests.support.reference_math import reference_score
 
 MNIST_V1 = MODEL_DIR / "1" / "model.onnx"
@@ -268,6 +274,45 @@ def test_artifacts_with_a_broken_autoencoder_are_refused(tmp_path):
         path.write_text(json.dumps(broken))
         with pytest.raises(CalibrationError, match=message):
             load_artifact(path, None)
+
+
+# --- on live traffic ----------------------------------------------------------------------------------
+
+
+def test_each_detector_is_exported_with_its_threshold_and_verdicts(images):
+    registry = CollectorRegistry()
+    config = load_config(overrides={"detection.model_repository": str(BUNDLED_REPOSITORY)})
+    watch = AdversarialWatch(DetectorRegistry(BUNDLED_REPOSITORY, "cpu"), config.detection,
+                             DetectionMetrics(registry), BoundedModels(8))
+    calibrated = watch.registry.get("mnist_cnn", "1")
+    assert calibrated.detector.detectors == ("feature_squeezing", "autoencoder")
+    watch._run_batch(calibrated, [images])
+    scores = calibrated.detector.score(images).detector_scores
+    for index, name in enumerate(calibrated.detector.detectors):
+        labels = {"model": "mnist_cnn", "version": "1", "detector": name}
+        threshold = calibrated.artifact.detector_thresholds[index]
+        assert registry.get_sample_value("sidewatch_adversarial_detector_threshold", labels) == pytest.approx(threshold)
+        assert registry.get_sample_value("sidewatch_adversarial_detector_score_count", labels) == len(images)
+        over = int((scores[:, index] > np.float32(threshold)).sum())
+        assert (registry.get_sample_value("sidewatch_adversarial_detector_detections_total",
+                                          {**labels, "mode": "shadow"}) or 0.0) == over
+    flagged = registry.get_sample_value("sidewatch_adversarial_detections_total",
+                                        {"model": "mnist_cnn", "version": "1", "mode": "shadow"})
+    assert flagged == int((scores > calibrated.detector_thresholds).any(axis=1).sum())
+    watch.close()
+
+
+def test_tapped_rows_reach_every_detector():
+    registry = CollectorRegistry()
+    config = load_config(overrides={"detection.model_repository": str(BUNDLED_REPOSITORY),
+                                    "detection.max_batch_size": 1})
+    watch = AdversarialWatch(DetectorRegistry(BUNDLED_REPOSITORY, "cpu"), config.detection,
+                             DetectionMetrics(registry), BoundedModels(8))
+    watch(TappedInference("mnist_cnn", "1", {"input": load_images()[0][:1]}, {}, None, None, 0.0, 0.0))
+    for name in ("feature_squeezing", "autoencoder"):
+        assert registry.get_sample_value("sidewatch_adversarial_detector_score_count",
+                                         {"model": "mnist_cnn", "version": "1", "detector": name}) == 1
+    watch.close()
 
 
 # --- the command --------------------------------------------------------------------------------------
