@@ -407,8 +407,8 @@ another torch version or CPU can differ in the last bits.
 
 `1/sidewatch-calibration.json` and `2/sidewatch-calibration.json` are the
 adversarial-input detectors' calibration for each version: feature
-squeezing (`bit_depth:1,median:2`) and an autoencoder (MagNet-style, a few
-kilobytes of ONNX inside the artifact) trained on 3,000 of the 5,000
+squeezing (`bit_depth:1,median:2`) and an autoencoder (MagNet-style, about
+20 KB of ONNX inside the artifact) trained on 3,000 of the 5,000
 reference images; both thresholds set jointly on the other 2,000 so that
 the two together flag 5% of them; plus the reference summary statistics
 for the drift detectors. Each names its model's sha256, and sidewatch
