@@ -124,6 +124,17 @@ ATTACKS = {
 FIRST_GROUP = ("fgsm", "bim", "pgd", "cw2_next")   # today's attacks: the overall figure and its goal
 
 
+def _brightened(x: np.ndarray) -> np.ndarray:
+    from agent.demo.run import drifted  # the demo's and the drift benchmarks' input drift
+
+    return drifted(x)
+
+
+# Benign drifts sent beside the attacks, on the first held-out images: how many the detectors flag.
+BENIGN_DRIFTS = {"drift_brightened": _brightened, "drift_darker": lambda x: x * np.float32(0.6)}
+BENIGN_DRIFT_ROWS = 1000
+
+
 def log(message: str) -> None:
     print(f"[adversarial] {message}", file=sys.stderr, flush=True)
 
@@ -513,6 +524,10 @@ def run(args: argparse.Namespace) -> dict:
     x_seed, y_seed = x[seed_idx], y[seed_idx]
 
     groups = {"held_out_benign": x[held_out_idx], "seed_benign": x_seed}
+    # Benign inputs under drift: not attacks, but inputs unlike the reference, which the autoencoder may flag.
+    drift_rows = x[held_out_idx][:BENIGN_DRIFT_ROWS]
+    for name, transform in BENIGN_DRIFTS.items():
+        groups[name] = transform(drift_rows).astype(np.float32)
     successes, generation, adversarials = {}, {}, {}
     seeds_of = {}   # attack -> how many of the seeds it attacks (all but the costly adaptive attack)
     for name in attacks:
@@ -571,6 +586,11 @@ def run(args: argparse.Namespace) -> dict:
         "max_abs_score_diff_vs_in_process": float(max(np.abs(e2e[n]["score"] - in_process[n][0]).max()
                                                       for n in groups if len(e2e[n]["score"]))),
     }
+    overall["benign_drift"] = {
+        name: {"images": len(e2e[name]["flagged"]), "flagged": int(e2e[name]["flagged"].sum()),
+               "flagged_rate": rate(e2e[name]["flagged"]), "detectors": e2e[name]["detector_detected"],
+               "description": "agent.demo.run.drifted (x * 1.6 + 0.25)" if name == "drift_brightened" else "x * 0.6"}
+        for name in BENIGN_DRIFTS}
     conf10 = per_attack.get("cw2_conf10", {}).get("detection_rate")
     overall["goals"] = {
         **GOALS,
@@ -655,6 +675,9 @@ def print_table(result: dict) -> None:
           f"{hb['false_positives']}/{hb['images']} flagged = FPR {pct(hb['false_positive_rate'])} ("
           + ", ".join(f"{d} alone {overall['detectors'][d]['held_out_false_positives']}" for d in detectors)
           + f"); seed originals: FPR {pct(overall['seed_benign']['false_positive_rate'])}")
+    for name, d in overall["benign_drift"].items():
+        print(f"benign drift {name} ({d['description']}): {d['flagged']}/{d['images']} flagged = {pct(d['flagged_rate'])} ("
+              + ", ".join(f"{k} {v}" for k, v in d["detectors"].items()) + ")")
     g = overall["goals"]
     conf10 = g["cw2_conf10_detection_rate_met"]
     print(f"goals: overall detection >= {pct(g['detection_rate'])}: {'met' if g['detection_rate_met'] else 'NOT met'}; "

@@ -7,7 +7,8 @@ Candidates, each fitted on benign data only (the bundled reference, ``agent/demo
 5,000 validation images: the first 3,000 to train or fit, the last 2,000 to calibrate on):
 
 * ``ae_*``: a MagNet-style autoencoder (agent/detect/calibration/autoencoder_training.py) trained on
-  the 3,000; scores: the reconstruction error per input, mean |x - AE(x)| (``l1``) or mean (x - AE(x))^2
+  the 3,000 (MagNet's recipe with 3 and 16 filters; ``ae_magnet_i_12``, the recipe sidewatch ships);
+  scores: the reconstruction error per input, mean |x - AE(x)| (``l1``) or mean (x - AE(x))^2
   (``l2``), and the Jensen-Shannon divergence between the model's softmax on x and on AE(x) at
   temperature T (``jsd_T``, MagNet's probability-divergence detector).
 * ``mahalanobis``: the model's penultimate features (the 128 ReLU outputs before the last Gemm),
@@ -46,14 +47,15 @@ VERSION = "1"
 FIT, CALIBRATION = slice(0, 3000), slice(3000, 5000)
 TARGET_FPR = 0.05
 PENULTIMATE = "/0/0.8/Relu_output_0"   # the ReLU before mnist_cnn's last Gemm
-# MagNet's MNIST autoencoders as published (3 filters), a wider one, and the recipe sidewatch ships
-# (agent.detect.calibration.autoencoder_training.TrainingRecipe's defaults).
-MAGNET_SCHEDULE = {"epochs": 100, "batch_size": 256, "learning_rate": 1e-3}
+# MagNet's MNIST autoencoders as published (3 filters, no photometric augmentation), a wider one, and the
+# recipe sidewatch ships (agent.detect.calibration.autoencoder_training.TrainingRecipe's defaults).
+MAGNET_SCHEDULE = {"epochs": 100, "batch_size": 256, "learning_rate": 1e-3, "brightness": 0.0}
 AUTOENCODERS = {
     "ae_magnet_i_3": {"architecture": "magnet_i", "filters": 3, **MAGNET_SCHEDULE},
     "ae_magnet_ii_3": {"architecture": "magnet_ii", "filters": 3, **MAGNET_SCHEDULE},
     "ae_magnet_i_16": {"architecture": "magnet_i", "filters": 16, **MAGNET_SCHEDULE},
-    "ae_magnet_i_8": {"architecture": "magnet_i", "filters": 8, "epochs": 120, "batch_size": 64, "learning_rate": 3e-3},
+    "ae_magnet_i_12": {"architecture": "magnet_i", "filters": 12, "epochs": 120, "batch_size": 64,
+                       "learning_rate": 3e-3, "brightness": 0.3},
 }
 TEMPERATURES = (1.0, 10.0, 40.0)
 
