@@ -96,20 +96,35 @@ def _run_demo(args) -> int:
 
 
 def _add_calibrate(commands) -> None:
+    from agent.detect.calibration.autoencoder_training import TrainingRecipe
+
     calibrate = commands.add_parser(
-        "calibrate", help="set the feature-squeezing threshold on benign data and write a calibration artifact",
-        description="Score benign reference inputs with feature squeezing, set the threshold at the target "
-                    "false-positive rate and write a JSON artifact (default: sidewatch-calibration.json beside "
-                    "the model). Reference data: .npz (key 'x', or its only array) or .npy; uint8 values are "
-                    "divided by 255, floats taken as they are; [N, H, W] gets a channel axis when the model "
-                    "takes [N, 1, H, W].")
+        "calibrate", help="set the adversarial detectors' thresholds on benign data and write a calibration artifact",
+        description="Train the autoencoder detector on part of the benign reference inputs (needs torch, the train "
+                    "extra), score the rest with it and with feature squeezing, set both thresholds jointly at the "
+                    "target false-positive rate and write a JSON artifact (default: sidewatch-calibration.json "
+                    "beside the model). --detectors feature_squeezing calibrates squeezing alone, on all the "
+                    "reference, without torch. Reference data: .npz (key 'x', or its only array) or .npy; uint8 "
+                    "values are divided by 255, floats taken as they are; [N, H, W] gets a channel axis when the "
+                    "model takes [N, 1, H, W].")
     calibrate.add_argument("--model", type=Path, required=True, help="the served model.onnx")
     calibrate.add_argument("--reference", type=Path, required=True, help="benign inputs, DATA.npz or DATA.npy")
     calibrate.add_argument("--squeezers", default="bit_depth:1,median:2",
                            help="comma-separated: bit_depth:BITS, median:SIZE, nl_means:SEARCH-PATCH-H "
                                 "(default bit_depth:1,median:2)")
     calibrate.add_argument("--target-fpr", type=float, default=0.05,
-                           help="false-positive rate on benign inputs (default 0.05)")
+                           help="false-positive rate on benign inputs, of all the detectors together (default 0.05)")
+    calibrate.add_argument("--detectors", default="feature_squeezing,autoencoder",
+                           help="feature_squeezing,autoencoder (the default; training needs torch) or "
+                                "feature_squeezing alone")
+    calibrate.add_argument("--autoencoder-error", choices=["l1", "l2"], default="l2",
+                           help="the autoencoder detector's score: mean absolute (l1) or squared (l2) reconstruction "
+                                "error (default l2)")
+    calibrate.add_argument("--autoencoder-epochs", type=int, default=TrainingRecipe.epochs,
+                           help=f"passes over its training rows (default {TrainingRecipe.epochs})")
+    calibrate.add_argument("--calibration-share", type=float, default=0.4,
+                           help="with the autoencoder: the share of the reference that sets the thresholds; the "
+                                "autoencoder trains on the rest (default 0.4)")
     calibrate.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                            help="ONNX Runtime execution provider (auto: CUDA when present)")
     calibrate.add_argument("--output-kind", choices=["auto", "probabilities", "logits"], default="auto",
@@ -120,16 +135,18 @@ def _add_calibrate(commands) -> None:
     # Gone with the false-alarm budget: refused with a message, not as an unknown flag.
     calibrate.add_argument("--ert", type=float, help=argparse.SUPPRESS)
     calibrate.add_argument("--drift-window", type=int, help=argparse.SUPPRESS)
-    calibrate.add_argument("--no-drift", action="store_true", help="calibrate the squeezing detector only")
+    calibrate.add_argument("--no-drift", action="store_true", help="calibrate the adversarial detectors only")
 
     calibrate.set_defaults(run=_run_calibrate)
 
 
 def _run_calibrate(args) -> int:
+    from agent.detect.adversarial.autoencoder import AutoencoderError
     from agent.detect.adversarial.graph import FusedModelError, inspect_model, load_model
     from agent.detect.adversarial.squeeze import SqueezerSpecError, format_squeezers, parse_squeezers
     from agent.detect.calibration import CalibrationError
     from agent.detect.calibration.artifact import default_artifact_path, save_artifact
+    from agent.detect.calibration.autoencoder_training import TrainingRecipe, import_torch
     from agent.detect.calibration.calibrate import calibrate
     from agent.detect.calibration.reference import load_reference
 
@@ -138,22 +155,42 @@ def _run_calibrate(args) -> int:
               "(drift.false_alarm_budget in the serve config, default 1/30d), not an expected run time in requests; "
               "calibrate without them", file=sys.stderr)
         return 2
+    detectors = [name.strip() for name in args.detectors.split(",") if name.strip()]
+    if detectors not in (["feature_squeezing"], ["feature_squeezing", "autoencoder"]):
+        print(f"sidewatch: --detectors must be feature_squeezing,autoencoder or feature_squeezing, got "
+              f"{args.detectors!r}", file=sys.stderr)
+        return 2
+    if args.autoencoder_epochs < 1:
+        print(f"sidewatch: --autoencoder-epochs must be at least 1, got {args.autoencoder_epochs}", file=sys.stderr)
+        return 2
     try:
         model = load_model(args.model)
         info = inspect_model(model, args.input_name, args.output_name, args.output_kind)
+        parse_squeezers(args.squeezers)
         x = load_reference(args.reference, info.input_shape)
+        recipe = None
+        if "autoencoder" in detectors:
+            import_torch()  # before any work: without the train extra, say so at once
+            recipe = TrainingRecipe(epochs=args.autoencoder_epochs)
         artifact = calibrate(args.model, x, args.squeezers, args.target_fpr, output_kind=args.output_kind,
                              input_name=args.input_name, output_name=args.output_name, device=args.device,
                              reference_source=Path(args.reference).name,
-                             drift=None if args.no_drift else {})
+                             drift=None if args.no_drift else {}, autoencoder=recipe,
+                             autoencoder_error=args.autoencoder_error, calibration_share=args.calibration_share)
         out = save_artifact(artifact, args.out or default_artifact_path(args.model))
-    except (CalibrationError, FusedModelError, SqueezerSpecError, OSError) as err:
+    except (CalibrationError, FusedModelError, SqueezerSpecError, AutoencoderError, OSError) as err:
         print(err if str(err).startswith("sidewatch:") else f"sidewatch: {err}", file=sys.stderr)
         return 2
     scores = artifact.benign_scores
     print(f"sidewatch: calibrated {args.model} on {scores['count']} reference inputs with "
-          f"{format_squeezers(parse_squeezers(artifact.squeezers))}: threshold {artifact.threshold:.6g} "
-          f"({scores['above_threshold']} of {scores['count']} benign scores above it; target FPR {artifact.target_fpr:g})")
+          f"{format_squeezers(parse_squeezers(artifact.squeezers))}"
+          + (f" and an autoencoder trained on {artifact.split['autoencoder_rows']} others" if recipe else "")
+          + f": threshold {artifact.threshold:.6g} ({scores['above_threshold']} of {scores['count']} benign scores "
+          f"above it; target FPR {artifact.target_fpr:g})")
+    if recipe:
+        print("sidewatch: detector thresholds (set jointly): " + ", ".join(
+            f"{entry['name']} {entry['threshold']:.6g} ({entry['benign_scores']['above_threshold']} above)"
+            for entry in artifact.detectors))
     print(f"sidewatch: wrote {out}")
     return 0
 

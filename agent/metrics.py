@@ -294,7 +294,11 @@ class ProxyMetrics:
 
 
 # The squeeze score is an L1 distance between two probability vectors: it lies in [0, 2].
-SCORE_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.2, 1.5, 2.0)
+# The squeezing score is an L1 distance in [0, 2]; the combined score (a detector's score over its threshold,
+# flagged above 1) runs higher, hence the buckets past 2.
+SCORE_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.2, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0)
+# A detector's score over its own threshold: finest around 1, where the verdict turns.
+RATIO_BUCKETS = (0.1, 0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 DETECTOR_LATENCY_BUCKETS_SECONDS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
 
@@ -305,9 +309,27 @@ class DetectionMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.score = Histogram(
             "sidewatch_adversarial_score",
-            "Feature-squeezing score per input: the largest L1 distance between the softmax on the input "
-            "and on a squeezed copy.",
+            "Adversarial score per input, the verdict's: with feature squeezing alone, the largest L1 distance "
+            "between the softmax on the input and on a squeezed copy; with the autoencoder beside it, the largest "
+            "detector score over its own threshold (flagged above 1).",
             ["model", "version"], buckets=SCORE_BUCKETS, registry=registry,
+        )
+        self.detector_score = Histogram(
+            "sidewatch_adversarial_detector_score",
+            "Each detector's own score per input over its calibrated threshold: above 1, that detector flags "
+            "the input.",
+            ["model", "version", "detector"], buckets=RATIO_BUCKETS, registry=registry,
+        )
+        self.detector_detections = Counter(
+            "sidewatch_adversarial_detector_detections_total",
+            "Inputs over a detector's own threshold (an input any detector flags is adversarial).",
+            ["model", "version", "detector", "mode"], registry=registry,
+        )
+        self.detector_threshold = Gauge(
+            "sidewatch_adversarial_detector_threshold",
+            "Each detector's own threshold on its score, set jointly so that flagging an input when any detector "
+            "is over its threshold keeps the target false-positive rate.",
+            ["model", "version", "detector"], registry=registry,
         )
         self.inputs = Counter(
             "sidewatch_adversarial_inputs_total",

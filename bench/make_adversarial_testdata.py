@@ -56,7 +56,7 @@ def successful_examples(name: str, module, x: np.ndarray, y: np.ndarray) -> tupl
     pool = np.array(POOLS[name])
     correct = mnist_torch.onnx_probabilities(VERSION, x[pool]).argmax(axis=1) == y[pool]
     pool = pool[correct]
-    examples = adversarial.run_attack(name, module, x[pool], y[pool])
+    examples = adversarial.run_attack(name, VERSION, module, x[pool], y[pool])
     predictions = mnist_torch.onnx_probabilities(VERSION, examples).argmax(axis=1)
     chosen = np.flatnonzero(adversarial.succeeded(name, predictions, y[pool]))[:PER_ATTACK]
     if len(chosen) < PER_ATTACK:

@@ -403,15 +403,18 @@ count ({NUM_THREADS}) and deterministic algorithms are fixed, so a rerun with th
 same torch version on the same kind of CPU gives byte-identical files;
 another torch version or CPU can differ in the last bits.
 
-## Calibration for feature squeezing
+## Calibration of the adversarial detectors
 
 `1/sidewatch-calibration.json` and `2/sidewatch-calibration.json` are the
-adversarial-input detector's calibration for each version (squeezers
-`bit_depth:1,median:2`, threshold at a 5% false-positive rate on the 5,000
-reference images, plus the reference summary statistics for the drift
-detectors). Each names its model's sha256, and sidewatch refuses one that
-does not match its model, so `make model` recalibrates both versions after
-training (and regenerates the demo's adversarial examples) with:
+adversarial-input detectors' calibration for each version: feature
+squeezing (`bit_depth:1,median:2`) and an autoencoder (MagNet-style, about
+20 KB of ONNX inside the artifact) trained on 3,000 of the 5,000
+reference images; both thresholds set jointly on the other 2,000 so that
+the two together flag 5% of them; plus the reference summary statistics
+for the drift detectors. Each names its model's sha256, and sidewatch
+refuses one that does not match its model, so `make model` recalibrates
+both versions after training (and regenerates the demo's adversarial
+examples) with:
 
     for v in 1 2; do
       sidewatch calibrate --model agent/demo/models/mnist_cnn/$v/model.onnx \

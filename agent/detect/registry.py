@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from agent.detect.adversarial.autoencoder import AutoencoderError
 from agent.detect.adversarial.graph import FeatureSqueezingDetector, FusedModelError
 from agent.detect.adversarial.squeeze import SqueezerSpecError
 from agent.detect.calibration import CalibrationError
@@ -35,6 +36,11 @@ class CalibratedDetector:
     @property
     def threshold(self) -> float:
         return self.artifact.threshold
+
+    @functools.cached_property
+    def detector_thresholds(self) -> np.ndarray:
+        """Each detector's own threshold, in the order of ``detector.detectors`` (float32, as in the graph)."""
+        return np.asarray(self.artifact.detector_thresholds, dtype=np.float32)
 
     @property
     def input_name(self) -> str:
@@ -88,11 +94,16 @@ class DetectorRegistry:
                 detector = artifact.make_detector(model_file, device=device)
                 # Build the fused graph and open its session now: failures belong to start-up, not to traffic.
                 detector.session  # noqa: B018
-            except (FusedModelError, SqueezerSpecError) as err:
+            except (FusedModelError, SqueezerSpecError, AutoencoderError) as err:
                 raise _refused(err, f"{artifact_file}: ") from None
             self._detectors[(model, version)] = CalibratedDetector(model, version, detector, artifact)
-            log.info("sidewatch: adversarial detector for %s version %s (threshold %.4f, squeezers %s)",
-                     model, version, artifact.threshold, ",".join(artifact.squeezers))
+            log.info("sidewatch: adversarial detector for %s version %s (%s; threshold %.4f, squeezers %s)",
+                     model, version, "+".join(detector.detectors), artifact.threshold, ",".join(artifact.squeezers))
+            if artifact.squeezing_only_format:
+                self._warn(f"{artifact_file} is a calibration of format {artifact.format_version}, from before the "
+                           f"autoencoder detector: model {model} version {version} is watched by feature squeezing "
+                           "alone, which misses high-confidence attacks; recalibrate it (sidewatch calibrate) to "
+                           "add the autoencoder")
         if not self._detectors:
             raise FileNotFoundError(f"sidewatch: no calibrated model ({LAYOUT} with {ARTIFACT_FILE}) under "
                                     f"{self.repository}" + "".join(f"; {warning}" for warning in self.warnings))

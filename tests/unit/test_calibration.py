@@ -100,7 +100,7 @@ def test_bad_artifacts_are_refused(tmp_path):
     with pytest.raises(CalibrationError, match="sidewatch: cannot read calibration artifact"):
         load_artifact(bad, None)
     bad.write_text(json.dumps({"kind": "sidewatch-calibration", "format_version": FORMAT_VERSION + 1}))
-    with pytest.raises(CalibrationError, match="format_version 2"):
+    with pytest.raises(CalibrationError, match=f"format_version {FORMAT_VERSION + 1}"):
         load_artifact(bad, None)
     bad.write_text(json.dumps({"hello": 1}))
     with pytest.raises(CalibrationError, match="not a sidewatch calibration artifact"):
@@ -112,8 +112,11 @@ def test_bundled_models_ship_calibrated(version):
     model = MODEL_DIR / version / "model.onnx"
     artifact = load_artifact(model.with_name(ARTIFACT_FILE), model)
     assert artifact.squeezers == ["bit_depth:1", "median:2"] and artifact.target_fpr == 0.05
-    assert artifact.benign_scores["count"] == 5000 and artifact.benign_scores["above_threshold"] <= 250
-    assert artifact.reference["source"] == "mnist_reference.npz"
+    # Both detectors: the autoencoder trained on 3,000 reference images, the thresholds set on the other 2,000.
+    assert artifact.detector == "feature_squeezing+autoencoder" and not artifact.squeezing_only_format
+    assert artifact.split["autoencoder_rows"] == 3000 and artifact.split["calibration_rows"] == 2000
+    assert artifact.benign_scores["count"] == 2000 and artifact.benign_scores["above_threshold"] <= 100
+    assert artifact.reference["source"] == "mnist_reference.npz" and artifact.reference["count"] == 5000
 
 
 # --- reference data files ---------------------------------------------------------------------------

@@ -10,11 +10,11 @@ from agent.demo.data import MODEL_DIR, load_images
 from agent.detect.adversarial.graph import (
     FeatureSqueezingDetector,
     FusedModelError,
-    _Builder,
     build_fused_model,
     detect_output_kind,
     squeeze_graph,
 )
+from agent.detect.adversarial.onnx_ops import Builder
 from agent.detect.adversarial.squeeze import BitDepth, Median, NonLocalMeans, parse_squeezers
 from agent.execution import open_session
 from tests.support.reference_math import reference_score
@@ -24,7 +24,7 @@ ATOL = 2e-5
 # Ops the squeezing adds around the model: all standard, all implemented by the CPU and CUDA providers.
 SQUEEZE_OPS = {"Mul", "Round", "Div", "Pad", "Slice", "Concat", "Unsqueeze", "TopK", "ReduceMin", "Min", "Max",
                "Sub", "ReduceMean", "AveragePool", "Exp", "ReduceSum", "Flatten", "Softmax", "Shape", "Reshape",
-               "Gather", "Abs", "Transpose", "ReduceMax"}
+               "Gather", "Abs", "Transpose", "ReduceMax", "Identity"}
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def assert_matches_reference(detector, session, x, input_name, output_name, outp
 
 
 def run_squeezer_graph(squeezer, x, opset=17):
-    b = _Builder(opset)
+    b = Builder(opset)
     out = squeeze_graph(b, "x", x.ndim, squeezer)
     shape = ["n", *x.shape[1:]]
     graph = helper.make_graph(b.nodes, "squeeze", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
@@ -186,7 +186,7 @@ def test_fused_graph_is_valid_and_uses_standard_ops_only():
     fused, info = build_fused_model(MNIST_V1, "bit_depth:1,median:2,median:3")
     onnx.checker.check_model(fused, full_check=True)
     assert [i.name for i in fused.graph.input] == ["input"]
-    assert [o.name for o in fused.graph.output] == ["probabilities", "score", "distances"]
+    assert [o.name for o in fused.graph.output] == ["probabilities", "score", "distances", "detector_scores"]
     model_ops = {node.op_type for node in onnx.load(str(MNIST_V1)).graph.node}
     added = {node.op_type for node in fused.graph.node} - model_ops
     assert added <= SQUEEZE_OPS, added - SQUEEZE_OPS

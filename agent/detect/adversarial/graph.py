@@ -1,12 +1,18 @@
-"""Feature squeezing as ONE ONNX graph: the squeezers and the served model, fused, so that one
-ONNX Runtime call scores a whole batch, on the CPU or the CUDA execution provider alike.
+"""Feature squeezing as ONE ONNX graph: the squeezers and the served model, fused, with the autoencoder
+detector beside them when the calibration has one, so that one ONNX Runtime call scores a whole batch,
+on the CPU or the CUDA execution provider alike.
 
 The fused graph takes the model's own input (same name, dynamic batch ``N``) and returns
 
-- ``probabilities`` ``[N, C]``: the softmax on the unsqueezed input (what the model answered);
-- ``distances``     ``[N, S]``: for each of the ``S`` squeezers, the L1 distance between the softmax
+- ``probabilities``   ``[N, C]``: the softmax on the unsqueezed input (what the model answered);
+- ``distances``       ``[N, S]``: for each of the ``S`` squeezers, the L1 distance between the softmax
   on the input and the softmax on its squeezed copy;
-- ``score``         ``[N]``:    the largest of those distances (Xu, Evans and Qi, NDSS 2018).
+- ``detector_scores`` ``[N, D]``: each detector's own score: squeezing's, the largest of those distances
+  (Xu, Evans and Qi, NDSS 2018), then the autoencoder's reconstruction error (agent.detect.adversarial.
+  autoencoder) when there is one;
+- ``score``           ``[N]``: the verdict's score. With the detectors' thresholds (set jointly at
+  calibration), the largest detector score over its own threshold: above 1, some detector flags the
+  input. Without them, the squeezing score.
 
 Inside, the input and its ``S`` squeezed copies are concatenated along the batch axis and the
 model's own nodes run once on the ``(1 + S) N`` batch: one big batch keeps the matrix kernels busy,
@@ -23,14 +29,16 @@ fused graph is tested against, is ``reference_score`` in ``tests/support/referen
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
+from agent.detect.adversarial.autoencoder import append_autoencoder
+from agent.detect.adversarial.onnx_ops import INT64_MAX, INT64_MIN, Builder
 from agent.detect.adversarial.squeeze import (
     BitDepth,
     Median,
@@ -49,10 +57,11 @@ OUTPUT_KINDS = ("auto", "probabilities", "logits")
 _PASS_THROUGH_OPS = {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze"}
 # Round, and Pad/TopK with their sizes as inputs, are opset 11; older models are refused.
 MIN_OPSET = 11
-FUSED_OUTPUTS = ("probabilities", "score", "distances")
+FUSED_OUTPUTS = ("probabilities", "score", "distances", "detector_scores")
+# The detectors' names: metric labels and the calibration artifact's keys.
+SQUEEZING = "feature_squeezing"
+AUTOENCODER = "autoencoder"
 MODEL_PREFIX = "sidewatch_model/"
-INT64_MAX = np.iinfo(np.int64).max
-INT64_MIN = np.iinfo(np.int64).min
 
 
 class FusedModelError(ValueError):
@@ -192,60 +201,12 @@ def inspect_model(model: onnx.ModelProto, input_name: str | None = None, output_
 # --- building the graph --------------------------------------------------------------------------
 
 
-class _Builder:
-    """Appends nodes and constants, writing each op in the form the model's opset wants."""
-
-    def __init__(self, opset: int, prefix: str = "sidewatch/"):
-        self.opset = opset
-        self.prefix = prefix
-        self.nodes: list[onnx.NodeProto] = []
-        self.initializers: list[onnx.TensorProto] = []
-        self._count = 0
-
-    def fresh(self, hint: str) -> str:
-        self._count += 1
-        return f"{self.prefix}{hint}_{self._count}"
-
-    def const(self, value, dtype, hint: str = "const") -> str:
-        name = self.fresh(hint)
-        self.initializers.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
-        return name
-
-    def ints(self, values: Iterable[int]) -> str:
-        return self.const(list(values), np.int64, "ints")
-
-    def op(self, op_type: str, inputs: list[str], n_outputs: int = 1, outputs: list[str] | None = None,
-           **attrs) -> str | list[str]:
-        outputs = outputs or [self.fresh(op_type.lower()) for _ in range(n_outputs)]
-        self.nodes.append(helper.make_node(op_type, inputs, outputs, name=self.fresh(op_type), **attrs))
-        return outputs[0] if len(outputs) == 1 else outputs
-
-    # Ops whose axes moved from an attribute to an input: Unsqueeze/Squeeze/ReduceSum at 13, other Reduce* at 18.
-    def unsqueeze(self, x: str, axes: list[int]) -> str:
-        if self.opset >= 13:
-            return self.op("Unsqueeze", [x, self.ints(axes)])
-        return self.op("Unsqueeze", [x], axes=axes)
-
-    def reduce(self, op_type: str, x: str, axes: list[int], keepdims: int, output: str | None = None) -> str:
-        outputs = [output] if output else None
-        moved_at = 13 if op_type == "ReduceSum" else 18
-        if self.opset >= moved_at:
-            return self.op(op_type, [x, self.ints(axes)], outputs=outputs, keepdims=keepdims)
-        return self.op(op_type, [x], outputs=outputs, axes=axes, keepdims=keepdims)
-
-    def slice(self, x: str, starts: list[int], ends: list[int], axes: list[int], steps: list[int] | None = None) -> str:
-        inputs = [x, self.ints(starts), self.ints(ends), self.ints(axes)]
-        if steps is not None:
-            inputs.append(self.ints(steps))
-        return self.op("Slice", inputs)
-
-
 def _end(offset_from_end: int) -> int:
     """A Slice end that stops ``offset_from_end`` elements before the end (0: at the end)."""
     return -offset_from_end if offset_from_end else INT64_MAX
 
 
-def _symmetric_pad(b: _Builder, x: str, rank: int, before: int, after: int) -> str:
+def _symmetric_pad(b: Builder, x: str, rank: int, before: int, after: int) -> str:
     """Pad the last two axes by mirroring with the edge repeated (scipy 'reflect', numpy 'symmetric').
 
     One pixel of that is the edge pixel, which Pad's 'edge' mode does in one op; ONNX Pad has no
@@ -267,7 +228,7 @@ def _symmetric_pad(b: _Builder, x: str, rank: int, before: int, after: int) -> s
     return x
 
 
-def _shifted_stack(b: _Builder, padded: str, rank: int, size: int, margin: int, axis: int) -> str:
+def _shifted_stack(b: Builder, padded: str, rank: int, size: int, margin: int, axis: int) -> str:
     """All ``size`` x ``size`` shifts of ``padded`` (cropped by ``margin`` = size - 1 in total), stacked on a new ``axis``."""
     shifts = []
     for dy in range(size):
@@ -277,7 +238,7 @@ def _shifted_stack(b: _Builder, padded: str, rank: int, size: int, margin: int, 
     return b.op("Concat", shifts, axis=axis)
 
 
-def _median_graph(b: _Builder, x: str, rank: int, size: int) -> str:
+def _median_graph(b: Builder, x: str, rank: int, size: int) -> str:
     before, after = median_window(size)
     padded = _symmetric_pad(b, x, rank, before, after)
     if size == 2:
@@ -299,12 +260,12 @@ def _median_graph(b: _Builder, x: str, rank: int, size: int) -> str:
     return b.reduce("ReduceMin", values, [rank], keepdims=0)
 
 
-def _bit_depth_graph(b: _Builder, x: str, bits: int) -> str:
+def _bit_depth_graph(b: Builder, x: str, bits: int) -> str:
     levels = b.const(2**bits - 1, np.float32, "levels")
     return b.op("Div", [b.op("Round", [b.op("Mul", [x, levels])]), levels])
 
 
-def _nl_means_graph(b: _Builder, x: str, rank: int, squeezer: NonLocalMeans) -> str:
+def _nl_means_graph(b: Builder, x: str, rank: int, squeezer: NonLocalMeans) -> str:
     """The same computation as squeeze.nl_means, with all search offsets stacked on a new axis 1.
 
     Memory: the stack holds search**2 copies of the (padded) batch, fine for small images; large
@@ -328,7 +289,7 @@ def _nl_means_graph(b: _Builder, x: str, rank: int, squeezer: NonLocalMeans) -> 
     return b.op("Div", [numerator, denominator])
 
 
-def squeeze_graph(b: _Builder, x: str, rank: int, squeezer: Squeezer) -> str:
+def squeeze_graph(b: Builder, x: str, rank: int, squeezer: Squeezer) -> str:
     """Append the nodes of one squeezer; return the name of its output."""
     if isinstance(squeezer, BitDepth):
         return _bit_depth_graph(b, x, squeezer.bits)
@@ -342,11 +303,23 @@ def squeeze_graph(b: _Builder, x: str, rank: int, squeezer: Squeezer) -> str:
 
 
 def build_fused_model(model: ModelSource, squeezers: str | Iterable[str | Squeezer], output_kind: str = "auto",
-                      input_name: str | None = None, output_name: str | None = None) -> tuple[onnx.ModelProto, ModelInfo]:
-    """The fused detection graph for ``model``, and what was found out about the model."""
+                      input_name: str | None = None, output_name: str | None = None, *,
+                      autoencoder: bytes | onnx.ModelProto | None = None, autoencoder_error: str = "l2",
+                      detector_thresholds: Sequence[float] | None = None) -> tuple[onnx.ModelProto, ModelInfo]:
+    """The fused detection graph for ``model``, and what was found out about the model.
+
+    ``autoencoder`` (ONNX, agent.detect.adversarial.autoencoder) adds the second detector;
+    ``detector_thresholds``, one per detector (squeezing first), makes ``score`` the combined score.
+    """
     model = load_model(model)
     squeezers = parse_squeezers(squeezers)
     info = inspect_model(model, input_name, output_name, output_kind)
+    detectors = detector_names(autoencoder is not None)
+    if detector_thresholds is not None:
+        detector_thresholds = np.asarray(detector_thresholds, dtype=np.float32)
+        if detector_thresholds.shape != (len(detectors),) or not np.all(detector_thresholds > 0):
+            raise FusedModelError(f"sidewatch: {len(detectors)} positive detector thresholds are needed "
+                                  f"({', '.join(detectors)}), got {detector_thresholds.tolist()}")
     rank = len(info.input_shape)
     # Prefix every name of the model, so none can clash with ours (its output may well be called
     # "probabilities" too); the prefixed input is then fed by our Concat instead of the caller.
@@ -355,12 +328,12 @@ def build_fused_model(model: ModelSource, squeezers: str | Iterable[str | Squeez
     model_input, model_output = MODEL_PREFIX + info.input_name, MODEL_PREFIX + info.output_name
     initializer_names = {init.name for init in graph.initializer}
 
-    pre = _Builder(info.opset)
+    pre = Builder(info.opset)
     x = info.input_name
     squeezed = [squeeze_graph(pre, x, rank, squeezer) for squeezer in squeezers]
     pre.op("Concat", [x] + squeezed, outputs=[model_input], axis=0)                  # [(1+S) N, ...]
 
-    post = _Builder(info.opset, prefix="sidewatch/post/")
+    post = Builder(info.opset, prefix="sidewatch/post/")
     scores = post.op("Flatten", [model_output], axis=1)                               # [(1+S) N, C]
     if info.output_kind == "logits":
         # axis=1 on a 2-D tensor means the same in every Softmax version (13 changed only N-D).
@@ -373,7 +346,17 @@ def build_fused_model(model: ModelSource, squeezers: str | Iterable[str | Squeez
     l1 = post.reduce("ReduceSum", post.op("Abs", [post.op("Sub", [squeezed_probabilities, probabilities])]),
                      [2], keepdims=0)                                                 # [S, N]
     post.op("Transpose", [l1], outputs=["distances"], perm=[1, 0])                   # [N, S]
-    post.reduce("ReduceMax", l1, [0], keepdims=0, output="score")                     # [N]
+    per_detector = [post.reduce("ReduceMax", l1, [0], keepdims=0)]                    # [N] each
+    if autoencoder is not None:
+        per_detector.append(append_autoencoder(post, x, rank, autoencoder, autoencoder_error))
+    columns = post.op("Concat", [post.unsqueeze(s, [1]) for s in per_detector], outputs=["detector_scores"],
+                      axis=1)                                                         # [N, D]
+    if detector_thresholds is None:
+        post.op("Identity", [per_detector[0]], outputs=["score"])                    # squeezing alone
+    else:
+        # Each score over its threshold; the largest of them, so that score > 1 when any detector is over its own.
+        ratios = post.op("Div", [columns, post.const(detector_thresholds[None, :], np.float32, "thresholds")])
+        post.reduce("ReduceMax", ratios, [1], keepdims=0, output="score")
 
     nodes = pre.nodes + list(graph.node) + post.nodes
     del graph.node[:]
@@ -389,13 +372,20 @@ def build_fused_model(model: ModelSource, squeezers: str | Iterable[str | Squeez
         helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [batch, info.num_classes or "classes"]),
         helper.make_tensor_value_info("score", TensorProto.FLOAT, [batch]),
         helper.make_tensor_value_info("distances", TensorProto.FLOAT, [batch, len(squeezers)]),
+        helper.make_tensor_value_info("detector_scores", TensorProto.FLOAT, [batch, len(detectors)]),
     ])
     # The model's shape hints describe N inputs, but its nodes now see (1 + S) N: drop them.
     del graph.value_info[:]
-    graph.name = f"sidewatch_feature_squeezing({graph.name})"
-    graph.doc_string = (f"Feature squeezing ({format_squeezers(squeezers)}) around the model's graph; "
-                        f"output_kind={info.output_kind}")
+    graph.name = f"sidewatch_{'_'.join(detectors)}({graph.name})"
+    graph.doc_string = (f"Feature squeezing ({format_squeezers(squeezers)}) around the model's graph"
+                        + (f", beside an autoencoder ({autoencoder_error} reconstruction error)" if autoencoder else "")
+                        + f"; output_kind={info.output_kind}")
     return fused, info
+
+
+def detector_names(autoencoder: bool) -> tuple[str, ...]:
+    """The detectors of a fused graph, in the order of its ``detector_scores`` columns."""
+    return (SQUEEZING, AUTOENCODER) if autoencoder else (SQUEEZING,)
 
 
 # --- the detector --------------------------------------------------------------------------------
@@ -403,12 +393,13 @@ def build_fused_model(model: ModelSource, squeezers: str | Iterable[str | Squeez
 
 @dataclass(frozen=True)
 class SqueezeResult:
-    """Feature-squeezing results for a batch of N inputs, S squeezers and C classes."""
+    """Detection results for a batch of N inputs, S squeezers, D detectors and C classes."""
 
-    probabilities: np.ndarray   # [N, C] float32: the model's softmax on each unsqueezed input
-    scores: np.ndarray          # [N] float32: the largest L1 distance, per input
-    distances: np.ndarray       # [N, S] float32: the L1 distance for each squeezer
+    probabilities: np.ndarray     # [N, C] float32: the model's softmax on each unsqueezed input
+    scores: np.ndarray            # [N] float32: the verdict's score (combined when calibrated jointly)
+    distances: np.ndarray         # [N, S] float32: the L1 distance for each squeezer
     threshold: float | None = None
+    detector_scores: np.ndarray | None = None  # [N, D] float32: each detector's own score (squeezing first)
 
     @property
     def flagged(self) -> np.ndarray | None:
@@ -417,7 +408,8 @@ class SqueezeResult:
 
 
 class FeatureSqueezingDetector:
-    """Feature-squeezing detector for adversarial inputs (Xu, Evans and Qi, NDSS 2018).
+    """Feature-squeezing detector for adversarial inputs (Xu, Evans and Qi, NDSS 2018), with an autoencoder
+    detector beside it when one is given (MagNet; agent.detect.adversarial.autoencoder), in one graph.
 
     Parameters only in the constructor (river style; the spec strings are checked at once, so a bad
     one fails at start). The fused ONNX graph and its session are built on first use.
@@ -427,7 +419,14 @@ class FeatureSqueezingDetector:
     output_kind   "auto", "probabilities" or "logits" (see detect_output_kind)
     input_name / output_name   required only when the model has more than one
     device        "auto", "cpu" or "cuda" (agent.execution.providers_for)
-    threshold     a calibrated threshold (agent.detect.calibration.threshold); then results carry `flagged`
+    threshold     a calibrated threshold on ``scores`` (agent.detect.calibration.threshold); then results
+                  carry `flagged`
+    autoencoder   the autoencoder detector as ONNX bytes (from the calibration artifact), or None
+    autoencoder_error   "l1" or "l2": its reconstruction error
+    detector_thresholds one threshold per detector (squeezing, then the autoencoder), calibrated jointly
+                  (agent.detect.calibration.threshold.joint_thresholds): ``scores`` is then the largest
+                  detector score over its threshold, and ``threshold`` is 1. Without them ``scores`` is the
+                  squeezing score.
     max_batch     larger batches are scored in chunks of this size, to bound memory
 
     ``score(batch)`` returns a SqueezeResult; ``update(batch)`` does the same, keeps it in
@@ -440,6 +439,8 @@ class FeatureSqueezingDetector:
     >>> result = detector.update(x).result
     >>> result.scores.shape, result.distances.shape, result.probabilities.shape, result.flagged.shape
     ((8,), (8, 2), (8, 10), (8,))
+    >>> result.detector_scores.shape, detector.detectors
+    ((8, 1), ('feature_squeezing',))
     >>> detector.reset().result is None
     True
     """
@@ -447,7 +448,8 @@ class FeatureSqueezingDetector:
     def __init__(self, model: ModelSource, squeezers: str | Iterable[str | Squeezer] = "bit_depth:1,median:2", *,
                  output_kind: str = "auto", input_name: str | None = None, output_name: str | None = None,
                  device: str = "auto", threshold: float | None = None, max_batch: int = 256,
-                 intra_op_threads: int = 0):
+                 intra_op_threads: int = 0, autoencoder: bytes | None = None, autoencoder_error: str = "l2",
+                 detector_thresholds: Sequence[float] | None = None):
         if output_kind not in OUTPUT_KINDS:
             raise FusedModelError(f"sidewatch: output_kind must be one of {', '.join(OUTPUT_KINDS)}, got {output_kind!r}")
         if max_batch < 1:
@@ -461,6 +463,10 @@ class FeatureSqueezingDetector:
         self.threshold = threshold
         self.max_batch = max_batch
         self.intra_op_threads = intra_op_threads
+        self.autoencoder = autoencoder
+        self.autoencoder_error = autoencoder_error
+        self.detector_thresholds = None if detector_thresholds is None else tuple(float(t) for t in detector_thresholds)
+        self.detectors = detector_names(autoencoder is not None)
         self.result: SqueezeResult | None = None
         self._fused: onnx.ModelProto | None = None
         self._info: ModelInfo | None = None
@@ -468,8 +474,10 @@ class FeatureSqueezingDetector:
 
     def _build(self) -> None:
         if self._fused is None:
-            self._fused, self._info = build_fused_model(self.model, self.squeezers, self.output_kind,
-                                                        self.input_name, self.output_name)
+            self._fused, self._info = build_fused_model(
+                self.model, self.squeezers, self.output_kind, self.input_name, self.output_name,
+                autoencoder=self.autoencoder, autoencoder_error=self.autoencoder_error,
+                detector_thresholds=self.detector_thresholds)
 
     @property
     def fused_model(self) -> onnx.ModelProto:
@@ -510,11 +518,13 @@ class FeatureSqueezingDetector:
         if len(x) == 0:
             classes = self.info.num_classes or 0
             return SqueezeResult(np.zeros((0, classes), np.float32), np.zeros(0, np.float32),
-                                 np.zeros((0, len(self.squeezers)), np.float32), self.threshold)
+                                 np.zeros((0, len(self.squeezers)), np.float32), self.threshold,
+                                 np.zeros((0, len(self.detectors)), np.float32))
         parts = [self.session.run(list(FUSED_OUTPUTS), {self.info.input_name: x[i:i + self.max_batch]})
                  for i in range(0, len(x), self.max_batch)]
-        probabilities, scores, distances = (np.concatenate([p[k] for p in parts]) for k in range(3))
-        return SqueezeResult(probabilities, scores, distances, self.threshold)
+        probabilities, scores, distances, detector_scores = (np.concatenate([p[k] for p in parts])
+                                                             for k in range(len(FUSED_OUTPUTS)))
+        return SqueezeResult(probabilities, scores, distances, self.threshold, detector_scores)
 
     def update(self, batch: np.ndarray) -> FeatureSqueezingDetector:
         """Score a batch, keep the result in ``self.result``, return the detector."""
@@ -528,4 +538,5 @@ class FeatureSqueezingDetector:
 
     def __repr__(self) -> str:
         return (f"FeatureSqueezingDetector(squeezers={format_squeezers(self.squeezers)!r}, "
-                f"output_kind={self.output_kind!r}, device={self.device!r}, threshold={self.threshold!r})")
+                f"detectors={'+'.join(self.detectors)!r}, output_kind={self.output_kind!r}, device={self.device!r}, "
+                f"threshold={self.threshold!r})")

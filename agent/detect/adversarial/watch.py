@@ -1,5 +1,9 @@
 """Adversarial-input detection on live traffic: micro-batched from the tap, or inline per request.
 
+One fused ONNX Runtime call gives the verdict's score (feature squeezing's, or with the autoencoder beside
+it the combined one) and each detector's own score, exported per detector
+(``sidewatch_adversarial_detector_score`` over its threshold, ``..._detector_detections_total``).
+
 Shadow mode (the default) scores copies of the traffic from the tap, gathered into micro-batches
 (bounded by rows and by age) so that one fused ONNX Runtime call scores many requests. Flag and
 enforce modes score each request on the hot path, in a small thread pool (ONNX Runtime releases
@@ -77,7 +81,7 @@ class DetectionFailed(Exception):
 
 
 class AdversarialWatch:
-    """The squeezing detectors of a repository on live traffic: a tap sink (shadow mode) and the data
+    """The adversarial detectors of a repository on live traffic: a tap sink (shadow mode) and the data
     plane's inline verdicts (flag and enforce modes). ``settings`` is the ``detection`` section;
     ``modes`` the models whose mode differs from ``settings.adversarial_mode``."""
 
@@ -102,6 +106,8 @@ class AdversarialWatch:
             labels = bounded.admit(calibrated.model, calibrated.version)
             metrics.threshold.labels(*labels).set(calibrated.threshold)
             metrics.target_fpr.labels(*labels).set(calibrated.artifact.target_fpr)
+            for name, threshold in zip(calibrated.detector.detectors, calibrated.detector_thresholds.tolist()):
+                metrics.detector_threshold.labels(*labels, name).set(threshold)
 
     def mode(self, model: str) -> str:
         """``shadow``, ``flag`` or ``enforce``: the model's own mode, else the default."""
@@ -116,12 +122,13 @@ class AdversarialWatch:
         labels = self._bounded.admit(calibrated.model, calibrated.version)
         started = time.perf_counter()
         try:
-            scores = calibrated.detector.score(rows).scores
+            result = calibrated.detector.score(rows)
         except Exception as err:
             self._metrics.errors.labels(*labels, DETECTOR, "detector_failed").inc()
             self._log.warning(labels, "sidewatch: adversarial detector for %s version %s failed: %s",
                               calibrated.model, calibrated.version, err)
             raise DetectionFailed("detector_failed") from err
+        scores = result.scores
         metrics = self._metrics
         metrics.duration.labels(*labels, DETECTOR).observe(time.perf_counter() - started)
         metrics.batch_size.labels(*labels, DETECTOR).observe(len(rows))
@@ -139,9 +146,22 @@ class AdversarialWatch:
         histogram = metrics.score.labels(*labels)
         for score in finite.tolist():
             histogram.observe(score)
+        self._record_detectors(calibrated, labels, result.detector_scores[np.isfinite(scores)], mode)
         for listener in self.score_listeners:
             listener(calibrated.model, calibrated.version, finite)
         return scores
+
+    def _record_detectors(self, calibrated: CalibratedDetector, labels: tuple[str, str], detector_scores: np.ndarray,
+                          mode: str) -> None:
+        """Each detector's own score over its threshold, and the inputs over it: which detector saw what."""
+        thresholds = calibrated.detector_thresholds
+        for name, column, threshold in zip(calibrated.detector.detectors, detector_scores.T, thresholds):
+            over = int(np.count_nonzero(column > threshold))
+            if over:
+                self._metrics.detector_detections.labels(*labels, name, mode).inc(over)
+            histogram = self._metrics.detector_score.labels(*labels, name)
+            for ratio in (column / threshold).tolist():
+                histogram.observe(ratio)
 
     def _rows(self, calibrated: CalibratedDetector, inputs: dict[str, np.ndarray]) -> np.ndarray:
         rows = inputs.get(calibrated.input_name)

@@ -5,26 +5,39 @@ summary (:mod:`agent.detect.calibration.reference`) and the drift detectors' cal
 (:mod:`agent.detect.drift.calibrate`). It names the model by sha256, and :func:`load_artifact`
 refuses to pair it with another model.
 
-Artifact schema (``format_version`` 1; floats in the summaries rounded to 7 significant digits,
-the threshold exact)::
+Artifact schema (``format_version`` 2; floats in the summaries rounded to 7 significant digits,
+the thresholds exact)::
 
     {
-      "format_version": 1,
+      "format_version": 2,
       "kind": "sidewatch-calibration",
       "created_at": "2025-01-01T00:00:00Z",
       "created_by": {"sidewatch": "0.1.0", "onnxruntime": "1.x", "execution_provider": "CPUExecutionProvider"},
       "model": {"file": "model.onnx", "sha256": "...", "input": "input", "output": "probabilities",
                 "output_kind": "probabilities", "input_shape": [null, 1, 28, 28], "classes": 10},
-      "detector": "feature_squeezing",
+      "detector": "feature_squeezing+autoencoder",   # or "feature_squeezing" alone
       "squeezers": ["bit_depth:1", "median:2"],
-      "threshold": 0.0123,                   # flag when score > threshold
+      "threshold": 1.0,                      # flag when score > threshold
       "target_fpr": 0.05,
       "threshold_rule": "...",
       "benign_scores": {"count", "above_threshold", "fpr", "min", "max", "mean", "std",
                         "quantiles": {"0.5": ..., "0.9", "0.95", "0.99", "0.999"}},
+      "detectors": [                         # one per column of the fused graph's detector_scores
+        {"name": "feature_squeezing", "threshold": 0.09, "benign_scores": {...}},
+        {"name": "autoencoder", "threshold": 0.004, "error": "l2", "training": {...}, "benign_scores": {...},
+         "onnx_sha256": "...", "onnx": "<base64 of the autoencoder's ONNX graph>"}
+      ],
+      "split": {...},                        # which reference rows trained, which calibrated (with an autoencoder)
       "reference": {...},                    # agent.detect.calibration.reference
       "drift": {...}                         # agent.detect.drift.calibrate; {} when skipped
     }
+
+With feature squeezing alone, ``score`` is the squeezing score and ``threshold`` its threshold at the
+target false-positive rate. With the autoencoder beside it, the detectors' thresholds are set jointly
+(agent.detect.calibration.threshold.joint_thresholds) on reference rows the autoencoder never saw, so that
+flagging an input when ANY detector is over its own threshold keeps the target rate; ``score`` is then the
+largest detector score over its threshold, and ``threshold`` is 1. Format 1 (no ``detectors``: feature
+squeezing alone) is still read, as squeezing alone.
 
 >>> artifact = load_artifact("agent/demo/models/mnist_cnn/1/" + ARTIFACT_FILE, "agent/demo/models/mnist_cnn/1/model.onnx")
 >>> artifact.squeezers, artifact.target_fpr
@@ -35,18 +48,23 @@ the threshold exact)::
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from agent.detect.adversarial.graph import FeatureSqueezingDetector, ModelSource
+from agent.detect.adversarial.autoencoder import ERRORS
+from agent.detect.adversarial.graph import AUTOENCODER, SQUEEZING, FeatureSqueezingDetector, ModelSource
 from agent.detect.calibration import CalibrationError
 from agent.detect.calibration.threshold import THRESHOLD_RULE
 from agent.durable import write_atomic
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Format 1: feature squeezing alone, no "detectors" (still read; the registry warns that it lacks the autoencoder).
+SQUEEZING_ONLY_FORMAT = 1
 ARTIFACT_KIND = "sidewatch-calibration"
 ARTIFACT_FILE = "sidewatch-calibration.json"
 
@@ -64,7 +82,7 @@ def model_sha256(model: str | Path | bytes) -> str:
 
 @dataclass
 class CalibrationArtifact:
-    """A calibrated feature-squeezing detector for one model: the JSON artifact, as an object."""
+    """A calibrated adversarial detector for one model: the JSON artifact, as an object."""
 
     model: dict                 # file, sha256, input, output, output_kind, input_shape, classes
     squeezers: list[str]
@@ -76,15 +94,20 @@ class CalibrationArtifact:
     created_by: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
     kind: str = ARTIFACT_KIND
-    detector: str = "feature_squeezing"
+    detector: str = SQUEEZING
     threshold_rule: str = THRESHOLD_RULE
+    # One entry per detector (agent.detect.adversarial.graph.detector_names' order); format 1 has none.
+    detectors: list[dict] = field(default_factory=list)
+    # Which reference rows trained the autoencoder and which calibrated the thresholds; {} without one.
+    split: dict = field(default_factory=dict)
     # The drift and anomaly detectors' calibration (agent.detect.drift.calibrate); empty when skipped.
     drift: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         data = asdict(self)
         order = ["format_version", "kind", "created_at", "created_by", "model", "detector", "squeezers",
-                 "threshold", "target_fpr", "threshold_rule", "benign_scores", "reference", "drift"]
+                 "threshold", "target_fpr", "threshold_rule", "benign_scores", "detectors", "split", "reference",
+                 "drift"]
         return {key: data[key] for key in order}
 
     @classmethod
@@ -93,24 +116,82 @@ class CalibrationArtifact:
             raise CalibrationError(f"sidewatch: {source} is not a sidewatch calibration artifact "
                                    f"(no \"kind\": \"{ARTIFACT_KIND}\")")
         version = data.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
+        if not isinstance(version, int) or isinstance(version, bool) or version > FORMAT_VERSION:
             raise CalibrationError(f"sidewatch: {source} has format_version {version!r}; this sidewatch reads "
                                    f"versions up to {FORMAT_VERSION} (upgrade sidewatch, or recalibrate)")
-        missing = [key for key in ("model", "squeezers", "threshold", "target_fpr", "benign_scores", "reference")
-                   if key not in data]
+        required = ["model", "squeezers", "threshold", "target_fpr", "benign_scores", "reference"]
+        if version > SQUEEZING_ONLY_FORMAT:
+            required.append("detectors")
+        missing = [key for key in required if key not in data]
         if missing:
             raise CalibrationError(f"sidewatch: {source} lacks {', '.join(missing)}")
         wrong = [f"{key}: expected {expected}, got {_shown(value)}" for key, value, expected in _malformed(data)]
+        wrong += _malformed_detectors(data.get("detectors", []))
         if wrong:
             raise CalibrationError(f"sidewatch: {source}: " + "; ".join(wrong))
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{key: value for key, value in data.items() if key in known})
 
+    @property
+    def squeezing_only_format(self) -> bool:
+        """Whether this is a format-1 artifact, made before the autoencoder detector (squeezing alone)."""
+        return self.format_version <= SQUEEZING_ONLY_FORMAT
+
+    @property
+    def autoencoder(self) -> dict | None:
+        """The autoencoder detector's entry, or None when squeezing is alone."""
+        return next((d for d in self.detectors if d["name"] == AUTOENCODER), None)
+
+    @property
+    def detector_thresholds(self) -> list[float]:
+        """Each detector's own threshold, squeezing first (format 1: the squeezing threshold)."""
+        return [d["threshold"] for d in self.detectors] if self.detectors else [self.threshold]
+
     def make_detector(self, model: ModelSource, device: str = "auto", **options) -> FeatureSqueezingDetector:
-        """A detector with this artifact's squeezers, model I/O, output kind and threshold."""
+        """A detector with this artifact's squeezers, autoencoder, model I/O, output kind and thresholds."""
+        autoencoder = self.autoencoder
+        joint = {} if autoencoder is None else {
+            "autoencoder": autoencoder_bytes(autoencoder), "autoencoder_error": autoencoder["error"],
+            "detector_thresholds": self.detector_thresholds}
         return FeatureSqueezingDetector(model, self.squeezers, output_kind=self.model["output_kind"],
                                         input_name=self.model["input"], output_name=self.model["output"],
-                                        device=device, threshold=self.threshold, **options)
+                                        device=device, threshold=self.threshold, **joint, **options)
+
+
+def autoencoder_bytes(entry: dict) -> bytes:
+    """The autoencoder's ONNX graph from its artifact entry (checked against its sha256 at load)."""
+    return base64.b64decode(entry["onnx"], validate=True)
+
+
+def autoencoder_entry_fields(onnx_bytes: bytes) -> dict:
+    """The ``onnx`` and ``onnx_sha256`` fields of an autoencoder entry."""
+    return {"onnx_sha256": hashlib.sha256(onnx_bytes).hexdigest(), "onnx": base64.b64encode(onnx_bytes).decode("ascii")}
+
+
+def _malformed_detectors(detectors) -> list[str]:
+    """What is wrong with a ``detectors`` list: its names and order, thresholds, and the autoencoder's graph."""
+    if not isinstance(detectors, list) or not all(isinstance(d, dict) for d in detectors):
+        return [f"detectors: expected a list of objects, got {_shown(detectors)}"]
+    if not detectors:
+        return []
+    names = [d.get("name") for d in detectors]
+    if names not in ([SQUEEZING], [SQUEEZING, AUTOENCODER]):
+        return [f"detectors: expected {SQUEEZING!r} or {SQUEEZING!r} then {AUTOENCODER!r}, got {_shown(names)}"]
+    wrong = [f"detectors.{d['name']}.threshold: expected a positive number, got {_shown(d.get('threshold', _ABSENT))}"
+             for d in detectors if not (_number(d.get("threshold")) and d["threshold"] > 0)]
+    autoencoder = next((d for d in detectors if d["name"] == AUTOENCODER), None)
+    if autoencoder is not None:
+        if autoencoder.get("error") not in ERRORS:
+            wrong.append(f"detectors.{AUTOENCODER}.error: expected one of {', '.join(ERRORS)}, "
+                         f"got {_shown(autoencoder.get('error', _ABSENT))}")
+        try:
+            graph = autoencoder_bytes(autoencoder)
+        except (KeyError, TypeError, ValueError, binascii.Error):
+            wrong.append(f"detectors.{AUTOENCODER}.onnx: expected the autoencoder's ONNX graph in base64")
+        else:
+            if hashlib.sha256(graph).hexdigest() != autoencoder.get("onnx_sha256"):
+                wrong.append(f"detectors.{AUTOENCODER}.onnx: its sha256 is not onnx_sha256 (the file was changed)")
+    return wrong
 
 
 def _number(value) -> bool:
@@ -136,6 +217,7 @@ _SCHEMA = (
     ("target_fpr", lambda v: _number(v) and 0 <= v <= 1, "a number from 0 to 1"),
     ("benign_scores", lambda v: isinstance(v, dict), "an object"),
     ("reference", lambda v: isinstance(v, dict), "an object"),
+    ("split", lambda v: isinstance(v, dict), "an object"),
     ("drift", lambda v: isinstance(v, dict), "an object"),
 )
 _ABSENT = object()
@@ -150,7 +232,7 @@ def _malformed(data: dict):
         if not isinstance(container, dict):
             continue  # the parent is reported
         value = container.get(leaf, _ABSENT)
-        if value is _ABSENT and key in ("model.input_shape", "drift"):
+        if value is _ABSENT and key in ("model.input_shape", "split", "drift"):
             continue
         if value is _ABSENT or not test(value):
             yield key, value, expected
