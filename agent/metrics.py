@@ -293,7 +293,6 @@ class ProxyMetrics:
         return series
 
 
-# The squeeze score is an L1 distance between two probability vectors: it lies in [0, 2].
 # The squeezing score is an L1 distance in [0, 2]; the combined score (a detector's score over its threshold,
 # flagged above 1) runs higher, hence the buckets past 2.
 SCORE_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.2, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0)

@@ -145,7 +145,10 @@ def test_dashboard_structure():
                    # Baselines learned from traffic (issue 12).
                    "Drift baselines",
                    # Canary against stable.
-                   "Canary against stable", "Canary against stable: held flags"):
+                   "Canary against stable", "Canary against stable: held flags",
+                   # Issue 15: each adversarial detector, and black-box query detection.
+                   "Flagged by each detector", "Detector score / its threshold", "Queries checked",
+                   "Clients flagged and refused"):
         assert needed in titles, needed
     assert {annotation["name"] for annotation in dashboard["annotations"]["list"]} >= {"Rollbacks",
                                                                                         "Prometheus alerts firing"}
@@ -310,6 +313,8 @@ def _sidecar_config(tmp_path, token_file) -> tuple[dict, int]:
                   "canary": {"fit_rows": 50, "active_seconds": 600}},
         "detection": {"rate_alarm": {"look_interval_seconds": 2, "slot_seconds": 0.2, "cluster_rows": 10,
                                      "min_clusters": 10}},
+        # Black-box query detection watches the model (flag mode: counted, never refused) for its panels.
+        "models": {MODEL: {"query_mode": "flag"}},
         "alerts": {"evaluation_interval_seconds": 0.5, "rules": [{
             # The shipped form (deploy/k8s/base/sidewatch.yaml): the budgeted adversarial-rate flag.
             "name": SIDECAR_ALERT, "kind": "gauge", "metric": "sidewatch_adversarial_rate_detected", "above": 0.5,
@@ -364,6 +369,12 @@ def _send_traffic(port: int, metrics_port: int) -> None:
         for _ in range(5):
             with pytest.raises(grpc.RpcError):
                 client.infer(MODEL, {"input": np.zeros((1, 3), np.float32)}, version="2", timeout=10)
+        # A black-box attack's walk: near-copies of one image, each a little different (exact copies would be
+        # repeats), until the query detector flags this client (its panels need a flag).
+        flagged = lambda: metric(metrics_port, "sidewatch_query_flags_total", model=MODEL) >= 1  # noqa: E731
+        walk = np.clip(benign[:1] + np.random.default_rng(0).uniform(-0.02, 0.02, (200,) + benign.shape[1:]), 0, 1)
+        _paced(client, walk.astype(np.float32), 10, until=flagged)
+        assert flagged(), "the query detector did not flag 200 near-copies of one image"
         # Adversarial examples until the adversarial-rate flag rises and the sidecar's rule pins version 1.
         pinned = lambda: metric(metrics_port, "sidewatch_route_pinned", model=MODEL, version="1") == 1  # noqa: E731
         _paced(client, load_adversarial()[0], 40, until=pinned)
