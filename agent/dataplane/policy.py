@@ -119,6 +119,11 @@ class Policy:
         stream's first message before it chooses a channel)."""
         return False
 
+    def stream_refusal(self, message: bytes, context: "aio.ServicerContext") -> str | None:
+        """Why a message of a ModelStreamInfer stream is refused (query detection, enforce mode: the
+        client is refused), checked before it goes upstream; None: it goes on."""
+        return None
+
     def stream_request(self, message: bytes) -> bytes:
         """A message of a ModelStreamInfer stream, as it goes upstream."""
         return message
@@ -188,6 +193,14 @@ class SidecarPolicy(Policy):
     @property
     def steers_streams(self) -> bool:
         return self._routes is not None and self._routes.upstream_pins
+
+    def stream_refusal(self, message: bytes, context: "aio.ServicerContext") -> str | None:
+        # Each message of a stream is a query of its own, checked as a ModelInfer request is (before()).
+        queries = self._queries
+        if queries is None:
+            return None
+        model = peek_model(message)[0]
+        return queries.check(model, self._identity(context), message) if queries.watches(model) else None
 
     def stream_request(self, message: bytes) -> bytes:
         routes = self._routes

@@ -210,10 +210,19 @@ class Forwarder(grpc.GenericRpcHandler):
                 if fallback is not None:
                     upstream = self._fallback_stream_stub(fallback, method)
 
+            # Why the stream's client was refused (query detection, enforce mode): the refused message and the
+            # rest of the stream never go upstream; the answers to the messages before it do come back, and then
+            # the stream ends with PERMISSION_DENIED.
+            refused: list[str] = []
+
             async def upstream_requests():
                 async for message in request_iterator:
                     requests_relayed.inc()
                     if taps_inference:
+                        refusal = policy.stream_refusal(message, context)
+                        if refusal is not None:
+                            refused.append(refusal)
+                            return
                         message = policy.stream_request(message)
                         if not first_model[0]:
                             first_model[0], first_model[1] = peek_model(message)
@@ -246,12 +255,19 @@ class Forwarder(grpc.GenericRpcHandler):
                         yield response
                     trailing = await call.trailing_metadata()
                 except aio.AioRpcError as err:
+                    if refused:
+                        # The upstream's end of a stream cut short by the refusal: the refusal is the answer.
+                        code = grpc.StatusCode.PERMISSION_DENIED
+                        await context.abort(code, refused[0])
                     code, details, trailers = status.of(err)
                     metrics.upstream_errors.labels(
                         *metrics.bounded(first_model[0], first_model[1]), method_label, code.name).inc()
                     if not headers_sent:
                         await _send_initial_metadata(context, err.initial_metadata())
                     await context.abort(code, details, forwardable_metadata(trailers))
+                if refused:
+                    code = grpc.StatusCode.PERMISSION_DENIED
+                    await context.abort(code, refused[0])
                 context.set_trailing_metadata(forwardable_metadata(trailing))
             except asyncio.CancelledError:
                 code = _cancelled_code(context)

@@ -4,7 +4,7 @@ routes, and the routes it writes around the tap's."""
 from __future__ import annotations
 
 from agent.config import load_config
-from agent.dataplane.envoy import ext_proc, verdicts
+from agent.dataplane.envoy import ext_proc, stream_queries, verdicts
 from agent.dataplane.envoy.lua import lua_string, model_peek_filter
 from agent.protocol import paths
 
@@ -52,3 +52,18 @@ def test_every_model_infer_route_gets_a_twin_that_enables_the_verdict_filter_bef
     assert "runtime_fraction" in infer[0]["match"] and "runtime_fraction" not in infer[2]["match"]
     stream = [route for route in routes if route["match"].get("path") == paths.MODEL_STREAM_INFER]
     assert len(stream) == 1 and verdicts.FILTER not in stream[0]["typed_per_filter_config"]
+
+
+def test_every_model_stream_infer_route_turns_the_stream_query_checks_on_and_no_other_route_does():
+    routes = stream_queries.stream_routes(verdicts.inline_routes(ext_proc.sampled_routes("upstream"), "upstream", 1024),
+                                          "upstream")
+    stream = [route for route in routes if route["match"].get("path") == paths.MODEL_STREAM_INFER]
+    # The tap's sampled route takes a share of the streams: a plain route is added for the rest.
+    assert ["runtime_fraction" in route["match"] for route in stream] == [True, False]
+    for route in routes:
+        enabled = stream_queries.FILTER in route.get("typed_per_filter_config", {})
+        assert enabled == (route in stream), route["match"]
+    # Off in the chain: only those routes turn it on; it reads the client's identity the Lua filter leaves.
+    chain = stream_queries.stream_queries_filter()
+    assert chain["disabled"] and chain["typed_config"]["processing_mode"]["request_body_mode"] == "STREAMED"
+    assert chain["typed_config"]["metadata_options"] == verdicts.verdict_filter()["typed_config"]["metadata_options"]

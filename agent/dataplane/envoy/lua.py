@@ -24,6 +24,7 @@ from typing import Any
 from agent import metrics
 
 LUA = "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua"
+LUA_FILTER = "envoy.filters.http.lua"
 SCRIPT = Path(__file__).with_name("model_peek.lua")
 METADATA_NAMESPACE = "sidewatch"
 # Model names and versions become metric labels: longer values are cut to this many bytes, the python
@@ -63,5 +64,5 @@ def model_peek_filter(max_label_bytes: int = MAX_LABEL_BYTES, inline: InlineRout
               .replace("__MODES__", lua_modes(inline.modes if inline is not None else {}))
               .replace("__IDENTITY__", lua_string(inline.identity if inline is not None else ""))
               .replace("__IDENTITY_KEY__", lua_string(inline.identity_key if inline is not None else "")))
-    return {"name": "envoy.filters.http.lua",
+    return {"name": LUA_FILTER,
             "typed_config": {"@type": LUA, "default_source_code": {"inline_string": script}}}

@@ -23,6 +23,9 @@
 -- certificate, or "metadata:" and the value of the IDENTITY_KEY header; without a certificate or that header,
 -- its peer address.
 --
+-- A ModelStreamInfer stream, with query detection on, gets its client's identity in dynamic metadata too: the
+-- stream query checks (stream_queries.py) read it for each of its messages.
+--
 -- Route pins (agent/dataplane/envoy/pins.py): while a model is pinned every route carries "pins" in this
 -- filter's route metadata; the gRPC field extraction filter before this one has held the headers until
 -- the first message was whole and left its model name in dynamic metadata (model_routing.py). The name
@@ -38,6 +41,7 @@ local MODES = __MODES__      -- the models whose mode is their own (models.<name
 local IDENTITY = __IDENTITY__          -- "", "peer", "certificate" or "metadata"
 local IDENTITY_KEY = __IDENTITY_KEY__
 local MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
+local MODEL_STREAM_INFER = "/inference.GRPCInferenceService/ModelStreamInfer"
 local PIN_HEADER = "x-sidewatch-model"
 local EXTRACTED = "envoy.filters.http.grpc_field_extraction"
 local MAX_FIELDS = 16        -- the names are near the front, the tensors are not (as in peek.py)
@@ -183,6 +187,10 @@ function envoy_on_request(handle)
       handle:clearRouteCache()
     end
     if path == MODEL_INFER then return route_inline(handle) end
+    -- Every message of a stream is checked (stream_queries.py), whatever its model: it needs the client.
+    if path == MODEL_STREAM_INFER and IDENTITY ~= "" then
+      put(handle:streamInfo():dynamicMetadata(), "client", client(handle))
+    end
   end
   if not MODEL_SCOPED[path] then return end
   for chunk in handle:bodyChunks() do

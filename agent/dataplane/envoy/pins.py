@@ -44,6 +44,7 @@ from agent.config import ServeConfig, split_address
 from agent.dataplane.envoy import pin_rewrite
 from agent.dataplane.envoy.bootstrap import UPSTREAM, http2_cluster, max_client_connections, upstream_route, upstream_tls
 from agent.dataplane.envoy.ext_proc import sampled_routes
+from agent.dataplane.envoy.lua import LUA_FILTER
 from agent.dataplane.routes import Pin, RouteTable
 from agent.metrics import max_label_bytes
 from agent.protocol import paths
@@ -51,7 +52,6 @@ from agent.protocol import paths
 log = logging.getLogger(__name__)
 
 HEADER = "x-sidewatch-model"
-LUA_FILTER = "envoy.filters.http.lua"
 ROUTE_TYPE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
 CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 MAX_FALLBACK_CLUSTERS = 64

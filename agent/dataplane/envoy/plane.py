@@ -25,13 +25,13 @@ from pathlib import Path
 from grpc import aio
 
 from agent.config import ConfigError, ServeConfig
-from agent.dataplane.envoy import ext_proc, model_routing, pin_rewrite, verdicts
+from agent.dataplane.envoy import ext_proc, model_routing, pin_rewrite, stream_queries, verdicts
 from agent.dataplane.envoy.access_log import CLUSTER as ACCESS_LOG_CLUSTER
 from agent.dataplane.envoy.access_log import AccessLogMetrics, access_log_config, grpc_stats_filter
 from agent.dataplane.envoy.binary import find_envoy
 from agent.dataplane.envoy.bootstrap import UPSTREAM, Loopback, build_bootstrap, http2_cluster
 from agent.dataplane.envoy.envoy_stats import EnvoyStats
-from agent.dataplane.envoy.lua import model_peek_filter
+from agent.dataplane.envoy.lua import LUA_FILTER, model_peek_filter
 from agent.dataplane.envoy.model_routing import field_extraction_filter
 from agent.dataplane.envoy.pins import PinFiles
 from agent.dataplane.envoy.sampling import Sampler, SamplingController
@@ -76,6 +76,11 @@ def check_envoy_config(config: ServeConfig) -> None:
         "http_filters": [model_peek_filter(config.metrics.max_label_bytes, inline=inline), verdicts.verdict_filter()],
         "clusters": [verdicts.verdict_cluster(1)],
         "routes": verdicts.inline_routes([], UPSTREAM, config.max_message_bytes)}
+    if inline is not None and inline.identity:
+        # Query detection's stream checks (stream_queries.py).
+        pieces["http_filters"].append(stream_queries.stream_queries_filter())
+        pieces["clusters"].append(stream_queries.stream_queries_cluster(2))
+        pieces["routes"] = stream_queries.stream_routes(pieces["routes"], UPSTREAM)
     bootstrap = build_bootstrap(config, Loopback(admin_port=0, health_port=1), **pieces)
     with tempfile.TemporaryDirectory(prefix="sidewatch-envoy-check-") as directory:
         path = Path(directory) / "envoy.json"
@@ -132,6 +137,7 @@ class EnvoyDataPlane:
         # Flag and enforce modes and query detection (verdicts.py): the verdict server, for the models configured
         # for them.
         self._verdict_server: aio.Server | None = None
+        self._stream_query_server: aio.Server | None = None
         # Route pins (pins.py): the route files Envoy watches, and the server that rewrites pinned versions.
         self.pins: PinFiles | None = None
         self._pin_server: aio.Server | None = None
@@ -183,6 +189,16 @@ class EnvoyDataPlane:
             http_filters.append(verdicts.verdict_filter())
             clusters.append(verdicts.verdict_cluster(verdict_port))
             routes = verdicts.inline_routes(routes, UPSTREAM, config.max_message_bytes)
+        if inline is not None and inline.identity:
+            # Query detection: each message of every ModelStreamInfer stream too (stream_queries.py).
+            self._stream_query_server, stream_query_port = stream_queries.start_server(
+                stream_queries.StreamQueryChecker(self.policy.queries, config.max_message_bytes))
+            await self._stream_query_server.start()
+            # Right after the Lua filter that names the client: before the tap copies a message it refuses.
+            lua = next(i for i, f in enumerate(http_filters) if f["name"] == LUA_FILTER)
+            http_filters.insert(lua + 1, stream_queries.stream_queries_filter())
+            clusters.append(stream_queries.stream_queries_cluster(stream_query_port))
+            routes = stream_queries.stream_routes(routes, UPSTREAM)
         if self._pin_server is not None:
             # The field extraction filter holds each model-scoped call's first message whole (model_routing.py).
             routes = model_routing.hold_first_messages(routes, UPSTREAM, config.max_message_bytes)
@@ -269,6 +285,8 @@ class EnvoyDataPlane:
             await self._tap_server.stop(0)
         if self._verdict_server is not None:
             await self._verdict_server.stop(0)
+        if self._stream_query_server is not None:
+            await self._stream_query_server.stop(0)
         if self._pin_server is not None:
             await self._pin_server.stop(0)
         if self._health_server is not None:

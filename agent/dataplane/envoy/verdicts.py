@@ -183,7 +183,7 @@ def client_identity(message: ext_proc_pb2.ProcessingRequest) -> str | None:
     return None
 
 
-def _refusal(code: int, message: str, metadata, details: str) -> ext_proc_pb2.ProcessingResponse:
+def refusal_response(code: int, message: str, metadata, details: str) -> ext_proc_pb2.ProcessingResponse:
     """The call answered at once with gRPC status ``code`` and ``message``, never reaching the model server."""
     return ext_proc_pb2.ProcessingResponse(immediate_response=ext_proc_pb2.ImmediateResponse(
         status=http_status_pb2.HttpStatus(code=http_status_pb2.OK),
@@ -227,7 +227,7 @@ class VerdictProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):
                 model, version = peek_model(request)
                 refusal = self._refused(model, request, message)
                 if refusal is not None:
-                    yield _refusal(GRPC_PERMISSION_DENIED, refusal, (), "sidewatch_query_refused")
+                    yield refusal_response(GRPC_PERMISSION_DENIED, refusal, (), "sidewatch_query_refused")
                     return
                 mode = self.verdicts.mode(model) if self.verdicts is not None else "shadow"
                 if mode == "shadow":
@@ -240,7 +240,7 @@ class VerdictProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):
                     judged = await verdict
                     rejection = judged.rejection()
                     if rejection is not None:
-                        yield _refusal(GRPC_INVALID_ARGUMENT, rejection, judged.metadata(),
+                        yield refusal_response(GRPC_INVALID_ARGUMENT, rejection, judged.metadata(),
                                        "sidewatch_adversarial_rejected")
                         return
                 yield CONTINUE_BODY
