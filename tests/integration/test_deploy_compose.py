@@ -235,10 +235,22 @@ def test_the_stack_runs_without_containers_and_the_attack_pins_the_model(tmp_pat
             assert metric_value(metrics, "sidewatch_adversarial_detections_total", model="mnist_cnn") > 0
             # The sidecar's own alert fired on the attack and its route hook pinned the model to version 1.
             deadline = time.monotonic() + 15
-            while metric_value(metrics, "sidewatch_route_pinned", model="mnist_cnn", version="1") != 1:
-                assert time.monotonic() < deadline, sidecar.log()[-3000:]
+            while not _pinned_to_version_1(metrics):
+                # The tap watches what spare CPU allows (the shipped tap.reserve_cores): on a machine busy with
+                # other work it samples 1% of the calls, too few for the rate alarm; its figures say so.
+                assert time.monotonic() < deadline, (
+                    sidecar.log()[-2000:] + "\n" + "\n".join(line for line in metrics.splitlines() if line.startswith(
+                        ("sidewatch_tap_sampled_ratio", "sidewatch_tap_cpu_budget_cores", "sidewatch_adversarial_inputs_total",
+                         "sidewatch_adversarial_detections_total"))))
                 time.sleep(0.5)
                 metrics = http_get(f"http://127.0.0.1:{ports['metrics']}/metrics")
+
+
+def _pinned_to_version_1(metrics: str) -> bool:
+    try:
+        return metric_value(metrics, "sidewatch_route_pinned", model="mnist_cnn", version="1") == 1
+    except KeyError:  # the gauge appears with the pin: on a busy machine, after the traffic has ended
+        return False
 
 
 @pytest.mark.parametrize("argv", [["--rate", "0"], ["--benign-seconds", "0", "--drift-seconds", "0",
