@@ -100,13 +100,12 @@ def _add_calibrate(commands) -> None:
 
     calibrate = commands.add_parser(
         "calibrate", help="set the adversarial detectors' thresholds on benign data and write a calibration artifact",
-        description="Train the autoencoder detector on part of the benign reference inputs (needs torch, the train "
-                    "extra), score the rest with it and with feature squeezing, set both thresholds jointly at the "
-                    "target false-positive rate and write a JSON artifact (default: sidewatch-calibration.json "
-                    "beside the model). --detectors feature_squeezing calibrates squeezing alone, on all the "
-                    "reference, without torch. Reference data: .npz (key 'x', or its only array) or .npy; uint8 "
-                    "values are divided by 255, floats taken as they are; [N, H, W] gets a channel axis when the "
-                    "model takes [N, 1, H, W].")
+        description="Train the autoencoder detector on part of the benign reference inputs, score the rest "
+                    "with it and with feature squeezing, set both thresholds jointly at the target false-positive "
+                    "rate and write a JSON artifact (default: sidewatch-calibration.json beside the model). "
+                    "--detectors feature_squeezing calibrates squeezing alone, on all the reference. Reference "
+                    "data: .npz (key 'x', or its only array) or .npy; uint8 values are divided by 255, floats taken "
+                    "as they are; [N, H, W] gets a channel axis when the model takes [N, 1, H, W].")
     calibrate.add_argument("--model", type=Path, required=True, help="the served model.onnx")
     calibrate.add_argument("--reference", type=Path, required=True, help="benign inputs, DATA.npz or DATA.npy")
     calibrate.add_argument("--squeezers", default="bit_depth:1,median:2",
@@ -115,8 +114,7 @@ def _add_calibrate(commands) -> None:
     calibrate.add_argument("--target-fpr", type=float, default=0.05,
                            help="false-positive rate on benign inputs, of all the detectors together (default 0.05)")
     calibrate.add_argument("--detectors", default="feature_squeezing,autoencoder",
-                           help="feature_squeezing,autoencoder (the default; training needs torch) or "
-                                "feature_squeezing alone")
+                           help="feature_squeezing,autoencoder (the default) or feature_squeezing alone")
     calibrate.add_argument("--autoencoder-error", choices=["l1", "l2"], default="l2",
                            help="the autoencoder detector's score: mean absolute (l1) or squared (l2) reconstruction "
                                 "error (default l2)")
@@ -146,7 +144,7 @@ def _run_calibrate(args) -> int:
     from agent.detect.adversarial.squeeze import SqueezerSpecError, format_squeezers, parse_squeezers
     from agent.detect.calibration import CalibrationError
     from agent.detect.calibration.artifact import default_artifact_path, save_artifact
-    from agent.detect.calibration.autoencoder_training import TrainingRecipe, import_torch
+    from agent.detect.calibration.autoencoder_training import TrainingRecipe
     from agent.detect.calibration.calibrate import calibrate
     from agent.detect.calibration.reference import load_reference
 
@@ -170,7 +168,6 @@ def _run_calibrate(args) -> int:
         x = load_reference(args.reference, info.input_shape)
         recipe = None
         if "autoencoder" in detectors:
-            import_torch()  # before any work: without the train extra, say so at once
             recipe = TrainingRecipe(epochs=args.autoencoder_epochs)
         artifact = calibrate(args.model, x, args.squeezers, args.target_fpr, output_kind=args.output_kind,
                              input_name=args.input_name, output_name=args.output_name, device=args.device,

@@ -35,24 +35,47 @@ import mnist_torch  # noqa: E402
 
 from agent.detect.adversarial.squeeze import BitDepth, Median, median_window, parse_squeezers  # noqa: E402
 from agent.detect.calibration.artifact import ARTIFACT_FILE, autoencoder_bytes, load_artifact  # noqa: E402
-from agent.detect.calibration.autoencoder_training import TrainingRecipe, build_autoencoder  # noqa: E402
+from agent.detect.calibration.autoencoder_network import LAYOUTS  # noqa: E402
 
 
 def artifact_path(version: str) -> Path:
     return mnist_torch.model_path(version).with_name(ARTIFACT_FILE)
 
 
+def build_autoencoder(torch, architecture: str, channels: int, filters: int):
+    """agent.detect.calibration.autoencoder_network's network as a torch module (the same layers in order)."""
+    nn = torch.nn
+    convolutions = LAYOUTS[architecture].count("conv")
+    sizes = [channels] + [filters] * (convolutions - 1) + [channels]
+    layers, conv = [], 0
+    for layer in LAYOUTS[architecture]:
+        if layer == "conv":
+            layers += [nn.Conv2d(sizes[conv], sizes[conv + 1], kernel_size=3, padding=1), nn.Sigmoid()]
+            conv += 1
+        elif layer == "pool":
+            layers.append(nn.AvgPool2d(2))
+        else:
+            layers.append(nn.Upsample(scale_factor=2, mode="nearest"))
+    return nn.Sequential(*layers)
+
+
 def load_autoencoder(torch, entry: dict, channels: int):
-    """The artifact's autoencoder as a torch module: its ONNX initializers into the training architecture."""
+    """The artifact's autoencoder as a torch module: the weights of its ONNX graph's Conv nodes, in graph
+    order, into the training architecture's convolutions."""
     import onnx
     from onnx import numpy_helper
 
-    fields = TrainingRecipe.__dataclass_fields__
-    recipe = TrainingRecipe(**{key: value for key, value in entry["training"].items() if key in fields})
-    module = build_autoencoder(torch, channels, recipe)
-    graph = onnx.load_from_string(autoencoder_bytes(entry))
-    state = {init.name: torch.from_numpy(numpy_helper.to_array(init).copy()) for init in graph.graph.initializer}
-    module.load_state_dict(state, strict=True)
+    training = entry["training"]
+    module = build_autoencoder(torch, training["architecture"], channels, training["filters"])
+    graph = onnx.load_from_string(autoencoder_bytes(entry)).graph
+    initializers = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    convs = [node for node in graph.node if node.op_type == "Conv"]
+    layers = [layer for layer in module if isinstance(layer, torch.nn.Conv2d)]
+    if len(convs) != len(layers):
+        raise SystemExit(f"the autoencoder has {len(convs)} convolutions, its architecture {len(layers)}")
+    for node, layer in zip(convs, layers):
+        layer.weight.data = torch.from_numpy(initializers[node.input[1]].copy())
+        layer.bias.data = torch.from_numpy(initializers[node.input[2]].copy())
     module.eval()
     for parameter in module.parameters():
         parameter.requires_grad_(False)

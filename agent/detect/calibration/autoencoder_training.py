@@ -1,37 +1,31 @@
-"""Training the autoencoder detector on benign data, with torch, and exporting it to ONNX.
+"""Training the autoencoder detector on benign data, in numpy (agent.detect.calibration.autoencoder_network).
 
-Only ``sidewatch calibrate`` trains: torch is the ``train`` extra, imported here inside the functions,
-never by the sidecar, which runs the exported ONNX graph alone (agent.detect.adversarial.autoencoder).
+Only ``sidewatch calibrate`` trains; the sidecar runs the exported ONNX graph alone
+(agent.detect.calibration.autoencoder_export, agent.detect.adversarial.autoencoder). Training needs
+nothing beyond the runtime's own numpy: no torch.
 
-The network is MagNet's MNIST detector (Meng and Chen, CCS 2017): a small convolutional autoencoder
-with sigmoid activations, trained to reproduce benign inputs with Gaussian noise added (the noise keeps
-it from learning the identity). An input far from the benign data comes back changed; the detector's
-score is the reconstruction error. Architectures (``C`` input channels, ``K`` filters, 3x3 convolutions
-with same padding):
+As in MagNet (Meng and Chen, CCS 2017), the autoencoder learns to reproduce benign inputs from copies with
+Gaussian noise added (the noise keeps it from learning the identity), by mean squared error, with Adam
+(Kingma and Ba 2015) and a small L2 weight penalty. An input far from the benign data comes back changed;
+the detector's score is the reconstruction error. The output is in [0, 1] like the input (sidewatch's
+images are scaled to [0, 1]).
 
-``magnet_ii``  Conv(C->K) Sigmoid, Conv(K->K) Sigmoid, Conv(K->C) Sigmoid         (any H, W)
-``magnet_i``   Conv(C->K) Sigmoid, AvgPool 2, Conv(K->K) Sigmoid, Conv(K->K) Sigmoid,
-               Upsample 2 (nearest), Conv(K->K) Sigmoid, Conv(K->C) Sigmoid      (even H, W)
-
-The output is in [0, 1] like the input (sidewatch's images are scaled to [0, 1]).
+>>> x = np.random.default_rng(0).random((8, 1, 4, 4), dtype=np.float32)
+>>> net = train_autoencoder(x, TrainingRecipe(filters=2, epochs=1, batch_size=4))
+>>> reconstruct(net, x).shape
+(8, 1, 4, 4)
 """
 
 from __future__ import annotations
 
-import io
-import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from agent.detect.calibration import CalibrationError
-
-ARCHITECTURES = ("magnet_i", "magnet_ii")
-INPUT_NAME = "x"
-OUTPUT_NAME = "reconstruction"
-TRAIN_EXTRA = ("sidewatch: training the autoencoder detector needs torch, which is not installed; install the "
-               "train extra (pip install 'sidewatch[train]') or calibrate feature squeezing alone "
-               "(--detectors feature_squeezing)")
+from agent.detect.calibration.autoencoder_network import ARCHITECTURES, Autoencoder
 
 
 @dataclass(frozen=True)
@@ -57,39 +51,53 @@ class TrainingRecipe:
     # under 1% are (bench/README.md). Contrast 0.5 cost CW detection; darker digits (x 0.6) are still flagged.
     contrast: float = 0.0
     brightness: float = 0.3
-    weight_decay: float = 1e-9  # MagNet's L2 regularisation
+    weight_decay: float = 1e-9  # MagNet's L2 regularisation (added to the gradient, as Adam's L2 penalty)
     seed: int = 0
-    threads: int = 2            # torch's intra-op threads: the result depends on how sums are split
+    # Each batch is cut into this many shards whose gradients are computed in parallel threads (numpy lets go
+    # of the GIL in its copies and matrix products), then added in a fixed order: the same parameters for a
+    # given count. The matrix products themselves get one BLAS thread each: they are small (12 x 109 by
+    # 109 x 58,000), and with BLAS threads on a machine whose cores were busy, OpenBLAS's threads waited for
+    # each other (a training step took 3-10 times as long).
+    threads: int = 2
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-def import_torch():
-    try:
-        import torch
-    except ImportError as err:
-        raise CalibrationError(TRAIN_EXTRA) from err
-    return torch
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPSILON = 1e-8
 
 
-def build_autoencoder(torch, channels: int, recipe: TrainingRecipe):
-    nn = torch.nn
-    k = recipe.filters
+class Adam:
+    """Adam with an L2 penalty added to the gradient (Kingma and Ba 2015, Algorithm 1), updating in place."""
 
-    def conv(a: int, b: int):
-        return [nn.Conv2d(a, b, kernel_size=3, padding=1), nn.Sigmoid()]
+    def __init__(self, parameters: list[np.ndarray], learning_rate: float, weight_decay: float):
+        self.parameters = parameters
+        self.learning_rate = learning_rate
+        self.weight_decay = weight_decay
+        self.first = [np.zeros_like(p) for p in parameters]
+        self.second = [np.zeros_like(p) for p in parameters]
+        self.steps = 0
 
-    if recipe.architecture == "magnet_ii":
-        return nn.Sequential(*conv(channels, k), *conv(k, k), *conv(k, channels))
-    if recipe.architecture == "magnet_i":
-        return nn.Sequential(*conv(channels, k), nn.AvgPool2d(2), *conv(k, k), *conv(k, k),
-                             nn.Upsample(scale_factor=2, mode="nearest"), *conv(k, k), *conv(k, channels))
-    raise CalibrationError(f"sidewatch: unknown autoencoder architecture {recipe.architecture!r} "
-                           f"(one of {', '.join(ARCHITECTURES)})")
+    def step(self, gradients: list[np.ndarray]) -> None:
+        beta1, beta2 = ADAM_BETAS
+        self.steps += 1
+        step_size = self.learning_rate / (1.0 - beta1 ** self.steps)
+        second_correction = np.sqrt(1.0 - beta2 ** self.steps)
+        for parameter, gradient, first, second in zip(self.parameters, gradients, self.first, self.second):
+            if self.weight_decay:
+                gradient = gradient + self.weight_decay * parameter
+            first *= beta1
+            first += (1.0 - beta1) * gradient
+            second *= beta2
+            second += (1.0 - beta2) * gradient * gradient
+            parameter -= (step_size * first / (np.sqrt(second) / second_correction + ADAM_EPSILON)).astype(np.float32)
 
 
 def check_input(x: np.ndarray, recipe: TrainingRecipe) -> None:
+    if recipe.architecture not in ARCHITECTURES:
+        raise CalibrationError(f"sidewatch: unknown autoencoder architecture {recipe.architecture!r} "
+                               f"(one of {', '.join(ARCHITECTURES)})")
     if x.ndim != 4:
         raise CalibrationError(f"sidewatch: the autoencoder detector needs image inputs [N, C, H, W], got shape "
                                f"{list(x.shape)}")
@@ -101,61 +109,49 @@ def check_input(x: np.ndarray, recipe: TrainingRecipe) -> None:
                                f"spans [{float(x.min()):.3g}, {float(x.max()):.3g}]")
 
 
-def train_autoencoder(x: np.ndarray, recipe: TrainingRecipe = TrainingRecipe()):
-    """A torch autoencoder (eval mode) trained on benign ``x`` [N, C, H, W] in [0, 1]: MSE on noisy copies."""
-    torch = import_torch()
+def augmented(batch: np.ndarray, recipe: TrainingRecipe, rng: np.random.Generator) -> np.ndarray:
+    """The batch with each image's contrast and brightness changed at random (the recipe's ranges)."""
+    if not (recipe.contrast or recipe.brightness):
+        return batch
+    shape = (len(batch),) + (1,) * (batch.ndim - 1)
+    scale = 1.0 + recipe.contrast * (2.0 * rng.random(shape, dtype=np.float32) - 1.0)
+    offset = recipe.brightness * rng.random(shape, dtype=np.float32)
+    return np.clip(batch * scale + offset, 0.0, 1.0)
+
+
+def train_autoencoder(x: np.ndarray, recipe: TrainingRecipe = TrainingRecipe()) -> Autoencoder:
+    """An autoencoder trained on benign ``x`` [N, C, H, W] in [0, 1]: mean squared error on noisy copies.
+    The same ``x`` and recipe give the same parameters (one seeded generator draws every random number)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     check_input(x, recipe)
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(recipe.threads)
-    # Sigmoid gradients underflow to denormals, which the CPU handles slowly: flushed, training is ~1.5x faster.
-    torch.set_flush_denormal(True)
-    try:
-        generator = torch.Generator().manual_seed(recipe.seed)
-        torch.manual_seed(recipe.seed)
-        model = build_autoencoder(torch, x.shape[1], recipe)
-        optimizer = torch.optim.Adam(model.parameters(), lr=recipe.learning_rate, weight_decay=recipe.weight_decay)
-        data = torch.from_numpy(x)
-        model.train()
+    rng = np.random.default_rng(recipe.seed)
+    net = Autoencoder.initial(recipe.architecture, x.shape[1], recipe.filters, rng)
+    optimizer = Adam(net.parameters(), recipe.learning_rate, recipe.weight_decay)
+    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(recipe.threads) as pool:
         for _ in range(recipe.epochs):
-            order = torch.randperm(len(data), generator=generator)
-            for start in range(0, len(data), recipe.batch_size):
-                batch = data[order[start:start + recipe.batch_size]]
-                if recipe.contrast or recipe.brightness:
-                    shape = (len(batch),) + (1,) * (batch.ndim - 1)
-                    scale = 1.0 + recipe.contrast * (2 * torch.rand(shape, generator=generator) - 1)
-                    offset = recipe.brightness * torch.rand(shape, generator=generator)
-                    batch = (batch * scale + offset).clamp(0.0, 1.0)
-                noisy = (batch + recipe.noise * torch.randn(batch.shape, generator=generator)).clamp(0.0, 1.0)
-                loss = torch.mean((model(noisy) - batch) ** 2)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-        model.eval()
-        return model
-    finally:
-        torch.set_num_threads(previous_threads)
-        torch.set_flush_denormal(False)
+            order = rng.permutation(len(x))
+            for start in range(0, len(x), recipe.batch_size):
+                batch = augmented(x[order[start:start + recipe.batch_size]], recipe, rng)
+                noise = rng.standard_normal(batch.shape, dtype=np.float32)
+                noisy = np.clip(batch + np.float32(recipe.noise) * noise, 0.0, 1.0)
+                # d/d(out) of mean((out - batch)^2) over every element of the whole batch
+                scale = np.float32(2.0 / batch.size)
+                shards = [rows for rows in np.array_split(np.arange(len(batch)), recipe.threads) if len(rows)]
+                parts = pool.map(lambda rows: shard_gradients(net, noisy[rows], batch[rows], scale), shards)
+                optimizer.step([sum(same) for same in zip(*parts)])
+    return net
 
 
-def reconstruct(model, x: np.ndarray, batch: int = 512) -> np.ndarray:
-    """The torch autoencoder's output on ``x`` (for checks and benchmarks; the sidecar runs the ONNX graph)."""
-    torch = import_torch()
-    with torch.no_grad():
-        return np.concatenate([model(torch.from_numpy(np.ascontiguousarray(x[i:i + batch], dtype=np.float32))).numpy()
-                               for i in range(0, len(x), batch)]) if len(x) else np.zeros_like(x)
+def shard_gradients(net: Autoencoder, noisy: np.ndarray, clean: np.ndarray, scale: np.float32) -> list[np.ndarray]:
+    """The gradients of the loss's terms of these rows, for every parameter (weights, then biases)."""
+    out, cache = net.forward_with_cache(noisy)
+    grad_weights, grad_biases = net.backward((out - clean) * scale, cache)
+    return [*grad_weights, *grad_biases]
 
 
-def export_onnx(model, example: np.ndarray, opset: int) -> bytes:
-    """The autoencoder as ONNX bytes: input ``x`` and output ``reconstruction``, both [N, C, H, W], N dynamic."""
-    torch = import_torch()
-    buffer = io.BytesIO()
-    sample = torch.from_numpy(np.ascontiguousarray(example[:1], dtype=np.float32))
-    # The TorchScript exporter (dynamo=False) writes plain ONNX ops with no onnxscript dependency; torch
-    # warns that it is the legacy one, which is the point here.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(model, (sample,), buffer, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, opset_version=opset,
-                          dynamo=False, do_constant_folding=True)
-    return buffer.getvalue()
+def reconstruct(net: Autoencoder, x: np.ndarray, batch: int = 512) -> np.ndarray:
+    """The autoencoder's output on ``x`` (for checks and benchmarks; the sidecar runs the ONNX graph)."""
+    x = np.asarray(x, dtype=np.float32)
+    if not len(x):
+        return np.zeros_like(x)
+    return np.concatenate([net.forward(x[i:i + batch]) for i in range(0, len(x), batch)])

@@ -4,9 +4,10 @@ anomaly detectors on it (:mod:`agent.detect.drift.calibrate`).
 
 With the autoencoder detector (``autoencoder=TrainingRecipe()``; ``sidewatch calibrate`` adds it unless
 told ``--detectors feature_squeezing``), the reference is split by a seeded permutation: the autoencoder
-is trained on one part (torch, the ``train`` extra), and both detectors' thresholds are set jointly on
-the other part, which the autoencoder never saw (its error on its own training rows would be too low,
-and so would the thresholds). The score the drift detectors compare traffic with comes from that part too.
+is trained on one part (in numpy, agent.detect.calibration.autoencoder_training), and both detectors'
+thresholds are set jointly on the other part, which the autoencoder never saw (its error on its own
+training rows would be too low, and so would the thresholds). The score the drift detectors compare
+traffic with comes from that part too.
 
 The result is a :class:`~agent.detect.calibration.artifact.CalibrationArtifact`; the
 ``sidewatch calibrate`` command (agent.cli) writes it beside the model.
@@ -37,7 +38,8 @@ from agent.detect.adversarial.graph import AUTOENCODER, SQUEEZING, FeatureSqueez
 from agent.detect.adversarial.squeeze import Squeezer, parse_squeezers
 from agent.detect.calibration import CalibrationError
 from agent.detect.calibration.artifact import CalibrationArtifact, autoencoder_entry_fields, model_sha256
-from agent.detect.calibration.autoencoder_training import TrainingRecipe, export_onnx, train_autoencoder
+from agent.detect.calibration.autoencoder_export import export_onnx
+from agent.detect.calibration.autoencoder_training import TrainingRecipe, train_autoencoder
 from agent.detect.calibration.reference import reference_summary, round_floats
 from agent.detect.calibration.threshold import JOINT_THRESHOLD_RULE, THRESHOLD_RULE, joint_thresholds, threshold_at_fpr
 from agent.detect.drift.calibrate import MINIMUM_REFERENCE, ReferenceFeatures, calibrate_drift
@@ -164,8 +166,8 @@ def score_summary(scores: np.ndarray, threshold: float) -> dict:
 
 def _train_autoencoder(x: np.ndarray, recipe: TrainingRecipe, opset: int) -> bytes:
     started = time.perf_counter()
-    model = train_autoencoder(x, recipe)
-    graph = export_onnx(model, x, opset)
+    net = train_autoencoder(x, recipe)
+    graph = export_onnx(net, x.shape[1:], opset)
     log.info("sidewatch: trained the autoencoder detector on %d reference inputs in %.0f s", len(x),
              time.perf_counter() - started)
     return graph
