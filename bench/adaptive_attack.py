@@ -16,7 +16,8 @@ weights, and each example keeps, over all steps and weights, the iterate with th
 among those misclassified. No L2 or L-infinity bound: the attack may change the image as much as it likes,
 as long as the model is fooled and the detector is not.
 
-``python bench/adaptive_attack.py`` checks the surrogate against the fused ONNX graph on benign and noisy inputs.
+``python bench/adaptive_attack.py [cifar10_cnn]`` checks the surrogate against the fused ONNX graph on benign and
+noisy inputs. ``models`` below is bench/mnist_torch.py (the bundled model, the default) or bench/cifar10_torch.py.
 """
 
 from __future__ import annotations
@@ -31,15 +32,18 @@ for path in (ROOT, ROOT / "bench"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
+import cifar10_torch  # noqa: E402
 import mnist_torch  # noqa: E402
 
 from agent.detect.adversarial.squeeze import BitDepth, Median, median_window, parse_squeezers  # noqa: E402
 from agent.detect.calibration.artifact import ARTIFACT_FILE, autoencoder_bytes, load_artifact  # noqa: E402
 from agent.detect.calibration.autoencoder_network import LAYOUTS  # noqa: E402
 
+MODELS = {module.MODEL: module for module in (mnist_torch, cifar10_torch)}
 
-def artifact_path(version: str) -> Path:
-    return mnist_torch.model_path(version).with_name(ARTIFACT_FILE)
+
+def artifact_path(version: str, models=mnist_torch) -> Path:
+    return models.model_path(version).with_name(ARTIFACT_FILE)
 
 
 def build_autoencoder(torch, architecture: str, channels: int, filters: int):
@@ -86,17 +90,17 @@ class DetectorSurrogate:
     """The calibrated fused detector of ``version`` in torch: ``ratios(x)`` -> (logits [N, C], [N, D] each
     detector's score over its threshold)."""
 
-    def __init__(self, version: str):
+    def __init__(self, version: str, models=mnist_torch):
         import torch
 
         self.torch = torch
-        artifact = load_artifact(artifact_path(version), mnist_torch.model_path(version))
+        artifact = load_artifact(artifact_path(version, models), models.model_path(version))
         if artifact.autoencoder is None:
-            raise SystemExit(f"{artifact_path(version)} has no autoencoder detector; recalibrate it first")
+            raise SystemExit(f"{artifact_path(version, models)} has no autoencoder detector; recalibrate it first")
         self.artifact = artifact
-        self.model = mnist_torch.load_torch_model(version)
+        self.model = models.load_torch_model(version)
         self.squeezers = parse_squeezers(artifact.squeezers)
-        self.autoencoder = load_autoencoder(torch, artifact.autoencoder, 1)
+        self.autoencoder = load_autoencoder(torch, artifact.autoencoder, models.CHANNELS)
         self.error = artifact.autoencoder["error"]
         self.thresholds = torch.tensor(artifact.detector_thresholds, dtype=torch.float32)
 
@@ -166,10 +170,10 @@ def penalty_attack(surrogate: DetectorSurrogate, x: np.ndarray, labels: np.ndarr
     return out, scores
 
 
-def attack(version: str, x: np.ndarray, labels: np.ndarray, parameters: dict) -> np.ndarray:
+def attack(version: str, x: np.ndarray, labels: np.ndarray, parameters: dict, models=mnist_torch) -> np.ndarray:
     """The attack at each weight of the detector term; per example, the result with the lowest combined score
     among those misclassified (as a CW binary search over the constant would pick)."""
-    surrogate = DetectorSurrogate(version)
+    surrogate = DetectorSurrogate(version, models)
     best, best_scores = x.copy(), np.full(len(x), np.inf, dtype=np.float32)
     for weight in parameters["weights"]:
         adversarial, scores = penalty_attack(surrogate, x, labels, weight, parameters["max_iter"],
@@ -181,14 +185,14 @@ def attack(version: str, x: np.ndarray, labels: np.ndarray, parameters: dict) ->
     return best.astype(np.float32)
 
 
-def check(version: str = "1", images: int = 200) -> float:
+def check(version: str = "1", images: int = 200, models=mnist_torch) -> float:
     """Largest |surrogate - fused ONNX| over the detector scores (as ratios) of benign and noisy test images."""
     import torch
 
-    surrogate = DetectorSurrogate(version)
-    model_path = mnist_torch.model_path(version)
+    surrogate = DetectorSurrogate(version, models)
+    model_path = models.model_path(version)
     detector = surrogate.artifact.make_detector(model_path, device="cpu")
-    x, _ = mnist_torch.mnist_test()
+    x, _ = models.test_data()
     x = np.ascontiguousarray(x[:images])
     noisy = np.clip(x + np.random.default_rng(0).uniform(-0.3, 0.3, x.shape), 0, 1).astype(np.float32)
     worst = 0.0
@@ -201,7 +205,7 @@ def check(version: str = "1", images: int = 200) -> float:
 
 
 if __name__ == "__main__":
-    difference = check()
+    difference = check(models=MODELS[sys.argv[1] if len(sys.argv) > 1 else "mnist_cnn"])
     print(f"largest |torch surrogate - fused ONNX| of a detector's score over its threshold: {difference:.3g}")
     sys.exit(0 if difference < 1e-3 else 1)
 

