@@ -128,21 +128,15 @@ BLOCK = ((0, 0), (0, 1), (1, 0), (1, 1))
 
 
 def pool_forward(grid: np.ndarray) -> np.ndarray:
-    c, n, h, w = inside(grid).shape
-    out = np.zeros((c, n, h // 2 + 2, w // 2 + 2), dtype=np.float32)
-    pooled = inside(out)
-    for i, j in BLOCK:
-        pooled += grid[:, :, 1 + i:h + 1:2, 1 + j:w + 1:2]
-    pooled *= 0.25
+    # Average pooling is a quarter of the sum that upsampling's backward pass takes (each is the other's adjoint).
+    out = upsample_backward(grid)
+    out *= 0.25
     return out
 
 
 def pool_backward(grad_out: np.ndarray) -> np.ndarray:
-    c, n, h, w = inside(grad_out).shape
-    out = np.zeros((c, n, 2 * h + 2, 2 * w + 2), dtype=np.float32)
-    quarter = inside(grad_out) * np.float32(0.25)
-    for i, j in BLOCK:
-        out[:, :, 1 + i:2 * h + 1:2, 1 + j:2 * w + 1:2] = quarter
+    out = upsample_forward(grad_out)
+    out *= 0.25
     return out
 
 
