@@ -192,7 +192,8 @@ class EnvoyDataPlane:
         if inline is not None and inline.identity:
             # Query detection: each message of every ModelStreamInfer stream too (stream_queries.py).
             self._stream_query_server, stream_query_port = stream_queries.start_server(
-                stream_queries.StreamQueryChecker(self.policy.queries, config.max_message_bytes))
+                stream_queries.StreamQueryChecker(self.policy.queries, config.max_message_bytes),
+                config.max_concurrent_calls)
             await self._stream_query_server.start()
             # Right after the Lua filter that names the client: before the tap copies a message it refuses.
             lua = next(i for i, f in enumerate(http_filters) if f["name"] == LUA_FILTER)

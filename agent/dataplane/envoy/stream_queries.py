@@ -21,8 +21,9 @@ What it costs: each chunk of every ModelStreamInfer stream makes a loopback roun
 parse of the frame header, and the fingerprint of each watched message) before Envoy forwards it.
 Responses are not sent (NONE). Bounds: ``max_message_bytes`` per message (a larger one, or a compressed
 one, ends the checks of that stream: it goes on unchecked, and that is logged), at most
-:data:`MAX_STREAMS` streams checked at once; like every detector, failures fail open
-(``failure_mode_allow``): a stream beyond the bound, or with sidewatch's process gone, goes on unchecked.
+``max_concurrent_calls`` streams checked at once (the calls Envoy lets in at once: a stream is one of them);
+like every detector, failures fail open (``failure_mode_allow``): a stream with sidewatch's process gone
+goes on unchecked.
 """
 
 from __future__ import annotations
@@ -51,8 +52,6 @@ CLUSTER = "sidewatch_stream_queries"
 EXT_PROC = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
 EXT_PROC_PER_ROUTE = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute"
 FILTER_CONFIG = "type.googleapis.com/envoy.config.route.v3.FilterConfig"
-# Streams checked at once; one beyond it goes on unchecked (fail open). Each holds at most one message.
-MAX_STREAMS = 1024
 CONTINUE = pb.ProcessingResponse(request_body=pb.BodyResponse())
 
 
@@ -133,6 +132,7 @@ class StreamQueryChecker(external_processor_pb2_grpc.ExternalProcessorServicer):
                 return
 
 
-def start_server(checker: StreamQueryChecker) -> tuple[aio.Server, int]:
-    """The checker's server on a loopback port, at most :data:`MAX_STREAMS` streams at once."""
-    return ext_proc_server(checker, MAX_STREAMS, checker.max_message_bytes + 4096, "the stream query checker")
+def start_server(checker: StreamQueryChecker, max_streams: int) -> tuple[aio.Server, int]:
+    """The checker's server on a loopback port, at most ``max_streams`` streams at once, each holding at most
+    one message."""
+    return ext_proc_server(checker, max_streams, checker.max_message_bytes + 4096, "the stream query checker")
