@@ -41,6 +41,11 @@ from agent.config import ConfigError, ListenerTLS, ServeConfig, UpstreamTLS, spl
 
 HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+# The ext_proc filters sidewatch puts in the chain (the tap, verdicts, pin rewrites, stream query checks), and
+# how a route turns one on or off.
+EXT_PROC = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
+EXT_PROC_PER_ROUTE = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute"
+FILTER_CONFIG = "type.googleapis.com/envoy.config.route.v3.FilterConfig"
 HTTP_OPTIONS = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 UPSTREAM = "upstream"
 HEALTH = "sidewatch_health"

@@ -38,7 +38,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 from grpc import aio
 
 from agent.config import ServeConfig
-from agent.dataplane.envoy.bootstrap import http2_cluster, upstream_route
+from agent.dataplane.envoy.bootstrap import EXT_PROC, EXT_PROC_PER_ROUTE, FILTER_CONFIG, http2_cluster, upstream_route
 from agent.dataplane.envoy.frames import Frames
 from agent.dataplane.envoy.loopback import ext_proc_server
 from agent.dataplane.pending import Counter, PendingRequests
@@ -53,9 +53,6 @@ log = logging.getLogger(__name__)
 FILTER = "envoy.filters.http.ext_proc"
 CLUSTER = "sidewatch_tap"
 RUNTIME_KEY = "sidewatch.tap.percent"
-EXT_PROC = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
-EXT_PROC_PER_ROUTE = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute"
-FILTER_CONFIG = "type.googleapis.com/envoy.config.route.v3.FilterConfig"
 # The methods whose calls are copied, with the method label of their TapRecords.
 TAPPED = {paths.MODEL_INFER: "ModelInfer", paths.MODEL_STREAM_INFER: "ModelStreamInfer"}
 

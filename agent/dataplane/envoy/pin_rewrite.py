@@ -28,7 +28,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 from grpc import aio
 
-from agent.dataplane.envoy.bootstrap import http2_cluster
+from agent.dataplane.envoy.bootstrap import EXT_PROC, EXT_PROC_PER_ROUTE, http2_cluster
 from agent.dataplane.envoy.frames import HEADER_BYTES
 from agent.dataplane.envoy.loopback import ext_proc_server
 from agent.dataplane.routes import RouteTable
@@ -37,8 +37,6 @@ log = logging.getLogger(__name__)
 
 FILTER = "sidewatch.pin_rewrite"
 CLUSTER = "sidewatch_pin_rewrite"
-EXT_PROC = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
-EXT_PROC_PER_ROUTE = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute"
 # Body pieces sent back to Envoy are at most this long (ext_proc's advice for FULL_DUPLEX_STREAMED).
 MAX_CHUNK_BYTES = 64 << 10
 # Pinned calls rewritten at once; Envoy fails a call beyond it (failure_mode_allow: false), so it is well

@@ -35,7 +35,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 from grpc import aio
 
-from agent.dataplane.envoy.bootstrap import http2_cluster, upstream_route
+from agent.dataplane.envoy.bootstrap import EXT_PROC, EXT_PROC_PER_ROUTE, FILTER_CONFIG, http2_cluster, upstream_route
 from agent.dataplane.envoy.frames import HEADER_BYTES, Frames
 from agent.dataplane.envoy.loopback import ext_proc_server
 from agent.dataplane.envoy.lua import METADATA_NAMESPACE
@@ -49,9 +49,6 @@ log = logging.getLogger(__name__)
 
 FILTER = "sidewatch.stream_queries"
 CLUSTER = "sidewatch_stream_queries"
-EXT_PROC = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
-EXT_PROC_PER_ROUTE = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute"
-FILTER_CONFIG = "type.googleapis.com/envoy.config.route.v3.FilterConfig"
 CONTINUE = pb.ProcessingResponse(request_body=pb.BodyResponse())
 
 

@@ -47,7 +47,7 @@ from envoy.type.v3 import http_status_pb2
 from grpc import aio
 
 from agent.config import ServeConfig
-from agent.dataplane.envoy.bootstrap import http2_cluster, upstream_route
+from agent.dataplane.envoy.bootstrap import EXT_PROC, EXT_PROC_PER_ROUTE, FILTER_CONFIG, http2_cluster, upstream_route
 from agent.dataplane.envoy.frames import HEADER_BYTES
 from agent.dataplane.envoy.loopback import ext_proc_server
 from agent.dataplane.envoy.lua import METADATA_NAMESPACE, InlineRouting
@@ -61,9 +61,6 @@ log = logging.getLogger(__name__)
 FILTER = "sidewatch.verdicts"
 CLUSTER = "sidewatch_verdicts"
 HEADER = "x-sidewatch-inline"
-EXT_PROC = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
-EXT_PROC_PER_ROUTE = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute"
-FILTER_CONFIG = "type.googleapis.com/envoy.config.route.v3.FilterConfig"
 # Envoy's wait for each answer of the verdict server (the enforce verdict, the flag verdict at the
 # trailers); past it the call goes on without a verdict. Far above a verdict's few milliseconds.
 VERDICT_TIMEOUT = "5s"
